@@ -1,0 +1,7 @@
+"""profuser: fuse heterogeneous LLMs into one (ProFuser and friends), driven by plugins and recipes."""
+
+__version__ = "0.1.0"
+
+from .hookspecs import hookimpl  # noqa: E402  (plugins write `from profuser import hookimpl`)
+
+__all__ = ["hookimpl", "__version__"]

@@ -1,0 +1,288 @@
+"""Base classes of the component kinds plugins register, and the plain data they exchange.
+
+A component is a class with a ``name``, optional ``aliases`` and a pydantic ``Params`` model
+(extra fields forbidden) that validates the recipe's ``params:`` block at load time, before any
+model loads. Instances are built by the pipeline as ``cls(params)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    import numpy as np
+    import torch
+
+Mode = Literal["inference", "training"]
+MODES: tuple[Mode, ...] = ("inference", "training")
+
+
+class StrictModel(BaseModel):
+    """Base of every params/recipe model: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(ABC):
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    class Params(StrictModel):
+        pass
+
+    def __init__(self, params: BaseModel | dict[str, Any] | None = None):
+        if not isinstance(params, self.Params):
+            params = self.Params(**(params or {}))
+        self.params = params
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One normalised instruction example. ``response`` is the ground truth (e.g. GPT-4's answer)."""
+
+    id: str
+    system: str
+    instruction: str
+    response: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BadRow:
+    """A row a dataset source could not use: ``where`` is ``file:line`` (or similar)."""
+
+    where: str
+    message: str
+
+
+class DatasetSource(Component):
+    """Yields normalised records (or ``BadRow`` for rows it cannot use; the recipe's
+    ``data.on_bad_row`` decides whether those fail the run or are skipped and counted)."""
+
+    kind = "datasets"
+
+    @abstractmethod
+    def records(self) -> Iterable[Record | BadRow]:
+        """See the class docstring."""
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+class BuiltinModel(Component):
+    """A model shipped without a hub (``builtin:NAME`` in recipes). ``resolve`` returns a local
+    directory that ``transformers`` loads with ``from_pretrained`` (config, safetensors, tokenizer),
+    building and caching it under ``cache_dir`` the first time."""
+
+    kind = "models"
+
+    @abstractmethod
+    def resolve(self, cache_dir: Path) -> Path:
+        """See the class docstring."""
+
+
+# --- inference mode -----------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    id: str
+    system: str
+    instruction: str
+
+
+class Generator(Component):
+    """Generation backend. Loads the model named by ``model`` (a ``profuser.models.ModelSpec``),
+    formats each prompt with that model's chat template, returns one response per prompt (same
+    order). Sampling settings are the generator's params; ``seed`` makes runs repeatable."""
+
+    kind = "generators"
+
+    @abstractmethod
+    def generate(self, model: Any, prompts: list[Prompt], *, seed: int) -> list[str]:
+        """See the class docstring."""
+
+
+@dataclass
+class Judged:
+    system: str
+    instruction: str
+    response: str
+
+
+class RewardModel(Component):
+    """One real-valued score per (system, instruction, response); higher is better. Scales of
+    different reward models are not comparable (that is why ``rm_vote`` votes)."""
+
+    kind = "reward_models"
+
+    @abstractmethod
+    def score(self, items: list[Judged]) -> list[float]:
+        """See the class docstring."""
+
+
+# --- advantage evaluation -----------------------------------------------------------------------
+
+
+@dataclass
+class SourceNLL:
+    """A source's teacher-forced negative log-likelihood of a response (natural log)."""
+
+    nll_sum: float
+    n_tokens: int
+    n_bytes: int
+
+
+@dataclass
+class Candidates:
+    """Everything an evaluator may use to pick the advantaged source of one example.
+
+    training mode: ``nll`` per source (teacher forcing on the GT ``reference``);
+    inference mode: ``responses`` per source and ``scores[reward_model][source]``.
+    """
+
+    id: str
+    reference: str
+    system: str = ""
+    instruction: str = ""
+    responses: dict[str, str] = field(default_factory=dict)
+    nll: dict[str, SourceNLL] = field(default_factory=dict)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Choice:
+    """The evaluator's verdict for one example: the chosen source, each source's score under the
+    evaluator's own scale, and anything worth keeping for analysis (votes, tie-breaks)."""
+
+    chosen: str
+    scores: dict[str, float]
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class AdvantageEvaluator(Component):
+    """Picks the advantaged source per example. ``mode`` says which mode's candidates it reads."""
+
+    kind = "evaluators"
+    mode: ClassVar[Mode] = "training"
+    # which fields of ``Candidates`` it reads: "nll", "responses", "scores" (reward models)
+    needs: ClassVar[frozenset[str]] = frozenset({"nll"})
+
+    @abstractmethod
+    def select(self, examples: list[Candidates]) -> list[Choice]:
+        """See the class docstring."""
+
+
+# --- alignment ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokenized:
+    """A text and one tokenizer's view of it. ``offsets[i] = (start, end)`` character offsets of
+    token i in ``text`` (special tokens have (0, 0)); ``tokens[i]`` is the token string."""
+
+    text: str
+    ids: "np.ndarray"  # [n] int
+    offsets: "np.ndarray"  # [n, 2] int
+    tokens: list[str]
+
+
+class Aligner(Component):
+    """Aligns a source tokenisation of a text to the target tokenisation of the same text.
+
+    Returns for every target token t a contiguous, monotone range of source tokens
+    ``[starts[t], ends[t])`` (empty where nothing corresponds) — see ``profuser.alignment``,
+    which turns that into the source distributions projected onto the target vocabulary."""
+
+    kind = "aligners"
+
+    @abstractmethod
+    def align(self, target: Tokenized, source: Tokenized) -> tuple["np.ndarray", "np.ndarray"]:
+        """See the class docstring."""
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class Loss(Component):
+    """A fusion loss on the target's logits and a sparse teacher.
+
+    ``batch`` holds (shapes: B examples, T positions, k teacher ids):
+      labels          [B, T]    int64, -100 where no loss
+      teacher_ids     [B, T, k] int64, target-vocabulary ids of the teacher's top-k
+      teacher_logits  [B, T, k] float, the teacher's raw logits at those ids (-inf = unused slot)
+      teacher_mask    [B, T]    bool, positions that carry a teacher distribution
+      weight          [B]       float, per-example weight (the curriculum's mode weight w1/w2)
+    Returns the scalar loss and its parts as floats for logging. ``beta`` overrides the KL weight
+    for the current phase (the curriculum's λ/β)."""
+
+    kind = "losses"
+
+    @abstractmethod
+    def __call__(
+        self, logits: "torch.Tensor", batch: dict[str, "torch.Tensor"], *, beta: float | None = None
+    ) -> tuple["torch.Tensor", dict[str, float]]:
+        """See the class docstring."""
+
+
+@dataclass
+class PhasePart:
+    """Examples of one mode in a phase. ``ids=None`` means all examples of that mode."""
+
+    mode: Mode
+    weight: float = 1.0
+    ids: list[str] | None = None
+
+
+@dataclass
+class Phase:
+    name: str
+    epochs: float
+    parts: list[PhasePart]
+    beta: float | None = None  # KL weight in this phase (None: the loss's own)
+
+
+@dataclass
+class CurriculumInput:
+    """What a curriculum may look at to split and order examples. Per example id:
+    ``gt_length`` the GT response length in target tokens; ``target_reward`` the reward score
+    of the target model's own inference-mode answer (None when no reward models ran)."""
+
+    ids: list[str]
+    gt_length: dict[str, int]
+    target_reward: dict[str, float] | None = None
+
+
+class Curriculum(Component):
+    """Turns a recipe into ordered training phases. ``modes`` are the build artifacts it needs."""
+
+    kind = "curricula"
+    modes: ClassVar[tuple[Mode, ...]] = ("inference", "training")
+
+    @abstractmethod
+    def phases(self, data: CurriculumInput) -> list[Phase]:
+        """See the class docstring."""
+
+
+KINDS: dict[str, type[Component]] = {
+    "datasets": DatasetSource,
+    "models": BuiltinModel,
+    "generators": Generator,
+    "reward_models": RewardModel,
+    "evaluators": AdvantageEvaluator,
+    "aligners": Aligner,
+    "losses": Loss,
+    "curricula": Curriculum,
+}

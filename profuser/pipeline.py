@@ -1,0 +1,320 @@
+"""Plan a recipe into stages and run them against the artifact store.
+
+Each stage reads upstream artifacts and writes one artifact directory, cached under a key that
+hashes the stage kind, the slice of the recipe it reads (``config``), its upstream keys and the
+versions of the code and plugins that run it. Runtime options (paths, device, progress) are not
+part of the key. Two recipes that differ only in their curriculum share every stage before
+``train``: that is what makes side-by-side ablations cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .components import MODES
+from .errors import ProfuserError, RecipeError
+from .plugins import Engine
+from .recipe import Recipe
+from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
+
+STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate")
+
+
+@dataclass
+class Runtime:
+    """Options that change where and how fast, never what: not part of any cache key."""
+
+    runs_dir: Path = Path("runs")
+    device: str = "auto"
+    cache_dir: Path | None = None  # models (dequantised GGUF); default: ~/.cache/profuser
+    progress: bool = True
+    recipe_file: Path | None = None
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Stage:
+    id: str  # e.g. "logits/training/gemma3-270m"
+    kind: str  # one of STAGE_KINDS: the module profuser.stages.<kind> runs it
+    config: dict[str, Any]  # the recipe slice the stage reads: exactly what is hashed
+    deps: dict[str, str] = field(default_factory=dict)  # role -> upstream stage id
+    components: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) it builds
+
+    def runner(self) -> Callable[["StageContext"], dict]:
+        return importlib.import_module(f"profuser.stages.{self.kind}").run
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets. It writes its files under ``out`` and returns its metrics."""
+
+    stage: Stage
+    inputs: dict[str, Path]  # role -> finished artifact directory of an upstream stage
+    out: Path  # the partial directory; sealed and renamed when the stage returns
+    runtime: Runtime
+    engine: Engine
+    recipe: Recipe
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.stage.config
+
+    def build(self, kind: str, ref: dict[str, Any]):
+        """Instantiate the component a config entry names (``{"name": ..., "params": {...}}``)."""
+        return self.engine.registry.build(kind, ref["name"], ref.get("params") or {})
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+
+def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
+    """The stages of a recipe, upstream first."""
+    registry = engine.registry
+    curriculum = registry.get("curricula", recipe.curriculum.name).cls
+    modes = [m for m in MODES if m in curriculum.modes]
+    target = recipe.target.identity()
+    source_keys = [s.key for s in recipe.sources]
+    ref = lambda r: r.model_dump(exclude={"label"})  # noqa: E731
+    stages: list[Stage] = [Stage("data", "data", {"data": recipe.data.model_dump()}, components=[("datasets", recipe.data.source.name)])]
+    distill = recipe.distill.model_dump()
+
+    if "inference" in modes:
+        im = recipe.inference_mode
+        evaluator = registry.get("evaluators", im.evaluator.name).cls
+        if evaluator.mode != "inference":
+            raise RecipeError([("inference_mode.evaluator.name", f"{im.evaluator.name!r} evaluates the {evaluator.mode} mode")])
+        for src in recipe.sources:
+            stages.append(Stage(f"generate/{src.key}", "generate",
+                                {"model": src.identity(), "generator": ref(im.generator), "seed": recipe.seed},
+                                {"data": "data"}, [("generators", im.generator.name)]))
+        generated = {f"generate/{k}": f"generate/{k}" for k in source_keys}
+        select_deps = {"data": "data", **generated}
+        if "scores" in evaluator.needs:
+            if not im.reward_models:
+                raise RecipeError([("inference_mode.reward_models",
+                                    f"the evaluator {im.evaluator.name!r} needs at least one reward model")])
+            for rm in im.reward_models:
+                stages.append(Stage(f"score/{rm.key}", "score", {"reward_model": ref(rm), "sources": source_keys},
+                                    {"data": "data", **generated}, [("reward_models", rm.name)]))
+                select_deps[f"score/{rm.key}"] = f"score/{rm.key}"
+        stages.append(Stage("select/inference", "select",
+                            {"mode": "inference", "evaluator": ref(im.evaluator), "sources": source_keys,
+                             "reward_models": [rm.key for rm in im.reward_models] if "scores" in evaluator.needs else []},
+                            select_deps, [("evaluators", im.evaluator.name)]))
+        for src in recipe.sources:
+            stages.append(Stage(f"logits/inference/{src.key}", "logits",
+                                {"mode": "inference", "model": src.identity(), "source": src.key, "distill": distill},
+                                {"data": "data", "generate": f"generate/{src.key}", "select": "select/inference"}))
+
+    if "training" in modes:
+        tm = recipe.training_mode
+        evaluator = registry.get("evaluators", tm.evaluator.name).cls
+        if evaluator.mode != "training":
+            raise RecipeError([("training_mode.evaluator.name", f"{tm.evaluator.name!r} evaluates the {evaluator.mode} mode")])
+        for src in recipe.sources:
+            stages.append(Stage(f"logits/training/{src.key}", "logits",
+                                {"mode": "training", "model": src.identity(), "source": src.key, "distill": distill},
+                                {"data": "data"}))
+        stages.append(Stage("select/training", "select",
+                            {"mode": "training", "evaluator": ref(tm.evaluator), "sources": source_keys, "reward_models": []},
+                            {"data": "data", **{f"logits/{k}": f"logits/training/{k}" for k in source_keys}},
+                            [("evaluators", tm.evaluator.name)]))
+
+    for mode in modes:
+        for src in recipe.sources:
+            stages.append(Stage(f"align/{mode}/{src.key}", "align",
+                                {"mode": mode, "aligner": ref(recipe.aligner), "target": target, "source": src.identity(),
+                                 "source_key": src.key, "max_length": recipe.train.max_length},
+                                {"logits": f"logits/{mode}/{src.key}", "select": f"select/{mode}", "data": "data"},
+                                [("aligners", recipe.aligner.name)]))
+        stages.append(Stage(f"build/{mode}", "build",
+                            {"mode": mode, "target": target, "max_length": recipe.train.max_length, "sources": source_keys},
+                            {"data": "data", "select": f"select/{mode}",
+                             **{f"align/{k}": f"align/{mode}/{k}" for k in source_keys}}))
+
+    train_deps = {f"build/{m}": f"build/{m}" for m in modes}
+    if "inference" in modes:
+        train_deps["select/inference"] = "select/inference"
+    stages.append(Stage("train", "train",
+                        {"target": target, "target_key": recipe.target.key, "loss": ref(recipe.loss),
+                         "curriculum": ref(recipe.curriculum), "train": recipe.train.model_dump(), "recipe_name": recipe.name},
+                        train_deps, [("losses", recipe.loss.name), ("curricula", recipe.curriculum.name)]))
+
+    if recipe.evaluate.tasks:
+        evaluation = recipe.evaluate.model_dump(exclude={"baselines"})
+        stages.append(Stage("evaluate/fused", "evaluate", {"model": None, "label": "fused", "evaluate": evaluation},
+                            {"model": "train"}))
+        if recipe.evaluate.baselines:
+            baselines = {recipe.target.key: recipe.target, **{s.key: s for s in recipe.sources}}
+            for key, spec in baselines.items():
+                stages.append(Stage(f"evaluate/{key}", "evaluate",
+                                    {"model": spec.identity(), "label": key, "evaluate": evaluation}))
+    return stages
+
+
+def stage_keys(stages: list[Stage], engine: Engine) -> dict[str, str]:
+    """The cache key of every stage (stages must be in upstream-first order)."""
+    keys: dict[str, str] = {}
+    for stage in stages:
+        versions = {"profuser": __version__, "stage": getattr(importlib.import_module(f"profuser.stages.{stage.kind}"), "VERSION", "1")}
+        for kind, name in stage.components:
+            info = engine.registry.get(kind, name)
+            versions[f"{kind}:{name}"] = f"{info.cls.__module__}.{info.cls.__qualname__}@{engine.plugins[info.plugin].version}"
+        keys[stage.id] = stable_hash({
+            "kind": stage.kind,
+            "config": stage.config,
+            "deps": {role: keys[dep] for role, dep in sorted(stage.deps.items())},
+            "versions": versions,
+        })[:20]
+    return keys
+
+
+def select_stages(stages: list[Stage], pattern: str) -> set[str]:
+    """Stage ids a CLI pattern names: an exact id, a kind (``logits``) or an id prefix (``logits/training``)."""
+    return {s.id for s in stages if s.id == pattern or s.kind == pattern or s.id.startswith(pattern.rstrip("/") + "/")}
+
+
+def dependents(stages: list[Stage], roots: set[str]) -> set[str]:
+    found = set(roots)
+    for stage in stages:  # upstream-first, so one pass is enough
+        if any(dep in found for dep in stage.deps.values()):
+            found.add(stage.id)
+    return found
+
+
+def upstream(stages: list[Stage], roots: set[str]) -> set[str]:
+    by_id = {s.id: s for s in stages}
+    found: set[str] = set()
+    todo = list(roots)
+    while todo:
+        sid = todo.pop()
+        if sid not in found:
+            found.add(sid)
+            todo += by_id[sid].deps.values()
+    return found
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    id: str
+    kind: str
+    key: str
+    cached: bool
+    seconds: float
+    metrics: dict[str, Any]
+    path: str
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, engine: Engine, runtime: Runtime, *, force: list[str] = (),
+                 until: str | None = None, echo: Callable[[str], None] = print):
+        self.recipe = recipe
+        self.engine = engine
+        self.runtime = runtime
+        self.store = ArtifactStore(runtime.runs_dir)
+        self.stages = plan(recipe, engine)
+        self.keys = stage_keys(self.stages, engine)
+        self.echo = echo
+        self.forced: set[str] = set()
+        for pattern in force:
+            matched = select_stages(self.stages, pattern)
+            if not matched:
+                raise ProfuserError(f"no stage matches {pattern!r} (stages: {', '.join(s.id for s in self.stages)})", where="--force")
+            self.forced |= dependents(self.stages, matched)
+        self.selected = {s.id for s in self.stages}
+        if until:
+            roots = select_stages(self.stages, until)
+            if not roots:
+                raise ProfuserError(f"no stage matches {until!r} (stages: {', '.join(s.id for s in self.stages)})", where="--until")
+            self.selected = upstream(self.stages, roots)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runtime.runs_dir / "runs" / self.recipe.name
+
+    def status(self) -> list[tuple[Stage, str, bool]]:
+        """(stage, key, cached?) for the selected stages, without running anything."""
+        return [(s, self.keys[s.id], s.id not in self.forced and self.store.get(s.kind, self.keys[s.id], verify=False) is not None)
+                for s in self.stages if s.id in self.selected]
+
+    def run(self) -> list[StageResult]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "recipe.yaml", _dump_yaml(self.recipe))
+        results: dict[str, StageResult] = {}
+        started = time.time()
+        for stage in self.stages:
+            if stage.id not in self.selected:
+                continue
+            results[stage.id] = self._run_stage(stage, results)
+        summary = {
+            "recipe": self.recipe.name,
+            "started_at": started,
+            "seconds": time.time() - started,
+            "stages": [vars(r) for r in results.values()],
+        }
+        atomic_write_json(self.run_dir / "run.json", summary)
+        if "train" in results:
+            self._link(self.run_dir / "model", Path(results["train"].path) / "model")
+        self.engine.hook.profuser_run_finished(run_dir=str(self.run_dir), summary=summary)
+        return list(results.values())
+
+    def _run_stage(self, stage: Stage, results: dict[str, StageResult]) -> StageResult:
+        key = self.keys[stage.id]
+        if stage.id in self.forced:
+            self.store.invalidate(stage.kind, key)
+            self.forced.discard(stage.id)  # once per run
+        artifact = self.store.get(stage.kind, key)
+        if artifact is not None:
+            result = StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path))
+            self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=True, seconds=0.0, metrics=artifact.metrics)
+            self.echo(f"[cached] {stage.id}")
+            return result
+        inputs = {role: Path(results[dep].path) for role, dep in stage.deps.items()}
+        out = self.store.begin(stage.kind, key)
+        self.engine.hook.profuser_stage_started(stage_id=stage.id, key=key, run_dir=str(self.run_dir))
+        self.echo(f"[run]    {stage.id} ...")
+        t0 = time.time()
+        ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine, recipe=self.recipe)
+        metrics = stage.runner()(ctx) or {}
+        seconds = time.time() - t0
+        artifact: Artifact = self.store.commit(stage.kind, key, {
+            "stage_id": stage.id,
+            "config": stage.config,
+            "inputs": {role: results[dep].key for role, dep in stage.deps.items()},
+            "seconds": seconds,
+            "metrics": metrics,
+        })
+        self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=False, seconds=seconds, metrics=metrics)
+        self.echo(f"[done]   {stage.id} in {seconds:.1f}s")
+        return StageResult(stage.id, stage.kind, key, False, seconds, metrics, str(artifact.path))
+
+    @staticmethod
+    def _link(link: Path, target: Path) -> None:
+        tmp = link.with_name(f".{link.name}.tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(target.resolve())
+        tmp.replace(link)
+
+
+def _dump_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,179 @@
+"""Plugin manager and component registry.
+
+Built-in plugins (the modules listed in ``profuser_plugins.BUILTIN_PLUGINS``) are always
+registered; third-party packages are discovered through the entry-point group ``profuser``
+unless ``PROFUSER_DISABLE_ENTRYPOINTS=1`` (tests use it to see the built-ins alone).
+Both go through the very same registration hooks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .components import KINDS, Component
+from .errors import PluginError, ProfuserError
+
+ENTRYPOINT_GROUP = "profuser"
+DISABLE_ENV = "PROFUSER_DISABLE_ENTRYPOINTS"
+
+
+@dataclass
+class ComponentInfo:
+    kind: str
+    name: str
+    cls: type[Component]
+    plugin: str
+    aliases: tuple[str, ...] = ()
+
+    def params_schema(self) -> dict[str, Any]:
+        return self.cls.Params.model_json_schema()
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str
+    builtin: bool
+    components: list[ComponentInfo] = field(default_factory=list)
+
+
+class Registry:
+    """All components of all kinds, by name and alias, with the plugin that registered each."""
+
+    def __init__(self) -> None:
+        self._by_kind: dict[str, dict[str, ComponentInfo]] = {kind: {} for kind in KINDS}
+        self._aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+
+    def add(self, kind: str, cls: type, plugin: str, name: str | None, aliases) -> ComponentInfo:
+        base = KINDS[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"registers {cls!r} as {kind}, which is not a subclass of {base.__name__}", where=f"plugin {plugin}")
+        name = name or cls.name
+        if not name:
+            raise PluginError(f"registers {cls.__name__} ({kind}) without a name", where=f"plugin {plugin}")
+        aliases = tuple(aliases or cls.aliases)
+        for label in (name, *aliases):
+            owner = self._owner(kind, label)
+            if owner is not None:
+                raise PluginError(
+                    f"{kind} name {label!r} is registered by both plugin {owner.plugin!r} and plugin {plugin!r}",
+                    where=f"plugin {plugin}",
+                )
+        info = ComponentInfo(kind=kind, name=name, cls=cls, plugin=plugin, aliases=aliases)
+        self._by_kind[kind][name] = info
+        for alias in aliases:
+            self._aliases[kind][alias] = name
+        return info
+
+    def _owner(self, kind: str, label: str) -> ComponentInfo | None:
+        name = self._aliases[kind].get(label, label)
+        return self._by_kind[kind].get(name)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._by_kind[kind])
+
+    def components(self, kind: str | None = None) -> list[ComponentInfo]:
+        kinds = [kind] if kind else list(KINDS)
+        return [info for k in kinds for _, info in sorted(self._by_kind[k].items())]
+
+    def get(self, kind: str, name: str) -> ComponentInfo:
+        info = self._owner(kind, name)
+        if info is None:
+            raise PluginError(unknown_name_message(kind, name, [*self._by_kind[kind], *self._aliases[kind]]))
+        return info
+
+    def build(self, kind: str, name: str, params: dict[str, Any] | None = None) -> Component:
+        return self.get(kind, name).cls(params or {})
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    choices = ", ".join(sorted(known)) or "none installed"
+    return f"unknown {kind} component {name!r}{hint} (known: {choices})"
+
+
+class Engine:
+    """The pluggy manager, the registry it filled and what each plugin registered."""
+
+    def __init__(self, *, entrypoints: bool | None = None, extra_plugins: list[tuple[str, Any]] = ()):
+        if entrypoints is None:
+            entrypoints = os.environ.get(DISABLE_ENV, "") not in ("1", "true", "yes")
+        self.pm = pluggy.PluginManager("profuser")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        from profuser_plugins import BUILTIN_PLUGINS
+
+        from . import __version__
+
+        for module_name in BUILTIN_PLUGINS:
+            self._add(module_name, importlib.import_module(module_name), __version__, builtin=True)
+        if entrypoints:
+            for ep in metadata.entry_points(group=ENTRYPOINT_GROUP):
+                version = ep.dist.version if ep.dist else "?"
+                try:
+                    plugin = ep.load()
+                except Exception as exc:  # a broken third-party package must name itself
+                    raise PluginError(f"failed to load: {type(exc).__name__}: {exc}", where=f"plugin {ep.name} ({ep.value})") from exc
+                self._add(ep.name, plugin, version, builtin=False)
+        for name, plugin in extra_plugins:
+            self._add(name, plugin, "0", builtin=False)
+        self.registry = Registry()
+        self._register_all()
+
+    def _add(self, name: str, plugin: Any, version: str, *, builtin: bool) -> None:
+        if self.pm.get_plugin(name) is not None:
+            return
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(str(exc), where=f"plugin {name}") from exc
+        self.plugins[name] = PluginInfo(name=name, version=version, builtin=builtin)
+
+    def _register_all(self) -> None:
+        # Call each plugin's registration hook on its own, so that every component (and every
+        # duplicate) is attributed to the plugin that registered it.
+        for kind in KINDS:
+            caller = getattr(self.pm.hook, f"profuser_register_{kind}")
+            for impl in caller.get_hookimpls():
+                plugin = impl.plugin_name
+
+                def register(cls, name=None, aliases=(), *, _kind=kind, _plugin=plugin):
+                    info = self.registry.add(_kind, cls, _plugin, name, aliases)
+                    self.plugins[_plugin].components.append(info)
+
+                try:
+                    impl.function(register=register)
+                except ProfuserError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"profuser_register_{kind} failed: {type(exc).__name__}: {exc}", where=f"plugin {plugin}") from exc
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+
+_engine: Engine | None = None
+
+
+def get_engine() -> Engine:
+    """The process-wide engine, built on first use."""
+    global _engine
+    if _engine is None:
+        _engine = Engine()
+    return _engine
+
+
+def reset_engine(engine: Engine | None = None) -> None:
+    """Replace (or drop) the process-wide engine; tests use it with throwaway plugins."""
+    global _engine
+    _engine = engine

@@ -1,0 +1,327 @@
+"""Recipes: YAML (safe_load) straight into pydantic, with ``extends:`` and ``-o a.b=value`` overrides.
+
+Every problem is reported as ``path.to.field: message`` (all of them at once), unknown component
+names get a "did you mean", and each component's ``params`` are validated by its own ``Params``
+model before anything heavy happens.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .components import StrictModel
+from .errors import PluginError, RecipeError
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+class ComponentRef(StrictModel):
+    """A registered component and its params. In YAML a bare string is short for ``{name: ...}``."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+
+class NamedComponentRef(ComponentRef):
+    """A component used more than once (reward models): ``label`` tells the uses apart."""
+
+    label: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class ModelSpec(StrictModel):
+    """A model reference: a hub id, a local directory, a ``.gguf`` file, or ``builtin:NAME``."""
+
+    ref: str
+    label: str | None = None  # how tables and artifacts name it; defaults to the ref's last part
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    max_length: int | None = Field(default=None, gt=0)
+    chat_template: str | None = None  # jinja text, or a path to a .jinja file
+
+    @property
+    def key(self) -> str:
+        if self.label:
+            return self.label
+        tail = self.ref.removeprefix("builtin:").rstrip("/").split("/")[-1]
+        return tail.removesuffix(".gguf")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change what the model computes (cache keys hash these)."""
+        return self.model_dump(exclude={"label"})
+
+
+class DataSpec(StrictModel):
+    source: ComponentRef
+    sample: int | None = Field(default=None, gt=0, description="keep N examples, drawn with `seed`")
+    dedup: bool = True
+    heldout: float | int = Field(default=0.1, ge=0, description="held-out share (<1) or count (>=1)")
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    seed: int = 0
+
+
+class DistillSpec(StrictModel):
+    """What the logits stage stores per token (App. A: k = 10); T and top-p apply in the loss."""
+
+    top_k: int = Field(default=10, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    max_length: int = Field(default=2048, gt=0)
+
+
+class TrainingModeSpec(StrictModel):
+    evaluator: ComponentRef = ComponentRef(name="min_ce")
+
+
+class InferenceModeSpec(StrictModel):
+    generator: ComponentRef = ComponentRef(name="hf")
+    reward_models: list[NamedComponentRef] = Field(default_factory=list)
+    evaluator: ComponentRef = ComponentRef(name="rm_vote")
+
+    @field_validator("reward_models")
+    @classmethod
+    def _unique(cls, value: list[NamedComponentRef]):
+        keys = [rm.key for rm in value]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"reward models must have distinct labels; repeated: {', '.join(dupes)}")
+        return value
+
+
+class TrainSpec(StrictModel):
+    lr: float = Field(default=1.5e-5, gt=0)
+    batch_size: int = Field(default=128, gt=0, description="global batch (gradient accumulation fills it)")
+    micro_batch_size: int = Field(default=4, gt=0)
+    max_length: int = Field(default=2048, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=50, gt=0, description="optimizer steps between checkpoints")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    distributed: Literal["none", "ddp", "deepspeed", "fsdp"] = "none"
+    deepspeed_config: str | None = None
+    seed: int = 42
+
+
+class EvaluateSpec(StrictModel):
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names")
+    limit: int | None = Field(default=None, gt=0)
+    num_fewshot: dict[str, int] = Field(default_factory=dict)
+    data_dir: str | None = None
+    baselines: bool = True
+    batch_size: int = Field(default=8, gt=0)
+
+
+class Recipe(StrictModel):
+    """A whole fusion run. See recipes/profuser.yaml for the annotated default."""
+
+    name: str
+    description: str = ""
+    seed: int = 42
+    target: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    data: DataSpec
+    distill: DistillSpec = DistillSpec()
+    training_mode: TrainingModeSpec = TrainingModeSpec()
+    inference_mode: InferenceModeSpec = InferenceModeSpec()
+    aligner: ComponentRef = ComponentRef(name="offsets")
+    loss: ComponentRef = ComponentRef(name="fuse_kl")
+    curriculum: ComponentRef = ComponentRef(name="progressive")
+    train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, value: list[ModelSpec]):
+        keys = [m.key for m in value]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"source models must have distinct labels; repeated: {', '.join(dupes)} (set `label:`)")
+        return value
+
+    def component_refs(self) -> list[tuple[str, str, ComponentRef]]:
+        """(recipe path, kind, ref) of every component the recipe names."""
+        refs = [
+            ("data.source", "datasets", self.data.source),
+            ("training_mode.evaluator", "evaluators", self.training_mode.evaluator),
+            ("inference_mode.generator", "generators", self.inference_mode.generator),
+            ("inference_mode.evaluator", "evaluators", self.inference_mode.evaluator),
+            ("aligner", "aligners", self.aligner),
+            ("loss", "losses", self.loss),
+            ("curriculum", "curricula", self.curriculum),
+        ]
+        refs += [(f"inference_mode.reward_models.{i}", "reward_models", rm) for i, rm in enumerate(self.inference_mode.reward_models)]
+        return refs
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` wins; nested mappings merge; lists and scalars are replaced whole."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError([("", f"recipe file not found: {path}")])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise RecipeError([(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")], file=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError([("", "a recipe must be a mapping of fields")], file=str(path))
+    return data
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe's mapping with every ``extends:`` resolved (paths relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise RecipeError([("extends", f"circular extends: {' -> '.join(map(str, (*_seen, path)))}")], file=str(path))
+    data = _read_yaml(path)
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        parent_path = (path.parent / parent).resolve()
+        if not parent_path.is_file():
+            raise RecipeError([("extends", f"file not found: {parent}")], file=str(path))
+        merged = deep_merge(merged, load_raw(parent_path, (*_seen, path)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b.c=value`` (value parsed as YAML, so numbers, booleans and lists work)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise RecipeError([("-o", f"override {item!r} is not of the form path.to.field=value")])
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        parts = path.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                if not isinstance(node, dict):
+                    raise RecipeError([(path, "cannot override inside a non-mapping value")])
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError([(path, "cannot override inside a non-mapping value")])
+    return data
+
+
+def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"])
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append((path, message))
+    return problems
+
+
+def validate_components(recipe: Recipe, registry) -> list[tuple[str, str]]:
+    """Each named component exists, and its params pass its own ``Params`` model."""
+    problems: list[tuple[str, str]] = []
+    for path, kind, ref in recipe.component_refs():
+        try:
+            info = registry.get(kind, ref.name)
+        except PluginError as exc:
+            problems.append((f"{path}.name", exc.message))
+            continue
+        try:
+            info.cls.Params(**ref.params)
+        except ValidationError as exc:
+            problems += [(f"{path}.params.{p}" if p else f"{path}.params", m) for p, m in _pydantic_problems(exc)]
+    return problems
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -> Recipe:
+    """Load, merge, override and validate a recipe. Raises ``RecipeError`` listing every problem."""
+    file = str(path)
+    data = apply_overrides(load_raw(path), list(overrides))
+    data.setdefault("name", Path(path).stem)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_pydantic_problems(exc), file=file) from None
+    if registry is None:
+        from .plugins import get_engine
+
+        registry = get_engine().registry
+    problems = validate_components(recipe, registry)
+    base = Path(path).resolve().parent
+    problems += _missing_files(recipe, base)
+    if problems:
+        raise RecipeError(problems, file=file)
+    return recipe
+
+
+def _missing_files(recipe: Recipe, base: Path) -> list[tuple[str, str]]:
+    """Local paths a recipe names must exist (relative paths are relative to the recipe file)."""
+    problems = []
+    for field_path, value in _path_fields(recipe):
+        if value and not _looks_remote(value) and not (base / value).exists() and not Path(value).exists():
+            problems.append((field_path, f"file not found: {value}"))
+    return problems
+
+
+def _path_fields(recipe: Recipe) -> list[tuple[str, str | None]]:
+    fields = [("train.deepspeed_config", recipe.train.deepspeed_config), ("evaluate.data_dir", recipe.evaluate.data_dir)]
+    path_params = [("data.source.params.path", recipe.data.source.params.get("path"))]
+    return fields + [(p, v) for p, v in path_params if isinstance(v, str)]
+
+
+def _looks_remote(value: str) -> bool:
+    return "://" in value or value.startswith(("hf:", "hub:"))
+
+
+def resolve_path(value: str, recipe_file: str | Path | None) -> Path:
+    """A path from a recipe: absolute, or relative to the recipe file (else to the cwd)."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or recipe_file is None:
+        return path
+    candidate = Path(recipe_file).resolve().parent / path
+    return candidate if candidate.exists() else path
+
+
+def recipe_schema() -> dict[str, Any]:
+    return Recipe.model_json_schema()

@@ -1,0 +1,161 @@
+"""Content-addressed artifact store: one directory per (stage kind, key), written atomically.
+
+Layout under the runs directory::
+
+    store/<kind>/<key>/            a finished artifact: the stage's files + manifest.json
+    store/<kind>/<key>.partial/    a stage being written; kept across kills so that a stage can
+                                   resume from its own scratch state (generation shards,
+                                   training checkpoints), then renamed into place
+
+``manifest.json`` is written last and lists every file with its size and SHA-256: an artifact
+without one, or whose files disagree with it, is partial or corrupt and is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ArtifactError
+
+MANIFEST = "manifest.json"
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of ``obj`` (dict order does not matter)."""
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old content or the new, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@dataclass
+class Artifact:
+    kind: str
+    key: str
+    path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    def size_bytes(self) -> int:
+        return sum(entry["size"] for entry in self.manifest.get("files", {}).values())
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def final_dir(self, kind: str, key: str) -> Path:
+        return self.root / "store" / kind / key
+
+    def partial_dir(self, kind: str, key: str) -> Path:
+        return self.root / "store" / kind / f"{key}.partial"
+
+    def get(self, kind: str, key: str, *, verify: bool = True) -> Artifact | None:
+        """The finished artifact, or None. A corrupt one is moved aside so it gets recomputed."""
+        path = self.final_dir(kind, key)
+        if not path.is_dir():
+            return None
+        try:
+            manifest = read_manifest(path, verify=verify)
+        except ArtifactError:
+            self._quarantine(path)
+            return None
+        return Artifact(kind, key, path, manifest)
+
+    def _quarantine(self, path: Path) -> None:
+        target = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, target)
+
+    def invalidate(self, kind: str, key: str) -> bool:
+        """Drop a finished artifact (``--force``); returns whether one existed."""
+        path = self.final_dir(kind, key)
+        if not path.is_dir():
+            return False
+        trash = path.with_name(f"{key}.trash-{os.getpid()}")
+        os.replace(path, trash)  # atomic: the artifact is gone before its files are
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def begin(self, kind: str, key: str, *, fresh: bool = False) -> Path:
+        """The partial directory a stage writes into (kept from an earlier killed attempt unless ``fresh``)."""
+        partial = self.partial_dir(kind, key)
+        if fresh and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def commit(self, kind: str, key: str, manifest: dict[str, Any], *, exclude: Callable[[Path], bool] | None = None) -> Artifact:
+        """Seal the partial directory: hash its files, write the manifest last, rename into place."""
+        partial = self.partial_dir(kind, key)
+        files = {}
+        for file in sorted(p for p in partial.rglob("*") if p.is_file()):
+            rel = file.relative_to(partial).as_posix()
+            if rel == MANIFEST or (exclude and exclude(file)):
+                continue
+            files[rel] = {"size": file.stat().st_size, "sha256": file_sha256(file)}
+        manifest = {**manifest, "kind": kind, "key": key, "files": files, "finished_at": time.time()}
+        atomic_write_json(partial / MANIFEST, manifest)
+        final = self.final_dir(kind, key)
+        if final.exists():  # a concurrent run finished first: keep theirs
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, final)
+        return Artifact(kind, key, final, manifest)
+
+    def artifacts(self) -> list[Artifact]:
+        found = []
+        for manifest_path in sorted((self.root / "store").glob(f"*/*/{MANIFEST}")):
+            path = manifest_path.parent
+            try:
+                manifest = json.loads(manifest_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            found.append(Artifact(path.parent.name, path.name, path, manifest))
+        return found
+
+
+def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a finished artifact; with ``verify``, check every file's size and hash."""
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError("no manifest: the artifact is partial", where=str(path)) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"unreadable manifest: {exc}", where=str(path)) from None
+    if verify:
+        for rel, entry in manifest.get("files", {}).items():
+            file = path / rel
+            if not file.is_file() or file.stat().st_size != entry["size"]:
+                raise ArtifactError(f"file {rel} is missing or has the wrong size", where=str(path))
+            if file_sha256(file) != entry["sha256"]:
+                raise ArtifactError(f"file {rel} does not match its checksum", where=str(path))
+    return manifest
