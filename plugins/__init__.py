@@ -1,10 +1,14 @@
 """Built-in plugins of profuser, installed as the import package ``profuser_plugins``.
 
-Each submodule (or subpackage) is one plugin implementing registration hooks, exactly as a
-third-party package would. They are found by listing this package, so adding a plugin is
-adding a module here.
+Every module below this package (``evaluators/min_ce.py``, ``losses/fuse_kl.py``, ...) is one
+plugin implementing registration hooks, exactly as a third-party package would. They are found by
+walking the package, so adding a built-in plugin is adding a module; subpackages only group them.
 """
 
 import pkgutil
 
-BUILTIN_PLUGINS = sorted(f"{__name__}.{module.name}" for module in pkgutil.iter_modules(__path__))
+BUILTIN_PLUGINS = sorted(
+    module.name
+    for module in pkgutil.walk_packages(__path__, prefix=f"{__name__}.")
+    if not module.ispkg and not module.name.rsplit(".", 1)[-1].startswith("_")
+)

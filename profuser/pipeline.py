@@ -157,12 +157,13 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     if recipe.evaluate.tasks:
         evaluation = recipe.evaluate.model_dump(exclude={"baselines"})
         stages.append(Stage("evaluate/fused", "evaluate", {"model": None, "label": "fused", "evaluate": evaluation},
-                            {"model": "train"}))
+                            {"model": "train", "data": "data"}))
         if recipe.evaluate.baselines:
             baselines = {recipe.target.key: recipe.target, **{s.key: s for s in recipe.sources}}
             for key, spec in baselines.items():
                 stages.append(Stage(f"evaluate/{key}", "evaluate",
-                                    {"model": spec.identity(), "label": key, "evaluate": evaluation}))
+                                    {"model": spec.identity(), "label": key, "evaluate": evaluation},
+                                    {"data": "data"}))
     return stages
 
 

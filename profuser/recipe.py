@@ -290,6 +290,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     problems = validate_components(recipe, registry)
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base)
+    _absolutise_paths(recipe, base)
     if problems:
         raise RecipeError(problems, file=file)
     return recipe
@@ -308,6 +309,19 @@ def _path_fields(recipe: Recipe) -> list[tuple[str, str | None]]:
     fields = [("train.deepspeed_config", recipe.train.deepspeed_config), ("evaluate.data_dir", recipe.evaluate.data_dir)]
     path_params = [("data.source.params.path", recipe.data.source.params.get("path"))]
     return fields + [(p, v) for p, v in path_params if isinstance(v, str)]
+
+
+def _absolutise_paths(recipe: Recipe, base: Path) -> None:
+    """Relative paths in a recipe are relative to the recipe file, wherever profuser runs from."""
+    params = recipe.data.source.params
+    if isinstance(params.get("path"), str) and not _looks_remote(params["path"]):
+        params["path"] = str(resolve_path(params["path"], base / "recipe.yaml"))
+    for attr in ("deepspeed_config",):
+        value = getattr(recipe.train, attr)
+        if value:
+            setattr(recipe.train, attr, str(resolve_path(value, base / "recipe.yaml")))
+    if recipe.evaluate.data_dir:
+        recipe.evaluate.data_dir = str(resolve_path(recipe.evaluate.data_dir, base / "recipe.yaml"))
 
 
 def _looks_remote(value: str) -> bool:
