@@ -50,9 +50,10 @@ class Stage:
     config: dict[str, Any]  # the recipe slice the stage reads: exactly what is hashed
     deps: dict[str, str] = field(default_factory=dict)  # role -> upstream stage id
     components: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) it builds
+    module: str = ""  # the module with run() and VERSION; default profuser.stages.<kind>
 
-    def runner(self) -> Callable[["StageContext"], dict]:
-        return importlib.import_module(f"profuser.stages.{self.kind}").run
+    def code(self):
+        return importlib.import_module(self.module or f"profuser.stages.{self.kind}")
 
 
 @dataclass
@@ -171,7 +172,7 @@ def stage_keys(stages: list[Stage], engine: Engine) -> dict[str, str]:
     """The cache key of every stage (stages must be in upstream-first order)."""
     keys: dict[str, str] = {}
     for stage in stages:
-        versions = {"profuser": __version__, "stage": getattr(importlib.import_module(f"profuser.stages.{stage.kind}"), "VERSION", "1")}
+        versions = {"profuser": __version__, "stage": getattr(stage.code(), "VERSION", "1")}
         for kind, name in stage.components:
             info = engine.registry.get(kind, name)
             versions[f"{kind}:{name}"] = f"{info.cls.__module__}.{info.cls.__qualname__}@{engine.plugins[info.plugin].version}"
@@ -225,12 +226,12 @@ class StageResult:
 
 class Runner:
     def __init__(self, recipe: Recipe, engine: Engine, runtime: Runtime, *, force: list[str] = (),
-                 until: str | None = None, echo: Callable[[str], None] = print):
+                 until: str | None = None, echo: Callable[[str], None] = print, stages: list[Stage] | None = None):
         self.recipe = recipe
         self.engine = engine
         self.runtime = runtime
         self.store = ArtifactStore(runtime.runs_dir)
-        self.stages = plan(recipe, engine)
+        self.stages = stages if stages is not None else plan(recipe, engine)
         self.keys = stage_keys(self.stages, engine)
         self.echo = echo
         self.forced: set[str] = set()
@@ -293,7 +294,7 @@ class Runner:
         self.echo(f"[run]    {stage.id} ...")
         t0 = time.time()
         ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine, recipe=self.recipe)
-        metrics = stage.runner()(ctx) or {}
+        metrics = stage.code().run(ctx) or {}
         seconds = time.time() - t0
         artifact: Artifact = self.store.commit(stage.kind, key, {
             "stage_id": stage.id,

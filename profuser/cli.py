@@ -1,0 +1,230 @@
+"""The ``profuser`` command line. Thin: every command calls the library and prints.
+
+Errors a user can act on (bad recipe, data, model, plugin) print as ``where: message`` lines on
+stderr with a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ProfuserError, RecipeError
+
+app = typer.Typer(
+    help="Fuse heterogeneous LLMs: ProFuser, its ablations and your own plugins, from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", envvar="PROFUSER_RUNS_DIR", help="Where artifacts and runs are kept.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def friendly(fn):
+    """Print ProfuserErrors as `where: message` lines and exit with their status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ProfuserError as exc:
+            for line in exc.lines():
+                err_console.print(f"[red]error[/red] {line}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished stages are kept; run the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _runtime(runs_dir: Path, device: str, recipe_file: Path | None = None):
+    from .pipeline import Runtime
+
+    cache = os.environ.get("PROFUSER_CACHE")
+    return Runtime(runs_dir=runs_dir, device=device, cache_dir=Path(cache) if cache else None,
+                   progress=sys.stderr.isatty(), recipe_file=recipe_file)
+
+
+@app.command()
+@friendly
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    override: Annotated[list[str], typer.Option("-o", "--override", help="Override a field: -o train.lr=1e-5")] = [],
+    runs_dir: RunsDir = Path("runs"),
+    until: Annotated[Optional[str], typer.Option(help="Stop after this stage (id, kind or id prefix).")] = None,
+    force: Annotated[list[str], typer.Option(help="Recompute this stage and what depends on it.")] = [],
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimates; run nothing.")] = False,
+):
+    """Run a recipe: every stage, reusing what is cached; a killed run resumes where it stopped."""
+    from .pipeline import Runner
+    from .plugins import get_engine
+    from .recipe import load_recipe
+
+    recipe_obj = load_recipe(recipe, override)
+    runner = Runner(recipe_obj, get_engine(), _runtime(runs_dir, device, recipe), force=force, until=until,
+                    echo=lambda line: console.print(line, highlight=False))
+    if dry_run:
+        from .estimate import estimate_plan
+
+        plan = estimate_plan(runner)
+        _print_plan(plan)
+        return
+    results = runner.run()
+    ran = [r for r in results if not r.cached]
+    console.print(f"{recipe_obj.name}: {len(ran)} stage(s) ran, {len(results) - len(ran)} reused; "
+                  f"run record: {runner.run_dir / 'run.json'}")
+
+
+def _print_plan(plan: dict) -> None:
+    table = Table(title=f"plan for {plan['recipe']}")
+    for col in ("stage", "status", "key"):
+        table.add_column(col)
+    for stage in plan["stages"]:
+        table.add_row(stage["id"], "cached" if stage["cached"] else "to run", stage["key"])
+    console.print(table)
+    for name, value in plan["estimate"].items():
+        console.print(f"{name}: {value}")
+
+
+@app.command()
+@friendly
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")],
+    override: Annotated[list[str], typer.Option("-o", "--override")] = [],
+):
+    """Check recipes (fields, component names and params, files) without running anything."""
+    from .pipeline import plan
+    from .plugins import get_engine
+    from .recipe import load_recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            recipe = load_recipe(path, override)
+            plan(recipe, get_engine())
+        except RecipeError as exc:
+            if exc.file is None:
+                exc.file = str(path)
+            failed += 1
+            for line in exc.lines():
+                err_console.print(f"[red]error[/red] {line}", highlight=False)
+            continue
+        console.print(f"ok {path}", highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+@friendly
+def plugins(as_json: JsonFlag = False):
+    """Installed plugins, their versions and the components each registers."""
+    from .plugins import get_engine
+
+    engine = get_engine()
+    rows = [{"plugin": p.name, "version": p.version, "builtin": p.builtin,
+             "components": [f"{c.kind}:{c.name}" for c in p.components]} for p in engine.plugins.values()]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="profuser plugins")
+    for col in ("plugin", "version", "components"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["plugin"] + ("" if row["builtin"] else " (third-party)"), row["version"], ", ".join(row["components"]))
+    console.print(table)
+
+
+@app.command()
+@friendly
+def components(
+    kind: Annotated[Optional[str], typer.Option(help="Only this kind (evaluators, curricula, ...).")] = None,
+    as_json: JsonFlag = False,
+):
+    """Registered components of each kind, with their params schema."""
+    from .components import KINDS
+    from .plugins import get_engine
+
+    if kind and kind not in KINDS:
+        raise ProfuserError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}", where="--kind")
+    infos = get_engine().registry.components(kind)
+    rows = [{"kind": i.kind, "name": i.name, "aliases": list(i.aliases), "plugin": i.plugin,
+             "doc": (i.cls.__doc__ or "").strip().split("\n")[0], "params": i.params_schema()} for i in infos]
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title="profuser components")
+    for col in ("kind", "name", "params", "description"):
+        table.add_column(col)
+    for row in rows:
+        params = ", ".join(f"{k}={v.get('default', '?')!r}" for k, v in row["params"].get("properties", {}).items())
+        table.add_row(row["kind"], row["name"], params, row["doc"])
+    console.print(table)
+
+
+@app.command()
+def schema():
+    """The recipe JSON schema (for editor autocompletion)."""
+    from .recipe import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+
+
+@app.command()
+@friendly
+def runs(runs_dir: RunsDir = Path("runs"), as_json: JsonFlag = False):
+    """Runs and cached stages, with their sizes."""
+    from .store import ArtifactStore
+
+    store = ArtifactStore(runs_dir)
+    run_rows = []
+    for run_json in sorted((runs_dir / "runs").glob("*/run.json")):
+        summary = json.loads(run_json.read_text())
+        run_rows.append({"run": summary["recipe"], "seconds": round(summary["seconds"], 1),
+                         "stages": len(summary["stages"]), "ran": sum(not s["cached"] for s in summary["stages"])})
+    artifacts = [{"kind": a.kind, "key": a.key, "stage": a.manifest.get("stage_id", ""), "bytes": a.size_bytes(),
+                  "seconds": round(a.manifest.get("seconds", 0.0), 1)} for a in store.artifacts()]
+    if as_json:
+        console.print_json(json.dumps({"runs": run_rows, "artifacts": artifacts}))
+        return
+    table = Table(title=f"runs in {runs_dir}")
+    for col in ("run", "stages", "ran last time", "seconds"):
+        table.add_column(col)
+    for row in run_rows:
+        table.add_row(row["run"], str(row["stages"]), str(row["ran"]), str(row["seconds"]))
+    console.print(table)
+    table = Table(title="cached stages")
+    for col in ("stage", "key", "size", "seconds"):
+        table.add_column(col)
+    for row in artifacts:
+        table.add_row(row["stage"], row["key"], _human(row["bytes"]), str(row["seconds"]))
+    console.print(table)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

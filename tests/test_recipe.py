@@ -1,0 +1,127 @@
+"""Recipes: extends + overrides, and every kind of mistake reported as `path: message`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from profuser.errors import RecipeError
+from profuser.recipe import apply_overrides, deep_merge, load_raw, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(str(p) for p in (REPO / "recipes").rglob("*.yaml") if "configs" not in p.parts)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def base(tmp_path):
+    return write(tmp_path / "base.yaml", """
+        name: base
+        target: {ref: some/target}
+        sources: [{ref: some/target}, {ref: other/source}]
+        data: {source: {name: builtin_tasks, params: {n: 10}}, heldout: 2}
+        train: {lr: 1.0e-5, batch_size: 8}
+    """)
+
+
+def test_extends_deep_merges_and_overrides_win(tmp_path, base):
+    child = write(tmp_path / "child.yaml", """
+        extends: base.yaml
+        name: child
+        train: {batch_size: 4}
+    """)
+    recipe = load_recipe(child, ["train.lr=3e-5", "sources.1.label=src2", "data.source.params.n=12"])
+    assert recipe.name == "child"
+    assert recipe.train.batch_size == 4 and recipe.train.lr == 3e-5  # merged, then overridden
+    assert [s.key for s in recipe.sources] == ["target", "src2"]
+    assert recipe.data.source.params == {"n": 12}
+
+
+def test_merge_and_override_helpers():
+    assert deep_merge({"a": {"b": 1, "c": [1]}}, {"a": {"c": [2]}}) == {"a": {"b": 1, "c": [2]}}
+    assert apply_overrides({"a": {}}, ["a.b.c=[1, 2]", "x=true"]) == {"a": {"b": {"c": [1, 2]}}, "x": True}
+    with pytest.raises(RecipeError, match="path.to.field=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_circular_extends(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="circular"):
+        load_raw(tmp_path / "a.yaml")
+
+
+def test_schema_problems_are_listed_with_their_paths(tmp_path, base):
+    bad = write(tmp_path / "bad.yaml", """
+        extends: base.yaml
+        seed: many
+        train: {learning_rate: 1.0}
+    """)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    problems = dict(err.value.problems)
+    assert problems["train.learning_rate"] == "unknown field"
+    assert "seed" in problems
+
+
+def test_component_problems_are_listed_with_their_paths(tmp_path, base):
+    bad = write(tmp_path / "bad.yaml", """
+        extends: base.yaml
+        curriculum: progresive
+        loss: {name: fuse_kl, params: {beta: lots}}
+        training_mode: {evaluator: {name: min_ce, params: {reduction: median}}}
+    """)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    problems = dict(err.value.problems)
+    assert "did you mean 'progressive'" in problems["curriculum.name"]
+    assert "loss.params.beta" in problems
+    assert "training_mode.evaluator.params.reduction" in problems
+
+
+def test_missing_data_file_is_named(tmp_path, base):
+    bad = write(tmp_path / "nofile.yaml", """
+        extends: base.yaml
+        data: {source: {name: file, params: {path: nowhere.jsonl}}}
+    """)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    assert dict(err.value.problems)["data.source.params.path"] == "file not found: nowhere.jsonl"
+
+
+def test_relative_data_path_resolves_against_the_recipe(tmp_path, base):
+    (tmp_path / "rows.jsonl").write_text('{"question": "q", "response": "r"}\n')
+    recipe = load_recipe(write(tmp_path / "rel.yaml", """
+        extends: base.yaml
+        data: {source: {name: file, params: {path: rows.jsonl}}}
+    """))
+    assert recipe.data.source.params["path"] == str(tmp_path / "rows.jsonl")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    bad = write(tmp_path / "broken.yaml", "name: x\ntarget: [unclosed\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    assert "invalid YAML" in err.value.lines()[0] and "line" in err.value.lines()[0]
+
+
+def test_cli_validate_prints_path_lines_without_traceback(tmp_path, base):
+    bad = write(tmp_path / "bad.yaml", "extends: base.yaml\ncurriculum: progresive\nseed: many\n")
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "curriculum.name" in proc.stderr and "seed" in proc.stderr and "did you mean" in proc.stderr
+
+
+def test_shipped_recipes_validate():
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", *RECIPES], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ok ") == len(RECIPES) >= 11
