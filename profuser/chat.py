@@ -1,0 +1,184 @@
+"""Chat formatting: prompts for generation, and token-level response masks for training.
+
+Every model sees a conversation through its own chat template (the tokenizer's, or the recipe's
+``chat_template`` override). Base models without one (Gemma-3-270M) get ``FALLBACK_CHAT_TEMPLATE``,
+an Alpaca-style layout that ends the response with the EOS token, so a fused model learns to stop::
+
+    {system}\\n\\n### Instruction:\\n{instruction}\\n\\n### Response:\\n{response}{eos}
+
+(the system paragraph only when there is a system message). Templates that reject a ``system``
+role get the system text folded into the user turn (``system\\n\\ninstruction``).
+
+Response tokens are located by character offsets (fast tokenizers' offset mapping) in the one
+tokenisation of the whole conversation, so a BPE merge across the prompt/response boundary cannot
+shift the mask: the first response token is the first token that covers a response character.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError, ModelError
+
+__all__ = ["FALLBACK_CHAT_TEMPLATE", "ChatEncoding", "encode_chat", "format_prompt", "messages", "template_for"]
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token }}"
+    "{% if not loop.last %}{{ '\n\n' }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+
+# Stands in for the response to find where the template puts it (the template may trim it).
+_SENTINEL = "\x00PROFUSER_RESPONSE\x00"
+
+
+@dataclass
+class ChatEncoding:
+    """One conversation in one tokenizer.
+
+    ``input_ids`` [L]: prompt + response + end-of-turn tokens, at most ``max_length``;
+    ``response_start``: index of the first response token (labels are ``input_ids[response_start:]``);
+    ``response_offsets`` [L - response_start, 2] int32: character span of each of those tokens in
+    the ``response`` string; tokens after the response text (end-of-turn, EOS) get
+    ``(len(response), len(response))``; ``truncated``: tokens cut from the end.
+    """
+
+    input_ids: list[int]
+    response_start: int
+    response_offsets: np.ndarray
+    truncated: int = 0
+
+    @property
+    def labels(self) -> list[int]:
+        """``input_ids`` with -100 on prompt tokens (the trainer shifts)."""
+        return [-100] * self.response_start + self.input_ids[self.response_start:]
+
+
+def template_for(tokenizer, chat_template: str | None = None) -> str:
+    """The jinja template used for ``tokenizer``: the override, its own, else the fallback."""
+    return chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+
+
+def messages(system: str, instruction: str, response: str | None = None, *, fold_system: bool = False) -> list[dict]:
+    """The conversation as chat messages (no system message when ``system`` is empty)."""
+    if system and fold_system:
+        turns = [{"role": "user", "content": f"{system}\n\n{instruction}"}]
+    else:
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": instruction}]
+    if response is not None:
+        turns.append({"role": "assistant", "content": response})
+    return turns
+
+
+def _render(tokenizer, template: str, system: str, instruction: str, response: str | None) -> str:
+    def apply(fold: bool) -> str:
+        text = tokenizer.apply_chat_template(
+            messages(system, instruction, response, fold_system=fold), chat_template=template, tokenize=False,
+            add_generation_prompt=response is None,
+        )
+        return text if isinstance(text, str) else text[0]
+
+    try:
+        return apply(False)
+    except Exception as exc:  # jinja raise_exception(...) from templates without a system role
+        if not system:
+            raise ModelError(f"chat template failed: {exc}", where=_name(tokenizer)) from None
+        try:
+            return apply(True)
+        except Exception as exc2:
+            raise ModelError(f"chat template failed: {exc2}", where=_name(tokenizer)) from None
+
+
+def _name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def format_prompt(tokenizer, system: str, instruction: str, *, chat_template: str | None = None) -> str:
+    """The prompt text up to where the model starts answering (generation prompt included).
+
+    BOS is not in the text unless the template writes it; tokenise it the way the tokenizer
+    normally does (``tokenizer(text)``) — or with ``add_special_tokens=False`` if it starts with
+    the BOS token already."""
+    return _render(tokenizer, template_for(tokenizer, chat_template), system, instruction, None)
+
+
+def _response_span(tokenizer, template: str, system: str, instruction: str, response: str) -> tuple[str, int, int, int]:
+    """The full conversation text and where the response sits in it: ``(text, start, end, lead)``
+    where ``text[start:end] == response[lead:lead + end - start]`` (``lead`` > 0 when the
+    template strips leading whitespace)."""
+    marked = _render(tokenizer, template, system, instruction, _SENTINEL)
+    at = marked.find(_SENTINEL)
+    if at < 0:
+        raise ModelError("the chat template drops the assistant message", where=_name(tokenizer))
+    before, after = marked[:at], marked[at + len(_SENTINEL):]
+    text = _render(tokenizer, template, system, instruction, response)
+    # templates that trim the content (Llama-3, Gemma): find which form of the response is there
+    n_lead = len(response) - len(response.lstrip())
+    for shown, lead in ((response, 0), (response.strip(), n_lead), (response.lstrip(), n_lead), (response.rstrip(), 0)):
+        if text == before + shown + after:
+            return text, len(before), len(before) + len(shown), lead
+    raise ModelError("the chat template changes the response text; cannot locate response tokens", where=_name(tokenizer))
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def encode_chat(
+    tokenizer, system: str, instruction: str, response: str, *, max_length: int, chat_template: str | None = None
+) -> ChatEncoding:
+    """Tokenise prompt + response + end-of-turn as the model sees it in a chat, and locate the
+    response tokens. Needs a fast tokenizer (offsets).
+
+    Truncation cuts tokens from the end (the response, then nothing else); a prompt that leaves
+    no room for a single response token raises ``DataError``. BOS is added once: by the template
+    if it writes it, else as the tokenizer's own encoding would."""
+    if max_length <= 0:
+        raise ValueError("max_length must be positive")
+    template = template_for(tokenizer, chat_template)
+    text, start, end, lead = _response_span(tokenizer, template, system, instruction, response)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ModelError("needs a fast tokenizer (character offsets) to locate response tokens", where=_name(tokenizer)) from None
+    ids: list[int] = list(enc["input_ids"])
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [n, 2] chars in `text`
+    bos = tokenizer.bos_token
+    if bos and not text.startswith(bos) and _adds_bos(tokenizer):
+        ids = [tokenizer.bos_token_id] + ids
+        offsets = np.concatenate([np.zeros((1, 2), np.int64), offsets])
+
+    # the first token that covers a response character starts the response: a BPE merge across
+    # the boundary puts that token in the response (it predicts response text); zero-width
+    # tokens at or after the response end (inserted specials) belong to the response too
+    covers = (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0])
+    after = offsets[:, 0] >= end
+    hits = np.flatnonzero(covers | after)
+    response_start = int(hits[0]) if len(hits) else len(ids)
+    if response_start == len(ids) and response:
+        raise ModelError("the tokenizer's offsets cover no response character", where=_name(tokenizer))
+
+    # [n_resp, 2] spans in `response`: clipped to the response, shifted by what the template trimmed
+    spans = offsets[response_start:]
+    rel = np.clip(spans, start, end) - start + lead
+    rel[spans[:, 0] >= end] = len(response)  # end-of-turn and anything after the response text
+    truncated = max(0, len(ids) - max_length)
+    if response_start >= max_length:
+        raise DataError(
+            f"the prompt is {response_start} tokens; max_length {max_length} leaves no room for the response",
+            where=_name(tokenizer),
+        )
+    ids = ids[:max_length]
+    rel = rel[: len(ids) - response_start]
+    return ChatEncoding(ids, response_start, rel.astype(np.int32), truncated)

@@ -1,0 +1,168 @@
+"""Tiny random heterogeneous models for tests: two architectures, two tokenizer families.
+
+``tiny_model_dir("llama", root)`` mimics SmolLM2 (Llama, byte-level BPE, ChatML template, no BOS
+added); ``tiny_model_dir("gemma", root)`` mimics Gemma-3 base (Gemma3 text model, SentencePiece-
+style BPE with ``▁`` and byte fallback, ``<bos>`` added, no chat template). Tokenizers are trained
+here with the ``tokenizers`` library on a built-in corpus, so nothing is downloaded; everything is
+seeded, so two calls write identical directories.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["CHATML_TEMPLATE", "CORPUS", "tiny_model_dir", "tiny_tokenizer"]
+
+# SmolLM2-Instruct's template, minus its default system prompt (tests want to see exactly what
+# they pass in): a system turn only when one is given.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Small, varied text: prose, code, numbers, punctuation, a little non-ASCII (rare enough that the
+# gemma tokenizer's limited alphabet leaves some of it to byte fallback).
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Large language models are trained on large amounts of text to predict the next token.",
+    "Knowledge fusion combines the strengths of several models into a single target model.",
+    "A tokenizer splits text into tokens; different models use different vocabularies.",
+    "Please write a short poem about the sea, the wind and the stars at night.",
+    "Question: What is the capital of France? Answer: The capital of France is Paris.",
+    "Instruction: Summarise the following paragraph in one sentence.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i)",
+    "The answer is 42. Prices rose by 3.5% in 2023, from $10.00 to $10.35.",
+    "You are a helpful assistant. Answer the user's question honestly and concisely.",
+    "Hello! How can I help you today? I would like to learn about machine learning.",
+    "Gradient descent updates the weights in the direction that lowers the loss.",
+    "Cats and dogs are popular pets; many people keep fish, birds or rabbits too.",
+    "Café au lait, naïve résumé, jalapeño — über straße.",
+    "東京 is the capital of Japan; 北京 is the capital of China.",
+    "Emoji are text too: 🙂 🚀 ✨.",
+    "First, preheat the oven. Second, mix the flour, sugar and eggs. Third, bake for 30 minutes.",
+    "The mitochondria is the powerhouse of the cell.",
+    "Translate to French: Good morning, how are you? -> Bonjour, comment allez-vous ?",
+    "### Instruction:\nExplain recursion.\n\n### Response:\nRecursion is when a function calls itself.",
+    "system: You are a helpful assistant. user: Hi! assistant: Hello, what can I do for you?",
+]
+
+
+def _corpus(repeat: int = 20) -> list[str]:
+    return [line for _ in range(repeat) for line in CORPUS]
+
+
+def _bpe_vocab_and_merges(tok) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
+
+
+def _llama_tokenizer(vocab_size: int):
+    """Byte-level BPE like SmolLM2: every byte is in the alphabet, no BOS added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # trim_offsets=False: a token " word" spans its space too, so offsets tile the text
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>", model_max_length=512,
+    )
+
+
+def _gemma_tokenizer(vocab_size: int):
+    """SentencePiece-style BPE like Gemma: spaces become ``▁``, unknown characters fall back to
+    ``<0xNN>`` byte tokens, ``<bos>`` is prepended by the post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = metaspace
+    # the byte tokens take ids 6..261 (as in SentencePiece models); listing them as trainer
+    # specials reserves the ids, the final tokenizer keeps them as plain vocabulary entries
+    # a fixed alphabet (ASCII of the corpus, ``▁``, ``é``): the rest of the non-ASCII goes to byte
+    # fallback, and no tie among rare characters decides what is in (which would be run-dependent)
+    alphabet = sorted({c for c in "".join(CORPUS) if ord(c) < 128 and c != " "} | {"▁", "é"})
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials + byte_tokens, initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet), show_progress=False,
+    )
+    draft.train_from_iterator(_corpus(), trainer)
+    vocab, merges = _bpe_vocab_and_merges(draft)
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"], model_max_length=512,
+    )
+
+
+_VOCAB = {"llama": 500, "gemma": 700}  # different sizes on purpose: vocabulary maps are not identity
+
+
+def tiny_tokenizer(arch: Literal["llama", "gemma"]):
+    """The tokenizer of ``tiny_model_dir(arch, ...)`` alone (a fast tokenizer, offsets available)."""
+    if arch == "llama":
+        tok = _llama_tokenizer(_VOCAB["llama"])
+        tok.chat_template = CHATML_TEMPLATE
+        return tok
+    if arch == "gemma":
+        return _gemma_tokenizer(_VOCAB["gemma"])
+    raise ValueError(f"unknown tiny architecture {arch!r} (llama or gemma)")
+
+
+def _config(arch: str, tok):
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **ids,
+        )
+    return Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=24, max_position_embeddings=512, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"], **ids,
+    )
+
+
+def tiny_model_dir(arch: Literal["llama", "gemma"], root: Path, *, seed: int = 0) -> Path:
+    """Write ``root/tiny-<arch>`` (config, safetensors weights, fast tokenizer) and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer(arch)
+    config = _config(arch, tok)
+    out = Path(root) / f"tiny-{arch}"
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
