@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from jinja2 import TemplateError
 
 from .errors import DataError, ModelError
 
@@ -34,6 +35,9 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
+
+# raise_exception() in a template raises jinja2's TemplateError; bad templates raise the others
+_TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, KeyError, IndexError)
 
 # Stands in for the response to find where the template puts it (the template may trim it).
 _SENTINEL = "\x00PROFUSER_RESPONSE\x00"
@@ -87,12 +91,12 @@ def _render(tokenizer, template: str, system: str, instruction: str, response: s
 
     try:
         return apply(False)
-    except Exception as exc:  # jinja raise_exception(...) from templates without a system role
+    except _TEMPLATE_ERRORS as exc:  # jinja raise_exception(...) from templates without a system role
         if not system:
             raise ModelError(f"chat template failed: {exc}", where=_name(tokenizer)) from None
         try:
             return apply(True)
-        except Exception as exc2:
+        except _TEMPLATE_ERRORS as exc2:
             raise ModelError(f"chat template failed: {exc2}", where=_name(tokenizer)) from None
 
 

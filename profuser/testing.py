@@ -137,7 +137,7 @@ def tiny_tokenizer(arch: Literal["llama", "gemma"]):
 def _config(arch: str, tok):
     from transformers import Gemma3TextConfig, LlamaConfig
 
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     if arch == "llama":
         return LlamaConfig(
             vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
