@@ -28,14 +28,14 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from .components import SourceNLL
 from .errors import ArtifactError, ModelError, ProfuserError
@@ -227,7 +227,7 @@ class LogitsWriter:
         os.replace(tmp, self.out_dir / SUMMARY)
         return summary
 
-    def __enter__(self) -> "LogitsWriter":
+    def __enter__(self) -> LogitsWriter:  # noqa: PYI034
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -264,7 +264,7 @@ def _list_column(arrays: list[np.ndarray], value_type: pa.DataType, width: int |
 
 
 def _record_batch(rows: list[dict], schema: pa.Schema, top_k: int) -> pa.RecordBatch:
-    column = lambda name: [r[name] for r in rows]  # noqa: E731
+    column = lambda name: [r[name] for r in rows]
     return pa.RecordBatch.from_arrays([
         pa.array(column("id"), pa.string()),
         pa.array(column("response"), pa.string()),

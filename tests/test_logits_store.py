@@ -19,15 +19,15 @@ def make_example(rng: np.random.Generator, i: int, n: int, vocab: int = 50_000) 
     starts = np.array([response.find(f"w{i}_{j}") for j in range(n)], dtype=np.int32)
     ends = starts + np.array([len(f"w{i}_{j}") for j in range(n)], dtype=np.int32)
     logits = -np.sort(-rng.normal(8, 3, (n, K)), axis=1).astype(np.float32)  # [n, k] descending
-    return dict(
-        example_id=f"ex{i}", response=response,
-        token_ids=rng.integers(0, vocab, n),
-        offsets=np.stack([starts, ends], axis=1),  # [n, 2]
-        nll=rng.exponential(2.0, n).astype(np.float32),
-        topk_ids=rng.integers(0, vocab, (n, K)),
-        topk_logits=logits,
-        logz=(logits[:, 0] + rng.random(n)).astype(np.float32),
-    )
+    return {
+        "example_id": f"ex{i}", "response": response,
+        "token_ids": rng.integers(0, vocab, n),
+        "offsets": np.stack([starts, ends], axis=1),  # [n, 2]
+        "nll": rng.exponential(2.0, n).astype(np.float32),
+        "topk_ids": rng.integers(0, vocab, (n, K)),
+        "topk_logits": logits,
+        "logz": (logits[:, 0] + rng.random(n)).astype(np.float32),
+    }
 
 
 def write(out, examples, **kw):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from profuser_plugins.evaluators.min_ce import MinCE
 from pydantic import ValidationError
 
 from profuser.components import Candidates, SourceNLL
 from profuser.errors import DataError
 from profuser.plugins import Engine
-from profuser_plugins.evaluators.min_ce import MinCE
 
 
 def cand(example_id="q1", **nll: tuple[float, int, int]) -> Candidates:
