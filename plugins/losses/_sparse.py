@@ -1,0 +1,190 @@
+"""Building blocks of the losses on a sparse teacher (the underscore keeps this module from being
+loaded as a plugin; third-party loss plugins may import it).
+
+The one heavy operation is ``sparse_logits``: the student's log-partition ``lse`` [N] and its
+logits at a few ids ``z_at`` [N, m] (the label and the teacher's k ids), from a single pass over
+the [N, V] logits. Every loss here is then plain autograd on those small tensors: CE = lse - z_label,
+log q_j = z_j - lse. The backward of ``sparse_logits`` turns their gradients into the gradient on
+the logits in one pass, chunk by chunk, straight into the output buffer:
+
+    dL/dz = g_lse * softmax(z) + scatter(ids, g_at)
+
+For CE + beta * KL(P_S || P_T) that is (w_ce + beta * w_kl) * softmax(z) - w_ce * onehot(label)
+- beta * w_kl * P_S, as docs/losses.md derives. No [N, V] log-softmax is kept for backward and no
+dense teacher tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from profuser.components import Loss
+from profuser.teacher import teacher_logprobs
+
+IGNORE = -100
+# rows per chunk ~ 4M logits: a 16 MiB float32 temporary in forward, none in backward
+CHUNK_ELEMENTS = 1 << 22
+
+
+class _SparseLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, ids, active, chunk_rows):
+        # z [N, V] logits; ids [N, m] int64 in [0, V); active [N] bool
+        n, _ = z.shape
+        cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        lse = torch.zeros(n, dtype=cdtype, device=z.device)
+        for s in range(0, n, chunk_rows):
+            e = min(n, s + chunk_rows)
+            if active[s:e].any():
+                torch.logsumexp(z[s:e].to(cdtype), dim=-1, out=lse[s:e])
+        lse = lse.masked_fill(~active, 0.0)  # inactive rows: a constant, so their gradient is zero
+        z_at = z.gather(1, ids).to(cdtype)  # [N, m]
+        ctx.save_for_backward(z, ids, active, lse)
+        ctx.chunk_rows = chunk_rows
+        return lse, z_at
+
+    @staticmethod
+    def backward(ctx, g_lse, g_at):
+        z, ids, active, lse = ctx.saved_tensors
+        n, _ = z.shape
+        grad = torch.empty_like(z, memory_format=torch.contiguous_format)
+        # softmax(z) * c == exp(z - (lse - log|c|)), so scaling costs no extra pass; c = 0 gives exp(-inf) = 0
+        coef = (g_lse * active).to(lse.dtype)
+        shift = lse - coef.abs().log()  # [N]
+        negative = coef < 0
+        inplace = grad.dtype == lse.dtype
+        for s in range(0, n, ctx.chunk_rows):
+            e = min(n, s + ctx.chunk_rows)
+            out = grad[s:e]
+            if not coef[s:e].any():
+                out.zero_()
+                continue
+            if inplace:
+                torch.sub(z[s:e], shift[s:e, None], out=out).exp_()
+            else:  # low-precision logits: compute in float32, store in the logits' dtype
+                out.copy_(torch.sub(z[s:e].to(lse.dtype), shift[s:e, None]).exp_())
+            if negative[s:e].any():
+                out[negative[s:e]] *= -1
+        grad.scatter_add_(1, ids, g_at.to(grad.dtype))
+        return grad, None, None, None
+
+
+def sparse_logits(
+    z: torch.Tensor, ids: torch.Tensor, active: torch.Tensor | None = None, *, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, z_at)``: logsumexp of each row of ``z`` [N, V] (0 where ``active`` [N] is False) and
+    ``z.gather(1, ids)`` [N, m], both float32 (float64 for float64 logits), differentiable in ``z``.
+    """
+    n, v = z.shape
+    if active is None:
+        active = torch.ones(n, dtype=torch.bool, device=z.device)
+    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // v)
+    return _SparseLogits.apply(z, ids, active, chunk_rows)
+
+
+# --- the batch, shifted -------------------------------------------------------------------------
+
+
+def _shift(x: torch.Tensor, fill) -> torch.Tensor:
+    """x[:, t+1] at row t, ``fill`` at the last position (nothing follows it)."""
+    pad = [0, 0] * (x.dim() - 2) + [0, 1]
+    return F.pad(x[:, 1:], pad, value=fill)
+
+
+def flat_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, teacher: bool):
+    """The batch aligned with ``logits.view(-1, V)`` (no copy of the logits: labels shift instead).
+
+    Returns z [N, V], target [N] (IGNORE where no label), weight [N] (the example's weight), and
+    with ``teacher`` also ids [N, k] and logits [N, k] of the teacher that row predicts, and
+    teacher_mask [N] (a teacher and a label)."""
+    b, t, v = logits.shape
+    z = logits.reshape(b * t, v)
+    target = _shift(batch["labels"].long(), IGNORE).reshape(-1)
+    weight = batch.get("weight")
+    weight = torch.ones(b, device=logits.device) if weight is None else weight.to(logits.device, torch.float32)
+    out = {"z": z, "target": target, "weight": weight[:, None].expand(b, t).reshape(-1)}
+    if teacher:
+        k = batch["teacher_ids"].shape[-1]
+        out["teacher_ids"] = _shift(batch["teacher_ids"], 0).reshape(-1, k)
+        out["teacher_logits"] = _shift(batch["teacher_logits"], float("-inf")).reshape(-1, k)
+        mask = _shift(batch["teacher_mask"].bool(), False).reshape(-1)
+        out["teacher_mask"] = mask & (target != IGNORE)
+    return out
+
+
+# --- loss base classes --------------------------------------------------------------------------
+
+
+def sft_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 1 through the fused kernel: sum_rows w * CE / (rows with a label)."""
+    f = flat_batch(logits, batch, teacher=False)
+    labelled = f["target"] != IGNORE
+    lse, z_at = sparse_logits(f["z"], f["target"].clamp_min(0)[:, None], labelled)
+    denom = labelled.sum().clamp_min(1)
+    ce = ((lse - z_at[:, 0]) * f["weight"] * labelled).sum() / denom
+    return ce, {"ce": ce.item()}
+
+
+class SparseDivergenceLoss(Loss):
+    """L = L_SFT + beta * D(P_S, P_T) per token, D on the teacher's sparse support.
+
+    Subclasses implement ``divergence(logp, logq)``: ``logp`` [N, k] teacher log-probabilities
+    (-inf on dropped slots; rows without a teacher are all -inf), ``logq`` [N, k] the student's
+    log-probabilities at the same ids, ``log_support`` [N] its log-mass on the teacher's kept ids.
+    It returns D per row [N] (anything for rows without a teacher: they are masked out)."""
+
+    part: ClassVar[str] = ""  # the divergence's key in the logged parts
+
+    class Params(Loss.Params):
+        beta: float = Field(default=0.5, ge=0, description="weight of the divergence (the curriculum's phase beta overrides it)")
+        temperature: float = Field(default=2.0, gt=0, description="teacher temperature (App. A: 2)")
+        top_p: float = Field(default=0.95, gt=0, le=1, description="teacher top-p over its stored top-k (App. A: 0.95)")
+
+    def divergence(self, logp: torch.Tensor, logq: torch.Tensor, log_support: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, logits, batch, *, beta=None):
+        beta = self.params.beta if beta is None else float(beta)
+        f = flat_batch(logits, batch, teacher=True)
+        target, weight, has_teacher = f["target"], f["weight"], f["teacher_mask"]
+        labelled = target != IGNORE
+        with torch.no_grad():
+            logp = teacher_logprobs(f["teacher_logits"], temperature=self.params.temperature, top_p=self.params.top_p)
+            logp = logp.masked_fill(~has_teacher[:, None], float("-inf"))  # [N, k]
+            kept = torch.isfinite(logp)
+            has_teacher = has_teacher & kept.any(-1)
+            ids = f["teacher_ids"].long().masked_fill(~kept, 0)  # unused slots may hold any id
+            ids = torch.cat([target.clamp_min(0)[:, None], ids], dim=1)  # [N, 1 + k]
+        lse, z_at = sparse_logits(f["z"], ids, labelled)
+        ce = lse - z_at[:, 0]  # [N]
+        logq = z_at[:, 1:] - lse[:, None]  # [N, k]
+        # rows without a teacher sum over all their slots: finite, so no NaN reaches the gradient
+        on_support = kept | ~has_teacher[:, None]
+        log_support = torch.logsumexp(logq.masked_fill(~on_support, float("-inf")), dim=-1)  # [N]
+        div = self.divergence(logp, logq, log_support)
+        div = torch.where(has_teacher, div, torch.zeros_like(div))
+        denom = labelled.sum().clamp_min(1)
+        ce_part = (ce * weight * labelled).sum() / denom
+        div_part = (div * weight).sum() / denom
+        loss = ce_part + beta * div_part
+        n_teacher = has_teacher.sum().clamp_min(1)
+        parts = {
+            "ce": ce_part.item(),
+            self.part: div_part.item(),
+            f"{self.part}_per_teacher_token": (div.detach() * has_teacher).sum().item() / n_teacher.item(),
+            "beta": beta,
+        }
+        return loss, parts
+
+
+def xlogy_sum(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j * a_j over the last dim, 0 where p_j = 0 even if a_j is infinite (gradient too)."""
+    return (p * a.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+LOG2 = math.log(2.0)
