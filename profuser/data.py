@@ -14,8 +14,9 @@ import math
 import random
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -438,19 +439,19 @@ def sample(records: list[Record], n: int | None, seed: int) -> list[Record]:
     return [records[i] for i in picked]
 
 
-def heldout_count(total: int, heldout: float | int) -> int:
+def heldout_count(total: int, heldout: float) -> int:
     """How many of ``total`` records to hold out: a share when ``heldout < 1``, else a count."""
     if heldout < 0:
         raise DataError(f"heldout must not be negative (got {heldout})", where="data.heldout")
     if heldout < 1:
-        return int(math.floor(total * heldout + 0.5))
+        return math.floor(total * heldout + 0.5)  # half up: 0.1 of 5 holds out 1
     if heldout != int(heldout):
         raise DataError(f"a held-out count must be a whole number (got {heldout}); use a share < 1 for a fraction",
                         where="data.heldout")
     return int(heldout)
 
 
-def split(records: list[Record], heldout: float | int, seed: int) -> tuple[list[Record], list[Record]]:
+def split(records: list[Record], heldout: float, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, held-out): the held-out records are drawn with ``seed``; both keep the input order."""
     k = heldout_count(len(records), heldout)
     if k >= len(records) and records:

@@ -1,0 +1,60 @@
+"""The ``data`` stage: read the recipe's dataset source, drop or reject bad rows, dedup, sample,
+split off the held-out set, and write ``train.parquet``, ``heldout.parquet`` and ``stats.json``."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ..components import BadRow, Record
+from ..data import dedup, sample, split, unique_ids, write_records
+from ..errors import DataError
+from ..store import atomic_write_json
+
+VERSION = "1"
+SHOW_BAD_ROWS = 10  # how many bad rows a failing run lists
+
+
+def run(ctx) -> dict:
+    cfg = ctx.config["data"]
+    source = ctx.build("datasets", cfg["source"])
+    records: list[Record] = []
+    bad: list[BadRow] = []
+    for item in source.records():
+        (bad if isinstance(item, BadRow) else records).append(item)
+    rows_read = len(records) + len(bad)
+    if bad and cfg["on_bad_row"] == "fail":
+        shown = "\n".join(f"  {b.where}: {b.message}" for b in bad[:SHOW_BAD_ROWS])
+        more = f"\n  ... and {len(bad) - SHOW_BAD_ROWS} more" if len(bad) > SHOW_BAD_ROWS else ""
+        raise DataError(f"{len(bad)} of {rows_read} rows are unusable (set data.on_bad_row: skip to skip "
+                        f"and count them):\n{shown}{more}", where=f"data source {cfg['source']['name']}")
+    duplicates = 0
+    if cfg["dedup"]:
+        records, duplicates = dedup(records)
+    records, renamed = unique_ids(records)
+    if not records:
+        raise DataError(f"no usable records ({rows_read} rows read, {len(bad)} bad, {duplicates} duplicates)",
+                        where=f"data source {cfg['source']['name']}")
+    kept = sample(records, cfg["sample"], cfg["seed"])
+    train, heldout = split(kept, cfg["heldout"], cfg["seed"])
+
+    write_records(ctx.out / "train.parquet", train)
+    write_records(ctx.out / "heldout.parquet", heldout)
+    metrics = {
+        "rows_read": rows_read,
+        "bad_rows_skipped": len(bad),
+        "duplicates_removed": duplicates,
+        "ids_renamed": renamed,
+        "records": len(records),
+        "train": len(train),
+        "heldout": len(heldout),
+    }
+    stats = {
+        **metrics,
+        "source": cfg["source"],
+        "bad_rows": [{"where": b.where, "message": b.message} for b in bad[:100]],
+        "tasks": {name: dict(Counter(r.meta.get("task") for r in part if "task" in r.meta))
+                  for name, part in (("train", train), ("heldout", heldout))},
+        "system_messages": len({r.system for r in kept}),
+    }
+    atomic_write_json(ctx.out / "stats.json", stats)
+    return metrics
