@@ -173,14 +173,21 @@ class Recipe(StrictModel):
 
 
 def deep_merge(base: dict, override: dict) -> dict:
-    """``override`` wins; nested mappings merge; lists and scalars are replaced whole."""
+    """``override`` wins; nested mappings merge; lists and scalars are replaced whole. A component
+    ref naming a different component (``name:`` differs) replaces the inherited one whole, so the
+    old component's params are not inherited by the new one."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and not _other_component(old, value):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def _other_component(base: dict, override: dict) -> bool:
+    return "name" in base and "name" in override and base["name"] != override["name"]
 
 
 def _read_yaml(path: Path) -> dict:
