@@ -90,7 +90,8 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     target = recipe.target.identity()
     source_keys = [s.key for s in recipe.sources]
     ref = lambda r: r.model_dump(exclude={"label"})  # noqa: E731
-    stages: list[Stage] = [Stage("data", "data", {"data": recipe.data.model_dump()}, components=[("datasets", recipe.data.source.name)])]
+    data_config = {"data": recipe.data.model_dump(), "files": _data_fingerprint(recipe.data.source.params.get("path"))}
+    stages: list[Stage] = [Stage("data", "data", data_config, components=[("datasets", recipe.data.source.name)])]
     distill = recipe.distill.model_dump()
 
     if "inference" in modes:
@@ -168,6 +169,18 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     return stages
 
 
+def _data_fingerprint(path: Any) -> dict[str, str]:
+    """Content hashes of a local data file (or a folder's files): editing the data in place must
+    invalidate the data stage, while moving or touching it must not."""
+    from .store import file_sha256
+
+    if not isinstance(path, str) or not Path(path).exists():
+        return {}
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(f.relative_to(root) if f != root else f.name): file_sha256(f) for f in files}
+
+
 def stage_keys(stages: list[Stage], engine: Engine) -> dict[str, str]:
     """The cache key of every stage (stages must be in upstream-first order)."""
     keys: dict[str, str] = {}
@@ -222,6 +235,7 @@ class StageResult:
     seconds: float
     metrics: dict[str, Any]
     path: str
+    build_seconds: float = 0.0  # what computing it cost when it ran (for a cached stage: back then)
 
 
 class Runner:
@@ -284,7 +298,8 @@ class Runner:
             self.forced.discard(stage.id)  # once per run
         artifact = self.store.get(stage.kind, key)
         if artifact is not None:
-            result = StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path))
+            result = StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path),
+                                 artifact.manifest.get("seconds", 0.0))
             self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=True, seconds=0.0, metrics=artifact.metrics)
             self.echo(f"[cached] {stage.id}")
             return result
@@ -305,7 +320,7 @@ class Runner:
         })
         self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=False, seconds=seconds, metrics=metrics)
         self.echo(f"[done]   {stage.id} in {seconds:.1f}s")
-        return StageResult(stage.id, stage.kind, key, False, seconds, metrics, str(artifact.path))
+        return StageResult(stage.id, stage.kind, key, False, seconds, metrics, str(artifact.path), seconds)
 
     @staticmethod
     def _link(link: Path, target: Path) -> None:

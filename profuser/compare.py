@@ -1,0 +1,67 @@
+"""``profuser compare``: run several recipes against one artifact store and put them side by side.
+
+The recipes share every stage whose key they share (an ablation that changes only the curriculum
+reuses data, generation, scoring, logits, selection, alignment and build), so the suite costs the
+shared stages once plus each variant's own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .pipeline import Runner, Runtime
+from .plugins import get_engine
+from .recipe import load_recipe
+
+
+def _scores(result_dir: Path) -> dict[str, float]:
+    results = json.loads((result_dir / "results.json").read_text())
+    return results.get("primary", {})
+
+
+def run_comparison(recipes: list[Path], runtime: Runtime, *, overrides: list[str] = (), seeds: list[int] = (),
+                   echo=print) -> dict:
+    """Run every recipe (each seed), then return the comparison entries and the suite timing."""
+    engine = get_engine()
+    entries: list[dict] = []
+    baselines: dict[str, dict] = {}
+    ran_once: dict[str, float] = {}  # stage key -> seconds, over the whole suite
+    started = time.time()
+    for path in recipes:
+        for seed in seeds or [None]:
+            extra = [f"seed={seed}", f"train.seed={seed}"] if seed is not None else []
+            recipe = load_recipe(path, [*overrides, *extra])
+            t0 = time.time()
+            echo(f"== {recipe.name}" + (f" (seed {seed})" if seed is not None else ""))
+            results = Runner(recipe, engine, runtime, echo=echo).run()
+            by_id = {r.id: r for r in results}
+            for r in results:
+                if not r.cached:
+                    ran_once[r.key] = r.seconds
+            entry = {
+                "variant": recipe.name,
+                "cold_seconds": sum(r.build_seconds for r in results),  # this recipe alone, nothing cached
+                "recipe": str(path),
+                "seed": seed,
+                "wall_seconds": time.time() - t0,
+                "stages_ran": [r.id for r in results if not r.cached],
+                "stages_reused": [r.id for r in results if r.cached],
+                "scores": _scores(Path(by_id["evaluate/fused"].path)) if "evaluate/fused" in by_id else {},
+                "metrics_path": str(Path(by_id["train"].path) / "metrics.jsonl") if "train" in by_id else None,
+                "selections": {mode: str(Path(by_id[f"select/{mode}"].path) / "selection.parquet")
+                               for mode in ("inference", "training") if f"select/{mode}" in by_id},
+            }
+            entries.append(entry)
+            for r in results:
+                label = r.id.removeprefix("evaluate/")
+                if r.kind == "evaluate" and label != "fused" and label not in baselines:
+                    baselines[label] = {"variant": f"{label} (source)", "recipe": None, "seed": None,
+                                        "scores": _scores(Path(r.path)), "baseline": True}
+    return {
+        "entries": list(baselines.values()) + entries,
+        "suite_seconds": time.time() - started,
+        "stage_seconds_once": sum(ran_once.values()),
+        "cold_seconds_each_alone": sum(e["cold_seconds"] for e in entries),
+    }
