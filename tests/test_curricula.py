@@ -1,0 +1,135 @@
+"""Curricula: each one yields the phases the paper describes (App. A, App. C, §5.2)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from profuser.components import CurriculumInput, PhasePart
+from profuser.errors import ProfuserError
+from profuser.plugins import Engine
+
+IDS = ["a", "b", "c", "d", "e", "f"]
+LENGTHS = {"a": 50, "b": 10, "c": 30, "d": 10, "e": 90, "f": 70}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Engine(entrypoints=False).registry
+
+
+def build(registry, name, **params):
+    return registry.build("curricula", name, params)
+
+
+def data(reward=None):
+    return CurriculumInput(ids=list(IDS), gt_length=dict(LENGTHS), target_reward=reward)
+
+
+def summary(phases):
+    """(name, epochs, beta, [(mode, weight, ids)]) per phase."""
+    return [(p.name, p.epochs, p.beta, [(x.mode, x.weight, x.ids) for x in p.parts]) for p in phases]
+
+
+def test_all_seven_are_registered(registry):
+    assert {"progressive", "reverse", "simultaneous", "training_only", "sft_only", "length_split", "rm_split"} <= set(
+        registry.names("curricula"))
+
+
+def test_progressive_is_app_a(registry):
+    # phase 1: inference mode only, 1 epoch, λ = 0.1; phase 2: w1 = 0.1 (inference), w2 = 1, β = 0.5, 2 epochs
+    curriculum = build(registry, "progressive")
+    assert curriculum.modes == ("inference", "training")
+    assert summary(curriculum.phases(data())) == [
+        ("inference", 1.0, 0.1, [("inference", 1.0, None)]),
+        ("co-fusion", 2.0, 0.5, [("inference", 0.1, None), ("training", 1.0, None)]),
+    ]
+
+
+def test_reverse_mirrors_progressive(registry):
+    assert summary(build(registry, "reverse").phases(data())) == [
+        ("training", 1.0, 0.1, [("training", 1.0, None)]),
+        ("co-fusion", 2.0, 0.5, [("training", 0.1, None), ("inference", 1.0, None)]),
+    ]
+
+
+def test_simultaneous_fuses_both_modes_throughout(registry):
+    assert summary(build(registry, "simultaneous").phases(data())) == [
+        ("simultaneous", 3.0, 0.5, [("inference", 1.0, None), ("training", 1.0, None)]),
+    ]
+
+
+def test_training_only_and_sft_only_need_only_the_training_build(registry):
+    fuse, csft = build(registry, "training_only"), build(registry, "sft_only")
+    assert fuse.modes == csft.modes == ("training",)
+    assert summary(fuse.phases(data())) == [("training", 3.0, 0.5, [("training", 1.0, None)])]
+    assert summary(csft.phases(data())) == [("sft", 3.0, 0.0, [("training", 1.0, None)])]
+
+
+def test_aliases_name_the_paper_baselines(registry):
+    for alias, name in [("profuser", "progressive"), ("simulfuse", "simultaneous"), ("reverse_fuse", "reverse"),
+                        ("fuse", "training_only"), ("csft", "sft_only")]:
+        assert registry.get("curricula", alias).name == name
+
+
+def test_params_override_the_paper_defaults(registry):
+    phases = build(registry, "progressive", first_epochs=0.5, first_beta=0.2, second_epochs=1, second_beta=1.0,
+                   w1=0.3, w2=2.0).phases(data())
+    assert summary(phases) == [
+        ("inference", 0.5, 0.2, [("inference", 1.0, None)]),
+        ("co-fusion", 1.0, 1.0, [("inference", 0.3, None), ("training", 2.0, None)]),
+    ]
+    assert build(registry, "simultaneous", w1=0.1, epochs=1).phases(data())[0].parts[0] == PhasePart("inference", 0.1)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("progressive", {"lambda": 0.1}),  # unknown field
+    ("progressive", {"first_epochs": 0}),
+    ("simultaneous", {"w1": -1}),
+    ("length_split", {"easy_fraction": 1.0}),
+])
+def test_bad_params_are_rejected(registry, name, params):
+    with pytest.raises(ValidationError):
+        build(registry, name, **params)
+
+
+def test_length_split_runs_each_half_progressively(registry):
+    phases = build(registry, "length_split").phases(data())
+    easy, hard = ["b", "d", "c"], ["a", "f", "e"]  # by GT length, ties (b, d: 10) by id
+    assert summary(phases) == [
+        ("easy/inference", 1.0, 0.1, [("inference", 1.0, easy)]),
+        ("easy/co-fusion", 2.0, 0.5, [("inference", 0.1, easy), ("training", 1.0, easy)]),
+        ("hard/inference", 1.0, 0.1, [("inference", 1.0, hard)]),
+        ("hard/co-fusion", 2.0, 0.5, [("inference", 0.1, hard), ("training", 1.0, hard)]),
+    ]
+
+
+def test_rm_split_calls_a_low_target_reward_hard(registry):
+    reward = {"a": 0.9, "b": -1.0, "c": 0.5, "d": 2.0, "e": 0.0, "f": 0.5}
+    phases = build(registry, "rm_split", easy_fraction=1 / 3).phases(data(reward))
+    assert phases[0].parts[0].ids == ["d", "a"]  # the two best-scored answers
+    assert phases[2].parts[0].ids == ["c", "f", "e", "b"]  # ties (c, f: 0.5) by id, the worst last
+    assert [p.name for p in phases] == ["easy/inference", "easy/co-fusion", "hard/inference", "hard/co-fusion"]
+
+
+def test_rm_split_without_rewards_says_what_is_missing(registry):
+    with pytest.raises(ProfuserError, match="rm_split.*reward"):
+        build(registry, "rm_split").phases(data(None))
+    with pytest.raises(ProfuserError, match="rm_split: no target reward for 1 of 6"):
+        build(registry, "rm_split").phases(data({i: 1.0 for i in IDS[:-1]}))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.text("abcdefgh", min_size=1, max_size=3), st.integers(1, 100), min_size=1, max_size=30),
+       st.floats(0.05, 0.95))
+def test_length_split_partitions_by_length(registry, lengths, fraction):
+    ids = sorted(lengths)
+    phases = build(registry, "length_split", easy_fraction=fraction).phases(CurriculumInput(ids=ids, gt_length=lengths))
+    easy, hard = phases[0].parts[0].ids, phases[2].parts[0].ids
+    assert sorted(easy + hard) == ids and len(easy) == round(len(ids) * fraction)
+    if easy and hard:
+        assert max(lengths[i] for i in easy) <= min(lengths[i] for i in hard)
+    # every example gets 1 inference-only epoch and 2 co-fusion epochs, as under progressive
+    assert [p.epochs for p in phases] == [1.0, 2.0, 1.0, 2.0]
