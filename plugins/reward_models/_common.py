@@ -1,0 +1,135 @@
+"""What the reward-model plugins share: params, device and dtype, conversation encoding, batching."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from pydantic import Field
+
+from profuser.components import Judged, StrictModel
+from profuser.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class RMParams(StrictModel):
+    model: str = Field(description="hub id, local directory or builtin:NAME")
+    revision: str | None = None
+    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU that has it, else float32
+    batch_size: int = Field(default=8, gt=0)
+    max_length: int = Field(default=2048, gt=0, description="tokens per (prompt + response); longer ones are cut")
+
+
+def runtime_of(component):
+    """The runtime the stage attached (device, cache dir, progress), or the defaults."""
+    from profuser.pipeline import Runtime
+
+    return getattr(component, "runtime", None) or Runtime()
+
+
+def torch_dtype(name: str, device: str) -> "torch.dtype":
+    import torch
+
+    if name == "auto":
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def resolve(params: RMParams, component, *, trust_remote_code: bool = False):
+    """A local directory for ``params.model`` (builtins, GGUF and hub snapshots resolved and cached
+    by ``profuser.models``; safetensors only, never pickled weights)."""
+    from profuser.models import resolve_model
+    from profuser.recipe import ModelSpec
+
+    spec = ModelSpec(ref=params.model, revision=params.revision, trust_remote_code=trust_remote_code)
+    return resolve_model(spec, cache_dir=runtime_of(component).cache_dir)
+
+
+def where(component) -> str:
+    return f"reward model {component.name} ({component.params.model})"
+
+
+def fill_template(template: str, item: Judged) -> str:
+    """A plain-text prompt template with ``{system}``, ``{instruction}`` and ``{response}``
+    (replaced literally: other braces in the template stay). A template without ``{system}``
+    gets a non-empty system message folded in front of the instruction."""
+    instruction = item.instruction
+    if item.system and "{system}" not in template:
+        instruction = f"{item.system}\n\n{instruction}"
+    return template.replace("{system}", item.system).replace("{instruction}", instruction).replace("{response}", item.response)
+
+
+def chat_ids(tokenizer, item: Judged, max_length: int, chat_template: str | None = None) -> tuple[list[int], bool]:
+    """The whole conversation (system, user, assistant turn closed) in the tokenizer's chat
+    template, BOS once; cut to ``max_length`` keeping the start (as HF pipelines truncate).
+    Returns (ids, truncated)."""
+    from profuser.chat import encode_chat
+
+    try:
+        enc = encode_chat(tokenizer, item.system, item.instruction, item.response, max_length=max_length,
+                          chat_template=chat_template)
+        return enc.input_ids, enc.truncated > 0
+    except DataError:  # the prompt alone is longer than max_length: score its start anyway
+        enc = encode_chat(tokenizer, item.system, item.instruction, item.response, max_length=1 << 62,
+                          chat_template=chat_template)
+        return enc.input_ids[:max_length], True
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A formatted prompt's ids with BOS once: kept if the template wrote it, else added the way
+    the tokenizer normally does (``profuser.chat.format_prompt``'s rule)."""
+    bos = tokenizer.bos_token
+    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+
+
+def text_ids(tokenizer, text: str, max_length: int, *, add_special_tokens: bool = True) -> tuple[list[int], bool]:
+    """A formatted text as ids, cut to ``max_length`` keeping the start. Returns (ids, truncated)."""
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return ids[:max_length], len(ids) > max_length
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, *, left: bool = False):
+    """[B, T] input ids and attention mask, padded on the right (or left)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def score_batches(component, encoded: list[list[int]], forward: Callable[[list[list[int]]], Any], *,
+                  batch_size: int) -> list[float]:
+    """Run ``forward`` (a batch of id lists -> [B] scores) over length-sorted batches and return the
+    scores in input order. Non-finite scores are errors naming the reward model and item."""
+    import torch
+    from tqdm.auto import tqdm
+
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise DataError(f"item {empty[0]} encodes to no tokens", where=where(component))
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    scores: list[float] = [0.0] * len(encoded)
+    bar = tqdm(total=len(encoded), desc=f"score {component.name}", unit="item", disable=not runtime_of(component).progress)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            values = forward([encoded[i] for i in batch]).float().reshape(-1).tolist()
+            if len(values) != len(batch):
+                raise ModelError(f"returned {len(values)} scores for a batch of {len(batch)}", where=where(component))
+            for i, value in zip(batch, values):
+                if not math.isfinite(value):
+                    raise ModelError(f"non-finite score {value} for item {i}", where=where(component))
+                scores[i] = value
+            bar.update(len(batch))
+    bar.close()
+    return scores
