@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["CHATML_TEMPLATE", "CORPUS", "tiny_model_dir", "tiny_tokenizer"]
+__all__ = ["CHATML_TEMPLATE", "CORPUS", "tiny_gguf_file", "tiny_model_dir", "tiny_tokenizer"]
 
 # SmolLM2-Instruct's template, minus its default system prompt (tests want to see exactly what
 # they pass in): a system turn only when one is given.
@@ -165,4 +165,67 @@ def tiny_model_dir(arch: Literal["llama", "gemma"], root: Path, *, seed: int = 0
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+def _permute_qk(weight, n_head: int):
+    """llama.cpp's rotary layout for q/k rows (what its HF->GGUF converter writes; transformers
+    undoes it when reading). weight: [n_head * head_dim, hidden]."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def tiny_gguf_file(root: Path, *, seed: int = 0) -> Path:
+    """The tiny llama model (``tiny_model_dir("llama", ...)``) written as an F32 GGUF file with
+    its byte-level BPE tokenizer and chat template, as llama.cpp's converter lays it out."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    src = tiny_model_dir("llama", Path(root) / "src", seed=seed)
+    config = json.loads((src / "config.json").read_text())
+    weights = load_file(src / "model.safetensors")
+    tok = json.loads((src / "tokenizer.json").read_text())
+    out = Path(root) / "tiny-llama.gguf"
+
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_rope_freq_base(float(config.get("rope_parameters", {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t, _ in vocab])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
+
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute_qk(weights[p + "self_attn.q_proj.weight"], n_head))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute_qk(weights[p + "self_attn.k_proj.weight"], n_kv))
+        for hf, gg in names.items():
+            writer.add_tensor(f"blk.{i}.{gg}.weight", weights[f"{p}{hf}.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return out

@@ -1,0 +1,1 @@
+"""Built-in model references (``builtin:NAME`` in recipes)."""

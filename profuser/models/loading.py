@@ -1,0 +1,186 @@
+"""Model references to loaded models and tokenizers.
+
+A reference (``ModelSpec.ref``) is one of:
+
+- ``builtin:NAME``: a model a plugin registers (``profuser_register_models``); its ``resolve``
+  returns a local directory, building and caching it the first time;
+- a ``.gguf`` file, or a directory/hub id with ``gguf_file``: dequantised once into the cache;
+- a local directory written by ``save_pretrained``;
+- anything else is a Hugging Face hub id (``revision`` applies; remote code only with
+  ``trust_remote_code: true``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError, ProfuserError
+from ..recipe import ModelSpec
+from .gguf import gguf_dir
+
+SpecLike = ModelSpec | dict[str, Any] | str
+
+# tokenizers without a known limit report this sentinel (int(1e30)) as model_max_length
+_NO_LIMIT = 10**20
+
+
+def as_spec(spec: SpecLike) -> ModelSpec:
+    """A ``ModelSpec`` from a spec, its ``identity()`` dict (what stage configs carry) or a bare ref."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, str):
+        return ModelSpec(ref=spec)
+    try:
+        return ModelSpec.model_validate(spec)
+    except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, shown as one line
+        where = spec.get("ref") if isinstance(spec, dict) else None
+        raise ModelError(f"invalid model spec: {exc}", where=where) from None
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf") or Path(ref).expanduser().exists()
+
+
+def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None) -> Path:
+    """A local ``save_pretrained`` directory for the spec (built and cached for GGUF and builtins;
+    downloaded to the hub cache for hub ids)."""
+    spec = as_spec(spec)
+    ref = spec.ref
+    if ref.startswith("builtin:"):
+        return _resolve_builtin(ref, cache_dir)
+    path = Path(ref).expanduser()
+    if spec.gguf_file:
+        if path.is_dir():
+            return gguf_dir(path / spec.gguf_file, cache_dir, ref=ref)
+        if _looks_local(ref):
+            raise ModelError(f"directory not found: {path}", where=ref)
+        return gguf_dir(_hub_file(ref, spec.gguf_file, spec.revision), cache_dir, ref=ref)
+    if ref.endswith(".gguf"):
+        return gguf_dir(path, cache_dir, ref=ref)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model directory (no config.json)", where=ref)
+        return path
+    if _looks_local(ref):
+        raise ModelError(f"file not found: {path}", where=ref)
+    return _hub_snapshot(spec)
+
+
+def _resolve_builtin(ref: str, cache_dir: Path | None) -> Path:
+    from ..plugins import get_engine
+    from .cache import default_cache_dir
+
+    name = ref.removeprefix("builtin:")
+    try:
+        info = get_engine().registry.get("models", name)
+    except ProfuserError as exc:  # unknown name: the registry's message has the "did you mean"
+        raise ModelError(exc.message, where=ref) from None
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        path = Path(info.cls().resolve(root))
+    except ProfuserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's failure, attributed to the ref and plugin
+        raise ModelError(f"plugin {info.plugin} failed to resolve it: {type(exc).__name__}: {exc}", where=ref) from None
+    if not (path / "config.json").is_file():
+        raise ModelError(f"plugin {info.plugin} resolved it to {path}, which has no config.json", where=ref)
+    return path
+
+
+def _hub_file(repo: str, filename: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except Exception as exc:  # noqa: BLE001 - offline, missing repo or file: all name the ref
+        raise ModelError(f"cannot fetch {filename} from the hub: {type(exc).__name__}: {exc}", where=repo) from None
+
+
+def _hub_snapshot(spec: ModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
+
+    # safetensors only (never pickled .bin weights); python files only when remote code is trusted
+    patterns = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+    if spec.trust_remote_code:
+        patterns.append("*.py")
+    try:
+        path = Path(snapshot_download(spec.ref, revision=spec.revision, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot fetch from the hub: {type(exc).__name__}: {exc}", where=spec.ref) from None
+    if not any(path.glob("*.safetensors")):
+        raise ModelError("the hub repository has no safetensors weights (pickled weights are not loaded)", where=spec.ref)
+    return path
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _read_chat_template(value: str, ref: str) -> str:
+    """A recipe's ``chat_template``: jinja text, or a path to a file holding it."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelError(f"chat_template file not found: {value}", where=ref)
+    return path.read_text(encoding="utf-8")
+
+
+def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, _path: Path | None = None):
+    """The model's fast tokenizer, with the spec's ``chat_template`` override applied and its
+    ``max_length`` as ``model_max_length`` (else the model's context length when the tokenizer
+    knows none). A missing pad token becomes the EOS token (batching needs one)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    spec = as_spec(spec)
+    path = _path or resolve_model(spec, cache_dir=cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load the tokenizer from {path}: {type(exc).__name__}: {exc}", where=spec.ref) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError("needs a fast tokenizer (tokenizer.json): character offsets align vocabularies", where=spec.ref)
+    if spec.chat_template:
+        tokenizer.chat_template = _read_chat_template(spec.chat_template, spec.ref)
+    if spec.max_length:
+        tokenizer.model_max_length = spec.max_length
+    elif tokenizer.model_max_length >= _NO_LIMIT:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        context = getattr(config.get_text_config(), "max_position_embeddings", None)
+        if context:
+            tokenizer.model_max_length = int(context)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
+
+
+def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = None):
+    """``(model, tokenizer)``: the causal LM in the spec's dtype on ``device`` (``"auto"``: CUDA
+    when available), in eval mode, and ``load_tokenizer``'s tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = as_spec(spec)
+    path = resolve_model(spec, cache_dir=cache_dir)
+    tokenizer = load_tokenizer(spec, _path=path)
+    dtype = _DTYPES[spec.dtype]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            trust_remote_code=spec.trust_remote_code, use_safetensors=True,
+        )
+        model.to(device)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}", where=spec.ref) from None
+    model.eval()
+    if model.config.get_text_config().vocab_size < len(tokenizer):
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+            f"{model.config.get_text_config().vocab_size}", where=spec.ref,
+        )
+    return model, tokenizer

@@ -1,0 +1,238 @@
+"""Model references, loading, the GGUF cache (tiny models), and the packaged models (slow)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from profuser import models
+from profuser.chat import FALLBACK_CHAT_TEMPLATE, encode_chat, template_for
+from profuser.errors import ModelError
+from profuser.models import cached_build, load_model, load_tokenizer, resolve_model
+from profuser.recipe import ModelSpec
+from profuser.testing import CHATML_TEMPLATE, tiny_gguf_file
+
+
+def logits_of(model, tokenizer, text="Hello world, how are you?"):
+    ids = torch.tensor([tokenizer(text)["input_ids"]])  # [1, T]
+    with torch.no_grad():
+        return model(ids).logits  # [1, T, V]
+
+
+# --- local directories --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture, cls, vocab", [("tiny_llama_dir", "LlamaForCausalLM", 500),
+                                                 ("tiny_gemma_dir", "Gemma3ForCausalLM", 700)])
+def test_tiny_models_load_and_produce_logits(request, fixture, cls, vocab):
+    path = request.getfixturevalue(fixture)
+    model, tokenizer = load_model(str(path))
+    assert type(model).__name__ == cls and not model.training
+    assert tokenizer.is_fast and len(tokenizer) == vocab
+    logits = logits_of(model, tokenizer)
+    assert logits.shape[-1] == vocab and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_spec_dict_dtype_and_max_length(tiny_llama_dir):
+    spec = ModelSpec(ref=str(tiny_llama_dir), dtype="bfloat16", max_length=64, label="ignored")
+    model, tokenizer = load_model(spec.identity())  # what stage configs carry
+    assert model.dtype == torch.bfloat16
+    assert tokenizer.model_max_length == 64
+
+
+def test_families_differ_in_template_and_bos(tiny_llama_dir, tiny_gemma_dir):
+    llama = load_tokenizer(str(tiny_llama_dir))
+    gemma = load_tokenizer(str(tiny_gemma_dir))
+    assert llama.chat_template == CHATML_TEMPLATE
+    assert gemma.chat_template is None and template_for(gemma) == FALLBACK_CHAT_TEMPLATE
+    assert gemma("hi")["input_ids"][0] == gemma.bos_token_id
+    assert llama("hi")["input_ids"][0] != llama.bos_token_id
+
+
+def test_chat_template_override_text_and_file(tiny_gemma_dir, tmp_path):
+    tokenizer = load_tokenizer({"ref": str(tiny_gemma_dir), "chat_template": CHATML_TEMPLATE})
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    enc = encode_chat(tokenizer, "", "Hi", "Hello!", max_length=128)
+    assert tokenizer.decode(enc.input_ids[enc.response_start:]) == "Hello!<|im_end|>\n"
+
+    file = tmp_path / "template.jinja"
+    file.write_text(FALLBACK_CHAT_TEMPLATE)
+    assert load_tokenizer({"ref": str(tiny_gemma_dir), "chat_template": str(file)}).chat_template == FALLBACK_CHAT_TEMPLATE
+    with pytest.raises(ModelError, match="chat_template file not found") as err:
+        load_tokenizer({"ref": str(tiny_gemma_dir), "chat_template": str(tmp_path / "missing.jinja")})
+    assert err.value.where == str(tiny_gemma_dir)
+
+
+# --- bad references -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("/nonexistent/model", "file not found"),
+    ("./relative/model", "file not found"),
+    ("/nonexistent/model.gguf", "GGUF file not found"),
+    ("builtin:smollm3", "unknown models component 'smollm3'; did you mean"),
+])
+def test_bad_refs_are_model_errors_naming_the_ref(ref, message):
+    with pytest.raises(ModelError, match=message) as err:
+        load_model(ref)
+    assert err.value.where == ref
+    assert err.value.lines()[0].startswith(f"{ref}: ")
+
+
+def test_directory_without_config_is_a_model_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelError, match="not a model directory"):
+        resolve_model(str(tmp_path))
+
+
+def test_broken_weights_are_a_model_error(tiny_llama_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelError, match="cannot load the model") as err:
+        load_model(str(broken))
+    assert err.value.where == str(broken)
+
+
+def test_gguf_dir_without_the_file_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        resolve_model({"ref": str(tmp_path), "gguf_file": "model.gguf"})
+
+
+def test_invalid_spec_dict():
+    with pytest.raises(ModelError, match="invalid model spec"):
+        load_model({"ref": "x", "dtype": "int3"})
+
+
+# --- GGUF and the cache -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return tiny_gguf_file(tmp_path_factory.mktemp("gguf"))
+
+
+def test_gguf_is_dequantised_once_and_matches_the_original(tiny_gguf, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    model, tokenizer = load_model(str(tiny_gguf), cache_dir=cache)
+    original, original_tok = load_model(str(tiny_gguf.parent / "src" / "tiny-llama"))
+    text = "<|im_start|>user\nHello world! 🙂<|im_end|>"
+    assert tokenizer(text)["input_ids"] == original_tok(text)["input_ids"]
+    assert tokenizer.chat_template == CHATML_TEMPLATE  # read from the GGUF metadata
+    torch.testing.assert_close(logits_of(model, tokenizer, text), logits_of(original, original_tok, text), rtol=0, atol=0)
+
+    entries = list((cache / "gguf").iterdir())
+    assert [e.name for e in entries if not e.name.startswith(".")] == [resolve_model(str(tiny_gguf), cache_dir=cache).name]
+    assert not list((cache / "gguf").glob("*.partial"))
+    assert (resolve_model(str(tiny_gguf), cache_dir=cache) / "model.safetensors").is_file()
+
+    # second load: straight from the cache, no dequantising
+    def fail(*args, **kwargs):
+        raise AssertionError("dequantised again")
+
+    monkeypatch.setattr(models.gguf, "dequantise_gguf", fail)
+    load_model({"ref": str(tiny_gguf.parent), "gguf_file": tiny_gguf.name}, cache_dir=cache)
+    # the cache directory comes from PROFUSER_CACHE when none is passed
+    monkeypatch.setenv(models.CACHE_ENV, str(cache))
+    assert resolve_model(str(tiny_gguf)).parent == cache / "gguf"
+
+
+def test_changed_gguf_file_is_rebuilt(tiny_gguf, tmp_path):
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(tiny_gguf.read_bytes())
+    first = resolve_model(str(copy), cache_dir=tmp_path / "cache")
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = resolve_model(str(copy), cache_dir=tmp_path / "cache")
+    assert first != second and second.is_dir()
+
+
+def test_corrupt_gguf_is_a_model_error_and_leaves_no_entry(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelError, match="cannot read GGUF file") as err:
+        resolve_model(str(bad), cache_dir=tmp_path / "cache")
+    assert err.value.where == str(bad)
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _build_slowly(out: Path) -> None:
+    with open(out.parent.parent / "builds.log", "a") as log:
+        log.write(f"{os.getpid()}\n")
+    time.sleep(0.5)
+    (out / "config.json").write_text("{}")
+
+
+def _racer(cache: str, queue) -> None:
+    queue.put(str(cached_build(Path(cache), "test", "m", "k", _build_slowly, ref="race")))
+
+
+def test_two_processes_build_an_entry_once(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(str(tmp_path), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    results = {queue.get(timeout=5) for _ in procs}
+    assert results == {str(tmp_path / "test" / "m-k")}
+    assert len((tmp_path / "builds.log").read_text().split()) == 1
+    assert (tmp_path / "test" / "m-k" / "config.json").is_file()
+
+
+def test_failed_or_killed_build_leaves_nothing_behind(tmp_path):
+    stale = tmp_path / "test" / ".m-k.123-abc.partial"
+    stale.mkdir(parents=True)
+
+    def boom(out: Path) -> None:
+        (out / "half").write_text("x")
+        raise ModelError("no", where="ref")
+
+    with pytest.raises(ModelError):
+        cached_build(tmp_path, "test", "m", "k", boom, ref="ref")
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "test").iterdir()] == [".m-k.lock"]
+
+
+# --- builtin models -----------------------------------------------------------------------------
+
+
+def test_builtin_models_are_registered():
+    from profuser.plugins import get_engine
+
+    registry = get_engine().registry
+    assert {"smollm2-135m-instruct", "gemma3-270m"} <= set(registry.names("models"))
+    assert registry.get("models", "smollm2").name == "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def shared_cache():
+    """The packaged models are dequantised once per machine: the user's cache, unless set."""
+    return models.default_cache_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref, vocab, has_template", [("builtin:smollm2-135m-instruct", 49152, True),
+                                                      ("builtin:gemma3-270m", 262144, False)])
+def test_packaged_models_load_from_cache_and_produce_logits(shared_cache, ref, vocab, has_template):
+    resolve_model(ref, cache_dir=shared_cache)  # builds the entry if this machine has none yet
+    start = time.perf_counter()
+    model, tokenizer = load_model(ref, cache_dir=shared_cache)
+    assert time.perf_counter() - start < 30  # from the cache: seconds, not a dequantisation
+    assert (tokenizer.chat_template is not None) == has_template
+    enc = encode_chat(tokenizer, "", "What is the capital of France?", "Paris is the capital.", max_length=256)
+    with torch.no_grad():
+        logits = model(torch.tensor([enc.input_ids])).logits  # [1, T, V]
+    assert logits.shape == (1, len(enc.input_ids), vocab)
+    # a real model, not noise: "Paris" is likely after the question
+    position = enc.response_start - 1
+    first = enc.input_ids[enc.response_start]
+    assert tokenizer.decode([first]).strip() == "Paris"
+    assert logits[0, position].argsort(descending=True).tolist().index(first) < 100
