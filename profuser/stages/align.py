@@ -1,0 +1,154 @@
+"""The ``align/<mode>/<source>`` stage: put one source's distributions on the target's tokens.
+
+For every example this source won (``select``: ``chosen == source_key``) it reads the source's
+stored top-k logits on the response (``logits`` store), tokenises the same conversation with the
+target (``profuser.chat.encode_chat``: same chat formatting and truncation as the ``build`` stage),
+aligns the two tokenisations of the response with the recipe's aligner and projects the source's
+distributions onto the target vocabulary (``profuser.alignment.project``).
+
+Writes ``aligned.parquet``, one row per example: ``id``, ``response``, ``target_ids`` [n] (the
+target's response tokens), ``teacher_ids`` [n][k], ``teacher_logits`` [n][k] (raw, -inf unused),
+``teacher_mask`` [n], ``category`` [n] (int8 codes of ``alignment.CATEGORIES``), and
+``report.json``: the category shares and the aligner's speed (target tokens per second).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..alignment import AlignmentCounts, ProjectionParams, project, vocab_map
+from ..components import Tokenized
+from ..data import read_records
+from ..errors import ArtifactError, DataError, ProfuserError
+
+VERSION = "1"
+ROWS_PER_GROUP = 256  # examples per parquet row group: bounds the memory of a write
+
+ALIGNED_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("response", pa.string()),
+    ("target_ids", pa.list_(pa.int32())),  # [n]
+    ("teacher_ids", pa.list_(pa.list_(pa.int32()))),  # [n][k]
+    ("teacher_logits", pa.list_(pa.list_(pa.float32()))),  # [n][k]
+    ("teacher_mask", pa.list_(pa.bool_())),  # [n]
+    ("category", pa.list_(pa.int8())),  # [n]
+])
+
+
+def list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """A list<T> column from [n_i] arrays, or list<list<T>> from [n_i, k] arrays."""
+    nested = bool(arrays) and arrays[0].ndim == 2
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    outer = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=outer[1:])
+    if not arrays:
+        values = pa.array([], type=value_type)
+    else:
+        values = pa.array(np.concatenate([a.reshape(-1) for a in arrays]), type=value_type)
+    if nested:
+        k = arrays[0].shape[1]
+        inner = np.arange(0, int(lengths.sum()) * k + 1, k, dtype=np.int32)
+        values = pa.ListArray.from_arrays(pa.array(inner), values)
+    return pa.ListArray.from_arrays(pa.array(outer), values)
+
+
+def target_max_length(tokenizer, max_length: int) -> int:
+    """The recipe's max length, capped by the target's context (align and build must agree)."""
+    limit = getattr(tokenizer, "model_max_length", None) or max_length
+    return min(max_length, int(limit))
+
+
+def won_ids(select_dir, source_key: str) -> list[str]:
+    table = pq.read_table(select_dir / "selection.parquet", columns=["id", "chosen"])
+    return [i for i, c in zip(table["id"].to_pylist(), table["chosen"].to_pylist()) if c == source_key]
+
+
+def run(ctx) -> dict:
+    from ..chat import encode_chat
+    from ..logits_store import LogitsReader
+    from ..models import load_tokenizer
+
+    cfg = ctx.config
+    mode, source_key = cfg["mode"], cfg["source_key"]
+    where = ctx.stage.id
+    aligner = ctx.build("aligners", cfg["aligner"])
+    params = aligner.params if isinstance(aligner.params, ProjectionParams) else ProjectionParams()
+    cache_dir = ctx.runtime.cache_dir
+    target_tok = load_tokenizer(cfg["target"], cache_dir=cache_dir)
+    source_tok = load_tokenizer(cfg["source"], cache_dir=cache_dir)
+    vmap = vocab_map(source_tok, target_tok, cache_dir=cache_dir)
+    max_length = target_max_length(target_tok, cfg["max_length"])
+
+    records = {r.id: r for r in read_records(ctx.inputs["data"] / "train.parquet")}
+    ids = won_ids(ctx.inputs["select"], source_key)
+    reader = LogitsReader(ctx.inputs["logits"])
+    counts = AlignmentCounts()
+    align_seconds = 0.0
+    source_tokens = 0
+    rows: list[dict] = []
+
+    with pq.ParquetWriter(ctx.out / "aligned.parquet", ALIGNED_SCHEMA) as sink:
+        def flush() -> None:
+            if rows:
+                sink.write_table(pa.Table.from_arrays([
+                    pa.array([r["id"] for r in rows], pa.string()),
+                    pa.array([r["response"] for r in rows], pa.string()),
+                    list_column([r["target_ids"] for r in rows], pa.int32()),
+                    list_column([r["teacher"].ids for r in rows], pa.int32()),
+                    list_column([r["teacher"].logits for r in rows], pa.float32()),
+                    list_column([r["teacher"].mask for r in rows], pa.bool_()),
+                    list_column([r["teacher"].category for r in rows], pa.int8()),
+                ], schema=ALIGNED_SCHEMA))
+                rows.clear()
+
+        for example_id in ids:
+            if example_id not in records:
+                raise DataError(f"example {example_id!r} is selected but not in the data", where=where)
+            if example_id not in reader:
+                raise ArtifactError(f"example {example_id!r} was won by {source_key!r} but is not in its logits store",
+                                    where=where)
+            record, ex = records[example_id], reader.get(example_id)
+            try:
+                enc = encode_chat(target_tok, record.system, record.instruction, ex.response, max_length=max_length)
+            except ProfuserError as exc:
+                raise type(exc)(f"example {example_id!r}: {exc.message}", where=f"{where} (target)") from None
+            target_ids = np.asarray(enc.input_ids[enc.response_start:], dtype=np.int32)  # [n]
+            target = Tokenized(ex.response, target_ids, enc.response_offsets,
+                               target_tok.convert_ids_to_tokens(target_ids.tolist()))
+            source = Tokenized(ex.response, ex.token_ids, ex.offsets, source_tok.convert_ids_to_tokens(ex.token_ids.tolist()))
+            t0 = time.perf_counter()
+            try:
+                starts, ends = aligner.align(target, source)
+            except Exception as exc:  # an aligner's failure must name the example it failed on
+                raise ProfuserError(f"example {example_id!r}: aligner {cfg['aligner']['name']!r} failed: "
+                                    f"{type(exc).__name__}: {exc}", where=where) from exc
+            align_seconds += time.perf_counter() - t0
+            teacher = project(target_ids, ex.token_ids, ex.topk_ids, ex.topk_logits, ex.logz, ex.nll, starts, ends,
+                              vmap, params)
+            counts.add(teacher.category)
+            source_tokens += ex.n_tokens
+            rows.append({"id": example_id, "response": ex.response, "target_ids": target_ids, "teacher": teacher})
+            if len(rows) >= ROWS_PER_GROUP:
+                flush()
+        flush()
+    vmap.save()
+
+    report = {
+        "mode": mode,
+        "source": source_key,
+        "aligner": cfg["aligner"]["name"],
+        "projection": params.model_dump(),
+        "examples": len(ids),
+        "target_tokens": counts.tokens,
+        "source_tokens": source_tokens,
+        "align_seconds": align_seconds,
+        "tokens_per_second": counts.tokens / align_seconds if align_seconds > 0 else 0.0,
+        **counts.shares(),
+    }
+    (ctx.out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    return report

@@ -1,0 +1,204 @@
+"""The align and build stages end to end on a tiny heterogeneous pair: target = the tiny Llama
+(byte-level BPE, ChatML), sources = the tiny Gemma (SentencePiece-style, fallback template) and
+the target itself; the sources' logits stores are synthetic (LogitsWriter, seeded arrays)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from profuser.alignment import EXACT
+from profuser.chat import encode_chat
+from profuser.components import Record
+from profuser.data import write_records
+from profuser.errors import ArtifactError
+from profuser.logits_store import LogitsWriter
+from profuser.models import load_tokenizer
+from profuser.pipeline import Runtime, Stage, StageContext
+from profuser.plugins import Engine
+from profuser.recipe import ModelSpec
+from profuser.stages import align as align_stage
+from profuser.stages import build as build_stage
+
+K = 4
+MAX_LENGTH = 128
+RECORDS = [
+    Record("a", "", "Say hello.", "Hello! How can I help you today?"),
+    Record("b", "You are a helpful assistant.", "What is the capital of France?",
+           "The capital of France is Paris. It is also its largest city, on the Seine."),
+    Record("c", "", "Add two numbers in Python.", "def add(a, b):\n    return a + b"),
+    Record("d", "", "Greet in Japanese.", "東京 says こんにちは 🙂 — café au lait, naïve résumé."),
+    Record("e", "", "Name a pet.", "Cats."),
+]
+CHOSEN = {"a": "gemma", "b": "llama", "c": "gemma", "d": "gemma", "e": "llama"}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(entrypoints=False)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_llama_dir, tiny_gemma_dir, engine):
+    specs = {"llama": ModelSpec(ref=str(tiny_llama_dir)).identity(), "gemma": ModelSpec(ref=str(tiny_gemma_dir)).identity()}
+    data = tmp_path / "data"
+    data.mkdir()
+    write_records(data / "train.parquet", RECORDS)
+    select = tmp_path / "select"
+    select.mkdir()
+    ids = [r.id for r in RECORDS]
+    pq.write_table(pa.table({"id": ids, "chosen": [CHOSEN[i] for i in ids], "scores": ["{}"] * len(ids),
+                             "detail": ["{}"] * len(ids)}), select / "selection.parquet")
+    return {"tmp": tmp_path, "specs": specs, "data": data, "select": select, "engine": engine}
+
+
+def write_store(path, spec, records, responses=None, *, seed=0, max_length=256):
+    """A logits store as the logits stage would write it, with seeded logits: the realised token is
+    the top-1, nll = logz - its logit."""
+    tokenizer = load_tokenizer(spec)
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer)
+    with LogitsWriter(path, K, model=spec["ref"]) as writer:
+        for r in records:
+            response = (responses or {}).get(r.id, r.response)
+            enc = encode_chat(tokenizer, r.system, r.instruction, response, max_length=max_length)
+            token_ids = np.asarray(enc.input_ids[enc.response_start:], dtype=np.int32)  # [n]
+            n = len(token_ids)
+            topk = np.stack([rng.choice(vocab, size=K, replace=False) for _ in range(n)]).astype(np.int32)  # [n, K]
+            for i, t in enumerate(token_ids):  # realised token first, the others distinct from it
+                others = [x for x in topk[i] if x != t][: K - 1]
+                topk[i] = [t, *others]
+            logits = -np.sort(-rng.normal(size=(n, K)), axis=1).astype(np.float16)  # descending
+            logz = logits[:, 0].astype(np.float32) + np.float32(1.5)
+            nll = logz - logits[:, 0].astype(np.float32)
+            writer.add(r.id, response, token_ids, enc.response_offsets, nll, topk, logits, logz, truncated=enc.truncated)
+    return path
+
+
+def context(setup, kind, stage_id, config, inputs, out_name) -> StageContext:
+    out = setup["tmp"] / out_name
+    out.mkdir()
+    return StageContext(stage=Stage(stage_id, kind, config, {}), inputs=inputs, out=out,
+                        runtime=Runtime(progress=False, device="cpu", cache_dir=setup["tmp"] / "cache"),
+                        engine=setup["engine"], recipe=None)
+
+
+def run_align(setup, source, logits, *, mode="training", aligner="offsets", max_length=MAX_LENGTH, params=None):
+    config = {"mode": mode, "aligner": {"name": aligner, "params": params or {}}, "target": setup["specs"]["llama"],
+              "source": setup["specs"][source], "source_key": source, "max_length": max_length}
+    ctx = context(setup, "align", f"align/{mode}/{source}", config,
+                  {"logits": logits, "select": setup["select"], "data": setup["data"]}, f"align-{mode}-{source}-{aligner}")
+    return ctx.out, align_stage.run(ctx)
+
+
+def run_build(setup, aligned, *, mode="training", max_length=MAX_LENGTH):
+    config = {"mode": mode, "target": setup["specs"]["llama"], "max_length": max_length, "sources": sorted(aligned)}
+    ctx = context(setup, "build", f"build/{mode}", config,
+                  {"data": setup["data"], "select": setup["select"], **{f"align/{s}": p for s, p in aligned.items()}},
+                  f"build-{mode}-{max_length}")
+    return ctx.out, build_stage.run(ctx)
+
+
+def rows(path) -> dict[str, dict]:
+    return {r["id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+def test_align_and_build_training_mode(setup):
+    stores = {s: write_store(setup["tmp"] / f"logits-{s}", setup["specs"][s], RECORDS, seed=i)
+              for i, s in enumerate(("gemma", "llama"))}
+    aligned = {}
+    for source in ("gemma", "llama"):
+        aligned[source], metrics = run_align(setup, source, stores[source])
+        report = json.loads((aligned[source] / "report.json").read_text())
+        assert report == metrics
+        assert report["examples"] == sum(c == source for c in CHOSEN.values())
+        assert sum(v for k, v in report.items() if k.endswith("_share")) == pytest.approx(1.0)
+        assert report["tokens_per_second"] > 0
+    assert json.loads((aligned["llama"] / "report.json").read_text())["exact_share"] == 1.0  # the target itself
+    gemma_report = json.loads((aligned["gemma"] / "report.json").read_text())
+    assert 0.3 < gemma_report["exact_share"] < 1.0 and gemma_report["many_to_one_share"] > 0
+
+    target_tok = load_tokenizer(setup["specs"]["llama"])
+    from profuser.logits_store import LogitsReader
+
+    by_id = {r.id: r for r in RECORDS}
+    for source, path in aligned.items():
+        got = rows(path / "aligned.parquet")
+        assert sorted(got) == sorted(i for i, c in CHOSEN.items() if c == source)
+        reader = LogitsReader(stores[source])
+        for example_id, row in got.items():
+            r = by_id[example_id]
+            enc = encode_chat(target_tok, r.system, r.instruction, r.response, max_length=MAX_LENGTH)
+            assert row["target_ids"] == enc.input_ids[enc.response_start:]
+            assert row["response"] == r.response and all(row["teacher_mask"])
+            n = len(row["target_ids"])
+            assert np.array(row["teacher_ids"]).shape == (n, K) and np.array(row["teacher_logits"]).shape == (n, K)
+            if source == "llama":  # identity alignment: the source's own top-k, slot for slot
+                ex = reader.get(example_id)
+                assert row["category"] == [EXACT] * n
+                for t in range(n):
+                    assert dict(zip(row["teacher_ids"][t], row["teacher_logits"][t])) == pytest.approx(
+                        dict(zip(ex.topk_ids[t].tolist(), ex.topk_logits[t].astype(np.float32).tolist())), abs=1e-3)
+
+    out, metrics = run_build(setup, aligned)
+    table = pq.read_table(out / "examples.parquet")
+    assert table.schema.equals(build_stage.EXAMPLES_SCHEMA)
+    assert table["id"].to_pylist() == [r.id for r in RECORDS]  # selection order
+    assert metrics["examples"] == len(RECORDS) and metrics["teacher_share"] == 1.0
+    for example in table.to_pylist():
+        r = by_id[example["id"]]
+        enc = encode_chat(target_tok, r.system, r.instruction, r.response, max_length=MAX_LENGTH)
+        start = enc.response_start
+        assert example["mode"] == "training"
+        assert example["input_ids"] == enc.input_ids
+        assert example["labels"] == [-100] * start + enc.input_ids[start:]
+        assert example["teacher_mask"] == [False] * start + [True] * (len(enc.input_ids) - start)
+        assert all(np.isneginf(example["teacher_logits"][p]).all() for p in range(start))
+        src = rows(aligned[CHOSEN[r.id]] / "aligned.parquet")[r.id]
+        assert example["teacher_ids"][start:] == src["teacher_ids"]
+        assert example["teacher_logits"][start:] == src["teacher_logits"]
+        assert example["gt_length"] == len(target_tok(r.response, add_special_tokens=False)["input_ids"])
+
+
+def test_dtw_aligner_runs_in_the_stage_with_fusellm_projection(setup):
+    store = write_store(setup["tmp"] / "logits-gemma", setup["specs"]["gemma"], RECORDS)
+    _, offsets_report = run_align(setup, "gemma", store)
+    out_dtw, dtw_report = run_align(setup, "gemma", store, aligner="dtw")
+    assert dtw_report["projection"] == {"vocab": "exact", "spans": "one_hot", "fallback": "one_hot"}
+    assert offsets_report["exact_share"] >= dtw_report["exact_share"]
+    for row in rows(out_dtw / "aligned.parquet").values():  # FuseLLM: every non-exact token is one-hot
+        for cat, logits in zip(row["category"], row["teacher_logits"]):
+            if cat != EXACT:
+                assert np.isfinite(logits).sum() == 1
+
+
+def test_inference_mode_uses_the_chosen_response(setup):
+    generated = {r.id: f"My own answer to {r.instruction!r}: 42 🙂" for r in RECORDS}
+    stores = {s: write_store(setup["tmp"] / f"logits-inf-{s}", setup["specs"][s],
+                             [r for r in RECORDS if CHOSEN[r.id] == s], generated)
+              for s in ("gemma", "llama")}
+    aligned = {s: run_align(setup, s, stores[s], mode="inference")[0] for s in stores}
+    out, _ = run_build(setup, aligned, mode="inference")
+    target_tok = load_tokenizer(setup["specs"]["llama"])
+    for example in pq.read_table(out / "examples.parquet").to_pylist():
+        r = next(r for r in RECORDS if r.id == example["id"])
+        enc = encode_chat(target_tok, r.system, r.instruction, generated[r.id], max_length=MAX_LENGTH)
+        assert example["mode"] == "inference" and example["input_ids"] == enc.input_ids
+        assert example["gt_length"] == len(target_tok(r.response, add_special_tokens=False)["input_ids"])
+
+
+def test_build_refuses_a_tokenisation_other_than_the_aligned_one(setup):
+    stores = {s: write_store(setup["tmp"] / f"logits-{s}", setup["specs"][s], RECORDS) for s in ("gemma", "llama")}
+    aligned = {s: run_align(setup, s, stores[s])[0] for s in stores}
+    with pytest.raises(ArtifactError, match="example 'b'.*aligned"):  # 'b' is the first one truncated at 40
+        run_build(setup, aligned, max_length=40)
+
+
+def test_align_names_a_won_example_missing_from_the_store(setup):
+    store = write_store(setup["tmp"] / "logits-gemma", setup["specs"]["gemma"], [r for r in RECORDS if r.id != "c"])
+    with pytest.raises(ArtifactError, match="example 'c'.*gemma"):
+        run_align(setup, "gemma", store)
