@@ -1,0 +1,264 @@
+"""The fusion training loop, top to bottom: curriculum phases -> seeded batches -> loss -> update.
+
+    train(model, examples, loss, curriculum, spec, out_dir)  ->  summary dict
+
+1. The backend (``parallel.py``): accelerate for one process, DDP and FSDP; DeepSpeed for ZeRO.
+2. Data: each mode's examples.parquet; the curriculum's phases become per-phase seeded orders of
+   ``steps * batch_size`` examples (``data.py``). Rank r takes a contiguous 1/world share of each
+   global batch, split into micro-batches; gradient accumulation fills the global batch.
+3. Model, AdamW (= Adam at the default weight decay 0), one warm-up + decay schedule spanning the
+   steps of all phases.
+4. Resume: the newest complete checkpoint under ``out_dir/checkpoints`` restores model, optimizer,
+   scheduler and RNG; the global step alone says where in which phase to continue, and the
+   phase's order is recomputed from the seed, so the data continue exactly where they stopped.
+5. The loop: per step, each rank's micro-batches run forward + ``loss(logits, batch, beta=phase
+   beta)`` + backward; one optimizer step; metrics (mean over micro-batches and ranks) go to
+   metrics.jsonl, TensorBoard and the callbacks; checkpoints every ``checkpoint_every`` steps and
+   at each phase's end.
+6. The final model: save_pretrained + tokenizer + README.md model card; checkpoints are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..components import Curriculum, Loss
+from ..errors import ProfuserError
+from ..recipe import ModelSpec, TrainSpec
+from ..store import atomic_write_json, atomic_write_text
+from .card import model_card
+from .data import ExampleSet, plan_phases
+from .parallel import make_backend
+
+Callback = Callable[[int, dict], None]  # (global step, metrics), main process only
+BatchHook = Callable[[int, list], None]  # (global step, this rank's example ids), every rank
+STATE_FILE = "trainer_state.json"  # written last into a checkpoint: marks it complete
+
+
+def train(
+    model: ModelSpec | dict | str,
+    examples: dict[str, str | Path],
+    loss: Loss,
+    curriculum: Curriculum,
+    spec: TrainSpec,
+    out_dir: str | Path,
+    *,
+    target_reward: dict[str, float] | None = None,
+    callbacks: Iterable[Callback] = (),
+    on_batch: BatchHook | None = None,
+    card: dict[str, Any] | None = None,
+    device: str = "auto",
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    keep_checkpoints: bool = False,
+) -> dict[str, Any]:
+    """Train ``model`` (a ModelSpec, its dict, or a model reference) on ``examples`` (mode ->
+    examples.parquet) through the phases of ``curriculum``; write ``out_dir/model``,
+    ``metrics.jsonl`` and ``tb/``. Re-running with the same arguments resumes from the last
+    checkpoint. ``card``: ``title``, ``recipe`` (YAML text) and ``lineage`` for the model card."""
+    from transformers import get_scheduler, set_seed
+
+    from ..models import as_spec, load_model
+
+    out_dir = Path(out_dir)
+    spec = spec if isinstance(spec, TrainSpec) else TrainSpec(**spec)
+    model = as_spec(model)
+
+    # --- 1. backend ------------------------------------------------------------------------------
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    backend = make_backend(spec, cpu=cpu)
+    rank, world, is_main = backend.rank, backend.world_size, backend.is_main
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- 2. data and phases ----------------------------------------------------------------------
+    data = ExampleSet.load(examples, spec.max_length)
+    phases = curriculum.phases(data.curriculum_input(target_reward))
+    plans = plan_phases(phases, data, spec.batch_size)
+    total_steps = sum(p.steps for p in plans)
+    if total_steps == 0:
+        raise ProfuserError(f"nothing to train: the phases of {curriculum.name!r} select no example with a label "
+                            f"within max_length={spec.max_length}")
+    bounds = np.cumsum([0] + [p.steps for p in plans])  # global step where each phase starts
+    per_rank = spec.batch_size // world  # examples per rank per optimizer step
+    micro = spec.micro_batch_size
+
+    # --- 3. model, optimizer, schedule -----------------------------------------------------------
+    net, tokenizer = load_model(model, device="cpu", cache_dir=cache_dir)  # the backend places it
+    net.config.use_cache = False
+    if spec.gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    warmup = math.ceil(spec.warmup_ratio * total_steps)
+    schedule = "constant_with_warmup" if spec.scheduler == "constant" else spec.scheduler
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    backend.prepare(net, optimizer, scheduler)  # wraps (DDP/FSDP/ZeRO) and places the model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    # --- 4. resume ---------------------------------------------------------------------------------
+    ckpt_root = out_dir / "checkpoints"
+    fingerprint = {"phases": [[p.phase.name, p.steps] for p in plans], "batch_size": spec.batch_size, "seed": spec.seed}
+    step = 0  # optimizer steps done
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:
+        state = json.loads((latest / STATE_FILE).read_text())
+        if state["fingerprint"] != fingerprint:
+            raise ProfuserError(f"the checkpoint was written for other phases or batches ({state['fingerprint']}, "
+                                f"now {fingerprint}); delete it to start over", where=str(latest))
+        backend.load(latest)
+        step = state["step"]
+    else:
+        set_seed(spec.seed + rank)  # dropout differs between ranks; a resume restores the RNG instead
+    resumed_from = step
+
+    metrics_path = out_dir / "metrics.jsonl"
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        _truncate_metrics(metrics_path, step)  # drop steps logged after the checkpoint we resume from
+        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
+    callbacks = list(callbacks)
+    last: dict[str, Any] = {}
+    tokens_total, started = 0, time.time()
+    bar = _progress(total_steps, step, enabled=progress and is_main)
+
+    # --- 5. the loop -------------------------------------------------------------------------------
+    for plan in plans:
+        if step >= bounds[plan.index + 1]:
+            continue  # finished before the resume
+        rows, weights = plan.order(spec.seed, spec.batch_size)  # [steps * batch_size], same on every rank
+        for phase_step in range(step - bounds[plan.index], plan.steps):
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            first = phase_step * spec.batch_size + rank * per_rank
+            my_rows, my_weights = rows[first:first + per_rank], weights[first:first + per_rank]  # [per_rank]
+            if on_batch is not None:
+                on_batch(step + 1, [data.example_id(r) for r in my_rows])
+            sums: dict[str, float] = defaultdict(float)
+            tokens = 0
+            for m0 in range(0, per_rank, micro):
+                batch = data.collate(my_rows[m0:m0 + micro], my_weights[m0:m0 + micro], pad_id)
+                tensors = {k: v.to(backend.device) for k, v in batch.items() if torch.is_tensor(v)}
+
+                def forward_loss(m, tensors=tensors, beta=plan.phase.beta):
+                    logits = m(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits  # [b, T, V]
+                    return loss(logits, tensors, beta=beta)
+
+                value, parts = backend.micro_step(forward_loss)
+                sums["loss"] += value.item()
+                for key, part in parts.items():
+                    sums[f"loss/{key}"] += float(part)
+                tokens += int(tensors["attention_mask"].sum())
+            grad_norm = backend.step()
+            step += 1
+
+            # mean over this rank's micro-batches, then over ranks; tokens summed over ranks
+            keys = sorted(sums)
+            reduced = _all_reduce([sums[k] / (per_rank // micro) for k in keys] + [tokens], backend.device)
+            means = {k: v / world for k, v in zip(keys, reduced[:-1])}
+            tokens = int(reduced[-1])
+            tokens_total += tokens
+            if step % spec.checkpoint_every == 0 or phase_step + 1 == plan.steps:
+                save_checkpoint(backend, ckpt_root, step, fingerprint)
+            seconds = time.perf_counter() - t0
+            last = {
+                "step": step, "phase": plan.phase.name, "phase_index": plan.index,
+                "phase_step": phase_step + 1, "phase_steps": plan.steps,
+                "epoch": round((phase_step + 1) / plan.steps * plan.phase.epochs, 6),
+                **means, "lr": lr, "grad_norm": grad_norm, "examples": spec.batch_size, "tokens": tokens,
+                "tokens_per_s": tokens / seconds, "seconds": seconds, "world_size": world,
+            }
+            if is_main:
+                with open(metrics_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(last) + "\n")
+                for key, value in last.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(f"train/{key}", value, step)
+                bar.update(1)
+                bar.set_postfix(phase=plan.phase.name, loss=f"{means['loss']:.4f}")
+                for callback in callbacks:
+                    callback(step, last)
+
+    # --- 6. the final model --------------------------------------------------------------------
+    bar.close()
+    backend.barrier()
+    state_dict = backend.full_state_dict()  # gathered (FSDP, ZeRO-3) before the main process saves
+    summary = {
+        "steps": total_steps, "world_size": world, "backend": backend.name, "resumed_from": resumed_from,
+        "final_loss": last.get("loss"), "tokens": tokens_total, "seconds": time.time() - started,
+        "phases": [{"name": p.phase.name, "epochs": p.phase.epochs, "beta": p.phase.beta, "examples": len(p.rows),
+                    "samples": p.samples, "steps": p.steps} for p in plans],
+    }
+    if is_main:
+        model_dir = out_dir / "model"
+        unwrapped = backend.unwrap()
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+        card = card or {}
+        atomic_write_text(model_dir / "README.md", model_card(
+            title=card.get("title") or f"{model.key} fused with profuser", base_model=model.ref, summary=summary,
+            recipe_yaml=card.get("recipe"), lineage=card.get("lineage")))
+        writer.close()
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    backend.barrier()
+    return summary
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(backend, root: Path, step: int, fingerprint: dict) -> Path:
+    """Every rank saves its part; then the main process marks the checkpoint complete and drops
+    the previous one (a kill mid-save leaves the previous checkpoint as the newest complete one)."""
+    path = root / f"step-{step:08d}"
+    backend.save(path)
+    backend.barrier()
+    if backend.is_main:
+        atomic_write_json(path / STATE_FILE, {"step": step, "fingerprint": fingerprint, "world_size": backend.world_size})
+        for old in root.glob("step-*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+    backend.barrier()
+    return path
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)  # sum
+    return tensor.tolist()
+
+
+def _progress(total: int, initial: int, *, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step")

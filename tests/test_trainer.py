@@ -1,0 +1,258 @@
+"""The training loop on a tiny random Llama: data, phases, loss going down, metrics, card, resume,
+and the train stage."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from profuser.components import Phase, PhasePart
+from profuser.errors import ProfuserError
+from profuser.plugins import Engine
+from profuser.recipe import TrainSpec
+from profuser.training import train
+from profuser.training.data import ExampleSet, plan_phases
+
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("mode", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("teacher_ids", pa.list_(pa.list_(pa.int32()))), ("teacher_logits", pa.list_(pa.list_(pa.float32()))),
+    ("teacher_mask", pa.list_(pa.bool_())), ("gt_length", pa.int32()),
+])
+
+
+def write_examples(path: Path, mode: str, n: int, *, vocab: int = 400, seed: int = 0, k: int = 3, prompt: int = 4,
+                   lengths=(8, 16), prefix: str = "ex") -> Path:
+    """examples.parquet as the build stage writes it (docs/architecture.md): the teacher at position t
+    ranks the label token y_t first, then k-2 random ids, and leaves the last slot unused (-inf)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(*lengths))
+        ids = rng.integers(5, vocab, length)
+        teacher_ids = np.concatenate([ids[:, None], rng.integers(5, vocab, (length, k - 1))], axis=1)
+        teacher_logits = np.stack([np.full(length, 4.0), *rng.normal(size=(k - 2, length)), np.full(length, -np.inf)], 1)
+        rows.append({
+            "id": f"{prefix}{i}", "mode": mode, "input_ids": ids.tolist(),
+            "labels": [-100] * prompt + ids[prompt:].tolist(),
+            "teacher_ids": teacher_ids.tolist(), "teacher_logits": teacher_logits.astype(np.float32).tolist(),
+            "teacher_mask": [t >= prompt for t in range(length)], "gt_length": length - prompt,
+        })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Engine(entrypoints=False).registry
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    return {"inference": write_examples(root / "inference" / "examples.parquet", "inference", 8, seed=1),
+            "training": write_examples(root / "training" / "examples.parquet", "training", 8, seed=2)}
+
+
+def small_spec(**kw) -> TrainSpec:
+    return TrainSpec(**{"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "warmup_ratio": 0.1, "checkpoint_every": 2, **kw})
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def test_collate_pads_truncates_and_keeps_the_requested_order(tmp_path):
+    paths = {"inference": write_examples(tmp_path / "i.parquet", "inference", 3, seed=3, prefix="i", k=4),
+             "training": write_examples(tmp_path / "t.parquet", "training", 3, seed=4, prefix="t")}
+    data = ExampleSet.load(paths, max_length=12)
+    rows = np.array([data.offsets["training"] + 2, 0, data.offsets["training"]])
+    batch = data.collate(rows, np.array([1.0, 0.1, 1.0]), pad_id=0)
+    table = pq.read_table(paths["training"]).to_pylist()
+    first_inference = pq.read_table(paths["inference"]).to_pylist()[0]
+    b, t = batch["input_ids"].shape
+    assert batch["ids"] == ["t2", "i0", "t0"] and batch["modes"] == ["training", "inference", "training"]
+    assert (b, t) == (3, min(12, max(len(r["input_ids"]) for r in (table[2], first_inference, table[0]))))
+    assert batch["teacher_ids"].shape == (3, t, 4) and batch["teacher_logits"].dtype == torch.float32
+    n = min(len(table[2]["input_ids"]), 12)
+    assert batch["input_ids"][0, :n].tolist() == table[2]["input_ids"][:n]
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (t - n)
+    assert (batch["labels"][0, n:] == -100).all() and not batch["teacher_mask"][0, n:].any()
+    # a row with k = 3 in a batch with k = 4: the extra slot is unused (-inf), never a real id's logit
+    assert torch.isinf(batch["teacher_logits"][0, :n, 2:]).all() and batch["teacher_logits"][0, 0, 0] == 4.0
+    assert batch["weight"].tolist() == pytest.approx([1.0, 0.1, 1.0])
+
+
+def test_examples_without_a_label_inside_max_length_are_skipped(tmp_path):
+    path = write_examples(tmp_path / "t.parquet", "training", 4, prompt=6, lengths=(8, 9))
+    assert len(ExampleSet.load({"training": path}, max_length=7).rows("training")) == 4
+    assert len(ExampleSet.load({"training": path}, max_length=6).rows("training")) == 0
+
+
+def test_phase_order_is_seeded_per_phase_and_epoch(examples):
+    data = ExampleSet.load(examples, max_length=64)
+    phases = [Phase("one", 2.5, [PhasePart("inference", 1.0)]), Phase("two", 1.0, [PhasePart("training", 0.5, ["ex1", "ex3"])])]
+    plans = plan_phases(phases, data, global_batch=3)
+    assert [(p.samples, p.steps) for p in plans] == [(20, 7), (2, 1)]
+    rows, _ = plans[0].order(seed=7, global_batch=3)
+    again, _ = plans[0].order(seed=7, global_batch=3)
+    assert len(rows) == 21 and (rows == again).all()
+    assert sorted(rows[:8]) == sorted(rows[8:16]) == list(range(8))  # each epoch a permutation
+    assert (rows[:8] != rows[8:16]).any()  # a fresh one per epoch
+    assert (rows[20:] == rows[:1]).all()  # the last batch filled up from the start
+    assert (plans[0].order(seed=8, global_batch=3)[0] != rows).any()
+    rows2, weights2 = plans[1].order(seed=7, global_batch=3)
+    assert {data.example_id(r) for r in rows2} <= {"ex1", "ex3"} and (weights2 == 0.5).all()
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def eval_loss(model_dir, examples, registry) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    data = ExampleSet.load(examples, max_length=64)
+    rows = np.arange(len(data))
+    batch = data.collate(rows, np.ones(len(rows)), pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [b, T, V]
+        return registry.build("losses", "fuse_kl")(logits, batch, beta=0.5)[0].item()
+
+
+def test_training_lowers_the_loss_and_writes_model_metrics_tb_and_card(tmp_path, tiny_llama_dir, examples, registry):
+    curriculum = registry.build("curricula", "progressive", {"first_epochs": 2, "second_epochs": 2})
+    logged = []
+    card = {"title": "test card", "recipe": "name: unit\ncurriculum: progressive\n", "lineage": {"target": "tiny", "sources": ["a", "b"]}}
+    summary = train(str(tiny_llama_dir), examples, registry.build("losses", "fuse_kl"), curriculum, small_spec(), tmp_path,
+                    device="cpu", card=card, callbacks=[lambda step, m: logged.append((step, m))])
+    before, after = eval_loss(tiny_llama_dir, examples, registry), eval_loss(tmp_path / "model", examples, registry)
+    assert after < before - 0.5, (before, after)
+
+    # phases: 8 inference examples x 2 epochs / 4 = 4 steps; 16 co-fusion rows x 2 / 4 = 8 steps
+    assert [(p["name"], p["steps"], p["beta"]) for p in summary["phases"]] == [("inference", 4, 0.1), ("co-fusion", 8, 0.5)]
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 13)) and [s for s, _ in logged] == list(range(1, 13))
+    assert [m["phase"] for m in metrics] == ["inference"] * 4 + ["co-fusion"] * 8
+    assert [m["loss/beta"] for m in metrics] == [0.1] * 4 + [0.5] * 8  # the phase's beta reached the loss
+    assert all({"loss", "loss/ce", "loss/kl", "lr", "grad_norm", "tokens_per_s"} <= m.keys() for m in metrics)
+    # one warm-up + cosine schedule across both phases: 0 at step 1, peak after warm-up, then down
+    lrs = [m["lr"] for m in metrics]  # warm-up: ceil(0.1 * 12) = 2 steps
+    assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2]) and all(a > b for a, b in itertools.pairwise(lrs[2:])) and lrs[-1] < 1e-3
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "checkpoints").exists()
+    readme = (tmp_path / "model" / "README.md").read_text()
+    assert "# test card" in readme and "curriculum: progressive" in readme and "- b" in readme and "| co-fusion | 2 | 0.5 | 16 | 8 |" in readme
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_batch_size_must_fill_whole_micro_batches(tmp_path, tiny_llama_dir, examples, registry):
+    with pytest.raises(ProfuserError, match="multiple of micro_batch_size"):
+        train(str(tiny_llama_dir), examples, registry.build("losses", "sft"), registry.build("curricula", "sft_only"),
+              small_spec(batch_size=6, micro_batch_size=4), tmp_path, device="cpu")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_continues_at_the_same_step_with_the_same_data(tmp_path, tiny_llama_dir, examples, registry):
+    loss, spec = registry.build("losses", "fuse_kl"), small_spec(checkpoint_every=3)
+
+    def run(out, kill_at=None):
+        seen = {}
+
+        def on_batch(step, ids):
+            seen[step] = ids
+
+        def kill(step, metrics):
+            if step == kill_at:
+                raise Killed
+        summary = train(str(tiny_llama_dir), examples, loss, registry.build("curricula", "progressive"), spec, out,
+                        device="cpu", on_batch=on_batch, callbacks=[kill], keep_checkpoints=True)
+        return seen, summary
+
+    reference, _ = run(tmp_path / "straight")
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", kill_at=5)  # phase 1 = steps 1-2, phase 2 = 3-10; checkpoints at 2 (phase end), 3, 6, ...
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step-00000003"]
+    resumed, summary = run(tmp_path / "killed")
+    assert summary["resumed_from"] == 3 and min(resumed) == 4
+    assert {s: reference[s] for s in resumed} == resumed  # same examples at the same steps
+    straight, killed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
+    assert [m["step"] for m in killed] == list(range(1, 11))  # the steps after the checkpoint were not logged twice
+    for a, b in zip(straight, killed):
+        assert (a["phase"], a["lr"]) == (b["phase"], b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --- the stage --------------------------------------------------------------------------------------
+
+
+def test_train_stage_reads_builds_and_target_rewards_and_logs_through_the_hooks(tmp_path, tiny_llama_dir, examples):
+    from profuser import hookimpl
+    from profuser.pipeline import Runtime, Stage, StageContext
+    from profuser.recipe import ComponentRef, DataSpec, ModelSpec, Recipe
+    from profuser.stages import train as train_stage
+
+    logged = []
+
+    class Observer:
+        @hookimpl
+        def profuser_metrics_logged(self, stage_id, step, metrics):
+            logged.append((stage_id, step, metrics["phase"]))
+
+    engine = Engine(entrypoints=False, extra_plugins=[("observer", Observer())])
+    inputs = {}
+    for mode, path in examples.items():
+        inputs[f"build/{mode}"] = tmp_path / "store" / "build" / f"key-{mode}"
+        inputs[f"build/{mode}"].mkdir(parents=True)
+        (inputs[f"build/{mode}"] / "examples.parquet").write_bytes(path.read_bytes())
+    inputs["select/inference"] = tmp_path / "store" / "select" / "key-select"
+    inputs["select/inference"].mkdir(parents=True)
+    # the target's own score (lower = harder): ex0..ex3 score high (easy), ex4..ex7 low (hard)
+    scores = [json.dumps({"tiny": 1.0 if i < 4 else -1.0, "other": 0.0}) for i in range(8)]
+    pq.write_table(pa.table({"id": [f"ex{i}" for i in range(8)], "chosen": ["other"] * 8, "scores": scores, "detail": ["{}"] * 8}),
+                   inputs["select/inference"] / "selection.parquet")
+
+    target = ModelSpec(ref=str(tiny_llama_dir), label="tiny")
+    recipe = Recipe(name="unit", target=target, sources=[target, ModelSpec(ref="other")], data=DataSpec(source=ComponentRef(name="file")),
+                    curriculum=ComponentRef(name="rm_split"), train=small_spec(micro_batch_size=4))
+    config = {"target": target.identity(), "target_key": "tiny", "loss": {"name": "fuse_kl", "params": {}},
+              "curriculum": {"name": "rm_split", "params": {"first_epochs": 1, "second_epochs": 1}},
+              "train": recipe.train.model_dump(), "recipe_name": "unit"}
+    out = tmp_path / "store" / "train" / "key-train.partial"
+    out.mkdir(parents=True)
+    ctx = StageContext(stage=Stage("train", "train", config, {k: k for k in inputs}), inputs=inputs, out=out,
+                       runtime=Runtime(runs_dir=tmp_path, device="cpu", progress=False), engine=engine, recipe=recipe)
+    metrics = train_stage.run(ctx)
+
+    assert [p["name"] for p in metrics["phases"]] == ["easy/inference", "easy/co-fusion", "hard/inference", "hard/co-fusion"]
+    assert [p["examples"] for p in metrics["phases"]] == [4, 8, 4, 8]
+    assert [s for _, s, _ in logged] == list(range(1, metrics["steps"] + 1)) and logged[0][0] == "train"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model", "tb"]
+    readme = (out / "model" / "README.md").read_text()
+    assert "key-select" in readme and "key-train" in readme and "name: unit" in readme and "rm_split" in readme
+
+
+def test_target_reward_is_none_when_the_target_was_not_a_candidate(tmp_path):
+    from profuser.stages.train import read_target_reward
+
+    path = tmp_path / "selection.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "chosen": ["x", "y"], "scores": ['{"x": 1, "y": 0}', '{"x": 0, "y": 2.5}']}), path)
+    assert read_target_reward(path, "t") is None
+    assert read_target_reward(path, "y") == {"a": 0.0, "b": 2.5}
