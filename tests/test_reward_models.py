@@ -265,3 +265,73 @@ def test_judge_rubric_needs_placeholders():
 def test_all_registered():
     names = Engine(entrypoints=False).registry.names("reward_models")
     assert {"sequence_classifier", "starling", "remote_code", "judge"} <= set(names)
+
+
+# --- the score stage ------------------------------------------------------------------------------
+
+
+def test_score_stage_scores_every_source(tmp_path, tiny_llama_dir, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from profuser.components import Record
+    from profuser.data import write_records
+    from profuser.pipeline import Stage, StageContext
+    from profuser.plugins import get_engine
+    from profuser.stages import score as score_stage
+
+    monkeypatch.setattr(score_stage, "SHARD_SIZE", 3)  # 10 items: shards of 3, 3, 3, 1
+    data = tmp_path / "data"
+    data.mkdir()
+    write_records(data / "train.parquet", [Record(f"e{i}", it.system, it.instruction, "gt") for i, it in enumerate(ITEMS)])
+    inputs = {"data": data}
+    answers = {"a": [it.response for it in ITEMS], "b": ["I do not know."] * len(ITEMS)}
+    for source, responses in answers.items():
+        gen = tmp_path / f"gen-{source}"
+        gen.mkdir()
+        # in another order than the data: the stage matches by id
+        pq.write_table(pa.table({"id": [f"e{i}" for i in reversed(range(len(ITEMS)))], "response": responses[::-1]}),
+                       gen / "generations.parquet")
+        inputs[f"generate/{source}"] = gen
+    rubric = "Q: {instruction}\nA: {response}\nIs the answer right? Reply yes or no."
+    config = {"reward_model": {"name": "judge", "params": {"model": str(tiny_llama_dir), "rubric": rubric}},
+              "sources": ["a", "b"]}
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StageContext(stage=Stage("score/judge", "score", config, {"data": "data"}), inputs=inputs, out=out,
+                       runtime=runtime(), engine=get_engine(), recipe=None)
+    metrics = score_stage.run(ctx)
+    table = pq.read_table(out / "scores.parquet")
+    assert table.column_names == ["id", "source", "score"]
+    assert table["source"].to_pylist() == ["a"] * 5 + ["b"] * 5
+    assert table["id"].to_pylist() == [f"e{i}" for i in range(5)] * 2
+    judge = build(JudgeRM, {"model": str(tiny_llama_dir), "rubric": rubric})
+    expected = judge.score(ITEMS) + judge.score([Judged(it.system, it.instruction, "I do not know.") for it in ITEMS])
+    assert table["score"].to_pylist() == pytest.approx(expected, abs=1e-4)
+    assert metrics["items"] == 10 and set(metrics["mean_score"]) == {"a", "b"}
+    assert sum(metrics["vote_share"].values()) == pytest.approx(1.0)
+    assert not (out / "shards").exists()
+
+
+def test_score_stage_names_a_source_without_generations(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from profuser.components import Record
+    from profuser.data import write_records
+    from profuser.errors import ProfuserError
+    from profuser.pipeline import Stage, StageContext
+    from profuser.plugins import get_engine
+    from profuser.stages import score as score_stage
+
+    data, gen = tmp_path / "data", tmp_path / "gen"
+    data.mkdir()
+    gen.mkdir()
+    write_records(data / "train.parquet", [Record("e0", "", "q", "gt"), Record("e1", "", "q2", "gt")])
+    pq.write_table(pa.table({"id": ["e0"], "response": ["r"]}), gen / "generations.parquet")
+    config = {"reward_model": {"name": "judge", "params": {}}, "sources": ["mpt"]}
+    ctx = StageContext(stage=Stage("score/judge", "score", config), inputs={"data": data, "generate/mpt": gen},
+                       out=tmp_path, runtime=runtime(), engine=get_engine(), recipe=None)
+    with pytest.raises(ProfuserError, match="no generation for 1 example") as err:
+        score_stage.run(ctx)
+    assert "source mpt" in err.value.where

@@ -83,3 +83,49 @@ def test_errors_name_the_example_and_reward_model():
 def test_registered_as_an_inference_mode_evaluator():
     info = Engine(entrypoints=False).registry.get("evaluators", "rm_vote")
     assert info.cls is RMVote and info.cls.mode == "inference" and info.cls.needs == {"scores"}
+
+
+def test_select_stage_votes_over_score_artifacts(tmp_path):
+    """scores.parquet of two reward models -> select/inference with rm_vote -> Figure 1a shares."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from profuser.analysis import advantage_shares
+    from profuser.components import Record
+    from profuser.data import write_records
+    from profuser.pipeline import Runtime, Stage, StageContext
+    from profuser.plugins import get_engine
+    from profuser.stages import select
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_records(data / "train.parquet", [Record(f"e{i}", "", f"q{i}", "gt") for i in range(3)])
+    inputs = {"data": data}
+    for source in ("a", "b"):
+        gen = tmp_path / f"gen-{source}"
+        gen.mkdir()
+        pq.write_table(pa.table({"id": ["e0", "e1", "e2"], "response": [f"{source}{i}" for i in range(3)]}),
+                       gen / "generations.parquet")
+        inputs[f"generate/{source}"] = gen
+    # e0: both prefer a; e1: split vote, the strongest (rm2) prefers b; e2: both prefer b
+    scores = {"rm1": {"a": [1.0, 1.0, 0.0], "b": [0.0, 0.0, 1.0]}, "rm2": {"a": [5.0, -1.0, -3.0], "b": [4.0, 2.0, 9.0]}}
+    for rm, per_source in scores.items():
+        out = tmp_path / f"score-{rm}"
+        out.mkdir()
+        pq.write_table(pa.table({"id": ["e0", "e1", "e2"] * 2, "source": ["a"] * 3 + ["b"] * 3,
+                                 "score": per_source["a"] + per_source["b"]}), out / "scores.parquet")
+        inputs[f"score/{rm}"] = out
+    config = {"mode": "inference", "evaluator": {"name": "rm_vote", "params": {"strongest": "rm2"}},
+              "sources": ["a", "b"], "reward_models": ["rm1", "rm2"]}
+    out = tmp_path / "select"
+    out.mkdir()
+    ctx = StageContext(stage=Stage("select/inference", "select", config), inputs=inputs, out=out,
+                       runtime=Runtime(progress=False), engine=get_engine(), recipe=None)
+    select.run(ctx)
+    table = pq.read_table(out / "selection.parquet")
+    assert table["chosen"].to_pylist() == ["a", "b", "b"]
+    detail = json.loads(table["detail"].to_pylist()[1])
+    assert detail["tie"] and detail["tie_break_by"] == "rm2"
+    assert advantage_shares({"inference": out}) == {"inference": {"a": 1 / 3, "b": 2 / 3}}

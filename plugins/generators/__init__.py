@@ -1,0 +1,1 @@
+"""Generation backends for the inference mode (transformers, vLLM)."""

@@ -1,0 +1,135 @@
+"""The ``generate/<source>`` stage: one response per training instruction from one source model
+(the inference mode's candidates).
+
+Prompts are generated in shards written atomically into the partial directory
+(``shards/00000.parquet``, ...): a killed stage resumes at the first missing shard. Each shard
+has its own seed derived from (``seed``, shard index), so a resumed run writes exactly what an
+uninterrupted one would. At the end the shards are joined into ``generations.parquet`` (id,
+response) and removed.
+
+Metrics: examples, new tokens (the responses counted with the source's tokenizer, so every
+backend is measured the same way), generation seconds and tokens per second, and prompts whose
+responses are empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..components import Prompt
+from ..data import read_records
+from ..errors import ProfuserError
+
+VERSION = "1"
+SHARD_SIZE = 32  # prompts per shard, unless the generator says otherwise (``shard_size``)
+OUTPUT = "generations.parquet"
+_STATS_KEY = b"profuser.stats"
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{shard}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def write_table_atomic(table: pa.Table, path: Path, stats: dict[str, Any] | None = None) -> None:
+    """Write a parquet file so that it is complete or absent (a kill never leaves half of it);
+    ``stats`` go into the file's metadata."""
+    if stats is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), _STATS_KEY: json.dumps(stats).encode()})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def table_stats(path: Path) -> dict[str, Any]:
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(_STATS_KEY, b"{}"))
+
+
+def _ids(table: pa.Table) -> list[str]:
+    return table["id"].to_pylist()
+
+
+def run_shards(out: Path, keys: list[str], shard_size: int,
+               compute: Callable[[int, slice], tuple[pa.Table, dict[str, Any]]],
+               key_of: Callable[[pa.Table], list[str]] = _ids) -> list[tuple[pa.Table, dict]]:
+    """Run ``compute(shard_index, rows)`` for every shard of ``keys`` whose file in ``out/shards``
+    is missing or holds other rows (``key_of(table)`` differs: an attempt with other inputs),
+    writing each result atomically; return every shard's (table, stats) in order."""
+    shards = out / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, start in enumerate(range(0, len(keys), shard_size)):
+        rows = slice(start, min(start + shard_size, len(keys)))
+        path = shards / f"{index:05d}.parquet"
+        if path.is_file():
+            table = pq.read_table(path)
+            if key_of(table) == keys[rows]:
+                results.append((table, table_stats(path)))
+                continue
+        table, stats = compute(index, rows)
+        write_table_atomic(table, path, stats)
+        results.append((table, stats))
+    return results
+
+
+def finish(out: Path, name: str, results: list[tuple[pa.Table, dict]], schema: pa.Schema, stats: dict) -> None:
+    """Join the shards into ``out/name`` (atomically, stats in its metadata), then drop them."""
+    tables = [t.select(schema.names).cast(schema) for t, _ in results]
+    write_table_atomic(pa.concat_tables(tables) if tables else schema.empty_table(), out / name, stats)
+    shutil.rmtree(out / "shards", ignore_errors=True)
+
+
+def run(ctx) -> dict:
+    from ..models import as_spec, load_tokenizer
+
+    cfg = ctx.config
+    spec = as_spec(cfg["model"])
+    records = read_records(ctx.inputs["data"] / "train.parquet")
+    ids = [r.id for r in records]
+    final = ctx.out / OUTPUT
+    if final.is_file() and pq.read_table(final, columns=["id"])["id"].to_pylist() == ids:
+        return table_stats(final)  # finished before a kill that came ahead of the commit
+
+    generator = ctx.build("generators", cfg["generator"])
+    generator.runtime = ctx.runtime  # device, cache dir, progress: never part of the cache key
+    tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir)
+    prompts = [Prompt(r.id, r.system, r.instruction) for r in records]
+    shard_size = int(getattr(generator, "shard_size", SHARD_SIZE))
+
+    def compute(index: int, rows: slice):
+        chunk = prompts[rows]
+        started = time.perf_counter()
+        responses = generator.generate(spec, chunk, seed=shard_seed(cfg["seed"], index))
+        seconds = time.perf_counter() - started
+        if len(responses) != len(chunk) or not all(isinstance(r, str) for r in responses):
+            raise ProfuserError(f"returned {len(responses)} responses for {len(chunk)} prompts (shard {index})",
+                                where=f"generator {cfg['generator']['name']} on {spec.key}")
+        tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+        stats = {"examples": len(chunk), "new_tokens": sum(tokens), "seconds": seconds,
+                 "empty": sum(not r.strip() for r in responses)}
+        ctx.log_metrics(index, {**stats, "tokens_per_s": stats["new_tokens"] / max(seconds, 1e-9)})
+        return pa.table({"id": [q.id for q in chunk], "response": responses}), stats
+
+    results = run_shards(ctx.out, ids, shard_size, compute)
+    totals = {k: sum(s.get(k, 0) for _, s in results) for k in ("examples", "new_tokens", "seconds", "empty")}
+    metrics = {
+        "model": spec.key,
+        "examples": len(ids),
+        "new_tokens": totals["new_tokens"],
+        "generation_seconds": round(totals["seconds"], 3),
+        "tokens_per_s": round(totals["new_tokens"] / totals["seconds"], 2) if totals["seconds"] else 0.0,
+        "mean_new_tokens": round(totals["new_tokens"] / totals["examples"], 2) if totals["examples"] else 0.0,
+        "empty_responses": totals["empty"],
+    }
+    finish(ctx.out, OUTPUT, results, pa.schema([("id", pa.string()), ("response", pa.string())]), metrics)
+    return metrics
