@@ -1,0 +1,273 @@
+"""Run lm-eval on an in-memory model: the paper's benchmarks, local data, the held-out task."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+
+from ..chat import messages, template_for
+from ..errors import ProfuserError
+from .heldout import PromptMode, check_heldout, generation_budget, heldout_config
+from .tasks import (
+    DEFAULT_SHOTS,
+    HELDOUT_TASK,
+    KNOWN_TASKS,
+    lm_eval_tasks_dir,
+    local_data_config,
+    primary_metric,
+    stock_yaml_path,
+    write_task_yaml,
+)
+
+log = logging.getLogger(__name__)
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer brings its own chat template (an instruct/chat model)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _heldout_mode(tokenizer, template: str, apply_chat_template: bool | None) -> PromptMode:
+    if apply_chat_template is False:
+        return "plain"
+    try:  # templates without a system role raise (Gemma-style raise_exception)
+        tokenizer.apply_chat_template(messages("system", "instruction"), chat_template=template,
+                                      tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+        return "folded"
+    return "chat"
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    num_fewshot: dict[str, int] | None = None,
+    data_dir: str | Path | None = None,
+    heldout_path: str | Path | None = None,
+    batch_size: int = 8,
+    apply_chat_template: bool | None = None,
+    device: str = "cpu",
+    max_gen_toks: int | None = None,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Score ``model`` on lm-eval ``tasks``; returns ``{task: {metric: value}, "_primary": {task: value},
+    "_config": {task: {...}}}`` (metric names as lm-eval writes them, e.g. ``"acc_norm,none"``).
+
+    ``num_fewshot`` overrides the per-task defaults (``DEFAULT_SHOTS``; lm-eval's own otherwise).
+    ``data_dir`` holds local copies of datasets (``<data_dir>/gsm8k/test.jsonl``...): those tasks run
+    lm-eval's definition on those files. ``heldout_path`` is the ``heldout.parquet`` the
+    ``profuser_heldout`` task scores; it always goes through the chat template the model was
+    trained with (``profuser.chat.template_for``: the tokenizer's, else the fallback) unless
+    ``apply_chat_template=False``. For the benchmarks, ``apply_chat_template=None`` uses the
+    tokenizer's own template on generation tasks only when it has one (an instruct model answers in
+    its format; log-likelihood tasks keep the leaderboard's plain prompts); True/False force it.
+    ``max_gen_toks`` caps generation tasks (lm-eval's default: 256). ``log_samples`` adds
+    ``"_samples": {task: [{doc_id, filter, prompt, target, response, answer, metrics}]}``.
+    """
+    if not tasks:
+        raise ProfuserError("no tasks to evaluate", where="evaluate.tasks")
+    if len(set(tasks)) != len(tasks):
+        twice = sorted({t for t in tasks if tasks.count(t) > 1})
+        raise ProfuserError(f"tasks listed twice: {', '.join(twice)}", where="evaluate.tasks")
+    shots = {**DEFAULT_SHOTS, **(num_fewshot or {})}
+    unknown_shots = set(num_fewshot or {}) - set(tasks)
+    if unknown_shots:
+        raise ProfuserError(f"num_fewshot names task(s) not being evaluated: {', '.join(sorted(unknown_shots))}",
+                            where="evaluate.num_fewshot")
+    data_dir = Path(data_dir) if data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise ProfuserError("data_dir is not a directory", where=str(data_dir))
+    template = template_for(tokenizer)
+    # a ModelSpec's max_length lands in model_max_length (load_tokenizer): truncate there too
+    max_length = getattr(tokenizer, "model_max_length", None)
+    max_length = max_length if isinstance(max_length, int) and max_length < 10**7 else None
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="profuser-tasks-") as tmp:
+        include = Path(tmp)
+        sources: dict[str, str] = {}  # task -> where its rows come from (for the record)
+        needs_index = False
+        for task in tasks:
+            if task == HELDOUT_TASK:
+                if heldout_path is None:
+                    raise ProfuserError(f"{HELDOUT_TASK} needs the held-out split (heldout_path)",
+                                        where=f"evaluate task {task}")
+                check_heldout(Path(heldout_path))
+                mode = _heldout_mode(tokenizer, template, apply_chat_template)
+                budget = generation_budget(Path(heldout_path), tokenizer, max_length or _context(model))
+                write_task_yaml(include, task, heldout_config(Path(heldout_path), mode=mode, max_gen_toks=budget))
+                sources[task] = str(Path(heldout_path).resolve())
+                continue
+            stock = stock_yaml_path(task)
+            if stock is None:
+                stock = _index_yaml(task) if data_dir is not None else None
+            config = local_data_config(task, stock, data_dir, shots.get(task, 0)) if (stock and data_dir) else None
+            if config is not None:
+                write_task_yaml(include, task, config)
+                sources[task] = ", ".join(config["dataset_kwargs"]["data_files"].values())
+            elif stock is not None:
+                write_task_yaml(include, task, {"include": str(stock), "task": task})
+                sources[task] = "lm-eval (datasets hub/cache)"
+            else:  # groups (mmlu) and tasks profuser has no path for: lm-eval's index (slower)
+                needs_index = True
+                sources[task] = "lm-eval (datasets hub/cache)"
+
+        manager = TaskManager(include_path=str(include), include_defaults=needs_index)
+        loaded = {task: _load(manager, task) for task in tasks}
+        for task, obj in loaded.items():
+            for leaf in _leaves(obj):
+                if task in shots:
+                    leaf.set_config(key="num_fewshot", value=shots[task])
+                elif leaf.get_config("num_fewshot") is None:
+                    leaf.set_config(key="num_fewshot", value=0)
+
+        chat_of = {task: _uses_chat(task, obj, tokenizer, apply_chat_template) for task, obj in loaded.items()}
+        model.eval()
+        # the template goes to every apply_chat_template call, so a base model gets the fallback
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                  max_length=max_length, chat_template_args={"chat_template": template})
+        merged: dict[str, Any] = {"results": {}, "groups": {}, "n-samples": {}, "samples": {}}
+        for chat in (False, True):
+            group = [task for task in tasks if chat_of[task] == chat]
+            if not group:
+                continue
+            try:
+                out = simple_evaluate(
+                    model=lm, tasks=[loaded[t] for t in group], task_manager=manager, limit=limit,
+                    apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=log_samples,
+                    gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+                )
+            except ProfuserError:
+                raise
+            except Exception as exc:  # name the tasks: lm-eval's errors often do not
+                raise ProfuserError(f"lm-eval failed: {type(exc).__name__}: {exc}",
+                                    where=f"evaluate tasks {', '.join(group)}") from exc
+            for key, part in merged.items():
+                part.update((out or {}).get(key) or {})
+
+    settings = {}
+    for task, obj in loaded.items():
+        leaf = _leaves(obj)[0]
+        settings[task] = {"num_fewshot": leaf.get_config("num_fewshot"), "chat_template": chat_of[task],
+                          "data": sources[task], "limit": limit}
+        if _generates(obj):  # what generation was allowed (after any max_gen_toks override)
+            settings[task]["max_gen_toks"] = (leaf.get_config("generation_kwargs") or {}).get("max_gen_toks", lm.max_gen_toks)
+    return _summarise(tasks, merged, settings)
+
+
+def _context(model) -> int | None:
+    value = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) else None
+
+
+def _uses_chat(task: str, obj, tokenizer, apply_chat_template: bool | None) -> bool:
+    if task == HELDOUT_TASK:
+        return apply_chat_template is not False
+    if apply_chat_template is None:
+        return has_chat_template(tokenizer) and _generates(obj)
+    return bool(apply_chat_template)
+
+
+@functools.cache
+def _stock_index() -> dict:
+    from lm_eval.tasks._index import TaskIndex
+
+    return TaskIndex.build([lm_eval_tasks_dir()])  # seconds: every YAML lm-eval ships
+
+
+def _index_yaml(task: str) -> Path | None:
+    """The stock config of a single task from lm-eval's full index (None for groups/tags/unknown)."""
+    from lm_eval.tasks._index import Kind
+
+    entry = _stock_index().get(task)
+    if entry is None or entry.kind != Kind.TASK or entry.yaml_path is None:
+        return None
+    return Path(entry.yaml_path)
+
+
+def _load(manager, task: str):
+    try:
+        loaded = manager.load([task])
+    except KeyError:
+        close = difflib.get_close_matches(task, manager.all_tasks, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ProfuserError(f"unknown lm-eval task {task!r}{hint}", where="evaluate.tasks") from None
+    except ProfuserError:
+        raise
+    except Exception as exc:  # mostly: the dataset is neither local nor cached, and the hub is offline
+        raise ProfuserError(f"cannot load the task's data: {type(exc).__name__}: {exc} "
+                            "(offline? put the dataset under evaluate.data_dir)", where=f"evaluate task {task}") from exc
+    if task in loaded.get("groups", {}):
+        return loaded["groups"][task]
+    return loaded["tasks"][task]
+
+
+def _leaves(obj) -> list:
+    return list(obj.get_all_tasks()) if hasattr(obj, "get_all_tasks") else [obj]
+
+
+def _generates(obj) -> bool:
+    return any(leaf.get_config("output_type") == "generate_until" for leaf in _leaves(obj))
+
+
+def _summarise(tasks, merged, settings) -> dict[str, Any]:
+    results: dict[str, Any] = {"_primary": {}, "_config": {}}
+    for task in tasks:
+        row = merged["results"].get(task) or merged["groups"].get(task)
+        if row is None:
+            raise ProfuserError("lm-eval returned no results for the task", where=f"evaluate task {task}")
+        # lm-eval's metric keys are "metric,filter"; the rest (alias, sample_len) is bookkeeping
+        metrics = {k: float(v) for k, v in row.items() if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        key = primary_metric(task, metrics)
+        results[task] = metrics
+        results["_primary"][task] = metrics.get(key) if key else None
+        n = merged["n-samples"].get(task) or {}
+        results["_config"][task] = {
+            "primary_metric": key,
+            "title": KNOWN_TASKS[task].title if task in KNOWN_TASKS else task,
+            "samples": n.get("effective", n.get("original")) if isinstance(n, dict) else None,
+            **settings[task],
+        }
+        if task in merged["samples"]:
+            results.setdefault("_samples", {})[task] = [_sample(s) for s in merged["samples"][task]]
+    return results
+
+
+def _sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """One lm-eval sample, reduced to what a reader checks: prompt, target, output, score."""
+    args = sample.get("arguments") or []
+    first = args[0] if args else ()
+    prompt = first[0] if isinstance(first, (list, tuple)) and first else first
+    # generate_until: [[text]]; multiple choice: [[(log-likelihood, is_greedy)] per choice]
+    resps = [r[0] if isinstance(r, (list, tuple)) and r else r for r in sample.get("resps") or []]
+    filtered = sample.get("filtered_resps") or [None]
+    return {
+        "doc_id": sample.get("doc_id"),
+        "filter": sample.get("filter"),
+        "prompt": prompt if isinstance(prompt, str) else str(prompt),
+        "target": str(sample.get("target")),
+        "response": _plain(resps[0] if len(resps) == 1 else resps),
+        "answer": filtered[0] if isinstance(filtered[0], str) else None,
+        "metrics": {m: float(sample[m]) for m in sample.get("metrics", []) if isinstance(sample.get(m), (int, float))},
+    }
+
+
+def _plain(value):
+    """numpy scalars and tuples -> JSON-ready Python values."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str):
+        return value.item()
+    return value

@@ -1,0 +1,198 @@
+"""The benchmark catalogue and the generated task configs that point lm-eval at local data.
+
+The paper (§4.1) evaluates with lm-eval under the Open LLM Leaderboard's settings. Each task here
+is lm-eval's own definition: for a local ``data_dir`` we write a YAML that ``include:``s the stock
+config by absolute path and overrides only where the rows come from (``dataset_path`` /
+``dataset_kwargs.data_files`` / splits), so prompts, filters and metrics stay lm-eval's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ProfuserError
+
+log = logging.getLogger(__name__)
+
+HELDOUT_TASK = "profuser_heldout"
+
+# Table 1's columns, in the paper's order.
+PAPER_TASKS: tuple[str, ...] = ("mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k", "truthfulqa_mc2")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What profuser knows about a task beyond lm-eval's config."""
+
+    title: str  # column header in reports
+    shots: int  # default few-shot count (Open LLM Leaderboard)
+    primary: str  # lm-eval result key of the number reported in tables
+    stock_yaml: str | None = None  # config path under lm_eval/tasks; None: a group or profuser's own
+    data_folders: tuple[str, ...] = ()  # folder names looked up under data_dir (besides the task name)
+    split_files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> extra file names
+
+
+KNOWN_TASKS: dict[str, TaskInfo] = {
+    "mmlu": TaskInfo("MMLU", 5, "acc,none"),
+    "hellaswag": TaskInfo("HellaSwag", 10, "acc_norm,none", "hellaswag/hellaswag.yaml"),
+    "arc_challenge": TaskInfo("ARC", 25, "acc_norm,none", "arc/arc_challenge.yaml", ("arc", "ai2_arc")),
+    "arc_easy": TaskInfo("ARC-Easy", 25, "acc_norm,none", "arc/arc_easy.yaml", ("ai2_arc",)),
+    "winogrande": TaskInfo("Winogrande", 5, "acc,none", "winogrande/default.yaml"),
+    # The paper scores GSM8K the Open-Instruct way (last number in the output): lm-eval's
+    # flexible-extract filter; strict-match ("#### N") is reported alongside.
+    "gsm8k": TaskInfo("GSM8K", 5, "exact_match,flexible-extract", "gsm8k/gsm8k.yaml"),
+    # lm-eval reports the MC2 score under "acc" (utils.process_results_mc2).
+    "truthfulqa_mc2": TaskInfo("TruthfulQA", 0, "acc,none", "truthfulqa/truthfulqa_mc2.yaml", ("truthfulqa", "truthful_qa"),
+                               {"validation": ("mc_task.jsonl", "mc_task.json")}),
+    "truthfulqa_mc1": TaskInfo("TruthfulQA-MC1", 0, "acc,none", "truthfulqa/truthfulqa_mc1.yaml", ("truthfulqa", "truthful_qa"),
+                               {"validation": ("mc_task.jsonl", "mc_task.json")}),
+    HELDOUT_TASK: TaskInfo("Held-out", 0, "exact_match,answer"),
+}
+
+DEFAULT_SHOTS: dict[str, int] = {name: info.shots for name, info in KNOWN_TASKS.items()}
+
+# For tasks profuser has no entry for: the first of these the results carry is the primary.
+_PRIMARY_PREFERENCE = ("acc_norm,none", "acc,none", "exact_match,flexible-extract", "exact_match,strict-match",
+                       "exact_match,none", "mc2,none", "f1,none", "bleu,none")
+
+_SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def task_title(task: str) -> str:
+    info = KNOWN_TASKS.get(task)
+    return info.title if info else task
+
+
+def primary_metric(task: str, metrics: dict[str, Any]) -> str | None:
+    """The result key reported for ``task``: profuser's choice for known tasks, else a preference list."""
+    info = KNOWN_TASKS.get(task)
+    if info and info.primary in metrics:
+        return info.primary
+    for key in _PRIMARY_PREFERENCE:
+        if key in metrics:
+            return key
+    numeric = [k for k, v in metrics.items() if isinstance(v, (int, float)) and "_stderr" not in k]
+    return numeric[0] if numeric else None
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def stock_yaml_path(task: str) -> Path | None:
+    """The stock config of a task profuser knows by path (no task index needed), or None."""
+    info = KNOWN_TASKS.get(task)
+    if info is None or info.stock_yaml is None:
+        return None
+    path = lm_eval_tasks_dir() / info.stock_yaml
+    if not path.is_file():  # a different lm-eval layout: fall back to the index
+        log.debug("lm-eval has no %s; %s will be looked up in its task index", path, task)
+        return None
+    return path
+
+
+def read_stock_config(path: Path) -> dict[str, Any]:
+    """The task config with its includes merged (``!function`` references left unresolved)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path, resolve_func=False, recursive=True)
+
+
+# --- local data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalData:
+    folder: Path
+    builder: str  # the `datasets` builder: json, parquet, csv
+    files: dict[str, Path]  # split name -> file
+
+
+def find_local_data(task: str, config: dict[str, Any], data_dir: Path) -> LocalData | None:
+    """Files for the splits ``config`` names, under ``data_dir/<folder>/``; None when there are none.
+
+    Folder candidates: the task name, profuser's aliases (``truthfulqa``) and the last part of the
+    config's ``dataset_path`` (``openai/gsm8k`` -> ``gsm8k``). File candidates per split:
+    ``<split>.jsonl|json|parquet|csv`` plus known aliases (TruthfulQA's ``mc_task.jsonl``).
+    """
+    info = KNOWN_TASKS.get(task)
+    folders = [task, *(info.data_folders if info else ())]
+    if isinstance(config.get("dataset_path"), str):
+        folders.append(config["dataset_path"].rstrip("/").split("/")[-1])
+    splits = {config[k] for k in _SPLIT_KEYS if config.get(k)}
+    for name in dict.fromkeys(folders):
+        folder = data_dir / name
+        if not folder.is_dir():
+            continue
+        files: dict[str, Path] = {}
+        for split in splits:
+            candidates = [f"{split}{ext}" for ext in _FORMATS] + list((info.split_files if info else {}).get(split, ()))
+            found = next((folder / c for c in candidates if (folder / c).is_file()), None)
+            if found is not None:
+                files[split] = found.resolve()
+        if files:
+            builders = {_FORMATS[f.suffix] for f in files.values()}
+            if len(builders) > 1:
+                raise ProfuserError(f"the splits of {task} mix file formats ({', '.join(sorted(f.name for f in files.values()))}); "
+                                    "use one format for all", where=str(folder))
+            return LocalData(folder, builders.pop(), files)
+    return None
+
+
+def local_data_config(task: str, stock_yaml: Path, data_dir: Path, num_fewshot: int) -> dict[str, Any] | None:
+    """A task config that includes the stock one and reads its rows from ``data_dir``; None when
+    ``data_dir`` holds nothing for the task."""
+    config = read_stock_config(stock_yaml)
+    if config.get("group") or isinstance(config.get("task"), list):
+        raise ProfuserError(f"{task} is a group of tasks; a data_dir override covers single tasks "
+                            "(name the subtasks, or run the group from the datasets cache)", where=f"evaluate task {task}")
+    local = find_local_data(task, config, data_dir)
+    if local is None:
+        return None
+    splits = {k: config.get(k) for k in _SPLIT_KEYS}
+    present = {k: (v if v in local.files else None) for k, v in splits.items()}
+    eval_split = present["test_split"] or present["validation_split"]
+    if eval_split is None:
+        wanted = splits["test_split"] or splits["validation_split"]
+        raise ProfuserError(f"no file for the evaluation split {wanted!r} of {task} "
+                            f"(found: {', '.join(p.name for p in local.files.values())})", where=str(local.folder))
+    # Evaluate on that split under the name "test", so that lm-eval's sampler never shows a question
+    # as its own few-shot example when the shots must come from the same split.
+    present["test_split"], present["validation_split"] = eval_split, None
+    if num_fewshot > 0 and not (present["fewshot_split"] or present["training_split"]):
+        log.warning("%s: %s has no training split; few-shot examples are drawn from the %r split "
+                    "(never the question being asked)", task, local.folder, eval_split)
+        present["fewshot_split"] = eval_split
+    return {
+        "include": str(stock_yaml),
+        "task": task,
+        "dataset_path": local.builder,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(path) for split, path in local.files.items()}},
+        **present,
+    }
+
+
+class Function(str):
+    """A ``!function module.name`` reference in a generated YAML (lm-eval imports it on load)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+
+
+def write_task_yaml(directory: Path, task: str, config: dict[str, Any]) -> Path:
+    path = directory / f"{task}.yaml"
+    path.write_text(yaml.dump(config, Dumper=_Dumper, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path

@@ -1,0 +1,186 @@
+"""Comparison tables and files from fixed results; a run report from a fabricated run directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from profuser.errors import ArtifactError
+from profuser.report import comparison_table, summarise_variants, write_comparison, write_run_report
+
+BASE = {"mmlu": 0.5117, "hellaswag": 0.7736, "arc_challenge": 0.5375, "winogrande": 0.7230, "gsm8k": 0.1580,
+        "truthfulqa_mc2": 0.5037}
+
+
+def entries() -> list[dict]:
+    return [
+        {"variant": "vicuna", "scores": dict(BASE), "baseline": True},
+        {"variant": "ProFuser", "seed": 1, "recipe": "recipes/profuser.yaml", "wall_seconds": 100.0,
+         "stages_ran": ["train", "evaluate/fused"], "stages_reused": ["data", "select/training"],
+         "scores": {**BASE, "mmlu": 0.52, "gsm8k": 0.18}},
+        {"variant": "ProFuser", "seed": 2, "recipe": "recipes/profuser.yaml", "wall_seconds": 140.0,
+         "stages_ran": ["train", "evaluate/fused"], "stages_reused": ["data", "select/training"],
+         "scores": {**BASE, "mmlu": 0.53, "gsm8k": 0.19}},
+        # in reversed order on purpose: columns follow Table 1 whatever the dict order
+        {"variant": "SFT", "scores": dict(reversed(list({**BASE, "hellaswag": 0.80, "gsm8k": 0.10}.items())))},
+    ]
+
+
+def test_comparison_table():
+    table = comparison_table(entries()).splitlines()
+    assert table[0] == "| Model | MMLU | HellaSwag | ARC | Winogrande | GSM8K | TruthfulQA | Average |"
+    assert table[1] == "| --- |" + " ---: |" * 7
+    # averages over the six columns: vicuna 53.46 as in the paper's Table 1
+    # ties (as displayed) are all bold
+    assert table[2] == "| vicuna | 51.17 | 77.36 | **53.75** | **72.30** | 15.80 | **50.37** | 53.46 |"
+    # two seeds: mean ± sample std (0.52, 0.53 -> 52.50 ± 0.71); std 0 is shown, not hidden;
+    # the average is per seed (53.96, 54.30), then mean ± std
+    assert table[3] == ("| ProFuser | **52.50 ± 0.71** | 77.36 ± 0.00 | **53.75 ± 0.00** | **72.30 ± 0.00** | "
+                        "**18.50 ± 0.71** | **50.37 ± 0.00** | **54.13 ± 0.24** |")
+    assert table[4] == "| SFT | 51.17 | **80.00** | **53.75** | **72.30** | 10.00 | **50.37** | 52.93 |"
+
+
+def test_missing_scores_and_fractions():
+    rows = [{"variant": "a", "scores": {"gsm8k": 0.25, "mmlu": 0.5}}, {"variant": "b|c", "scores": {"gsm8k": 0.5}}]
+    table = comparison_table(rows, percent=False, digits=3).splitlines()
+    assert table[0] == "| Model | MMLU | GSM8K | Average |"
+    assert table[2] == "| a | **0.500** | 0.250 | **0.375** |"
+    assert table[3] == "| b\\|c | – | **0.500** | – |"  # no average over fewer columns
+
+
+def test_summarise_variants():
+    by_name = {v["variant"]: v for v in summarise_variants(entries())}
+    pf = by_name["ProFuser"]
+    assert pf["runs"] == 2 and pf["seeds"] == [1, 2] and pf["recipe"] == "recipes/profuser.yaml"
+    assert pf["wall_seconds"] == 120.0 and pf["stages_ran"] == ["train", "evaluate/fused"]
+    assert pf["scores"]["mmlu"] == pytest.approx(0.525) and pf["std"]["mmlu"] == pytest.approx(0.00707107, rel=1e-5)
+    assert by_name["vicuna"]["baseline"] and by_name["vicuna"]["std"]["mmlu"] is None
+    with pytest.raises(ValueError, match="without a 'variant'"):
+        summarise_variants([{"scores": {}}])
+
+
+def write_metrics(path: Path, losses: list[tuple[str, float]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"step": i + 1, "phase": phase, "loss": loss, "lr": 1e-5}) + "\n"
+                            for i, (phase, loss) in enumerate(losses)))
+    return path
+
+
+def write_selection(path: Path, chosen: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scores = json.dumps({"llama": 1.0, "gemma": 2.0})
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(chosen))], "chosen": chosen,
+                             "scores": [scores] * len(chosen), "detail": ["{}"] * len(chosen)}), path)
+    return path
+
+
+def test_write_comparison(tmp_path):
+    rows = entries()
+    selection = write_selection(tmp_path / "sel" / "selection.parquet", ["llama", "gemma", "gemma", "gemma"])
+    for i, entry in enumerate(rows[1:3]):
+        entry["metrics_path"] = str(write_metrics(tmp_path / f"m{i}.jsonl", [("inference", 2.0), ("training", 1.5)]))
+        entry["selections"] = {"training": str(selection)}
+    written = write_comparison(rows, tmp_path / "out", title="Ablations")
+    for name in ("md", "csv", "json", "scores_png", "loss_png", "advantage_shares"):
+        assert written[name].is_file() and written[name].stat().st_size > 0, name
+    assert written["scores_png"].read_bytes()[:4] == b"\x89PNG"
+
+    md = written["md"].read_text()
+    assert md.startswith("# Ablations\n\n| Model | MMLU |") and comparison_table(rows) in md
+    assert "| ProFuser | recipes/profuser.yaml | 2 | 1, 2 | 2.0 min | – | 2 | 2 |" in md
+    assert "Selection of ProFuser:" in md and "| gemma | 75.0% |" in md
+    assert "![Training loss](loss.png)" in md
+
+    with open(written["csv"], newline="") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [r["variant"] for r in csv_rows] == ["vicuna", "ProFuser", "SFT"]
+    assert float(csv_rows[1]["mmlu"]) == pytest.approx(0.525) and csv_rows[0]["mmlu_std"] == ""
+
+    data = json.loads(written["json"].read_text())
+    assert data["tasks"] == ["mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k", "truthfulqa_mc2"]
+    pf = data["variants"][1]
+    assert pf["variant"] == "ProFuser" and pf["stages_reused"] == ["data", "select/training"]
+    assert pf["average"] == pytest.approx((0.525 + 0.7736 + 0.5375 + 0.7230 + 0.185 + 0.5037) / 6)
+
+
+# --- one run --------------------------------------------------------------------------------------
+
+
+def fabricate_run(root: Path) -> Path:
+    """runs/store/<kind>/<key>/ artifacts and runs/runs/demo/run.json listing them."""
+    store = root / "store"
+
+    def artifact(kind: str, key: str) -> Path:
+        path = store / kind / key
+        path.mkdir(parents=True)
+        return path
+
+    data = artifact("data", "k-data")
+    select = artifact("select", "k-sel")
+    write_selection(select / "selection.parquet", ["llama", "llama", "gemma", "llama"])
+    align = artifact("align", "k-align")
+    (align / "report.json").write_text(json.dumps({"aligner": "offsets", "target_tokens": 120,
+                                                   "one_to_one_share": 0.8, "counts": {"many_to_one": 7}}))
+    train = artifact("train", "k-train")
+    write_metrics(train / "metrics.jsonl", [("inference", 3.0), ("inference", 2.5), ("training", 2.0), ("training", 1.8)])
+    fused = artifact("evaluate", "k-fused")
+    (fused / "results.json").write_text(json.dumps({
+        "label": "fused", "primary": {"gsm8k": 0.2, "profuser_heldout": 0.5}, "average": 0.35,
+        "config": {"gsm8k": {"primary_metric": "exact_match,flexible-extract", "num_fewshot": 5, "samples": 10}}}))
+    base = artifact("evaluate", "k-base")
+    (base / "results.json").write_text(json.dumps({"label": "llama", "primary": {"gsm8k": 0.1, "profuser_heldout": 0.6}}))
+
+    def stage(sid, kind, key, path, cached, seconds, metrics=None, build=0.0):
+        return {"id": sid, "kind": kind, "key": key, "cached": cached, "seconds": seconds, "metrics": metrics or {},
+                "path": str(path), "build_seconds": build}
+
+    stages = [
+        stage("data", "data", "k-data", data, True, 0.0, {"train": 90, "heldout": 10}, build=3.0),
+        stage("select/training", "select", "k-sel", select, False, 2.0),
+        # recorded where the store used to be: the report finds it by kind/key
+        stage("align/training/llama", "align", "k-align", root / "moved" / "k-align", False, 1.0),
+        stage("train", "train", "k-train", train, False, 30.0, {"final_loss": 1.8}),
+        stage("evaluate/fused", "evaluate", "k-fused", fused, False, 5.0, {"gsm8k": 0.2}),
+        stage("evaluate/llama", "evaluate", "k-base", base, True, 0.0, build=4.0),
+    ]
+    run_dir = root / "runs" / "demo"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"recipe": "demo", "started_at": 1.7e9, "seconds": 38.5, "stages": stages}))
+    return run_dir
+
+
+def test_write_run_report(tmp_path):
+    run_dir = fabricate_run(tmp_path)
+    md = write_run_report(run_dir)
+    out = run_dir / "report"
+    assert (out / "report.md").read_text() == md
+    for png in ("stage_times.png", "scores.png", "advantage_shares.png", "loss.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+
+    assert md.startswith("# Run report: demo\n")
+    assert "- stages: 6 (4 ran, 2 reused from the cache)" in md
+    assert "- compute saved by the cache: 7.0 s" in md
+    assert "| data | cached | 0.0 | k-data | train=90, heldout=10 |" in md
+    assert f"| align/training/llama | ran | 1.0 | k-align | – | {tmp_path / 'store' / 'align' / 'k-align'} |" in md
+    # scores: fused and the baseline side by side, best in bold
+    assert "| Model | GSM8K | Held-out | Average |" in md
+    assert "| fused | **20.00** | 50.00 | **35.00** |" in md and "| llama | 10.00 | **60.00** | **35.00** |" in md
+    assert "GSM8K: exact_match,flexible-extract, 5-shot, 10 examples" in md
+    assert "| llama | 75.0% |" in md and "| gemma | 25.0% |" in md
+    assert "| stage | aligner | target_tokens | one_to_one_share | counts.many_to_one |" in md
+    assert "| align/training/llama | offsets | 120 | 0.8 | 7 |" in md
+    assert "| inference | 2 | 3.0000 | 2.5000 | 2.5000 |" in md and "| training | 2 | 2.0000 | 1.8000 | 1.8000 |" in md
+
+
+def test_run_report_to_another_dir_and_errors(tmp_path):
+    run_dir = fabricate_run(tmp_path)
+    md = write_run_report(run_dir, tmp_path / "elsewhere")
+    assert (tmp_path / "elsewhere" / "report.md").read_text() == md and not (run_dir / "report").exists()
+    with pytest.raises(ArtifactError, match="no run.json") as err:
+        write_run_report(tmp_path / "nothing")
+    assert err.value.where == str(tmp_path / "nothing")
