@@ -241,8 +241,8 @@ class VocabMap:
         return np.where(inside, out, -1).astype(np.int32)
 
     def _fill_soft(self, ids: np.ndarray) -> None:
-        from rapidfuzz import process
         from rapidfuzz.distance import Levenshtein
+        from rapidfuzz.process import cdist
 
         if self._tables is None:
             if self._tokenizers is None:
@@ -253,13 +253,15 @@ class VocabMap:
             ids_t = np.array([i for i, p in enumerate(target.pieces) if p], dtype=np.int32)
             self._choices = ([target.pieces[i].decode("latin-1") for i in ids_t], ids_t)
         choices, choice_ids = self._choices
-        for source_id in ids.tolist():
-            piece = source.pieces[source_id]
+        queries = [(i, source.pieces[i]) for i in ids.tolist()]
+        for i, piece in queries:
             if piece is None or not choices:
-                self.soft[source_id] = -1
-                continue
-            best = process.extractOne(piece.decode("latin-1"), choices, scorer=Levenshtein.distance)
-            self.soft[source_id] = choice_ids[best[2]]
+                self.soft[i] = -1
+        queries = [(i, piece.decode("latin-1")) for i, piece in queries if piece is not None and choices]
+        for at in range(0, len(queries), 64):  # [64, V_tgt] distances at a time: bounded memory
+            batch = queries[at : at + 64]
+            dist = cdist([q for _, q in batch], choices, scorer=Levenshtein.distance, dtype=np.int32, workers=-1)
+            self.soft[[i for i, _ in batch]] = choice_ids[dist.argmin(axis=1)]  # first nearest, as FuseLLM's min()
         self._dirty = True
 
     def save(self) -> None:

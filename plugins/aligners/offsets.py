@@ -41,18 +41,17 @@ def byte_spans(tok: Tokenized) -> tuple[np.ndarray, np.ndarray]:
     cs, ce = offsets[:, 0], offsets[:, 1]
     if tok.text.isascii():  # one byte per character, no character split across tokens
         return cs, ce
-    codes = np.frombuffer(tok.text.encode("utf-32-le"), dtype=np.uint32)  # [chars]
-    width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
-    pos = np.zeros(len(codes) + 1, dtype=np.int64)  # [chars + 1] byte offset of each character
-    np.cumsum(width, out=pos[1:])
+    data = np.frombuffer(tok.text.encode("utf-8"), dtype=np.uint8)  # [bytes]
+    # byte offset of each character (UTF-8 continuation bytes are 10xxxxxx), and of the end
+    pos = np.append(((data & 0xC0) != 0x80).nonzero()[0], len(data))  # [chars + 1]
     bs, be = pos[cs], pos[ce]
     # consecutive tokens sharing a character (a byte-level BPE split it): rare, so a loop there only
     for t in (cs[1:] < ce[:-1]).nonzero()[0].tolist():
         u = t + 1
-        cut = bs[t] + _n_bytes(tok.tokens[t])
+        cut = int(bs[t]) + _n_bytes(tok.tokens[t])
         if bs[t] < cut <= be[t] and pos[cs[u]] <= cut <= be[u]:
             be[t] = cut
-            bs[u] = max(bs[u], cut)
+            bs[u] = max(int(bs[u]), cut)
     return bs, be
 
 
