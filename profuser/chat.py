@@ -23,7 +23,9 @@ from jinja2 import TemplateError
 
 from .errors import DataError, ModelError
 
-__all__ = ["FALLBACK_CHAT_TEMPLATE", "ChatEncoding", "encode_chat", "format_prompt", "messages", "template_for"]
+__all__ = [
+    "FALLBACK_CHAT_TEMPLATE", "ChatEncoding", "encode_chat", "format_prompt", "messages", "prompt_ids", "template_for",
+]
 
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -107,10 +109,25 @@ def _name(tokenizer) -> str:
 def format_prompt(tokenizer, system: str, instruction: str, *, chat_template: str | None = None) -> str:
     """The prompt text up to where the model starts answering (generation prompt included).
 
-    BOS is not in the text unless the template writes it; tokenise it the way the tokenizer
-    normally does (``tokenizer(text)``) — or with ``add_special_tokens=False`` if it starts with
-    the BOS token already."""
+    BOS is not in the text unless the template writes it: ``prompt_ids`` tokenises it with the
+    BOS token exactly once."""
     return _render(tokenizer, template_for(tokenizer, chat_template), system, instruction, None)
+
+
+def _with_bos(tokenizer, text: str, ids: list[int]) -> bool:
+    """Whether ``ids`` (``text`` tokenised without special tokens) need the BOS token in front:
+    the tokenizer normally adds one and the template did not write it."""
+    bos = tokenizer.bos_token
+    return bool(bos) and not text.startswith(bos) and _adds_bos(tokenizer)
+
+
+def prompt_ids(tokenizer, system: str, instruction: str, *, chat_template: str | None = None) -> list[int]:
+    """``format_prompt``'s text as token ids, BOS exactly once: what generation feeds the model.
+    For templates whose generation prompt is a prefix of the conversation (ChatML, the fallback)
+    these are ``encode_chat(...).input_ids[:response_start]``."""
+    text = format_prompt(tokenizer, system, instruction, chat_template=chat_template)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [tokenizer.bos_token_id, *ids] if _with_bos(tokenizer, text, ids) else ids
 
 
 def _response_span(tokenizer, template: str, system: str, instruction: str, response: str) -> tuple[str, int, int, int]:
@@ -158,9 +175,8 @@ def encode_chat(
         raise ModelError("needs a fast tokenizer (character offsets) to locate response tokens", where=_name(tokenizer)) from None
     ids: list[int] = list(enc["input_ids"])
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [n, 2] chars in `text`
-    bos = tokenizer.bos_token
-    if bos and not text.startswith(bos) and _adds_bos(tokenizer):
-        ids = [tokenizer.bos_token_id] + ids
+    if _with_bos(tokenizer, text, ids):
+        ids = [tokenizer.bos_token_id, *ids]
         offsets = np.concatenate([np.zeros((1, 2), np.int64), offsets])
 
     # the first token that covers a response character starts the response: a BPE merge across

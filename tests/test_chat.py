@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from profuser.chat import FALLBACK_CHAT_TEMPLATE, encode_chat, format_prompt, template_for
+from profuser.chat import FALLBACK_CHAT_TEMPLATE, encode_chat, format_prompt, prompt_ids, template_for
 from profuser.errors import DataError, ModelError
 from profuser.testing import CHATML_TEMPLATE, tiny_tokenizer
 
@@ -184,3 +184,15 @@ def test_response_offsets_tile_the_response(arch, response):
     # and the response tokens decode back to the response (then the end of turn)
     text = t.decode(enc.input_ids[enc.response_start:])
     assert text.startswith(response)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("template", [None, CHATML_TEMPLATE, "{{ bos_token }}" + FALLBACK_CHAT_TEMPLATE])
+def test_prompt_ids_are_the_prompt_of_the_conversation(arch, template):
+    t = tok(arch)
+    ids = prompt_ids(t, SYSTEM, INSTRUCTION, chat_template=template)
+    enc = encode_chat(t, SYSTEM, INSTRUCTION, RESPONSE, max_length=512, chat_template=template)
+    assert ids == enc.input_ids[: enc.response_start]
+    assert ids[0] == t.bos_token_id  # written by the template or added by the tokenizer, either way first
+    if arch == "gemma":  # (llama's BOS is <|im_start|>: once per turn)
+        assert ids.count(t.bos_token_id) == 1
