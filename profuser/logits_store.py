@@ -343,11 +343,12 @@ class _Batch:
 class LogitsReader:
     """Read a store written by ``LogitsWriter`` (an artifact directory of shards).
 
-    ``get(id)`` decodes the record batch holding the example (a few are cached) and returns numpy
-    views; iterating reads every batch once, in storage order.
+    ``get(id)`` decodes the record batch holding the example and returns numpy views of it (the
+    last ``cache_batches`` batches, ~4k tokens each, stay decoded); iterating reads every batch
+    once, in storage order.
     """
 
-    def __init__(self, path: str | Path, *, cache_batches: int = 4):
+    def __init__(self, path: str | Path, cache_batches: int = 16):
         self.path = Path(path)
         self._shards = sorted(self.path.glob(SHARD_GLOB))
         self.compression = "none"
@@ -384,6 +385,10 @@ class LogitsReader:
         self.top_k: int = top_ks.pop()
         self._cache: OrderedDict[tuple[int, int], _Batch] = OrderedDict()
         self._cache_batches = cache_batches
+
+    def __reduce__(self):
+        # memory maps do not pickle: a worker process (DataLoader, multiprocessing) reopens the store
+        return (type(self), (self.path, self._cache_batches))
 
     @property
     def zero_copy(self) -> bool:

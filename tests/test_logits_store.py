@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -87,6 +89,14 @@ def test_uncompressed_reads_are_zero_copy(tmp_path):
     for ex in examples:
         for array in (ex.token_ids, ex.offsets, ex.nll, ex.logz, ex.topk_ids, ex.topk_logits):
             assert not array.flags.owndata and not array.flags.writeable
+
+
+def test_reader_pickles_by_reopening(tmp_path):
+    rng = np.random.default_rng(11)
+    write(tmp_path, [make_example(rng, i, 5) for i in range(3)])
+    clone = pickle.loads(pickle.dumps(LogitsReader(tmp_path)))
+    assert clone.ids == ["ex0", "ex1", "ex2"]
+    np.testing.assert_array_equal(clone.get("ex2").topk_ids, LogitsReader(tmp_path).get("ex2").topk_ids)
 
 
 def test_compressed_reads_are_numpy_views(tmp_path):
