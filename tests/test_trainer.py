@@ -162,6 +162,18 @@ def test_batch_size_must_fill_whole_micro_batches(tmp_path, tiny_llama_dir, exam
               small_spec(batch_size=6, micro_batch_size=4), tmp_path, device="cpu")
 
 
+def test_gradient_checkpointing_recomputes_without_changing_the_result(tmp_path, tiny_llama_dir, examples, registry):
+    runs = []
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        train(str(tiny_llama_dir), {"training": examples["training"]}, registry.build("losses", "sft"),
+              registry.build("curricula", "sft_only", {"epochs": 1}), small_spec(gradient_checkpointing=checkpointing), out,
+              device="cpu")
+        runs.append([m["loss"] for m in read_metrics(out)])
+        assert json.loads((out / "model" / "config.json").read_text())["use_cache"] is True  # restored for inference
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
 class Killed(Exception):
     pass
 

@@ -59,13 +59,23 @@ class AccelerateBackend:
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()  # defaults; a launch config overrides
         # the world size is known only once the process group is up, so accumulation is set after
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[spec.precision], **kwargs)
+        # accelerate falls back without a word: FSDP needs GPUs (on CPU it runs plain DDP), and a
+        # launch whose ranks did not join one process group trains N independent copies
+        kind = str(self.accelerator.distributed_type).split(".")[-1].lower()  # no, multi_cpu, multi_gpu, fsdp
+        wants_fsdp = spec.distributed == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if wants_fsdp and kind != "fsdp":
+            raise ProfuserError(f"FSDP was asked for but accelerate set up {kind!r} (FSDP needs GPUs; on CPU use "
+                                "DDP or DeepSpeed)", where="train.distributed")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:
+            raise ProfuserError(f"launched with WORLD_SIZE={launched} but accelerate joined {self.accelerator.num_processes} "
+                                "process(es)", where="train.distributed")
         self.accum = accumulation_steps(spec, self.accelerator.num_processes)
         self.accelerator.gradient_accumulation_steps = self.accum
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
-        kind = str(self.accelerator.distributed_type).split(".")[-1].lower()  # no, multi_cpu, multi_gpu, fsdp
         self.name = {"no": "single", "multi_cpu": "ddp", "multi_gpu": "ddp"}.get(kind, kind)
 
     def prepare(self, model, optimizer, scheduler):

@@ -98,7 +98,12 @@ def train(
     net, tokenizer = load_model(model, device="cpu", cache_dir=cache_dir)  # the backend places it
     net.config.use_cache = False
     if spec.gradient_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # recompute activations in backward (non-reentrant: works under DDP); transformers 5 renamed it
+        enable = getattr(net, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     warmup = math.ceil(spec.warmup_ratio * total_steps)
@@ -245,8 +250,13 @@ def latest_checkpoint(root: Path) -> Path | None:
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
