@@ -16,8 +16,8 @@ directions (target SmolLM2 / source Gemma-3 and the reverse):
   distance per cell) on the first ``--loop-texts`` responses, to compare with FuseLLM's published
   throughput on the same kind of text.
 
-Timings are the minimum over ``--repeats`` runs (the machine may be shared; the minimum is the
-least disturbed run).
+Timings are the minimum over ``--repeats`` runs (``--offsets-repeats`` for the cheap offsets
+timings): on a shared machine the minimum is the least disturbed run.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ DATA = Path("/work/shared/data/instruct/orca-sample.jsonl")
 MODELS = {"smollm2": "builtin:smollm2-135m-instruct", "gemma3": "builtin:gemma3-270m"}
 
 
-def best_time(fn, repeats: int) -> float:
+def best_time(align, pairs, repeats: int) -> float:
+    """Minimum over ``repeats`` runs of ``align(target, source)`` over all pairs, in seconds."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        for target, source in pairs:
+            align(target, source)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -54,9 +56,8 @@ def categories(vmap, target, source, starts, ends) -> np.ndarray:
 
 def fusellm_loop(target, source) -> None:
     """FuseLLM's dtw(): the matrix cell by cell in Python, then the same backtrack."""
-    from rapidfuzz.distance import Levenshtein
-
     from profuser_plugins.aligners.dtw import normalise, warping_path
+    from rapidfuzz.distance import Levenshtein
 
     a, b = [normalise(t) for t in source.tokens], [normalise(t) for t in target.tokens]
     D = np.full((len(a) + 1, len(b) + 1), np.inf)
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[256, 1024, 4096, 16384])
     parser.add_argument("--dtw-max-length", type=int, default=4096, help="longer windows: offsets only (dtw is O(n·m) memory)")
     parser.add_argument("--windows", type=int, default=4, help="windows per length")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per dtw timing (minimum taken)")
+    parser.add_argument("--offsets-repeats", type=int, default=25, help="runs per offsets timing (milliseconds each)")
     parser.add_argument("--loop-texts", type=int, default=32)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
@@ -102,7 +104,8 @@ def main() -> None:
     aligners = {name: registry.build("aligners", name) for name in ("offsets", "dtw")}
     tokenizers = {key: load_tokenizer(ref, cache_dir=args.cache_dir) for key, ref in MODELS.items()}
     texts = _texts_from_file(args.data)
-    result = {"data": str(args.data), "texts": len(texts), "repeats": args.repeats, "directions": {}}
+    result = {"data": str(args.data), "texts": len(texts), "repeats": {"dtw": args.repeats, "offsets": args.offsets_repeats},
+              "directions": {}}
 
     for target_key, source_key in (("smollm2", "gemma3"), ("gemma3", "smollm2")):
         target_tok, source_tok = tokenizers[target_key], tokenizers[source_key]
@@ -113,7 +116,8 @@ def main() -> None:
         n_target = sum(len(t.ids) for t, _ in pairs)
         corpus = {}
         for name, aligner in aligners.items():
-            seconds = best_time(lambda a=aligner: [a.align(t, s) for t, s in pairs], args.repeats)
+            reps = args.offsets_repeats if name == "offsets" else args.repeats
+            seconds = best_time(aligner.align, pairs, reps)
             counts = AlignmentCounts()
             for t, s in pairs:
                 counts.add(categories(vmap, t, s, *aligner.align(t, s)))
@@ -131,8 +135,8 @@ def main() -> None:
             for name, aligner in aligners.items():
                 if name == "dtw" and length > args.dtw_max_length:
                     continue
-                reps = args.repeats if name == "offsets" or length <= 1024 else max(1, args.repeats // 2)
-                seconds = best_time(lambda a=aligner: [a.align(t, s) for t, s in wpairs], reps) / len(cut)
+                reps = args.offsets_repeats if name == "offsets" else args.repeats if length <= 1024 else 2
+                seconds = best_time(aligner.align, wpairs, reps) / len(cut)
                 row[name] = {"seconds_per_text": seconds, "us_per_token": 1e6 * seconds / length}
             if "dtw" in row:
                 row["speedup"] = row["dtw"]["seconds_per_text"] / row["offsets"]["seconds_per_text"]
@@ -140,7 +144,7 @@ def main() -> None:
 
         loop_pairs = pairs[: args.loop_texts]
         loop_tokens = sum(len(t.ids) for t, _ in loop_pairs)
-        loop_s = best_time(lambda: [fusellm_loop(t, s) for t, s in loop_pairs], 1)
+        loop_s = best_time(fusellm_loop, loop_pairs, 1)
         result["directions"][f"{target_key}<-{source_key}"] = {
             "target_tokens": n_target,
             "source_tokens": sum(len(s.ids) for _, s in pairs),

@@ -202,3 +202,19 @@ def test_align_names_a_won_example_missing_from_the_store(setup):
     store = write_store(setup["tmp"] / "logits-gemma", setup["specs"]["gemma"], [r for r in RECORDS if r.id != "c"])
     with pytest.raises(ArtifactError, match="example 'c'.*gemma"):
         run_align(setup, "gemma", store)
+
+
+def test_align_report_on_texts_and_on_a_dataset_file(tmp_path, tiny_llama_dir, tiny_gemma_dir):
+    from profuser.alignment import align_report
+
+    llama, gemma = ModelSpec(ref=str(tiny_llama_dir)), ModelSpec(ref=str(tiny_gemma_dir))
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": r.instruction, "input": "", "output": r.response})
+                              for r in RECORDS), encoding="utf-8")
+    report = align_report(gemma, llama, path, "offsets", cache_dir=tmp_path / "cache")
+    assert report["texts"] == len(RECORDS) and report["tokens_per_second"] > 0
+    shares = ("exact_share", "one_to_many_share", "many_to_one_share", "soft_share", "fallback_share")
+    assert sum(report[k] for k in shares) == pytest.approx(1.0)
+    assert 0.3 < report["exact_share"] < 1.0
+    same = align_report(llama, llama, [r.response for r in RECORDS], "dtw", cache_dir=tmp_path / "cache")
+    assert same["exact_share"] == 1.0 and same["target_tokens"] == same["source_tokens"]

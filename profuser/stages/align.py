@@ -112,7 +112,11 @@ def run(ctx) -> dict:
             if example_id not in reader:
                 raise ArtifactError(f"example {example_id!r} was won by {source_key!r} but is not in its logits store",
                                     where=where)
-            record, ex = records[example_id], reader.get(example_id)
+        won = set(ids)
+        for ex in reader:  # storage order: each record batch is decoded once
+            if ex.id not in won:
+                continue
+            example_id, record = ex.id, records[ex.id]
             try:
                 enc = encode_chat(target_tok, record.system, record.instruction, ex.response, max_length=max_length)
             except ProfuserError as exc:
