@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from profuser import models
+from profuser import hookimpl, models
 from profuser.chat import FALLBACK_CHAT_TEMPLATE, encode_chat, template_for
+from profuser.components import BuiltinModel
 from profuser.errors import ModelError
 from profuser.models import cached_build, load_model, load_tokenizer, resolve_model
+from profuser.plugins import Engine, reset_engine
 from profuser.recipe import ModelSpec
 from profuser.testing import CHATML_TEMPLATE, tiny_gguf_file
 
@@ -236,3 +238,48 @@ def test_packaged_models_load_from_cache_and_produce_logits(shared_cache, ref, v
     first = enc.input_ids[enc.response_start]
     assert tokenizer.decode([first]).strip() == "Paris"
     assert logits[0, position].argsort(descending=True).tolist().index(first) < 100
+
+
+class _TinyPlugin:
+    """A third-party-style plugin registering builtin models backed by the tiny llama."""
+
+    source: Path
+
+    class Tiny(BuiltinModel):
+        name = "tiny"
+
+        def resolve(self, cache_dir: Path) -> Path:
+            def build(out: Path) -> None:
+                for f in _TinyPlugin.source.iterdir():
+                    (out / f.name).write_bytes(f.read_bytes())
+
+            return cached_build(cache_dir, "builtin", self.name, "k", build, ref="builtin:tiny")
+
+    class Broken(BuiltinModel):
+        name = "broken"
+
+        def resolve(self, cache_dir: Path) -> Path:
+            raise RuntimeError("disk on fire")
+
+    @staticmethod
+    @hookimpl
+    def profuser_register_models(register):
+        register(_TinyPlugin.Tiny)
+        register(_TinyPlugin.Broken)
+
+
+@pytest.fixture
+def tiny_plugin_engine(tiny_llama_dir):
+    _TinyPlugin.source = tiny_llama_dir
+    reset_engine(Engine(entrypoints=False, extra_plugins=[("tiny-plugin", _TinyPlugin)]))
+    yield
+    reset_engine(None)
+
+
+def test_builtin_ref_resolves_through_the_plugin_into_the_cache(tiny_plugin_engine, tmp_path):
+    model, tokenizer = load_model("builtin:tiny", cache_dir=tmp_path)
+    assert resolve_model("builtin:tiny", cache_dir=tmp_path) == tmp_path / "builtin" / "tiny-k"
+    assert logits_of(model, tokenizer).shape[-1] == 500
+    with pytest.raises(ModelError, match="plugin tiny-plugin failed to resolve it: RuntimeError: disk on fire") as err:
+        load_model("builtin:broken", cache_dir=tmp_path)
+    assert err.value.where == "builtin:broken"
