@@ -268,3 +268,21 @@ def test_target_reward_is_none_when_the_target_was_not_a_candidate(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b"], "chosen": ["x", "y"], "scores": ['{"x": 1, "y": 0}', '{"x": 0, "y": 2.5}']}), path)
     assert read_target_reward(path, "t") is None
     assert read_target_reward(path, "y") == {"a": 0.0, "b": 2.5}
+
+
+def test_a_kill_after_the_last_step_resumes_into_saving_and_other_batches_are_refused(tmp_path, tiny_llama_dir, examples, registry):
+    def run(spec, kill_at=None):
+        def kill(step, metrics):
+            if step == kill_at:
+                raise Killed
+        return train(str(tiny_llama_dir), {"training": examples["training"]}, registry.build("losses", "sft"),
+                     registry.build("curricula", "sft_only", {"epochs": 1}), spec, tmp_path, device="cpu", callbacks=[kill])
+
+    with pytest.raises(Killed):
+        run(small_spec(), kill_at=2)  # the phase-end checkpoint is written before the callbacks run
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(ProfuserError, match="delete it to start over"):
+        run(small_spec(batch_size=8))
+    summary = run(small_spec())
+    assert summary["resumed_from"] == summary["steps"] == 2
+    assert summary["final_loss"] == read_metrics(tmp_path)[-1]["loss"] and (tmp_path / "model" / "model.safetensors").is_file()

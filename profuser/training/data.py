@@ -24,7 +24,16 @@ from ..components import MODES, CurriculumInput, Phase
 from ..errors import DataError, ProfuserError
 
 IGNORE = -100
-COLUMNS = ("id", "input_ids", "labels", "teacher_ids", "teacher_logits", "teacher_mask", "gt_length")
+SCHEMA = pa.schema([  # the columns the trainer reads, in the types it reads them as
+    ("id", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),  # [L]
+    ("labels", pa.list_(pa.int32())),  # [L]
+    ("teacher_ids", pa.list_(pa.list_(pa.int32()))),  # [L][k]
+    ("teacher_logits", pa.list_(pa.list_(pa.float32()))),  # [L][k]
+    ("teacher_mask", pa.list_(pa.bool_())),  # [L]
+    ("gt_length", pa.int32()),
+])
+COLUMNS = tuple(SCHEMA.names)
 
 
 class ExampleSet:
@@ -51,7 +60,10 @@ class ExampleSet:
             missing = [c for c in COLUMNS if c not in table.column_names]
             if missing:
                 raise DataError(f"missing column(s) {', '.join(missing)} (see docs/architecture.md)", where=str(path))
-            tables[mode] = table.select(list(COLUMNS)).combine_chunks()
+            try:  # one schema for every mode, so that a micro-batch may mix them
+                tables[mode] = table.select(list(COLUMNS)).cast(SCHEMA).combine_chunks()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise DataError(f"unexpected column types: {exc}", where=str(path)) from None
         if not tables:
             raise ProfuserError("no examples to train on: the train stage needs build/inference and/or build/training")
         return cls(tables, max_length)

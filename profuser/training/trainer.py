@@ -130,13 +130,16 @@ def train(
 
     metrics_path = out_dir / "metrics.jsonl"
     writer = None
+    last: dict[str, Any] = {}  # the latest step's metrics
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         _truncate_metrics(metrics_path, step)  # drop steps logged after the checkpoint we resume from
+        if step and metrics_path.is_file():  # killed after the last step: the summary still has a loss
+            lines = metrics_path.read_text(encoding="utf-8").splitlines()
+            last = json.loads(lines[-1]) if lines else {}
         writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
     callbacks = list(callbacks)
-    last: dict[str, Any] = {}
     tokens_total, started = 0, time.time()
     bar = _progress(total_steps, step, enabled=progress and is_main)
 
