@@ -2,11 +2,13 @@
 
 Config: ``model`` (a ModelSpec identity, or None for the fused model: input ``model`` is then the
 train artifact, whose ``model/`` it loads), ``label``, ``evaluate`` (tasks, limit, num_fewshot,
-data_dir, batch_size; max_gen_toks when the recipe schema has it). Input ``data`` gives ``heldout.parquet`` to the ``profuser_heldout`` task.
+data_dir, batch_size; max_gen_toks when the recipe schema has it). Input ``data`` gives
+``heldout.parquet`` to the ``profuser_heldout`` task.
 
 Writes ``results.json`` ({label, model, tasks: {task: {metric: value}}, primary: {task: value},
-average, config: {task: {...}}}) and ``samples/<task>.jsonl`` (prompt, target, output and score of
-every scored example). Metrics: the primary score of each task and their average.
+average, config: {task: {...}}}) and, for generation tasks, ``samples/<task>.jsonl`` (prompt,
+target, output, extracted answer and score of every scored example). Metrics: the primary score of
+each task and their average.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def run(ctx) -> dict:
     samples_dir = ctx.out / "samples"
     samples_dir.mkdir(exist_ok=True)
     for task, samples in out.get("_samples", {}).items():
+        if "max_gen_toks" not in out["_config"][task]:
+            continue  # log-likelihood tasks: nothing generated to read (and MMLU would be tens of MB)
         with open(samples_dir / f"{task}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
     return {**{task: value for task, value in primary.items()}, "average": results["average"]}
