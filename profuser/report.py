@@ -347,7 +347,7 @@ def plot_loss_curves(curves: dict[str, list[list[dict]]], out_png: str | Path, *
         if single:
             rows = runs[0]
             for prev, row in zip([{}, *rows], rows):
-                if row.get("phase") is not None and row.get("phase") != prev.get("phase") and row.get("step") is not None:
+                if row.get("phase") is not None and _phase(row) != _phase(prev) and row.get("step") is not None:
                     ax.axvline(row["step"], color="grey", linestyle=":", linewidth=1)
                     ax.annotate(str(row.get("phase")), (row["step"], 1), xycoords=("data", "axes fraction"),
                                 fontsize=7, va="top", ha="left", color="grey")
@@ -356,6 +356,11 @@ def plot_loss_curves(curves: dict[str, list[list[dict]]], out_png: str | Path, *
     ax.set_title(title)
     ax.legend(fontsize=7, frameon=False)
     return _save(fig, Path(out_png))
+
+
+def _phase(row: dict) -> tuple:
+    """A curriculum phase: its index tells apart two phases of the same name."""
+    return row.get("phase_index"), row.get("phase")
 
 
 def _finite(value: Any) -> bool:
@@ -502,13 +507,13 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     metrics_file = dirs[train["id"]] / "metrics.jsonl" if train and dirs[train["id"]] else None
     if metrics_file and metrics_file.is_file():
         rows = read_metrics(metrics_file)
-        phases: dict[str, list[dict]] = {}
+        phases: dict[tuple, list[dict]] = {}
         for row in rows:
-            phases.setdefault(str(row.get("phase", "–")), []).append(row)
+            phases.setdefault(_phase(row), []).append(row)
         table = []
-        for phase, prow in phases.items():
+        for (_, name), prow in phases.items():
             losses = [r["loss"] for r in prow if _finite(r.get("loss"))]
-            table.append({"phase": phase, "steps": len(prow),
+            table.append({"phase": name, "steps": len(prow),
                           "first loss": f"{losses[0]:.4f}" if losses else None,
                           "last loss": f"{losses[-1]:.4f}" if losses else None,
                           "min loss": f"{min(losses):.4f}" if losses else None})
