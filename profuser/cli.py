@@ -214,6 +214,120 @@ def runs(runs_dir: RunsDir = Path("runs"), as_json: JsonFlag = False):
     console.print(table)
 
 
+@app.command()
+@friendly
+def compare(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipes to run and compare (ablations of one another).")],
+    out: Annotated[Path, typer.Option("--out", help="Where the table and plots go.")] = Path("comparison"),
+    override: Annotated[list[str], typer.Option("-o", "--override", help="Applied to every recipe.")] = [],
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: each variant runs once per seed (mean ± std).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+):
+    """Run recipes side by side (sharing every cached stage) and write a Table-1-style comparison."""
+    from .compare import run_comparison
+    from .report import write_comparison
+
+    seed_list = [int(x) for x in seeds.split(",")] if seeds else []
+    result = run_comparison(recipes, _runtime(runs_dir, device), overrides=override, seeds=seed_list,
+                            echo=lambda line: console.print(line, highlight=False))
+    written = write_comparison(result["entries"], out)
+    timing = {k: round(v, 1) for k, v in result.items() if k != "entries"}
+    (out / "suite.json").write_text(json.dumps(timing, indent=2))
+    console.print((out / "comparison.md").read_text().split("## ")[0])
+    console.print(f"suite: {timing['suite_seconds']} s (stages once: {timing['stage_seconds_once']} s; "
+                  f"each recipe cold on its own: {timing['cold_seconds_each_alone']} s)")
+    console.print("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+@app.command()
+@friendly
+def report(
+    run: Annotated[Path, typer.Argument(help="A run directory (RUNS/runs/NAME) or a recipe name.")],
+    runs_dir: RunsDir = Path("runs"),
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN/report).")] = None,
+):
+    """A single run's summary: stage timings and cache hits, advantage shares, alignment, curves, scores."""
+    from .report import write_run_report
+
+    run_dir = run if (run / "run.json").exists() else runs_dir / "runs" / str(run)
+    if not (run_dir / "run.json").exists():
+        raise ProfuserError(f"no run.json in {run_dir} (run the recipe first)", where=str(run))
+    console.print(write_run_report(run_dir, out))
+
+
+@app.command(name="eval")
+@friendly
+def eval_(
+    model: Annotated[str, typer.Argument(help="A model reference: hub id, local dir, .gguf file or builtin:NAME.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names (or profuser_heldout).")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local copies of the tasks' data in the hub's row format.")] = None,
+    heldout: Annotated[Optional[Path], typer.Option(help="heldout.parquet for profuser_heldout.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most N examples per task.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    device: Annotated[str, typer.Option()] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code (off by default).")] = False,
+    as_json: JsonFlag = False,
+):
+    """Evaluate any model on lm-eval tasks (offline with --data-dir)."""
+    from .evaluation import evaluate_model
+    from .models import load_model
+    from .recipe import ModelSpec
+
+    runtime = _runtime(Path("runs"), device)
+    loaded, tokenizer = load_model(ModelSpec(ref=model, trust_remote_code=trust_remote_code),
+                                   device=runtime.torch_device(), cache_dir=runtime.cache_dir)
+    results = evaluate_model(loaded, tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], limit=limit,
+                             data_dir=data_dir, heldout_path=heldout, batch_size=batch_size, device=runtime.torch_device())
+    primary = results.get("_primary", {})
+    if as_json:
+        console.print_json(json.dumps({"model": model, "primary": primary,
+                                       "tasks": {k: v for k, v in results.items() if not k.startswith("_")}}, default=str))
+        return
+    table = Table(title=model)
+    table.add_column("task")
+    table.add_column("score")
+    for task, value in primary.items():
+        table.add_row(task, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+@friendly
+def align(
+    source: Annotated[str, typer.Option(help="Source model reference (its tokenizer is used).")],
+    target: Annotated[str, typer.Option(help="Target model reference.")],
+    data: Annotated[Optional[Path], typer.Option(help="Texts: the responses of a dataset file (any supported format).")] = None,
+    aligner: Annotated[str, typer.Option(help="Aligner component.")] = "offsets",
+    limit: Annotated[Optional[int], typer.Option(help="At most N texts.")] = None,
+    as_json: JsonFlag = False,
+):
+    """Alignment quality and throughput for a tokenizer pair on real texts."""
+    from .alignment import align_report
+    from .plugins import get_engine
+    from .recipe import ModelSpec
+
+    if data is not None:
+        if not data.exists():
+            raise ProfuserError("file not found", where=str(data))
+        records = get_engine().registry.build("datasets", "file", {"path": str(data)}).records()
+    else:  # the built-in tasks' responses, so the command works offline with no file at hand
+        records = get_engine().registry.build("datasets", "builtin_tasks", {"n": 200}).records()
+    texts = [r.response for r in records if hasattr(r, "response")][:limit]
+    cache = os.environ.get("PROFUSER_CACHE")
+    result = align_report(ModelSpec(ref=source), ModelSpec(ref=target), texts, aligner,
+                          cache_dir=Path(cache) if cache else None)
+    if as_json:
+        console.print_json(json.dumps(result, default=str))
+        return
+    table = Table(title=f"{aligner}: {source} -> {target}")
+    table.add_column("measure")
+    table.add_column("value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024:

@@ -114,8 +114,9 @@ class Engine:
 
         from . import __version__
 
-        for module_name in BUILTIN_PLUGINS:
-            self._add(module_name, importlib.import_module(module_name), __version__, builtin=True)
+        for module_name in BUILTIN_PLUGINS:  # named like "builtin.aligners.offsets"
+            name = "builtin." + module_name.removeprefix("profuser_plugins.")
+            self._add(name, importlib.import_module(module_name), __version__, builtin=True)
         if entrypoints:
             for ep in metadata.entry_points(group=ENTRYPOINT_GROUP):
                 version = ep.dist.version if ep.dist else "?"
