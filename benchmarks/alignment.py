@@ -96,14 +96,14 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
 
-    from profuser.alignment import CATEGORIES, AlignmentCounts, _texts_from_file, tokenize, vocab_map
+    from profuser.alignment import CATEGORIES, AlignmentCounts, dataset_responses, tokenize, vocab_map
     from profuser.models import load_tokenizer
     from profuser.plugins import Engine
 
     registry = Engine(entrypoints=False).registry
     aligners = {name: registry.build("aligners", name) for name in ("offsets", "dtw")}
     tokenizers = {key: load_tokenizer(ref, cache_dir=args.cache_dir) for key, ref in MODELS.items()}
-    texts = _texts_from_file(args.data)
+    texts = dataset_responses(args.data)
     result = {"data": str(args.data), "texts": len(texts), "repeats": {"dtw": args.repeats, "offsets": args.offsets_repeats},
               "directions": {}}
 

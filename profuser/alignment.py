@@ -52,6 +52,7 @@ __all__ = [
     "VocabTable",
     "align_report",
     "classify",
+    "dataset_responses",
     "project",
     "tokenize",
     "tokenizer_hash",
@@ -517,7 +518,7 @@ def _merge_topk(ids: np.ndarray, logits: np.ndarray, k: int, vocab: int) -> tupl
 # --- report -------------------------------------------------------------------------------------
 
 
-def _texts_from_file(path: Path) -> list[str]:
+def dataset_responses(path: Path) -> list[str]:
     """The responses of a dataset file in any format the ``file`` dataset source reads."""
     from .components import Record
     from .data import RowFormatParams, data_files, read_rows, rows_to_records
@@ -537,7 +538,7 @@ def align_report(source_spec: Any, target_spec: Any, texts: Iterable[str] | str 
     from .plugins import get_engine
 
     if isinstance(texts, (str, Path)):
-        texts = _texts_from_file(Path(texts))
+        texts = dataset_responses(Path(texts))
     texts = list(texts)
     aligner = get_engine().registry.build("aligners", aligner_name, params or {})
     source_tok = load_tokenizer(source_spec, cache_dir=cache_dir)

@@ -356,3 +356,28 @@ def test_aligners_are_registered():
     assert {"offsets", "dtw"} <= set(registry.names("aligners"))
     assert registry.build("aligners", "dtw").params.model_dump() == {"vocab": "exact", "spans": "one_hot", "fallback": "one_hot"}
     assert registry.build("aligners", "offsets", {"vocab": "soft"}).params.vocab == "soft"
+
+
+@pytest.mark.slow
+def test_real_smollm2_and_gemma3_tokenizers(tmp_path):
+    """The packaged models' tokenizers (first use dequantises the GGUF files: about a minute)."""
+    from profuser.models import load_tokenizer
+
+    smol = load_tokenizer("builtin:smollm2-135m-instruct")
+    gemma = load_tokenizer("builtin:gemma3-270m")
+    text = "Step 1: translate 東京 (Tokyo) 🙂 — naïve résumé.\n\n  The capital of France is Paris."
+    target, source = tokenize(smol, text), tokenize(gemma, text, add_special_tokens=True)
+    assert "Ġæ" in target.tokens  # 東 split into bytes with overlapping character offsets
+    vmap = vocab_map(gemma, smol, cache_dir=tmp_path)
+    offsets = categories(target, source, *OffsetsAligner().align(target, source), vmap)
+    dtw = categories(target, source, *DTWAligner().align(target, source), vmap)
+    assert (offsets == EXACT).mean() >= (dtw == EXACT).mean()
+    # SmolLM2's five byte tokens of " 東京" lie inside Gemma's one token; plain English matches 1:1
+    first = target.tokens.index("Ġæ")
+    assert target.tokens[first:first + 5] == ["Ġæ", "Ŀ", "±", "äº", "¬"]
+    assert (offsets[first:first + 5] == MANY_TO_ONE).all()
+    # "\n\n  The": Gemma '\n\n' '▁▁' 'The' vs SmolLM2 ... 'ĠThe': crossing boundaries, a fallback
+    tail = target.tokens.index("ĠThe")
+    assert offsets[tail] == FALLBACK and (offsets[tail + 1:] == EXACT).all()
+    tb, te = byte_spans(target)
+    assert (tb[1:] == te[:-1]).all() and te[-1] == len(text.encode())
