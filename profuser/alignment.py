@@ -21,6 +21,7 @@ once per tokenizer pair and cached on disk under the model cache, keyed by both 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ __all__ = [
     "VocabRule",
     "VocabTable",
     "align_report",
+    "byte_level_alphabet",
     "classify",
     "dataset_responses",
     "project",
@@ -90,20 +92,13 @@ class ProjectionParams(StrictModel):
 # --- a tokenizer's vocabulary as bytes ----------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: printable symbol -> the byte it stands for."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable symbol -> the byte it stands for (imports transformers
+    on first use, not when the plugins load)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-
-BYTE_LEVEL = _bytes_to_unicode()
+    return {symbol: byte for byte, symbol in bytes_to_unicode().items()}
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -151,13 +146,15 @@ def _piece_function(backend_json: dict):
     wordpiece = next((s.get("prefix", "##") for s in steps if s.get("type") == "WordPiece"), None)
     suffix = next((s.get("suffix") for s in steps if s.get("type") == "BPEDecoder"), None)
 
+    byte_level = byte_level_alphabet()
+
     def piece(token: str) -> bytes:
         if "ByteFallback" in kinds:
             m = _BYTE_FALLBACK.match(token)
             if m:
                 return bytes([int(m.group(1), 16)])
-        if "ByteLevel" in kinds and all(c in BYTE_LEVEL for c in token):
-            return bytes(BYTE_LEVEL[c] for c in token)
+        if "ByteLevel" in kinds and all(c in byte_level for c in token):
+            return bytes(byte_level[c] for c in token)
         for old, new in replaces:
             token = token.replace(old, new)
         if wordpiece is not None and token.startswith(wordpiece):

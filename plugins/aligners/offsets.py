@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from profuser import hookimpl
-from profuser.alignment import BYTE_LEVEL, ProjectionParams
+from profuser.alignment import ProjectionParams, byte_level_alphabet
 from profuser.components import Aligner, Tokenized
 
 
@@ -30,7 +30,7 @@ def _n_bytes(token: str) -> int:
     """UTF-8 bytes a token string stands for (only used inside split characters)."""
     if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
         return 1
-    if all(c in BYTE_LEVEL for c in token):
+    if all(c in byte_level_alphabet() for c in token):
         return len(token)
     return len(token.replace("▁", " ").encode("utf-8"))
 
