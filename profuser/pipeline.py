@@ -238,6 +238,13 @@ class StageResult:
     build_seconds: float = 0.0  # what computing it cost when it ran (for a cached stage: back then)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank under torchrun / accelerate launch / deepspeed (0 of 1 otherwise)."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 class Runner:
     def __init__(self, recipe: Recipe, engine: Engine, runtime: Runtime, *, force: list[str] = (),
                  until: str | None = None, echo: Callable[[str], None] = print, stages: list[Stage] | None = None):
@@ -271,8 +278,10 @@ class Runner:
                 for s in self.stages if s.id in self.selected]
 
     def run(self) -> list[StageResult]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "recipe.yaml", _dump_yaml(self.recipe))
+        main = _rank_and_world()[0] == 0  # run-level records are written once, by rank 0
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "recipe.yaml", _dump_yaml(self.recipe))
         results: dict[str, StageResult] = {}
         started = time.time()
         for stage in self.stages:
@@ -285,10 +294,11 @@ class Runner:
             "seconds": time.time() - started,
             "stages": [vars(r) for r in results.values()],
         }
-        atomic_write_json(self.run_dir / "run.json", summary)
-        if "train" in results:
-            self._link(self.run_dir / "model", Path(results["train"].path) / "model")
-        self.engine.hook.profuser_run_finished(run_dir=str(self.run_dir), summary=summary)
+        if main:
+            atomic_write_json(self.run_dir / "run.json", summary)
+            if "train" in results:
+                self._link(self.run_dir / "model", Path(results["train"].path) / "model")
+            self.engine.hook.profuser_run_finished(run_dir=str(self.run_dir), summary=summary)
         return list(results.values())
 
     def _run_stage(self, stage: Stage, results: dict[str, StageResult]) -> StageResult:
@@ -296,7 +306,11 @@ class Runner:
         if stage.id in self.forced:
             self.store.invalidate(stage.kind, key)
             self.forced.discard(stage.id)  # once per run
+        rank, world = _rank_and_world()
+        distributed = getattr(stage.code(), "DISTRIBUTED", False)
         artifact = self.store.get(stage.kind, key)
+        if artifact is None and world > 1 and rank > 0 and not distributed:
+            artifact = self._wait_for(stage, key)  # rank 0 computes stages that do not use every rank
         if artifact is not None:
             result = StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path),
                                  artifact.manifest.get("seconds", 0.0))
@@ -311,6 +325,9 @@ class Runner:
         ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine, recipe=self.recipe)
         metrics = stage.code().run(ctx) or {}
         seconds = time.time() - t0
+        if world > 1 and rank > 0:  # a stage that used every rank: rank 0 alone seals it
+            artifact = self._wait_for(stage, key)
+            return StageResult(stage.id, stage.kind, key, False, seconds, artifact.metrics, str(artifact.path), seconds)
         artifact: Artifact = self.store.commit(stage.kind, key, {
             "stage_id": stage.id,
             "config": stage.config,
@@ -321,6 +338,13 @@ class Runner:
         self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=False, seconds=seconds, metrics=metrics)
         self.echo(f"[done]   {stage.id} in {seconds:.1f}s")
         return StageResult(stage.id, stage.kind, key, False, seconds, metrics, str(artifact.path), seconds)
+
+    def _wait_for(self, stage: Stage, key: str, poll: float = 2.0) -> Artifact:
+        # torchrun and accelerate end every rank when one fails, so waiting needs no timeout
+        self.echo(f"[wait]   {stage.id} (rank 0 computes it)")
+        while (artifact := self.store.get(stage.kind, key)) is None:
+            time.sleep(poll)
+        return artifact
 
     @staticmethod
     def _link(link: Path, target: Path) -> None:

@@ -119,6 +119,37 @@ def test_sigkill_in_the_middle_of_a_stage_resumes(tmp_path, default_recipe):
     assert not list(store.glob("*.partial"))
 
 
+RANKS_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from profuser.pipeline import Runner, Runtime, Stage
+    from profuser.plugins import Engine
+    from profuser.recipe import Recipe, load_raw
+    tmp = Path({tmp!r})
+    counter = str(tmp / "counter")
+    stages = [
+        Stage("a", "toy", {{"counter": counter, "value": "a", "sleep": 0.5, "chunks": 2}}, module="toy_stages"),
+        Stage("train", "toy", {{"counter": counter, "value": "t"}}, {{"up": "a"}}, module="toy_distributed_stage"),
+    ]
+    recipe = Recipe.model_validate(load_raw({recipe!r}))
+    Runner(recipe, Engine(entrypoints=False), Runtime(runs_dir=tmp / "runs", progress=False), stages=stages).run()
+""")
+
+
+def test_multi_process_launch_rank0_computes_and_every_rank_trains(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT.format(tests=str(TESTS), tmp=str(tmp_path), recipe=str(REPO / "recipes" / "profuser.yaml")))
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
+                              env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "RANK": str(rank), "WORLD_SIZE": "2"})
+             for rank in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert sorted(starts(tmp_path / "counter")) == ["a", "train", "train@1"]  # a once, train on both ranks
+    summary = json.loads((tmp_path / "runs" / "runs" / "profuser" / "run.json").read_text())
+    assert [s["id"] for s in summary["stages"]] == ["a", "train"]
+    assert len(list((tmp_path / "runs" / "store" / "toy").glob("*/manifest.json"))) == 2
+
+
 def test_default_plan_has_the_method_stages(engine, default_recipe):
     ids = [s.id for s in plan(default_recipe, engine)]
     for expected in ["data", "generate/gemma3", "score/judge-correct", "select/inference", "logits/inference/smollm2",

@@ -4,6 +4,7 @@ logs every start into the `counter` file named by its config."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,8 +15,9 @@ VERSION = "1"
 
 def run(ctx) -> dict:
     cfg = ctx.config
+    rank = os.environ.get("RANK", "0")
     with open(cfg["counter"], "a") as fh:
-        fh.write(f"{ctx.stage.id}\n")
+        fh.write(f"{ctx.stage.id}\n" if rank == "0" else f"{ctx.stage.id}@{rank}\n")
     upstream = "".join((path / "result.txt").read_text() for _, path in sorted(ctx.inputs.items()))
     resumed = 0
     for i in range(cfg.get("chunks", 1)):

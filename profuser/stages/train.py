@@ -22,6 +22,7 @@ from ..recipe import TrainSpec
 from ..training import train
 
 VERSION = "1"
+DISTRIBUTED = True  # every rank of a torchrun/accelerate launch trains; the runner lets rank 0 seal it
 
 
 def run(ctx) -> dict:
