@@ -344,7 +344,8 @@ def vocab_map(source_tokenizer, target_tokenizer, *, cache_dir: str | Path | Non
 
 def tokenize(tokenizer, text: str, *, add_special_tokens: bool = False) -> Tokenized:
     """``text`` in one tokenizer, with character offsets (special tokens get (0, 0))."""
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    # verbose=False: texts longer than the model context are fine here (nothing runs the model)
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True, verbose=False)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [n, 2]
     return Tokenized(text, ids, offsets, tokenizer.convert_ids_to_tokens(enc["input_ids"]))
