@@ -76,7 +76,7 @@ def run(
 
     recipe_obj = load_recipe(recipe, override)
     runner = Runner(recipe_obj, get_engine(), _runtime(runs_dir, device, recipe), force=force, until=until,
-                    echo=lambda line: console.print(line, highlight=False))
+                    echo=lambda line: console.print(line, highlight=False, markup=False))
     if dry_run:
         from .estimate import estimate_plan
 
@@ -230,7 +230,7 @@ def compare(
 
     seed_list = [int(x) for x in seeds.split(",")] if seeds else []
     result = run_comparison(recipes, _runtime(runs_dir, device), overrides=override, seeds=seed_list,
-                            echo=lambda line: console.print(line, highlight=False))
+                            echo=lambda line: console.print(line, highlight=False, markup=False))
     written = write_comparison(result["entries"], out)
     timing = {k: round(v, 1) for k, v in result.items() if k != "entries"}
     (out / "suite.json").write_text(json.dumps(timing, indent=2))
@@ -264,6 +264,8 @@ def eval_(
     data_dir: Annotated[Optional[Path], typer.Option(help="Local copies of the tasks' data in the hub's row format.")] = None,
     heldout: Annotated[Optional[Path], typer.Option(help="heldout.parquet for profuser_heldout.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most N examples per task.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Shots for every task (default: the Open LLM Leaderboard's).")] = None,
+    max_gen_toks: Annotated[Optional[int], typer.Option(help="Cap on generated tokens for generation tasks.")] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
     device: Annotated[str, typer.Option()] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code (off by default).")] = False,
@@ -277,8 +279,10 @@ def eval_(
     runtime = _runtime(Path("runs"), device)
     loaded, tokenizer = load_model(ModelSpec(ref=model, trust_remote_code=trust_remote_code),
                                    device=runtime.torch_device(), cache_dir=runtime.cache_dir)
-    results = evaluate_model(loaded, tokenizer, [t.strip() for t in tasks.split(",") if t.strip()], limit=limit,
-                             data_dir=data_dir, heldout_path=heldout, batch_size=batch_size, device=runtime.torch_device())
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    results = evaluate_model(loaded, tokenizer, task_list, limit=limit, data_dir=data_dir, heldout_path=heldout,
+                             num_fewshot={t: num_fewshot for t in task_list} if num_fewshot is not None else None,
+                             max_gen_toks=max_gen_toks, batch_size=batch_size, device=runtime.torch_device())
     primary = results.get("_primary", {})
     if as_json:
         console.print_json(json.dumps({"model": model, "primary": primary,

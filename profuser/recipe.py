@@ -125,6 +125,7 @@ class EvaluateSpec(StrictModel):
     data_dir: str | None = None
     baselines: bool = True
     batch_size: int = Field(default=8, gt=0)
+    max_gen_toks: int | None = Field(default=None, gt=0, description="cap on generated tokens (lm-eval default 256)")
 
 
 class Recipe(StrictModel):
