@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from profuser_plugins.generators.hf import HFGenerator
+from profuser_plugins.generators.vllm import VLLMGenerator
 
 from profuser.components import Prompt, Record
 from profuser.data import write_records
@@ -17,8 +19,6 @@ from profuser.pipeline import Runtime, Stage, StageContext
 from profuser.plugins import get_engine
 from profuser.recipe import ModelSpec
 from profuser.stages import generate as generate_stage
-from profuser_plugins.generators.hf import HFGenerator
-from profuser_plugins.generators.vllm import VLLMGenerator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

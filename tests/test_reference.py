@@ -3,10 +3,10 @@
 import math
 
 import pytest
+from profuser_plugins.evaluators.reference import ReferenceScore
 
 from profuser.components import Candidates
 from profuser.errors import ProfuserError
-from profuser_plugins.evaluators.reference import ReferenceScore
 
 REF = "the cat sat on the mat"
 

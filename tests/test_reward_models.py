@@ -8,6 +8,11 @@ import textwrap
 
 import pytest
 import torch
+from profuser_plugins.reward_models._common import chat_ids
+from profuser_plugins.reward_models.judge import JudgeRM
+from profuser_plugins.reward_models.remote_code import RemoteCodeRM
+from profuser_plugins.reward_models.sequence_classifier import SequenceClassifierRM
+from profuser_plugins.reward_models.starling import StarlingRM
 from pydantic import ValidationError
 
 from profuser.components import Judged
@@ -15,11 +20,6 @@ from profuser.errors import ModelError
 from profuser.pipeline import Runtime
 from profuser.plugins import Engine
 from profuser.testing import tiny_tokenizer
-from profuser_plugins.reward_models._common import chat_ids
-from profuser_plugins.reward_models.judge import JudgeRM
-from profuser_plugins.reward_models.remote_code import RemoteCodeRM
-from profuser_plugins.reward_models.sequence_classifier import SequenceClassifierRM
-from profuser_plugins.reward_models.starling import StarlingRM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -77,7 +77,7 @@ def test_sequence_classifier_matches_unpadded_forward(seq_cls_dir):
     for item, score in zip(ITEMS, scores):
         ids, _ = chat_ids(tok, item, 2048)
         text = tok.decode(ids)
-        assert text.startswith("<|im_start|>user\n") or text.startswith("<|im_start|>system\n")
+        assert text.startswith(("<|im_start|>user\n", "<|im_start|>system\n"))
         assert text.endswith(f"{item.response}<|im_end|>\n")  # the assistant turn is closed
         with torch.no_grad():
             expected = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
@@ -119,7 +119,7 @@ def _starling_checkpoint(root, prefixes, *, with_config=True, seed=1):
 
 @pytest.mark.parametrize("prefixes", [("transformer.", "model.model."), ("model.model.",)])
 def test_starling_value_head_at_last_token(tmp_path, prefixes):
-    backbone, v_head, tok = _starling_checkpoint(tmp_path / "starling", prefixes)
+    backbone, v_head, _ = _starling_checkpoint(tmp_path / "starling", prefixes)
     rm = build(StarlingRM, {"model": str(tmp_path / "starling"), "batch_size": 2})
     scores = rm.score(ITEMS)
     _, rm_tok = rm._load()

@@ -1,11 +1,11 @@
 """rm_vote: one vote per reward model, most votes win, ties go to the strongest RM's score."""
 
 import pytest
+from profuser_plugins.evaluators.rm_vote import RMVote
 
 from profuser.components import Candidates
 from profuser.errors import ProfuserError
 from profuser.plugins import Engine
-from profuser_plugins.evaluators.rm_vote import RMVote
 
 
 def example(scores, sources=("a", "b", "c")):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from profuser.components import StrictModel
 
@@ -13,12 +11,19 @@ class SamplingParams(StrictModel):
     """Sampling settings shared by the generation backends."""
 
     max_new_tokens: int = Field(default=512, gt=0)
+    min_new_tokens: int = Field(default=0, ge=0, description="EOS is suppressed before this many tokens")
     do_sample: bool = True  # False (or temperature 0): greedy
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0, description="0: no top-k filter")
     repetition_penalty: float = Field(default=1.0, gt=0)
     stop: list[str] = Field(default_factory=list, description="extra stop strings, cut from the response")
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}")
+        return self
 
     @property
     def greedy(self) -> bool:

@@ -61,6 +61,7 @@ class HFGenerator(Generator):
         # greedy: clear sampling knobs the checkpoint may set, so transformers does not warn
         cleared = {"temperature": None, "top_p": None, "top_k": None} if p.greedy else {}
         config.update(**{**cleared, **sampling}, do_sample=not p.greedy, max_new_tokens=p.max_new_tokens,
+                      min_new_tokens=p.min_new_tokens or None,
                       repetition_penalty=p.repetition_penalty, num_return_sequences=1, pad_token_id=pad,
                       max_length=None, stop_strings=p.stop or None)
         return config

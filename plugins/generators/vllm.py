@@ -85,9 +85,10 @@ class VLLMGenerator(Generator):
                              where=model_label(spec))
         truncated = sum(len(ids) > room for ids in encoded)
         encoded = [ids[-room:] if len(ids) > room else ids for ids in encoded]  # keep the assistant turn opener
-        sampling = dict(temperature=0.0) if p.greedy else dict(temperature=p.temperature, top_p=p.top_p,
-                                                               top_k=p.top_k or -1)
-        params = [vllm.SamplingParams(n=1, max_tokens=p.max_new_tokens, repetition_penalty=p.repetition_penalty,
+        sampling = ({"temperature": 0.0} if p.greedy else
+                    {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1})
+        params = [vllm.SamplingParams(n=1, max_tokens=p.max_new_tokens, min_tokens=p.min_new_tokens,
+                                      repetition_penalty=p.repetition_penalty,
                                       stop=p.stop or None, seed=prompt_seed(seed, q.id), **sampling)
                   for q in prompts]
         started = time.perf_counter()

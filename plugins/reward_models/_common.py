@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -31,7 +32,7 @@ def runtime_of(component):
     return getattr(component, "runtime", None) or Runtime()
 
 
-def torch_dtype(name: str, device: str) -> "torch.dtype":
+def torch_dtype(name: str, device: str) -> torch.dtype:
     import torch
 
     if name == "auto":

@@ -22,7 +22,18 @@ from profuser import hookimpl
 from profuser.components import Judged, RewardModel
 from profuser.errors import ModelError
 
-from ._common import RMParams, chat_ids, fill_template, pad_batch, resolve, runtime_of, score_batches, text_ids, torch_dtype, where
+from ._common import (
+    RMParams,
+    chat_ids,
+    fill_template,
+    pad_batch,
+    resolve,
+    runtime_of,
+    score_batches,
+    text_ids,
+    torch_dtype,
+    where,
+)
 
 
 class RemoteCodeRM(RewardModel):

@@ -24,7 +24,16 @@ from profuser import hookimpl
 from profuser.components import Judged, RewardModel
 from profuser.errors import ModelError
 
-from ._common import RMParams, fill_template, pad_batch, runtime_of, score_batches, text_ids, torch_dtype, where
+from ._common import (
+    RMParams,
+    fill_template,
+    pad_batch,
+    runtime_of,
+    score_batches,
+    text_ids,
+    torch_dtype,
+    where,
+)
 
 STARLING_TEMPLATE = "<s>[INST] {instruction} </s> [/INST] {response}</s>"
 
@@ -68,7 +77,7 @@ def read_value_head_checkpoint(directory: Path, where_: str) -> tuple[dict[str, 
     head = None
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
+            for key in fh.keys():  # noqa: SIM118 - a safetensors file handle, not a dict
                 if key == "v_head.weight":
                     head = fh.get_tensor(key)
                     continue
