@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import ProfuserError, RecipeError
 
@@ -32,6 +33,11 @@ RunsDir = Annotated[Path, typer.Option("--runs-dir", envvar="PROFUSER_RUNS_DIR",
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
+def print_error(exc: ProfuserError) -> None:
+    for line in exc.lines():  # one problem per line, never wrapped, so that grep and editors can use them
+        err_console.print(Text("error ", style="red") + Text(line), soft_wrap=True)
+
+
 def friendly(fn):
     """Print ProfuserErrors as `where: message` lines and exit with their status."""
 
@@ -40,8 +46,7 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except ProfuserError as exc:
-            for line in exc.lines():
-                err_console.print(f"[red]error[/red] {line}", highlight=False, markup=True, soft_wrap=True)
+            print_error(exc)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: finished stages are kept; run the same command to resume")
@@ -120,8 +125,7 @@ def validate(
             if exc.file is None:
                 exc.file = str(path)
             failed += 1
-            for line in exc.lines():
-                err_console.print(f"[red]error[/red] {line}", highlight=False)
+            print_error(exc)
             continue
         console.print(f"ok {path}", highlight=False)
     if failed:

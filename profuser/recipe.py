@@ -42,6 +42,15 @@ class NamedComponentRef(ComponentRef):
         return self.label or self.name
 
 
+def _distinct_labels(items: list, what: str) -> list:
+    """Stages and tables name things by their label: two alike would overwrite each other."""
+    keys = [item.key for item in items]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"{what} must have distinct labels (set `label:`); repeated: {', '.join(repeated)}")
+    return items
+
+
 class ModelSpec(StrictModel):
     """A model reference: a hub id, a local directory, a ``.gguf`` file, or ``builtin:NAME``."""
 
@@ -95,11 +104,7 @@ class InferenceModeSpec(StrictModel):
     @field_validator("reward_models")
     @classmethod
     def _unique(cls, value: list[NamedComponentRef]):
-        keys = [rm.key for rm in value]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise ValueError(f"reward models must have distinct labels; repeated: {', '.join(dupes)}")
-        return value
+        return _distinct_labels(value, "reward models")
 
 
 class TrainSpec(StrictModel):
@@ -128,6 +133,18 @@ class EvaluateSpec(StrictModel):
     max_gen_toks: int | None = Field(default=None, gt=0, description="cap on generated tokens (lm-eval default 256)")
 
 
+COMPONENT_PATHS = [  # where a recipe names components, and their kind
+    ("data.source", "datasets"),
+    ("training_mode.evaluator", "evaluators"),
+    ("inference_mode.generator", "generators"),
+    ("inference_mode.reward_models", "reward_models"),
+    ("inference_mode.evaluator", "evaluators"),
+    ("aligner", "aligners"),
+    ("loss", "losses"),
+    ("curriculum", "curricula"),
+]
+
+
 class Recipe(StrictModel):
     """A whole fusion run. See recipes/profuser.yaml for the annotated default."""
 
@@ -149,24 +166,16 @@ class Recipe(StrictModel):
     @field_validator("sources")
     @classmethod
     def _distinct_sources(cls, value: list[ModelSpec]):
-        keys = [m.key for m in value]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise ValueError(f"source models must have distinct labels; repeated: {', '.join(dupes)} (set `label:`)")
-        return value
+        return _distinct_labels(value, "source models")
 
     def component_refs(self) -> list[tuple[str, str, ComponentRef]]:
         """(recipe path, kind, ref) of every component the recipe names."""
-        refs = [
-            ("data.source", "datasets", self.data.source),
-            ("training_mode.evaluator", "evaluators", self.training_mode.evaluator),
-            ("inference_mode.generator", "generators", self.inference_mode.generator),
-            ("inference_mode.evaluator", "evaluators", self.inference_mode.evaluator),
-            ("aligner", "aligners", self.aligner),
-            ("loss", "losses", self.loss),
-            ("curriculum", "curricula", self.curriculum),
-        ]
-        refs += [(f"inference_mode.reward_models.{i}", "reward_models", rm) for i, rm in enumerate(self.inference_mode.reward_models)]
+        refs = []
+        for path, kind in COMPONENT_PATHS:
+            node: Any = self
+            for part in path.split("."):
+                node = getattr(node, part)
+            refs += [(f"{path}.{i}", kind, n) for i, n in enumerate(node)] if isinstance(node, list) else [(path, kind, node)]
         return refs
 
 
@@ -266,10 +275,27 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
-def validate_components(recipe: Recipe, registry) -> list[tuple[str, str]]:
+def _raw_refs(data: dict) -> list[tuple[str, str, ComponentRef]]:
+    """The well-formed component references of a recipe mapping that failed validation elsewhere."""
+    refs = []
+    for path, kind in COMPONENT_PATHS:
+        node: Any = data
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        items = [(f"{path}.{i}", n) for i, n in enumerate(node)] if isinstance(node, list) else [(path, node)]
+        for item_path, item in items:
+            try:
+                refs.append((item_path, kind, ComponentRef.model_validate(
+                    {k: v for k, v in item.items() if k != "label"} if isinstance(item, dict) else item)))
+            except ValidationError:
+                continue  # already reported by the schema
+    return refs
+
+
+def validate_components(refs: list[tuple[str, str, ComponentRef]], registry) -> list[tuple[str, str]]:
     """Each named component exists, and its params pass its own ``Params`` model."""
     problems: list[tuple[str, str]] = []
-    for path, kind, ref in recipe.component_refs():
+    for path, kind, ref in refs:
         try:
             info = registry.get(kind, ref.name)
         except PluginError as exc:
@@ -287,15 +313,16 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     file = str(path)
     data = apply_overrides(load_raw(path), list(overrides))
     data.setdefault("name", Path(path).stem)
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_pydantic_problems(exc), file=file) from None
     if registry is None:
         from .plugins import get_engine
 
         registry = get_engine().registry
-    problems = validate_components(recipe, registry)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:  # report the components' problems too: every problem at once
+        problems = _pydantic_problems(exc) + validate_components(_raw_refs(data), registry)
+        raise RecipeError(sorted(set(problems), key=problems.index), file=file) from None
+    problems = validate_components(recipe.component_refs(), registry)
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base)
     _absolutise_paths(recipe, base)

@@ -18,21 +18,13 @@ import pyarrow.parquet as pq
 
 from ..data import read_records
 from ..errors import ArtifactError, DataError, ProfuserError
+from ..training.data import SCHEMA as TRAINER_SCHEMA
 from .align import list_column, target_max_length
 
 VERSION = "1"
 ROWS_PER_GROUP = 256
 
-EXAMPLES_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("mode", pa.string()),
-    ("input_ids", pa.list_(pa.int32())),  # [L]
-    ("labels", pa.list_(pa.int32())),  # [L]
-    ("teacher_ids", pa.list_(pa.list_(pa.int32()))),  # [L][k]
-    ("teacher_logits", pa.list_(pa.list_(pa.float32()))),  # [L][k]
-    ("teacher_mask", pa.list_(pa.bool_())),  # [L]
-    ("gt_length", pa.int32()),
-])
+EXAMPLES_SCHEMA = TRAINER_SCHEMA.insert(1, pa.field("mode", pa.string()))  # what the trainer reads, + the mode
 
 
 class _Aligned:
