@@ -36,6 +36,10 @@ class Component(ABC):
     class Params(StrictModel):
         pass
 
+    # set by the stage that builds it (profuser.pipeline.Runtime: device, cache dir, progress);
+    # read it with profuser.pipeline.runtime_of(self), which gives the defaults when it is unset
+    runtime: Any = None
+
     def __init__(self, params: BaseModel | dict[str, Any] | None = None):
         if not isinstance(params, self.Params):
             params = self.Params(**(params or {}))

@@ -43,6 +43,11 @@ class Runtime:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def runtime_of(component) -> Runtime:
+    """The runtime a stage attached to a component, or the defaults when used on its own."""
+    return getattr(component, "runtime", None) or Runtime()
+
+
 @dataclass
 class Stage:
     id: str  # e.g. "logits/training/gemma3-270m"
@@ -72,8 +77,11 @@ class StageContext:
         return self.stage.config
 
     def build(self, kind: str, ref: dict[str, Any]):
-        """Instantiate the component a config entry names (``{"name": ..., "params": {...}}``)."""
-        return self.engine.registry.build(kind, ref["name"], ref.get("params") or {})
+        """Instantiate the component a config entry names (``{"name": ..., "params": {...}}``),
+        with this run's runtime attached (device, cache dir, progress: never part of a key)."""
+        component = self.engine.registry.build(kind, ref["name"], ref.get("params") or {})
+        component.runtime = self.runtime
+        return component
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)

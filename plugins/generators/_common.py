@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from profuser.components import StrictModel
+from profuser.pipeline import runtime_of  # noqa: F401  (re-exported for the plugins)
 
 
 class SamplingParams(StrictModel):
@@ -55,8 +56,3 @@ def model_label(spec) -> str:
     return f"model {spec.key} ({spec.ref})"
 
 
-def runtime_of(component):
-    """The runtime the stage attached (device, cache dir, progress), or the defaults."""
-    from profuser.pipeline import Runtime
-
-    return getattr(component, "runtime", None) or Runtime()

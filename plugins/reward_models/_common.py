@@ -10,6 +10,7 @@ from pydantic import Field
 
 from profuser.components import Judged, StrictModel
 from profuser.errors import DataError, ModelError
+from profuser.pipeline import runtime_of  # noqa: F401  (re-exported for the plugins)
 
 if TYPE_CHECKING:
     import torch
@@ -25,11 +26,6 @@ class RMParams(StrictModel):
     max_length: int = Field(default=2048, gt=0, description="tokens per (prompt + response); longer ones are cut")
 
 
-def runtime_of(component):
-    """The runtime the stage attached (device, cache dir, progress), or the defaults."""
-    from profuser.pipeline import Runtime
-
-    return getattr(component, "runtime", None) or Runtime()
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:

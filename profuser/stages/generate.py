@@ -102,7 +102,6 @@ def run(ctx) -> dict:
         return table_stats(final)  # finished before a kill that came ahead of the commit
 
     generator = ctx.build("generators", cfg["generator"])
-    generator.runtime = ctx.runtime  # device, cache dir, progress: never part of the cache key
     tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir)
     prompts = [Prompt(r.id, r.system, r.instruction) for r in records]
     shard_size = int(getattr(generator, "shard_size", SHARD_SIZE))

@@ -53,7 +53,6 @@ def run(ctx) -> dict:
         return table_stats(final)  # finished before a kill that came ahead of the commit
 
     rm = ctx.build("reward_models", cfg["reward_model"])
-    rm.runtime = ctx.runtime  # device, cache dir, progress: never part of the cache key
 
     def compute(index: int, rows: slice):
         started = time.perf_counter()
