@@ -27,8 +27,18 @@ from profuser.components import Loss
 from profuser.teacher import teacher_logprobs
 
 IGNORE = -100
-# rows per chunk ~ 1M logits: a 4 MiB float32 temporary (cache-sized) in forward, none in backward
-CHUNK_ELEMENTS = 1 << 20
+# Rows per chunk ~ 64M logits (256 MiB float32). Chunks bound the forward's temporary for large
+# B*T*V (and for bf16 logits, whose float32 copy would be twice their size), but every chunk costs
+# a few parallel regions, each a thread barrier: on a busy 2-core CPU 49 chunks of 1M logits made
+# the loss 4x slower than one chunk (benchmarks/fusion_step.py), so chunks are large.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunks(n: int, rows: int, busy: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """(start, end, any row busy) per chunk, with one host sync for all of them."""
+    starts = list(range(0, n, rows))
+    flags = [bool(f) for f in torch.stack([busy[s:s + rows].any() for s in starts]).tolist()] if starts else []
+    return [(s, min(n, s + rows), f) for s, f in zip(starts, flags)]
 
 
 class _SparseLogits(torch.autograd.Function):
@@ -38,9 +48,8 @@ class _SparseLogits(torch.autograd.Function):
         n, _ = z.shape
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         lse = torch.zeros(n, dtype=cdtype, device=z.device)
-        for s in range(0, n, chunk_rows):
-            e = min(n, s + chunk_rows)
-            if active[s:e].any():
+        for s, e, busy in _chunks(n, chunk_rows, active):
+            if busy:
                 # log_softmax is one fused kernel (torch.logsumexp is four passes); at the row's
                 # argmax log_softmax = -log(sum exp(z - max)), so lse = z_max - logsm_max exactly
                 zc = z[s:e].to(cdtype)
@@ -53,27 +62,25 @@ class _SparseLogits(torch.autograd.Function):
         return lse, z_at
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_lse, g_at):
         z, ids, active, lse = ctx.saved_tensors
         n, _ = z.shape
         grad = torch.empty_like(z, memory_format=torch.contiguous_format)
-        # softmax(z) * c == exp(z - (lse - log|c|)), so scaling costs no extra pass; c = 0 gives exp(-inf) = 0
+        # softmax(z) * c == exp(z - (lse - log|c|)): the scale costs no extra pass; c = 0 gives exp(-inf) = 0
         coef = (g_lse * active).to(lse.dtype)
         shift = lse - coef.abs().log()  # [N]
-        negative = coef < 0
-        inplace = grad.dtype == lse.dtype
-        for s in range(0, n, ctx.chunk_rows):
-            e = min(n, s + ctx.chunk_rows)
+        for s, e, busy in _chunks(n, ctx.chunk_rows, coef != 0):
             out = grad[s:e]
-            if not coef[s:e].any():
+            if not busy:
                 out.zero_()
-                continue
-            if inplace:
+            elif grad.dtype == lse.dtype:
                 torch.sub(z[s:e], shift[s:e, None], out=out).exp_()
             else:  # low-precision logits: compute in float32, store in the logits' dtype
                 out.copy_(torch.sub(z[s:e].to(lse.dtype), shift[s:e, None]).exp_())
-            if negative[s:e].any():
-                out[negative[s:e]] *= -1
+        negative = coef < 0
+        if negative.any():
+            grad[negative] *= -1
         grad.scatter_add_(1, ids, g_at.to(grad.dtype))
         return grad, None, None, None
 
