@@ -130,6 +130,9 @@ def test_deepspeed_configs_validate_with_the_recipe_batch(config, stage):
 
 
 def test_accelerate_configs_parse_into_the_launch_environment(monkeypatch):
+    # accelerate's launch helpers write into os.environ: give them a copy that is dropped afterwards,
+    # or later tests in this process would find ACCELERATE_USE_FSDP=true
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env

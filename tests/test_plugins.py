@@ -29,8 +29,8 @@ class OneShot(Curriculum):
         return [Phase("only", 1.0, [PhasePart("training")])]
 
 
-def _plugin(name: str, cls=OneShot, **register_kwargs):
-    module = types.ModuleType(name)
+def _plugin(module_name: str, cls=OneShot, **register_kwargs):
+    module = types.ModuleType(module_name)
 
     @hookimpl
     def profuser_register_curricula(register):

@@ -54,6 +54,8 @@ class AccelerateBackend:
     def __init__(self, spec: TrainSpec, *, cpu: bool):
         from accelerate import Accelerator, FullyShardedDataParallelPlugin
 
+        if spec.distributed == "fsdp" and cpu:  # refuse before accelerate exports ACCELERATE_USE_FSDP into os.environ
+            raise ProfuserError("FSDP needs GPUs; on CPU use DDP or DeepSpeed", where="train.distributed")
         kwargs: dict[str, Any] = {}
         if spec.distributed == "fsdp" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()  # defaults; a launch config overrides
