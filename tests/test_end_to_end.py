@@ -68,6 +68,21 @@ def test_tiny_pipeline_runs_every_stage_then_reuses_them(tiny_recipe, tmp_path):
     again = json.loads((runs / "runs" / "tiny" / "run.json").read_text())
     assert all(s["cached"] for s in again["stages"]), output
 
+    # what a user looks at afterwards: the plan (all cached), the store, the run report
+    plan = invoke("run", tiny_recipe / "tiny.yaml", "--runs-dir", runs, "--dry-run", "-o", "loss.params.beta=0.1")
+    assert "stages to run: 2 of" in plan  # train and evaluate/fused: nothing upstream of the loss
+    stored = json.loads(invoke("runs", "--runs-dir", runs, "--json"))
+    assert {a["stage"] for a in stored["artifacts"]} >= {"data", "train", "build/inference"}
+    report = invoke("report", "tiny", "--runs-dir", runs)
+    assert "train" in report and (runs / "runs" / "tiny" / "report" / "report.md").exists()
+
+
+def test_align_command_reports_shares_and_speed(tiny_llama_dir, tiny_gemma_dir):
+    out = json.loads(invoke("align", "--source", tiny_gemma_dir, "--target", tiny_llama_dir, "--limit", 20, "--json"))
+    assert out["texts"] == 20 and out["tokens_per_second"] > 0
+    shares = sum(out[f"{k}_share"] for k in ("exact", "one_to_many", "many_to_one", "soft", "fallback"))
+    assert abs(shares - 1) < 1e-9 and out["exact_share"] > 0.5
+
 
 def test_compare_runs_shared_stages_once(tiny_recipe, tmp_path):
     out = tmp_path / "cmp"
