@@ -92,14 +92,41 @@ class DistillSpec(StrictModel):
     max_length: int = Field(default=2048, gt=0)
 
 
+# The components a recipe gets when it names none. `-o loss.params.beta=0.1` on a recipe without a
+# `loss:` block tunes this default rather than asking for a name.
+DEFAULT_COMPONENTS = {
+    "training_mode.evaluator": "min_ce",
+    "inference_mode.generator": "hf",
+    "inference_mode.evaluator": "rm_vote",
+    "aligner": "offsets",
+    "loss": "fuse_kl",
+    "curriculum": "progressive",
+}
+
+
+def _default(path: str) -> ComponentRef:
+    return ComponentRef(name=DEFAULT_COMPONENTS[path])
+
+
+def _fill_default_names(data: Any) -> Any:
+    for path, name in DEFAULT_COMPONENTS.items():
+        *parents, last = path.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(last), dict) and "name" not in node[last]:
+            node[last] = {"name": name, **node[last]}
+    return data
+
+
 class TrainingModeSpec(StrictModel):
-    evaluator: ComponentRef = ComponentRef(name="min_ce")
+    evaluator: ComponentRef = _default("training_mode.evaluator")
 
 
 class InferenceModeSpec(StrictModel):
-    generator: ComponentRef = ComponentRef(name="hf")
+    generator: ComponentRef = _default("inference_mode.generator")
     reward_models: list[NamedComponentRef] = Field(default_factory=list)
-    evaluator: ComponentRef = ComponentRef(name="rm_vote")
+    evaluator: ComponentRef = _default("inference_mode.evaluator")
 
     @field_validator("reward_models")
     @classmethod
@@ -157,9 +184,9 @@ class Recipe(StrictModel):
     distill: DistillSpec = DistillSpec()
     training_mode: TrainingModeSpec = TrainingModeSpec()
     inference_mode: InferenceModeSpec = InferenceModeSpec()
-    aligner: ComponentRef = ComponentRef(name="offsets")
-    loss: ComponentRef = ComponentRef(name="fuse_kl")
-    curriculum: ComponentRef = ComponentRef(name="progressive")
+    aligner: ComponentRef = _default("aligner")
+    loss: ComponentRef = _default("loss")
+    curriculum: ComponentRef = _default("curriculum")
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
 
@@ -311,7 +338,7 @@ def validate_components(refs: list[tuple[str, str, ComponentRef]], registry) -> 
 def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -> Recipe:
     """Load, merge, override and validate a recipe. Raises ``RecipeError`` listing every problem."""
     file = str(path)
-    data = apply_overrides(load_raw(path), list(overrides))
+    data = _fill_default_names(apply_overrides(load_raw(path), list(overrides)))
     data.setdefault("name", Path(path).stem)
     if registry is None:
         from .plugins import get_engine

@@ -125,3 +125,9 @@ def test_shipped_recipes_validate():
     proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", *RECIPES], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ok ") == len(RECIPES) >= 11
+
+
+def test_override_of_a_default_component_tunes_it(tmp_path, base):
+    recipe = load_recipe(base, ["loss.params.beta=0.1", "curriculum.params.first_epochs=2"])
+    assert recipe.loss.name == "fuse_kl" and recipe.loss.params == {"beta": 0.1}
+    assert recipe.curriculum.name == "progressive" and recipe.curriculum.params == {"first_epochs": 2}
