@@ -72,7 +72,7 @@ def dense_fuse_kl(logits, batch, *, beta=0.5, temperature=2.0, top_p=0.95):
     from profuser.teacher import teacher_logprobs
 
     b, t, v = logits.shape
-    shift = lambda x, fill: F.pad(x[:, 1:], [0, 0] * (x.dim() - 2) + [0, 1], value=fill)  # noqa: E731
+    shift = lambda x, fill: F.pad(x[:, 1:], [0, 0] * (x.dim() - 2) + [0, 1], value=fill)
     target = shift(batch["labels"], -100)
     labelled = target != -100
     logq = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]

@@ -2,21 +2,21 @@
 loaded as a plugin; third-party loss plugins may import it).
 
 The one heavy operation is ``sparse_logits``: the student's log-partition ``lse`` [N] and its
-logits at a few ids ``z_at`` [N, m] (the label and the teacher's k ids), from a single pass over
-the [N, V] logits. Every loss here is then plain autograd on those small tensors: CE = lse - z_label,
-log q_j = z_j - lse. The backward of ``sparse_logits`` turns their gradients into the gradient on
-the logits in one pass, chunk by chunk, straight into the output buffer:
+logits at a few ids ``z_at`` [N, m] (the label and the teacher's k ids). Every loss here is then
+plain autograd on those small tensors: CE = lse - z_label, log q_j = z_j - lse. The backward of
+``sparse_logits`` turns their gradients into the gradient on the logits:
 
     dL/dz = g_lse * softmax(z) + scatter(ids, g_at)
 
 For CE + beta * KL(P_S || P_T) that is (w_ce + beta * w_kl) * softmax(z) - w_ce * onehot(label)
-- beta * w_kl * P_S, as docs/losses.md derives. No [N, V] log-softmax is kept for backward and no
-dense teacher tensor is ever built.
+- beta * w_kl * P_S, as docs/losses.md derives. One [N, V] buffer in all (it becomes the
+gradient) and no dense teacher tensor.
 """
 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import ClassVar
 
 import torch
@@ -27,10 +27,10 @@ from profuser.components import Loss
 from profuser.teacher import teacher_logprobs
 
 IGNORE = -100
-# Rows per chunk ~ 64M logits (256 MiB float32). Chunks bound the forward's temporary for large
-# B*T*V (and for bf16 logits, whose float32 copy would be twice their size), but every chunk costs
-# a few parallel regions, each a thread barrier: on a busy 2-core CPU 49 chunks of 1M logits made
-# the loss 4x slower than one chunk (benchmarks/fusion_step.py), so chunks are large.
+# Rows per chunk ~ 64M logits (256 MiB float32). Chunks bound the temporaries where the logits are
+# float16/bfloat16 (computed in float32), but every chunk costs a few parallel regions, each a
+# thread barrier: on a busy 2-core CPU 49 chunks of 1M logits made the loss 4x slower than one
+# chunk (benchmarks/fusion_step.py), so chunks are large.
 CHUNK_ELEMENTS = 1 << 26
 
 
@@ -41,43 +41,62 @@ def _chunks(n: int, rows: int, busy: torch.Tensor) -> list[tuple[int, int, bool]
     return [(s, min(n, s + rows), f) for s, f in zip(starts, flags)]
 
 
+def _log_softmax_into(z: torch.Tensor, out: torch.Tensor, chunk_rows: int, busy: torch.Tensor) -> None:
+    """out[rows] = log_softmax(z[rows]) on the chunks with a busy row; the others are left as they are."""
+    for s, e, any_busy in _chunks(z.shape[0], chunk_rows, busy):
+        if any_busy:
+            torch.log_softmax(z[s:e].to(out.dtype), dim=-1, out=out[s:e])
+
+
 class _SparseLogits(torch.autograd.Function):
+    """The forward writes log_softmax(z) into one [N, V] buffer; the backward turns that buffer,
+    in place, into the gradient: exp(logsm + log|c|) = |c| * softmax. F.cross_entropy allocates
+    three [N, V] tensors over forward and backward (log-softmax, its gradient, the logits'
+    gradient), and fresh [N, V] memory costs as much as the arithmetic on a CPU (page faults)."""
+
     @staticmethod
     def forward(ctx, z, ids, active, chunk_rows):
         # z [N, V] logits; ids [N, m] int64 in [0, V); active [N] bool
         n, _ = z.shape
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        # keep the buffer only where it can become the gradient (same dtype) and one is wanted
+        keep = ctx.needs_input_grad[0] and z.dtype == cdtype
         lse = torch.zeros(n, dtype=cdtype, device=z.device)
+        buf = torch.empty_like(z, memory_format=torch.contiguous_format) if keep else None
         for s, e, busy in _chunks(n, chunk_rows, active):
             if busy:
-                # log_softmax is one fused kernel (torch.logsumexp is four passes); at the row's
-                # argmax log_softmax = -log(sum exp(z - max)), so lse = z_max - logsm_max exactly
                 zc = z[s:e].to(cdtype)
-                top = zc.argmax(-1, keepdim=True)  # [c, 1]
-                lse[s:e] = (zc.gather(1, top) - torch.log_softmax(zc, dim=-1).gather(1, top))[:, 0]
+                logsm = torch.log_softmax(zc, dim=-1, out=buf[s:e]) if keep else torch.log_softmax(zc, dim=-1)
+                # the row max of log_softmax is -log(sum exp(z - max)): lse = max z - max logsm, exactly
+                lse[s:e] = zc.amax(-1) - logsm.amax(-1)
         lse = lse.masked_fill(~active, 0.0)  # inactive rows: a constant, so their gradient is zero
         z_at = z.gather(1, ids).to(cdtype)  # [N, m]
-        ctx.save_for_backward(z, ids, active, lse)
+        ctx.save_for_backward(z, ids, active)
+        ctx.buf = buf  # not save_for_backward: the backward overwrites it
         ctx.chunk_rows = chunk_rows
         return lse, z_at
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_lse, g_at):
-        z, ids, active, lse = ctx.saved_tensors
-        n, _ = z.shape
-        grad = torch.empty_like(z, memory_format=torch.contiguous_format)
-        # softmax(z) * c == exp(z - (lse - log|c|)): the scale costs no extra pass; c = 0 gives exp(-inf) = 0
-        coef = (g_lse * active).to(lse.dtype)
-        shift = lse - coef.abs().log()  # [N]
-        for s, e, busy in _chunks(n, ctx.chunk_rows, coef != 0):
+        z, ids, active = ctx.saved_tensors
+        cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        coef = (g_lse * active).to(cdtype)  # [N]
+        log_coef = coef.abs().log()  # -inf where 0: exp(-inf) = 0
+        busy = coef != 0
+        grad, ctx.buf = ctx.buf, None
+        if grad is None:  # low-precision logits, or a second backward (retain_graph): recompute
+            grad = torch.empty_like(z, memory_format=torch.contiguous_format)
+            if z.dtype == cdtype:
+                _log_softmax_into(z, grad, ctx.chunk_rows, busy)
+        for s, e, any_busy in _chunks(z.shape[0], ctx.chunk_rows, busy):
             out = grad[s:e]
-            if not busy:
+            if not any_busy:
                 out.zero_()
-            elif grad.dtype == lse.dtype:
-                torch.sub(z[s:e], shift[s:e, None], out=out).exp_()
-            else:  # low-precision logits: compute in float32, store in the logits' dtype
-                out.copy_(torch.sub(z[s:e].to(lse.dtype), shift[s:e, None]).exp_())
+            elif grad.dtype == cdtype:
+                out.add_(log_coef[s:e, None]).exp_()
+            else:  # float16/bfloat16 logits: float32 chunk, stored in the logits' dtype
+                out.copy_(torch.log_softmax(z[s:e].to(cdtype), dim=-1).add_(log_coef[s:e, None]).exp_())
         negative = coef < 0
         if negative.any():
             grad[negative] *= -1
@@ -144,10 +163,8 @@ def sft_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torc
 class SparseDivergenceLoss(Loss):
     """L = L_SFT + beta * D(P_S, P_T) per token, D on the teacher's sparse support.
 
-    Subclasses implement ``divergence(logp, logq)``: ``logp`` [N, k] teacher log-probabilities
-    (-inf on dropped slots; rows without a teacher are all -inf), ``logq`` [N, k] the student's
-    log-probabilities at the same ids, ``log_support`` [N] its log-mass on the teacher's kept ids.
-    It returns D per row [N] (anything for rows without a teacher: they are masked out)."""
+    Subclasses implement ``divergence``; this class does the shift, the teacher distribution, the
+    masks, the weights, the normalisation and the fused kernel (docs/losses.md)."""
 
     part: ClassVar[str] = ""  # the divergence's key in the logged parts
 
@@ -156,8 +173,12 @@ class SparseDivergenceLoss(Loss):
         temperature: float = Field(default=2.0, gt=0, description="teacher temperature (App. A: 2)")
         top_p: float = Field(default=0.95, gt=0, le=1, description="teacher top-p over its stored top-k (App. A: 0.95)")
 
+    @abstractmethod
     def divergence(self, logp: torch.Tensor, logq: torch.Tensor, log_support: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """D per row [N]. ``logp`` [N, k] teacher log-probabilities (-inf on dropped slots; rows
+        without a teacher are all -inf), ``logq`` [N, k] the student's log-probabilities at the
+        same ids, ``log_support`` [N] the student's log-mass on the teacher's kept ids. Values on
+        rows without a teacher are discarded (keep them finite: their gradient is multiplied by 0)."""
 
     def __call__(self, logits, batch, *, beta=None):
         beta = self.params.beta if beta is None else float(beta)
