@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from profuser_plugins.losses import _sparse
 from profuser_plugins.losses._sparse import sparse_logits
 from profuser_plugins.losses.fuse_kl import FuseKL
 from profuser_plugins.losses.jsd import JSD
@@ -64,7 +65,9 @@ def dense_reference(logits, batch, *, beta, divergence="kl", temperature=2.0, to
 
 
 @pytest.mark.parametrize("cls,divergence", [(FuseKL, "kl"), (ReverseKL, "reverse_kl"), (JSD, "jsd")])
-def test_sparse_equals_dense_values_and_gradients(cls, divergence):
+@pytest.mark.parametrize("merge_elements", [0, 1 << 22])
+def test_sparse_equals_dense_values_and_gradients(cls, divergence, merge_elements, monkeypatch):
+    monkeypatch.setattr(_sparse, "MERGE_ELEMENTS", merge_elements)
     logits, batch = make_batch()
     loss, parts = cls()(logits, batch)
     (grad,) = torch.autograd.grad(loss, logits)
@@ -96,7 +99,10 @@ def test_fuse_kl_gradient_is_the_fused_formula():
     torch.testing.assert_close(grad[:, :-1], expected, atol=1e-6, rtol=1e-4)
 
 
-def test_gradcheck_fused_function_float64():
+@pytest.mark.parametrize("merge_elements", [0, 1 << 22])
+def test_gradcheck_fused_function_float64(merge_elements, monkeypatch):
+    # 0: every run of active rows is its own segment, gaps skipped; else all merged into one
+    monkeypatch.setattr(_sparse, "MERGE_ELEMENTS", merge_elements)
     g = torch.Generator().manual_seed(4)
     z = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
     ids = torch.randint(0, 6, (9, 3), generator=g)  # duplicates included
@@ -115,6 +121,9 @@ def test_gradcheck_fused_function_float64():
         assert torch.autograd.gradcheck(scaled, (z,))
     lse, z_at = sparse_logits(z, ids, active)
     torch.testing.assert_close(lse, torch.logsumexp(z, -1) * active)
+    # inactive rows get no gradient from lse, only from z_at
+    (grad,) = torch.autograd.grad(lse.sum(), z)
+    assert grad[~active].abs().max() == 0 and grad[active].abs().min() > 0
     torch.testing.assert_close(z_at, z.gather(1, ids))
 
 

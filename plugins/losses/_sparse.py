@@ -27,53 +27,60 @@ from profuser.components import Loss
 from profuser.teacher import teacher_logprobs
 
 IGNORE = -100
-# Rows per chunk ~ 64M logits (256 MiB float32). Chunks bound the temporaries where the logits are
-# float16/bfloat16 (computed in float32), but every chunk costs a few parallel regions, each a
-# thread barrier: on a busy 2-core CPU 49 chunks of 1M logits made the loss 4x slower than one
-# chunk (benchmarks/fusion_step.py), so chunks are large.
+# The kernel works on segments: runs of rows with a label (a response), at most ~64M logits each
+# (256 MiB float32, bounds the float32 temporaries of float16/bfloat16 logits). Prompt rows are
+# skipped, except gaps shorter than ~4M logits, which are cheaper to compute than to cut out:
+# every segment costs a few parallel regions, each a thread barrier, and on a busy 2-core CPU 49
+# pieces of 1M logits made the loss 4x slower than one (benchmarks/fusion_step.py).
 CHUNK_ELEMENTS = 1 << 26
+MERGE_ELEMENTS = 1 << 22
 
 
-def _chunks(n: int, rows: int, busy: torch.Tensor) -> list[tuple[int, int, bool]]:
-    """(start, end, any row busy) per chunk, with one host sync for all of them."""
-    starts = list(range(0, n, rows))
-    flags = [bool(f) for f in torch.stack([busy[s:s + rows].any() for s in starts]).tolist()] if starts else []
-    return [(s, min(n, s + rows), f) for s, f in zip(starts, flags)]
+def _segments(active: torch.Tensor, max_rows: int, merge_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) that cover every active row (one host sync)."""
+    flags = active.to(torch.int8)
+    edge = flags.new_zeros(1)
+    changes = torch.diff(flags, prepend=edge, append=edge).nonzero().flatten().tolist()
+    runs: list[list[int]] = []
+    for s, e in zip(changes[0::2], changes[1::2]):  # +1 at a run's start, -1 after its end
+        if runs and s - runs[-1][1] < merge_rows:
+            runs[-1][1] = e
+        else:
+            runs.append([s, e])
+    return [(a, min(a + max_rows, e)) for s, e in runs for a in range(s, e, max_rows)]
 
 
-def _log_softmax_into(z: torch.Tensor, out: torch.Tensor, chunk_rows: int, busy: torch.Tensor) -> None:
-    """out[rows] = log_softmax(z[rows]) on the chunks with a busy row; the others are left as they are."""
-    for s, e, any_busy in _chunks(z.shape[0], chunk_rows, busy):
-        if any_busy:
-            torch.log_softmax(z[s:e].to(out.dtype), dim=-1, out=out[s:e])
+def _gaps(n: int, segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The row ranges no segment covers."""
+    bounds = [0, *[x for seg in segments for x in seg], n]
+    return [(s, e) for s, e in zip(bounds[0::2], bounds[1::2]) if e > s]
 
 
 class _SparseLogits(torch.autograd.Function):
-    """The forward writes log_softmax(z) into one [N, V] buffer; the backward turns that buffer,
-    in place, into the gradient: exp(logsm + log|c|) = |c| * softmax. F.cross_entropy allocates
-    three [N, V] tensors over forward and backward (log-softmax, its gradient, the logits'
-    gradient), and fresh [N, V] memory costs as much as the arithmetic on a CPU (page faults)."""
+    """The forward writes log_softmax(z) into one [N, V] buffer to read lse off it; the backward
+    writes softmax(z) * g_lse into the same memory, which becomes the gradient. F.cross_entropy
+    allocates three [N, V] tensors over forward and backward (log-softmax, its gradient, the
+    logits' gradient), and fresh [N, V] memory costs as much as the arithmetic on a CPU (page
+    faults). torch's fused softmax is faster than a standalone exp, hence softmax, not exp(logsm)."""
 
     @staticmethod
-    def forward(ctx, z, ids, active, chunk_rows):
-        # z [N, V] logits; ids [N, m] int64 in [0, V); active [N] bool
-        n, _ = z.shape
+    def forward(ctx, z, ids, active, segments):
+        # z [N, V] logits; ids [N, m] int64 in [0, V); active [N] bool; segments cover active rows
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         # keep the buffer only where it can become the gradient (same dtype) and one is wanted
         keep = ctx.needs_input_grad[0] and z.dtype == cdtype
-        lse = torch.zeros(n, dtype=cdtype, device=z.device)
+        lse = torch.zeros(z.shape[0], dtype=cdtype, device=z.device)
         buf = torch.empty_like(z, memory_format=torch.contiguous_format) if keep else None
-        for s, e, busy in _chunks(n, chunk_rows, active):
-            if busy:
-                zc = z[s:e].to(cdtype)
-                logsm = torch.log_softmax(zc, dim=-1, out=buf[s:e]) if keep else torch.log_softmax(zc, dim=-1)
-                # the row max of log_softmax is -log(sum exp(z - max)): lse = max z - max logsm, exactly
-                lse[s:e] = zc.amax(-1) - logsm.amax(-1)
+        for s, e in segments:
+            zc = z[s:e].to(cdtype)
+            logsm = torch.log_softmax(zc, dim=-1, out=buf[s:e]) if keep else torch.log_softmax(zc, dim=-1)
+            # the row max of log_softmax is -log(sum exp(z - max)): lse = max z - max logsm, exactly
+            lse[s:e] = zc.amax(-1) - logsm.amax(-1)
         lse = lse.masked_fill(~active, 0.0)  # inactive rows: a constant, so their gradient is zero
         z_at = z.gather(1, ids).to(cdtype)  # [N, m]
         ctx.save_for_backward(z, ids, active)
-        ctx.buf = buf  # not save_for_backward: the backward overwrites it
-        ctx.chunk_rows = chunk_rows
+        ctx.buf = buf  # memory for the gradient; not save_for_backward, since it gets overwritten
+        ctx.segments = segments
         return lse, z_at
 
     @staticmethod
@@ -81,25 +88,17 @@ class _SparseLogits(torch.autograd.Function):
     def backward(ctx, g_lse, g_at):
         z, ids, active = ctx.saved_tensors
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        coef = (g_lse * active).to(cdtype)  # [N]
-        log_coef = coef.abs().log()  # -inf where 0: exp(-inf) = 0
-        busy = coef != 0
+        coef = (g_lse * active).to(cdtype)[:, None]  # [N, 1]
         grad, ctx.buf = ctx.buf, None
-        if grad is None:  # low-precision logits, or a second backward (retain_graph): recompute
+        if grad is None:  # low-precision logits, or a second backward (retain_graph)
             grad = torch.empty_like(z, memory_format=torch.contiguous_format)
-            if z.dtype == cdtype:
-                _log_softmax_into(z, grad, ctx.chunk_rows, busy)
-        for s, e, any_busy in _chunks(z.shape[0], ctx.chunk_rows, busy):
-            out = grad[s:e]
-            if not any_busy:
-                out.zero_()
-            elif grad.dtype == cdtype:
-                out.add_(log_coef[s:e, None]).exp_()
-            else:  # float16/bfloat16 logits: float32 chunk, stored in the logits' dtype
-                out.copy_(torch.log_softmax(z[s:e].to(cdtype), dim=-1).add_(log_coef[s:e, None]).exp_())
-        negative = coef < 0
-        if negative.any():
-            grad[negative] *= -1
+        for s, e in ctx.segments:
+            if grad.dtype == cdtype:
+                torch.softmax(z[s:e], dim=-1, out=grad[s:e]).mul_(coef[s:e])
+            else:  # float16/bfloat16 logits: float32 segment, stored in their dtype
+                grad[s:e] = torch.softmax(z[s:e].to(cdtype), dim=-1).mul_(coef[s:e])
+        for s, e in _gaps(z.shape[0], ctx.segments):
+            grad[s:e].zero_()
         grad.scatter_add_(1, ids, g_at.to(grad.dtype))
         return grad, None, None, None
 
@@ -113,8 +112,8 @@ def sparse_logits(
     n, v = z.shape
     if active is None:
         active = torch.ones(n, dtype=torch.bool, device=z.device)
-    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // v)
-    return _SparseLogits.apply(z, ids, active, chunk_rows)
+    segments = _segments(active, chunk_rows or max(1, CHUNK_ELEMENTS // v), max(1, MERGE_ELEMENTS // v))
+    return _SparseLogits.apply(z, ids, active, segments)
 
 
 # --- the batch, shifted -------------------------------------------------------------------------
