@@ -15,6 +15,8 @@ two compare at equal compute.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from pydantic import Field
 
 from profuser import hookimpl
@@ -28,9 +30,9 @@ class _DifficultySplit(Curriculum):
     class Params(TwoPhaseParams):
         easy_fraction: float = Field(default=0.5, gt=0, lt=1, description="share of examples in the easy subset")
 
+    @abstractmethod
     def difficulty(self, data: CurriculumInput) -> dict[str, float]:
-        """Per id, larger = harder."""
-        raise NotImplementedError
+        """Per id, larger = harder (each split curriculum says by what)."""
 
     def split(self, data: CurriculumInput) -> tuple[list[str], list[str]]:
         hardness = self.difficulty(data)
