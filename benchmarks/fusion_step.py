@@ -228,6 +228,7 @@ def main() -> None:
         "step_cpu_seconds": step_cpu,
         "step_seconds_all": {v: [round(w, 3) for w, _ in s] for v, s in step_s.items()},
         "loss_seconds": loss,
+        "loss_seconds_all": {v: [round(w, 4) for w, _ in s] for v, s in loss_s.items()},
         "time_ratio": step["fuse_kl"] / step["sft"],
         "cpu_time_ratio": step_cpu["fuse_kl"] / step_cpu["sft"],
         "loss_time_ratio": loss["fuse_kl"] / loss["sft"],
