@@ -168,6 +168,22 @@ def memory_in_subprocess(args, variant: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def time_losses(fns, variants, batch, vocab, args) -> dict:
+    """The loss alone (forward + backward) on fixed logits, far less noisy than whole steps."""
+    logits = torch.randn(args.batch, args.length, vocab, generator=torch.Generator().manual_seed(1)).mul_(3).requires_grad_()
+    loss_s = {v: [] for v in variants}
+    for r in range(args.loss_rounds + 1):  # the first round warms up
+        for v in variants:
+            elapsed = loss_step(logits, fns[v], batch)
+            if r:
+                loss_s[v].append(elapsed[0])
+    loss = {v: statistics.median(s) for v, s in loss_s.items()}
+    out = {"loss_seconds": loss, "loss_seconds_all": {v: [round(w, 4) for w in s] for v, s in loss_s.items()},
+           "loss_time_ratio": loss["fuse_kl"] / loss["sft"]}
+    out.update({f"{v}_loss_time_ratio": loss[v] / loss["sft"] for v in variants if v not in ("sft", "fuse_kl")})
+    return out
+
+
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -183,18 +199,25 @@ def main() -> None:
     parser.add_argument("--loss-rounds", type=int, default=10, help="timed loss-only calls per variant")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--loss-only", action="store_true", help="time the losses alone on random logits, no model")
+    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of --loss-only")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.memory_of:
         print(json.dumps(measure_memory(args)))
         return
+    fns = loss_fns()
+    variants = list(dict.fromkeys(["sft", "fuse_kl", *args.variants]))
+    if args.loss_only:
+        batch = make_batch(args.vocab, args.batch, args.length, args.k, args.prompt)
+        print(json.dumps({"vocab": args.vocab, "batch": [args.batch, args.length], "k": args.k,
+                          **time_losses(fns, variants, batch, args.vocab, args)}, indent=2))
+        return
 
     model = load(args.model)
     vocab = model.config.vocab_size
     batch = make_batch(vocab, args.batch, args.length, args.k, args.prompt)
-    fns = loss_fns()
-    variants = list(dict.fromkeys(["sft", "fuse_kl", *args.variants]))
 
     step_s = {v: [] for v in variants}  # (wall, cpu) per step
     for v in variants:
@@ -204,19 +227,10 @@ def main() -> None:
             step_s[v].append(train_step(model, fns[v], batch))
     model.zero_grad(set_to_none=True)
 
-    # the loss alone, on fixed logits (far less noisy than whole steps)
-    logits = torch.randn(args.batch, args.length, vocab, generator=torch.Generator().manual_seed(1)).mul_(3).requires_grad_()
-    loss_s = {v: [] for v in variants}
-    for r in range(args.loss_rounds + 1):
-        for v in variants:
-            elapsed = loss_step(logits, fns[v], batch)
-            if r:
-                loss_s[v].append(elapsed)
-    del logits
+    losses = time_losses(fns, variants, batch, vocab, args)
 
     step = {v: statistics.median(w for w, _ in s) for v, s in step_s.items()}
     step_cpu = {v: statistics.median(c for _, c in s) for v, s in step_s.items()}
-    loss = {v: statistics.median(w for w, _ in s) for v, s in loss_s.items()}
     result = {
         "model": args.model,
         "batch": [args.batch, args.length],
@@ -227,17 +241,14 @@ def main() -> None:
         "step_seconds": step,
         "step_cpu_seconds": step_cpu,
         "step_seconds_all": {v: [round(w, 3) for w, _ in s] for v, s in step_s.items()},
-        "loss_seconds": loss,
-        "loss_seconds_all": {v: [round(w, 4) for w, _ in s] for v, s in loss_s.items()},
         "time_ratio": step["fuse_kl"] / step["sft"],
         "cpu_time_ratio": step_cpu["fuse_kl"] / step_cpu["sft"],
-        "loss_time_ratio": loss["fuse_kl"] / loss["sft"],
+        **losses,
     }
     for v in variants:
         if v not in ("sft", "fuse_kl"):
             result[f"{v}_time_ratio"] = step[v] / step["sft"]
             result[f"{v}_cpu_time_ratio"] = step_cpu[v] / step_cpu["sft"]
-            result[f"{v}_loss_time_ratio"] = loss[v] / loss["sft"]
     if "torch_ce" in variants:
         result["fuse_kl_vs_torch_ce_time_ratio"] = step["fuse_kl"] / step["torch_ce"]
 
@@ -257,6 +268,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    loss = result["loss_seconds"]
     print(f"{args.model}  batch {args.batch} x {args.length}  k={args.k}  threads={result['threads']}  medians of {args.rounds}")
     print(f"{'variant':10} {'step s':>8} {'x sft':>7} {'cpu s':>8} {'x sft':>7} {'loss s':>8} {'peak MiB':>9} {'step MiB':>9}")
     for v in variants:
