@@ -142,6 +142,7 @@ class TrainSpec(StrictModel):
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(default=50, gt=0, description="optimizer steps between checkpoints")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -174,6 +174,30 @@ def test_gradient_checkpointing_recomputes_without_changing_the_result(tmp_path,
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
 
 
+def test_the_loss_is_a_mean_over_the_global_batch_tokens_however_it_is_split(tmp_path, tiny_llama_dir, examples, registry):
+    # examples of 4-11 labelled tokens: a mean of micro-batch means would weight short ones up
+    runs = []
+    for micro in (1, 2, 4):
+        out = tmp_path / str(micro)
+        train(str(tiny_llama_dir), examples, registry.build("losses", "fuse_kl"), registry.build("curricula", "training_only", {"epochs": 1}),
+              small_spec(micro_batch_size=micro), out, device="cpu")
+        runs.append([v for m in read_metrics(out) for v in (m["loss"], m["loss/kl"], m["grad_norm"])])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4) and runs[0] == pytest.approx(runs[2], rel=1e-4)
+
+
+def test_clipping_follows_max_grad_norm(tmp_path, tiny_llama_dir, examples, registry):
+    finals = {}
+    for norm in (None, 1e-3):
+        out = tmp_path / str(norm)
+        train(str(tiny_llama_dir), {"training": examples["training"]}, registry.build("losses", "sft"),
+              registry.build("curricula", "sft_only", {"epochs": 2}), small_spec(max_grad_norm=norm, warmup_ratio=0), out, device="cpu")
+        finals[norm] = read_metrics(out)
+    assert all(m["grad_norm"] is None for m in finals[None])  # not clipped, not measured
+    assert all(m["grad_norm"] > 1e-3 for m in finals[1e-3])  # the pre-clip norm is reported
+    # tiny steps barely move the model: its later losses stay near the start, unlike unclipped steps
+    assert finals[1e-3][-1]["loss"] > finals[None][-1]["loss"]
+
+
 class Killed(Exception):
     pass
 

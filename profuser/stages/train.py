@@ -21,7 +21,7 @@ from ..errors import DataError
 from ..recipe import TrainSpec
 from ..training import train
 
-VERSION = "1"
+VERSION = "2"  # 2: loss normalised over the global batch's labelled tokens
 DISTRIBUTED = True  # every rank of a torchrun/accelerate launch trains; the runner lets rank 0 seal it
 
 

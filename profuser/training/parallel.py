@@ -25,7 +25,6 @@ import torch
 from ..errors import ProfuserError
 from ..recipe import TrainSpec
 
-MAX_GRAD_NORM = 1.0  # the transformers Trainer default, which the paper's training inherits
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -74,6 +73,7 @@ class AccelerateBackend:
                                 "process(es)", where="train.distributed")
         self.accum = accumulation_steps(spec, self.accelerator.num_processes)
         self.accelerator.gradient_accumulation_steps = self.accum
+        self.max_grad_norm = spec.max_grad_norm
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -87,18 +87,23 @@ class AccelerateBackend:
         self.accelerator.register_for_checkpointing(scheduler)
         return self.model
 
-    def micro_step(self, loss_fn):
-        """Forward + backward of one micro-batch; ``loss_fn(model)`` returns (loss, parts).
+    def micro_step(self, loss_fn, share: float):
+        """Forward + backward of one micro-batch; ``loss_fn(model)`` returns (loss, parts), the loss
+        a mean over the micro-batch's labelled tokens, ``share`` = its tokens / the global batch's.
         DDP all-reduces gradients only on the last micro-batch of a step (``accumulate``)."""
         with self.accelerator.accumulate(self.model):
             loss, parts = loss_fn(self.model)
-            self.accelerator.backward(loss)  # divides by the accumulation steps
+            # backward divides by the accumulation steps and DDP averages over ranks: undo both
+            self.accelerator.backward(loss * (share * self.accum * self.world_size))
         return loss, parts
 
     def step(self) -> float | None:
         """Clip, update, schedule, zero the gradients; returns the pre-clip gradient norm."""
         assert self.accelerator.sync_gradients, "step() must follow the last micro-batch of a step"
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+        if self.max_grad_norm is None:
+            norm = None
+        else:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -156,9 +161,10 @@ class DeepSpeedBackend:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
         return self.model
 
-    def micro_step(self, loss_fn):
+    def micro_step(self, loss_fn, share: float):
         loss, parts = loss_fn(self.model)
-        self.model.backward(loss)  # scales by 1/accumulation
+        # backward scales by 1/accumulation and ZeRO averages gradients over ranks: undo both
+        self.model.backward(loss * (share * self.accum * self.world_size))
         self.model.step()  # updates only at the accumulation boundary
         return loss, parts
 
@@ -199,7 +205,7 @@ def fill_deepspeed_config(config: dict, spec: TrainSpec, world_size: int, *, whe
         "train_batch_size": spec.batch_size,
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": MAX_GRAD_NORM,
+        "gradient_clipping": spec.max_grad_norm or 0.0,  # 0: DeepSpeed does not clip
     }
     for key, value in wanted.items():
         if config.get(key, "auto") == "auto":

@@ -12,7 +12,9 @@
    scheduler and RNG; the global step alone says where in which phase to continue, and the
    phase's order is recomputed from the seed, so the data continue exactly where they stopped.
 5. The loop: per step, each rank's micro-batches run forward + ``loss(logits, batch, beta=phase
-   beta)`` + backward; one optimizer step; metrics (mean over micro-batches and ranks) go to
+   beta)`` + backward, each weighted by its share of the global batch's labelled tokens (so the
+   step's loss is the mean over all of them, whatever the split into micro-batches and ranks);
+   clipping at ``max_grad_norm``; one optimizer step; metrics (token-weighted means) go to
    metrics.jsonl, TensorBoard and the callbacks; checkpoints every ``checkpoint_every`` steps and
    at each phase's end.
 6. The final model: save_pretrained + tokenizer + README.md model card; checkpoints are removed.
@@ -38,7 +40,7 @@ from ..errors import ProfuserError
 from ..recipe import ModelSpec, TrainSpec
 from ..store import atomic_write_json, atomic_write_text
 from .card import model_card
-from .data import ExampleSet, plan_phases
+from .data import IGNORE, ExampleSet, plan_phases
 from .parallel import make_backend
 
 Callback = Callable[[int, dict], None]  # (global step, metrics), main process only
@@ -155,28 +157,34 @@ def train(
             my_rows, my_weights = rows[first:first + per_rank], weights[first:first + per_rank]  # [per_rank]
             if on_batch is not None:
                 on_batch(step + 1, [data.example_id(r) for r in my_rows])
+            batches = [data.collate(my_rows[m0:m0 + micro], my_weights[m0:m0 + micro], pad_id)
+                       for m0 in range(0, per_rank, micro)]
+            # the loss is a mean over the global batch's labelled tokens, not a mean of micro-batch
+            # means: each micro-batch counts by its share of the tokens (as one big batch would)
+            labelled = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+            global_labelled = max(_all_reduce([float(sum(labelled))], backend.device)[0], 1.0)
             sums: dict[str, float] = defaultdict(float)
             tokens = 0
-            for m0 in range(0, per_rank, micro):
-                batch = data.collate(my_rows[m0:m0 + micro], my_weights[m0:m0 + micro], pad_id)
+            for batch, count in zip(batches, labelled):
                 tensors = {k: v.to(backend.device) for k, v in batch.items() if torch.is_tensor(v)}
 
                 def forward_loss(m, tensors=tensors, beta=plan.phase.beta):
                     logits = m(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits  # [b, T, V]
                     return loss(logits, tensors, beta=beta)
 
-                value, parts = backend.micro_step(forward_loss)
-                sums["loss"] += value.item()
+                share = count / global_labelled
+                value, parts = backend.micro_step(forward_loss, share)
+                sums["loss"] += value.item() * share
                 for key, part in parts.items():
-                    sums[f"loss/{key}"] += float(part)
+                    sums[f"loss/{key}"] += float(part) * share
                 tokens += int(tensors["attention_mask"].sum())
             grad_norm = backend.step()
             step += 1
 
-            # mean over this rank's micro-batches, then over ranks; tokens summed over ranks
+            # token-weighted means over the global batch (shares sum to 1 over ranks); tokens summed
             keys = sorted(sums)
-            reduced = _all_reduce([sums[k] / (per_rank // micro) for k in keys] + [tokens], backend.device)
-            means = {k: v / world for k, v in zip(keys, reduced[:-1])}
+            reduced = _all_reduce([sums[k] for k in keys] + [tokens], backend.device)
+            means = dict(zip(keys, reduced[:-1]))
             tokens = int(reduced[-1])
             tokens_total += tokens
             if step % spec.checkpoint_every == 0 or phase_step + 1 == plan.steps:
