@@ -97,13 +97,15 @@ class LogitsWriter:
     """Buffers examples and writes them as shards of about ``shard_tokens`` tokens.
 
     ``model`` names the source in error messages. Ids already stored in finished shards of
-    ``out_dir`` (an earlier, killed attempt) are in ``done_ids``; callers skip them.
+    ``out_dir`` (an earlier, killed attempt) are in ``done_ids``; callers skip them. Several
+    processes may write into one ``out_dir`` with distinct ``part`` suffixes (``-r1``: the shards
+    of rank 1); one of them calls ``close()`` once every shard is there.
     Use as a context manager, or call ``close()``: a with-block that fails still writes the
     complete examples it buffered, so that a rerun resumes after them.
     """
 
     def __init__(self, out_dir: str | Path, top_k: int, *, model: str = "model", compression: str | None = "zstd",
-                 shard_tokens: int = 1 << 16, batch_tokens: int = 4096):
+                 shard_tokens: int = 1 << 16, batch_tokens: int = 4096, part: str = ""):
         if top_k <= 0:
             raise ProfuserError(f"top_k must be positive, got {top_k}", where=f"model {model}")
         self.out_dir = Path(out_dir)
@@ -117,18 +119,31 @@ class LogitsWriter:
         self._rows: list[dict] = []
         self._pending_tokens = 0
         self._closed = False
-        for stale in self.out_dir.glob(".shard-*.tmp*"):  # a shard a killed run did not finish
+        self.part = part
+        for stale in self.out_dir.glob(f".shard-*{part}.arrow.tmp*"):  # a shard a killed run did not finish
             stale.unlink()
         self.done_ids: set[str] = set()
-        shards = sorted(self.out_dir.glob(SHARD_GLOB))
-        for shard in shards:
+        self._scanned: set[str] = set()
+        self.rescan()
+        shards = self.out_dir.glob(SHARD_GLOB)
+        self._next_shard = 1 + max((int(s.stem.split("-")[1]) for s in shards), default=-1)
+
+    def rescan(self) -> set[str]:
+        """Add the ids of shards that appeared since the last scan (other processes' shards) to
+        ``done_ids``; returns them."""
+        stored: set[str] = set()
+        for shard in sorted(self.out_dir.glob(SHARD_GLOB)):
+            if shard.name in self._scanned:
+                continue
             schema, ids = _shard_ids(shard)
             stored_k = int(schema.metadata.get(b"top_k", b"0"))
-            if stored_k != top_k:
-                raise ArtifactError(f"shard {shard.name} holds top-{stored_k} logits, this run stores top-{top_k}",
+            if stored_k != self.top_k:
+                raise ArtifactError(f"shard {shard.name} holds top-{stored_k} logits, this run stores top-{self.top_k}",
                                     where=str(self.out_dir))
-            self.done_ids.update(ids)
-        self._next_shard = 1 + max((int(s.stem.split("-")[1]) for s in shards), default=-1)
+            self._scanned.add(shard.name)
+            stored.update(ids)
+        self.done_ids |= stored
+        return stored
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self.done_ids
@@ -189,7 +204,7 @@ class LogitsWriter:
         """Write the buffered examples as one shard (temporary name, then an atomic rename)."""
         if not self._rows:
             return
-        name = f"shard-{self._next_shard:05d}.arrow"
+        name = f"shard-{self._next_shard:05d}{self.part}.arrow"
         final = self.out_dir / name
         tmp = self.out_dir / f".{name}.tmp{os.getpid()}"
         options = ipc.IpcWriteOptions(compression=self.compression)
@@ -197,6 +212,7 @@ class LogitsWriter:
             for group in _groups(self._rows, self.batch_tokens):
                 sink.write_batch(_record_batch(group, self.schema, self.top_k))
         os.replace(tmp, final)
+        self._scanned.add(name)
         self._next_shard += 1
         self._rows = []
         self._pending_tokens = 0

@@ -10,6 +10,7 @@ part of the key. Two recipes that differ only in their curriculum share every st
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,9 @@ class Runtime:
             return self.device
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{local_rank()}"  # one GPU per process of a multi-process launch
 
 
 def runtime_of(component) -> Runtime:
@@ -246,11 +249,13 @@ class StageResult:
     build_seconds: float = 0.0  # what computing it cost when it ran (for a cached stage: back then)
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """This process's rank under torchrun / accelerate launch / deepspeed (0 of 1 otherwise)."""
-    import os
-
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 class Runner:
@@ -286,7 +291,7 @@ class Runner:
                 for s in self.stages if s.id in self.selected]
 
     def run(self) -> list[StageResult]:
-        main = _rank_and_world()[0] == 0  # run-level records are written once, by rank 0
+        main = rank_and_world()[0] == 0  # run-level records are written once, by rank 0
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.yaml", _dump_yaml(self.recipe))
@@ -314,7 +319,7 @@ class Runner:
         if stage.id in self.forced:
             self.store.invalidate(stage.kind, key)
             self.forced.discard(stage.id)  # once per run
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         distributed = getattr(stage.code(), "DISTRIBUTED", False)
         artifact = self.store.get(stage.kind, key)
         if artifact is None and world > 1 and rank > 0 and not distributed:

@@ -29,10 +29,12 @@ RECORDS = [
 ]
 
 
-def make_ctx(tmp_path, model_dir, *, mode="training", source="src", records=RECORDS, inputs=None, **distill) -> StageContext:
+def make_ctx(tmp_path, model_dir, *, mode="training", source="src", records=RECORDS, inputs=None, write=True,
+             **distill) -> StageContext:
     data = tmp_path / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    write_records(data / "train.parquet", records)
+    if write:
+        data.mkdir(parents=True, exist_ok=True)
+        write_records(data / "train.parquet", records)
     config = {"mode": mode, "model": ModelSpec(ref=str(model_dir)).identity(), "source": source,
               "distill": DistillSpec(**{"top_k": 10, "batch_size": 3, "max_length": 256, **distill}).model_dump()}
     out = tmp_path / "out"
@@ -180,3 +182,46 @@ def test_truncation_and_too_long_prompts(tmp_path, tiny_llama_dir):
     nll = LogitsReader(tmp_path / "out").nll_table()["b"]
     assert metrics["truncated_examples"] == 1 and nll.n_tokens == 4
     assert nll.n_bytes == len(record.response[: full.response_offsets[3, 1]].encode())
+
+
+RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_logits_stage import make_ctx
+from profuser.stages import logits as logits_stage
+print(json.dumps(logits_stage.run(make_ctx(Path({tmp!r}), {model!r}, write=False))))
+"""
+
+
+def test_a_multi_process_launch_splits_the_examples_and_stores_one_artifact(tmp_path, tiny_llama_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    single = make_ctx(tmp_path / "single", tiny_llama_dir)
+    logits_stage.run(single)
+    ranked = tmp_path / "ranked"
+    make_ctx(ranked, tiny_llama_dir)  # writes the data both ranks read
+    script = RANK_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(ranked), model=str(tiny_llama_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "RANK": str(r), "WORLD_SIZE": "2"})
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    rank0, rank1 = (json.loads(out.strip().splitlines()[-1]) for out in outputs)
+    # rank r took examples r, r + 2, ...: 3 and 2 of the 5; rank 0 indexed all of them
+    assert rank0["computed_examples"] == 3 and rank1["computed_examples"] == 2
+    assert rank0["world_size"] == 2 and rank0["examples"] == 5
+    out = ranked / "out"
+    assert {p.name.split("-")[-1] for p in out.glob("shard-*.arrow")} == {"r0.arrow", "r1.arrow"}
+    # the same store as one process computes
+    one, two = LogitsReader(single.out), LogitsReader(out)
+    assert sorted(one.ids) == sorted(two.ids) and one.nll_table().keys() == two.nll_table().keys()
+    for example_id in one.ids:
+        a, b = one.get(example_id), two.get(example_id)
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_allclose(a.nll, b.nll, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a.topk_logits.astype(np.float32), b.topk_logits.astype(np.float32), rtol=1e-3, atol=1e-3)

@@ -30,7 +30,7 @@ class HFGenerator(Generator):
     aliases = ("transformers",)
 
     class Params(SamplingParams):
-        batch_size: int = Field(default=8, gt=0)
+        batch_size: int = Field(default=16, gt=0)
 
     def __init__(self, params=None):
         super().__init__(params)

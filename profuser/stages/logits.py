@@ -10,6 +10,12 @@ logits at position t-1 predict response token t. Only those positions are projec
 vocabulary (``logits_to_keep``), never the prompt's: with a 262k vocabulary the full [B, L, V]
 tensor is most of the memory. Examples are sorted by length and right-padded in batches; the
 writer (``profuser.logits_store``) skips ids already stored by a killed earlier attempt.
+
+Under a multi-process launch (torchrun, accelerate launch) every rank runs this stage: rank r
+teacher-forces examples r, r + W, r + 2W, ... (in data order: a split every rank computes alike,
+whatever is already stored) into its own shards (``shard-NNNNN-rR.arrow``); rank 0 then waits
+until the shards hold every example and writes the store's index, and the runner seals the one
+artifact. The result does not depend on the number of processes, so neither does the cache key.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import pyarrow.parquet as pq
 from ..data import read_records
 from ..errors import DataError, ModelError, ProfuserError
 from ..logits_store import LogitsWriter
+from ..pipeline import rank_and_world
 from ..recipe import DistillSpec, ModelSpec
 
 VERSION = "1"
+DISTRIBUTED = True  # every rank of a multi-process launch takes a slice (see above)
 log = logging.getLogger(__name__)
 
 # positions reduced at once (logsumexp, top-k): bounds the float32 temporaries to CHUNK x V x 4
@@ -161,10 +169,12 @@ def run(ctx) -> dict:
     spec = ModelSpec(**cfg["model"])
     distill = DistillSpec(**cfg["distill"])
 
-    todo_items = items(ctx, mode, source)
-    writer = LogitsWriter(ctx.out, distill.top_k, model=source)
-    resumed = sum(1 for it in todo_items if it.id in writer)
-    todo_items = [it for it in todo_items if it.id not in writer]
+    all_items = items(ctx, mode, source)
+    rank, world = rank_and_world()
+    writer = LogitsWriter(ctx.out, distill.top_k, model=source, part=f"-r{rank}" if world > 1 else "")
+    mine = all_items[rank::world]  # [every example] with one process
+    resumed = sum(1 for it in mine if it.id in writer)
+    todo_items = [it for it in mine if it.id not in writer]
     device = ctx.runtime.torch_device()
     tokens = truncated = 0
     seconds = load_seconds = 0.0
@@ -183,24 +193,31 @@ def run(ctx) -> dict:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         masked = _keeps_masked_positions(model)
         t0 = time.time()
-        with writer, torch.inference_mode(), tqdm(total=len(encoded), unit="ex", desc=ctx.stage.id,
-                                                   disable=not ctx.runtime.progress) as bar:
-            for start in range(0, len(encoded), distill.batch_size):
-                batch = encoded[start : start + distill.batch_size]
-                for row in score_batch(model, batch, top_k=distill.top_k, pad_id=pad_id, device=device, masked=masked):
-                    writer.add(**row)
-                    tokens += len(row["nll"])
-                    truncated += row["truncated"] > 0
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+        try:
+            with torch.inference_mode(), tqdm(total=len(encoded), unit="ex", desc=ctx.stage.id,
+                                              disable=not ctx.runtime.progress) as bar:
+                for start in range(0, len(encoded), distill.batch_size):
+                    batch = encoded[start : start + distill.batch_size]
+                    for row in score_batch(model, batch, top_k=distill.top_k, pad_id=pad_id, device=device, masked=masked):
+                        writer.add(**row)
+                        tokens += len(row["nll"])
+                        truncated += row["truncated"] > 0
+                    bar.update(len(batch))
+                    bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+        finally:
+            writer.flush()  # also after a failure: a rerun resumes after the complete examples
         seconds = time.time() - t0
+    if rank > 0:  # rank 0 writes the index once every rank's shards are in
+        return {"computed_examples": len(todo_items), "computed_tokens": tokens}
+    _wait_for_ranks(writer, {it.id for it in all_items}, world)
     summary = writer.close()
     if truncated:
         log.warning("%s: %d responses truncated to max_length %d", ctx.stage.id, truncated, max_length)
     return {
         "examples": summary["examples"],
         "tokens": summary["tokens"],
-        "computed_examples": len(todo_items),
+        "computed_examples": len(todo_items),  # by this process (rank 0 of ``world_size``)
+        "world_size": world,
         "computed_tokens": tokens,
         "resumed_examples": resumed,
         "truncated_examples": int(truncated),
@@ -210,3 +227,12 @@ def run(ctx) -> dict:
         "bytes_per_token": summary["bytes_per_token"],
         "top_k": distill.top_k,
     }
+
+
+def _wait_for_ranks(writer: LogitsWriter, expected: set[str], world: int, poll: float = 1.0) -> None:
+    """Until the shards of every rank hold every expected example (a launcher ends all ranks when
+    one fails, so no timeout)."""
+    writer.rescan()
+    while world > 1 and not expected <= writer.done_ids:
+        time.sleep(poll)
+        writer.rescan()
