@@ -110,9 +110,12 @@ class Prompt:
 class Generator(Component):
     """Generation backend. Loads the model named by ``model`` (a ``profuser.models.ModelSpec``),
     formats each prompt with that model's chat template, returns one response per prompt (same
-    order). Sampling settings are the generator's params; ``seed`` makes runs repeatable."""
+    order). Sampling settings are the generator's params; ``seed`` makes runs repeatable.
+    ``data_parallel``: under a multi-process launch each rank may run its own copy on its own
+    device (False for backends that spread one model over the devices themselves, like vLLM)."""
 
     kind = "generators"
+    data_parallel: ClassVar[bool] = True
 
     @abstractmethod
     def generate(self, model: Any, prompts: list[Prompt], *, seed: int) -> list[str]:
@@ -128,9 +131,11 @@ class Judged:
 
 class RewardModel(Component):
     """One real-valued score per (system, instruction, response); higher is better. Scales of
-    different reward models are not comparable (that is why ``rm_vote`` votes)."""
+    different reward models are not comparable (that is why ``rm_vote`` votes). ``data_parallel``
+    as for generators."""
 
     kind = "reward_models"
+    data_parallel: ClassVar[bool] = True
 
     @abstractmethod
     def score(self, items: list[Judged]) -> list[float]:

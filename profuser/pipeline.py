@@ -323,7 +323,7 @@ class Runner:
         distributed = getattr(stage.code(), "DISTRIBUTED", False)
         artifact = self.store.get(stage.kind, key)
         if artifact is None and world > 1 and rank > 0 and not distributed:
-            artifact = self._wait_for(stage, key)  # rank 0 computes stages that do not use every rank
+            artifact = self._wait_for(stage, key, "rank 0 computes it")  # a stage that does not use every rank
         if artifact is not None:
             result = StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path),
                                  artifact.manifest.get("seconds", 0.0))
@@ -339,7 +339,7 @@ class Runner:
         metrics = stage.code().run(ctx) or {}
         seconds = time.time() - t0
         if world > 1 and rank > 0:  # a stage that used every rank: rank 0 alone seals it
-            artifact = self._wait_for(stage, key)
+            artifact = self._wait_for(stage, key, "rank 0 seals it")
             return StageResult(stage.id, stage.kind, key, False, seconds, artifact.metrics, str(artifact.path), seconds)
         artifact: Artifact = self.store.commit(stage.kind, key, {
             "stage_id": stage.id,
@@ -352,9 +352,9 @@ class Runner:
         self.echo(f"[done]   {stage.id} in {seconds:.1f}s")
         return StageResult(stage.id, stage.kind, key, False, seconds, metrics, str(artifact.path), seconds)
 
-    def _wait_for(self, stage: Stage, key: str, poll: float = 2.0) -> Artifact:
+    def _wait_for(self, stage: Stage, key: str, why: str, poll: float = 2.0) -> Artifact:
         # torchrun and accelerate end every rank when one fails, so waiting needs no timeout
-        self.echo(f"[wait]   {stage.id} (rank 0 computes it)")
+        self.echo(f"[wait]   {stage.id} ({why})")
         while (artifact := self.store.get(stage.kind, key)) is None:
             time.sleep(poll)
         return artifact

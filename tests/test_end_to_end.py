@@ -95,3 +95,30 @@ def test_compare_runs_shared_stages_once(tiny_recipe, tmp_path):
     assert {"data", "logits/training/gemma", "select/training", "build/training"} <= set(fuse["stages_reused"])
     assert "train" in fuse["stages_ran"]
     assert (out / "comparison.md").read_text().count("|") > 10
+
+
+@pytest.mark.slow
+def test_a_two_process_launch_splits_preparation_and_training(tiny_recipe, tmp_path):
+    """``torchrun --nproc_per_node 2 -m profuser run``: both ranks teacher-force and train, the store
+    holds one artifact per stage, and a one-process run afterwards reuses all of it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "profuser", "run", str(tiny_recipe / "tiny.yaml"),
+                           "--runs-dir", str(runs)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((runs / "runs" / "tiny" / "run.json").read_text())
+    by_id = {s["id"]: s for s in summary["stages"]}
+    assert by_id["train"]["metrics"]["world_size"] == 2 and by_id["train"]["metrics"]["backend"] == "ddp"
+    logits = Path(by_id["logits/training/gemma"]["path"])
+    assert {p.name.split("-")[-1] for p in logits.glob("shard-*.arrow")} == {"r0.arrow", "r1.arrow"}
+    assert by_id["logits/training/gemma"]["metrics"]["examples"] == 10
+    assert not list((runs / "store").glob("*/*.partial"))
+    output = invoke("run", tiny_recipe / "tiny.yaml", "--runs-dir", runs)
+    again = json.loads((runs / "runs" / "tiny" / "run.json").read_text())
+    assert all(s["cached"] for s in again["stages"]), output

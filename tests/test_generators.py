@@ -155,7 +155,7 @@ def test_vllm_generates_repeatably(tiny_llama_dir):
 def stage_ctx(tmp_path, model_dir, out_name="out"):
     data = tmp_path / "data"
     if not data.exists():
-        data.mkdir()
+        data.mkdir(parents=True)
         write_records(data / "train.parquet",
                       [Record(q.id, q.system, q.instruction, "a reference answer") for q in PROMPTS])
     config = {"model": ModelSpec(ref=str(model_dir), label="tiny").identity(),
@@ -202,3 +202,68 @@ def test_generate_stage_rejects_a_generator_that_drops_prompts(tmp_path, tiny_ll
     with pytest.raises(ProfuserError, match="returned 4 responses for 5 prompts") as err:
         generate_stage.run(stage_ctx(tmp_path, tiny_llama_dir))
     assert "tiny" in err.value.where
+
+
+RANK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_generators import stage_ctx
+from profuser.stages import generate as generate_stage
+from profuser_plugins.generators.hf import HFGenerator
+
+generate_stage.SHARD_SIZE = 2
+original = HFGenerator.generate
+
+def logged(self, model, prompts, *, seed):
+    with open({log!r}, "a") as fh:
+        fh.write(json.dumps([os.environ["RANK"], [p.id for p in prompts]]) + "\\n")
+    return original(self, model, prompts, seed=seed)
+
+HFGenerator.generate = logged
+generate_stage.run(stage_ctx(Path({tmp!r}), {model!r}))
+"""
+
+
+def test_a_multi_process_launch_splits_the_shards_and_generates_the_same(tmp_path, tiny_llama_dir, monkeypatch):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(generate_stage, "SHARD_SIZE", 2)
+    single = stage_ctx(tmp_path / "single", tiny_llama_dir)
+    generate_stage.run(single)
+    ranked = tmp_path / "ranked"
+    stage_ctx(ranked, tiny_llama_dir)  # writes the data both ranks read
+    log = tmp_path / "calls.jsonl"
+    script = RANK_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(ranked), model=str(tiny_llama_dir), log=str(log))
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                              env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "RANK": str(r), "WORLD_SIZE": "2"})
+             for r in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    by_rank = {rank: sorted(i for r, ids in calls if r == rank for i in ids) for rank in ("0", "1")}
+    assert by_rank == {"0": ["p0", "p1", "p4"], "1": ["p2", "p3"]}  # shards 0, 2 and shard 1
+    # rank 0 joined every shard; per-shard seeds make it what one process generates
+    joined = pq.read_table(ranked / "out" / "generations.parquet")
+    assert joined.to_pylist() == pq.read_table(single.out / "generations.parquet").to_pylist()
+
+
+def test_run_shards_splits_by_rank_and_rank0_joins(tmp_path, monkeypatch):
+    keys = [f"k{i}" for i in range(7)]  # shards of 2: [k0 k1] [k2 k3] [k4 k5] [k6]
+    computed = []
+
+    def compute(index, rows):
+        computed.append(index)
+        return pa.table({"id": keys[rows], "response": [f"r{index}"] * (rows.stop - rows.start)}), {"shard": index}
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert generate_stage.run_shards(tmp_path, keys, 2, compute, split=False) is None and computed == []  # rank 0 does all
+    assert generate_stage.run_shards(tmp_path, keys, 2, compute) is None and computed == [1, 3]
+    monkeypatch.setenv("RANK", "0")
+    results = generate_stage.run_shards(tmp_path, keys, 2, compute, poll=0.01)
+    assert computed == [1, 3, 0, 2]
+    assert [s["shard"] for _, s in results] == [0, 1, 2, 3] and sum((t["id"].to_pylist() for t, _ in results), []) == keys

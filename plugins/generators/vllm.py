@@ -30,6 +30,7 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 class VLLMGenerator(Generator):
     name = "vllm"
     shard_size = 1024  # vLLM schedules its own batches; large shards keep the GPU busy
+    data_parallel = False  # one engine spans the GPUs (tensor parallel); other ranks of a launch wait
 
     class Params(SamplingParams):
         tensor_parallel_size: int = Field(default=1, gt=0)

@@ -2,7 +2,8 @@
 (the inference mode's candidates).
 
 Prompts are generated in shards written atomically into the partial directory
-(``shards/00000.parquet``, ...): a killed stage resumes at the first missing shard. Each shard
+(``shards/00000.parquet``, ...): a killed stage resumes at the first missing shard; under a
+multi-process launch the ranks split the shards. Each shard
 has its own seed derived from (``seed``, shard index), so a resumed run writes exactly what an
 uninterrupted one would. At the end the shards are joined into ``generations.parquet`` (id,
 response) and removed.
@@ -29,8 +30,10 @@ import pyarrow.parquet as pq
 from ..components import Prompt
 from ..data import read_records
 from ..errors import ProfuserError
+from ..pipeline import rank_and_world
 
 VERSION = "1"
+DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
 SHARD_SIZE = 32  # prompts per shard, unless the generator says otherwise (``shard_size``)
 OUTPUT = "generations.parquet"
 _STATS_KEY = b"profuser.stats"
@@ -62,24 +65,45 @@ def _ids(table: pa.Table) -> list[str]:
 
 def run_shards(out: Path, keys: list[str], shard_size: int,
                compute: Callable[[int, slice], tuple[pa.Table, dict[str, Any]]],
-               key_of: Callable[[pa.Table], list[str]] = _ids) -> list[tuple[pa.Table, dict]]:
+               key_of: Callable[[pa.Table], list[str]] = _ids, *, split: bool = True,
+               poll: float = 1.0) -> list[tuple[pa.Table, dict]] | None:
     """Run ``compute(shard_index, rows)`` for every shard of ``keys`` whose file in ``out/shards``
     is missing or holds other rows (``key_of(table)`` differs: an attempt with other inputs),
-    writing each result atomically; return every shard's (table, stats) in order."""
+    writing each result atomically; return every shard's (table, stats) in order.
+
+    Under a multi-process launch with ``split``, rank r computes shards r, r + W, ...; a shard's
+    result depends only on its index (its seed too), never on W. Rank 0 then waits for the other
+    ranks' shards and returns them all; the other ranks return None. Without ``split``, rank 0
+    computes every shard and the other ranks return None at once."""
+    rank, world = rank_and_world()
+    if not split:
+        if rank > 0:
+            return None
+        world = 1
     shards = out / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    results = []
-    for index, start in enumerate(range(0, len(keys), shard_size)):
-        rows = slice(start, min(start + shard_size, len(keys)))
+    bounds = [slice(a, min(a + shard_size, len(keys))) for a in range(0, len(keys), shard_size)]
+
+    def stored(index: int) -> tuple[pa.Table, dict] | None:
         path = shards / f"{index:05d}.parquet"
         if path.is_file():
             table = pq.read_table(path)
-            if key_of(table) == keys[rows]:
-                results.append((table, table_stats(path)))
-                continue
-        table, stats = compute(index, rows)
-        write_table_atomic(table, path, stats)
-        results.append((table, stats))
+            if key_of(table) == keys[bounds[index]]:
+                return table, table_stats(path)
+        return None
+
+    for index, rows in enumerate(bounds):
+        if index % world == rank and stored(index) is None:
+            table, stats = compute(index, rows)
+            write_table_atomic(table, shards / f"{index:05d}.parquet", stats)
+    if rank > 0:
+        return None
+    results = []
+    for index in range(len(bounds)):
+        # another rank's shard: a launcher ends every rank when one fails, so no timeout
+        while (result := stored(index)) is None:
+            time.sleep(poll)
+        results.append(result)
     return results
 
 
@@ -120,7 +144,9 @@ def run(ctx) -> dict:
         ctx.log_metrics(index, {**stats, "tokens_per_s": stats["new_tokens"] / max(seconds, 1e-9)})
         return pa.table({"id": [q.id for q in chunk], "response": responses}), stats
 
-    results = run_shards(ctx.out, ids, shard_size, compute)
+    results = run_shards(ctx.out, ids, shard_size, compute, split=generator.data_parallel)
+    if results is None:  # another rank than 0: rank 0 joins the shards
+        return {}
     totals = {k: sum(s.get(k, 0) for _, s in results) for k in ("examples", "new_tokens", "seconds", "empty")}
     metrics = {
         "model": spec.key,

@@ -2,7 +2,8 @@
 training instruction. One stage per reward model, so adding a reward model to a recipe scores
 with that one only, and the generations are reused.
 
-Items are scored in shards written atomically (as in ``generate``), so a killed stage resumes.
+Items are scored in shards written atomically (as in ``generate``), so a killed stage resumes
+and the ranks of a multi-process launch split them.
 Writes ``scores.parquet``: id, source, score (float64; higher is better, on this reward model's
 own scale). Metrics: items, seconds, items per second, and per source the mean score and the
 share of examples this reward model alone would give it (its vote).
@@ -22,6 +23,7 @@ from ..errors import ArtifactError, ProfuserError
 from .generate import finish, run_shards, table_stats
 
 VERSION = "1"
+DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
 SHARD_SIZE = 256  # items (example × source) per shard
 OUTPUT = "scores.parquet"
 
@@ -66,7 +68,9 @@ def run(ctx) -> dict:
                           "score": pa.array([float(x) for x in scores], pa.float64())})
         return table, {"items": len(scores), "seconds": seconds}
 
-    results = run_shards(ctx.out, row_keys, SHARD_SIZE, compute, key_of=_keys)
+    results = run_shards(ctx.out, row_keys, SHARD_SIZE, compute, key_of=_keys, split=rm.data_parallel)
+    if results is None:  # another rank than 0: rank 0 joins the shards
+        return {}
     seconds = sum(s["seconds"] for _, s in results)
     by_example: dict[str, dict[str, float]] = {}
     for table, _ in results:
