@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,9 +339,17 @@ class Runner:
         ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine, recipe=self.recipe)
         metrics = stage.code().run(ctx) or {}
         seconds = time.time() - t0
-        if world > 1 and rank > 0:  # a stage that used every rank: rank 0 alone seals it
-            artifact = self._wait_for(stage, key, "rank 0 seals it")
-            return StageResult(stage.id, stage.kind, key, False, seconds, artifact.metrics, str(artifact.path), seconds)
+        if world > 1 and distributed:  # every rank ran it: rank 0 seals it once every rank is done writing
+            checkins = self.store.partial_dir(stage.kind, key).with_suffix(".ranks")
+            launch = os.environ.get("TORCHELASTIC_RUN_ID", "launch")  # a killed launch's check-ins do not count
+            if rank > 0:
+                checkins.mkdir(parents=True, exist_ok=True)
+                (checkins / f"{launch}-{rank}").touch()
+                artifact = self._wait_for(stage, key, "rank 0 seals it")
+                return StageResult(stage.id, stage.kind, key, False, seconds, artifact.metrics, str(artifact.path), seconds)
+            while len(list(checkins.glob(f"{launch}-*"))) < world - 1:
+                time.sleep(0.2)
+            shutil.rmtree(checkins)
         artifact: Artifact = self.store.commit(stage.kind, key, {
             "stage_id": stage.id,
             "config": stage.config,
