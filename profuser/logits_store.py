@@ -125,13 +125,12 @@ class LogitsWriter:
         self.done_ids: set[str] = set()
         self._scanned: set[str] = set()
         self.rescan()
-        shards = self.out_dir.glob(SHARD_GLOB)
-        self._next_shard = 1 + max((int(s.stem.split("-")[1]) for s in shards), default=-1)
+        # names are shard-NNNNN.arrow or shard-NNNNN-rR.arrow
+        self._next_shard = 1 + max((int(name.removesuffix(".arrow").split("-")[1]) for name in self._scanned), default=-1)
 
-    def rescan(self) -> set[str]:
+    def rescan(self) -> None:
         """Add the ids of shards that appeared since the last scan (other processes' shards) to
-        ``done_ids``; returns them."""
-        stored: set[str] = set()
+        ``done_ids``."""
         for shard in sorted(self.out_dir.glob(SHARD_GLOB)):
             if shard.name in self._scanned:
                 continue
@@ -141,9 +140,7 @@ class LogitsWriter:
                 raise ArtifactError(f"shard {shard.name} holds top-{stored_k} logits, this run stores top-{self.top_k}",
                                     where=str(self.out_dir))
             self._scanned.add(shard.name)
-            stored.update(ids)
-        self.done_ids |= stored
-        return stored
+            self.done_ids.update(ids)
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self.done_ids

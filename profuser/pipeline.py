@@ -259,6 +259,14 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def wait_until(ready: Callable[[], Any], poll: float = 1.0) -> Any:
+    """Poll ``ready()`` until it returns something truthy (another rank's work), and return that.
+    No timeout: torchrun and accelerate end every rank when one fails."""
+    while not (value := ready()):
+        time.sleep(poll)
+    return value
+
+
 class Runner:
     def __init__(self, recipe: Recipe, engine: Engine, runtime: Runtime, *, force: list[str] = (),
                  until: str | None = None, echo: Callable[[str], None] = print, stages: list[Stage] | None = None):
@@ -347,8 +355,7 @@ class Runner:
                 (checkins / f"{launch}-{rank}").touch()
                 artifact = self._wait_for(stage, key, "rank 0 seals it")
                 return StageResult(stage.id, stage.kind, key, False, seconds, artifact.metrics, str(artifact.path), seconds)
-            while len(list(checkins.glob(f"{launch}-*"))) < world - 1:
-                time.sleep(0.2)
+            wait_until(lambda: len(list(checkins.glob(f"{launch}-*"))) == world - 1, poll=0.2)
             shutil.rmtree(checkins)
         artifact: Artifact = self.store.commit(stage.kind, key, {
             "stage_id": stage.id,
@@ -361,12 +368,9 @@ class Runner:
         self.echo(f"[done]   {stage.id} in {seconds:.1f}s")
         return StageResult(stage.id, stage.kind, key, False, seconds, metrics, str(artifact.path), seconds)
 
-    def _wait_for(self, stage: Stage, key: str, why: str, poll: float = 2.0) -> Artifact:
-        # torchrun and accelerate end every rank when one fails, so waiting needs no timeout
+    def _wait_for(self, stage: Stage, key: str, why: str) -> Artifact:
         self.echo(f"[wait]   {stage.id} ({why})")
-        while (artifact := self.store.get(stage.kind, key)) is None:
-            time.sleep(poll)
-        return artifact
+        return wait_until(lambda: self.store.get(stage.kind, key), poll=2.0)
 
     @staticmethod
     def _link(link: Path, target: Path) -> None:

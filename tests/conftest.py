@@ -3,6 +3,9 @@ skip, and a thread cap (the test machines are shared)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import torch
 
@@ -30,3 +33,19 @@ def tiny_llama_dir(tmp_path_factory):
 def tiny_gemma_dir(tmp_path_factory):
     """A Gemma3ForCausalLM with a SentencePiece-style tokenizer and no chat template (like Gemma-3 base)."""
     return tiny_model_dir("gemma", tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def launch_ranks():
+    """``launch(argv)`` runs ``argv`` as the ranks of a multi-process launch (RANK and WORLD_SIZE
+    set, as torchrun sets them) and returns each rank's stdout once every rank exited 0."""
+
+    def launch(argv: list[str], *, world: int = 2, timeout: float = 300) -> list[str]:
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "RANK": str(r), "WORLD_SIZE": str(world)})
+                 for r in range(world)]
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0] * world, outputs
+        return outputs
+
+    return launch

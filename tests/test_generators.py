@@ -225,10 +225,8 @@ generate_stage.run(stage_ctx(Path({tmp!r}), {model!r}))
 """
 
 
-def test_a_multi_process_launch_splits_the_shards_and_generates_the_same(tmp_path, tiny_llama_dir, monkeypatch):
+def test_a_multi_process_launch_splits_the_shards_and_generates_the_same(tmp_path, tiny_llama_dir, monkeypatch, launch_ranks):
     import json
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -239,10 +237,7 @@ def test_a_multi_process_launch_splits_the_shards_and_generates_the_same(tmp_pat
     stage_ctx(ranked, tiny_llama_dir)  # writes the data both ranks read
     log = tmp_path / "calls.jsonl"
     script = RANK_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(ranked), model=str(tiny_llama_dir), log=str(log))
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
-                              env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "RANK": str(r), "WORLD_SIZE": "2"})
-             for r in (0, 1)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    launch_ranks([sys.executable, "-c", script])
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     by_rank = {rank: sorted(i for r, ids in calls if r == rank for i in ids) for rank in ("0", "1")}
     assert by_rank == {"0": ["p0", "p1", "p4"], "1": ["p2", "p3"]}  # shards 0, 2 and shard 1

@@ -137,13 +137,10 @@ RANKS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_multi_process_launch_rank0_computes_and_every_rank_trains(tmp_path):
+def test_multi_process_launch_rank0_computes_and_every_rank_trains(tmp_path, launch_ranks):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_SCRIPT.format(tests=str(TESTS), tmp=str(tmp_path), recipe=str(REPO / "recipes" / "profuser.yaml")))
-    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
-                              env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "RANK": str(rank), "WORLD_SIZE": "2"})
-             for rank in (0, 1)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    launch_ranks([sys.executable, str(script)], timeout=120)
     assert sorted(starts(tmp_path / "counter")) == ["a", "train", "train@1"]  # a once, train on both ranks
     summary = json.loads((tmp_path / "runs" / "runs" / "profuser" / "run.json").read_text())
     assert [s["id"] for s in summary["stages"]] == ["a", "train"]

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from ..components import Prompt
 from ..data import read_records
 from ..errors import ProfuserError
-from ..pipeline import rank_and_world
+from ..pipeline import rank_and_world, wait_until
 
 VERSION = "1"
 DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
@@ -84,27 +84,26 @@ def run_shards(out: Path, keys: list[str], shard_size: int,
     shards.mkdir(parents=True, exist_ok=True)
     bounds = [slice(a, min(a + shard_size, len(keys))) for a in range(0, len(keys), shard_size)]
 
+    def path_of(index: int) -> Path:
+        return shards / f"{index:05d}.parquet"
+
     def stored(index: int) -> tuple[pa.Table, dict] | None:
-        path = shards / f"{index:05d}.parquet"
+        path = path_of(index)
         if path.is_file():
             table = pq.read_table(path)
             if key_of(table) == keys[bounds[index]]:
                 return table, table_stats(path)
         return None
 
-    for index, rows in enumerate(bounds):
-        if index % world == rank and stored(index) is None:
-            table, stats = compute(index, rows)
-            write_table_atomic(table, shards / f"{index:05d}.parquet", stats)
+    mine: dict[int, tuple[pa.Table, dict]] = {}  # this rank's shards, kept rather than read back
+    for index in range(rank, len(bounds), world):
+        if (result := stored(index)) is None:
+            result = compute(index, bounds[index])
+            write_table_atomic(result[0], path_of(index), result[1])
+        mine[index] = result
     if rank > 0:
         return None
-    results = []
-    for index in range(len(bounds)):
-        # another rank's shard: a launcher ends every rank when one fails, so no timeout
-        while (result := stored(index)) is None:
-            time.sleep(poll)
-        results.append(result)
-    return results
+    return [mine[i] if i in mine else wait_until(lambda i=i: stored(i), poll) for i in range(len(bounds))]
 
 
 def finish(out: Path, name: str, results: list[tuple[pa.Table, dict]], schema: pa.Schema, stats: dict) -> None:

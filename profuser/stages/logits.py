@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from ..data import read_records
 from ..errors import DataError, ModelError, ProfuserError
 from ..logits_store import LogitsWriter
-from ..pipeline import rank_and_world
+from ..pipeline import rank_and_world, wait_until
 from ..recipe import DistillSpec, ModelSpec
 
 VERSION = "1"
@@ -208,8 +208,15 @@ def run(ctx) -> dict:
             writer.flush()  # also after a failure: a rerun resumes after the complete examples
         seconds = time.time() - t0
     if rank > 0:  # rank 0 writes the index once every rank's shards are in
-        return {"computed_examples": len(todo_items), "computed_tokens": tokens}
-    _wait_for_ranks(writer, {it.id for it in all_items}, world)
+        return {}
+    if world > 1:
+        expected = {it.id for it in all_items}
+
+        def all_stored() -> bool:
+            writer.rescan()  # the other ranks' shards written since
+            return expected <= writer.done_ids
+
+        wait_until(all_stored)
     summary = writer.close()
     if truncated:
         log.warning("%s: %d responses truncated to max_length %d", ctx.stage.id, truncated, max_length)
@@ -228,11 +235,3 @@ def run(ctx) -> dict:
         "top_k": distill.top_k,
     }
 
-
-def _wait_for_ranks(writer: LogitsWriter, expected: set[str], world: int, poll: float = 1.0) -> None:
-    """Until the shards of every rank hold every expected example (a launcher ends all ranks when
-    one fails, so no timeout)."""
-    writer.rescan()
-    while world > 1 and not expected <= writer.done_ids:
-        time.sleep(poll)
-        writer.rescan()
