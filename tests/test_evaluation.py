@@ -4,6 +4,7 @@ evaluate stage. Generation is scripted (the tiny models are random) so that scor
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -300,3 +301,43 @@ def test_evaluate_stage(tmp_path, tiny_llama_dir, monkeypatch):
     shutil.rmtree(train / "model")
     with pytest.raises(ProfuserError, match="no model/ folder"):
         stage.run(ctx)
+
+
+# --- bits per byte --------------------------------------------------------------------------------
+
+
+def _direct_bpb(model, tok, system, instruction, response):
+    """Bits per byte straight from the model: the trainer's encoding (profuser.chat), labels scored."""
+    from profuser.chat import encode_chat
+
+    enc = encode_chat(tok, system, instruction, response, max_length=4096)
+    ids = torch.tensor([enc.input_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    targets = ids[0, 1:]
+    nll = -logp[torch.arange(len(targets)), targets][enc.response_start - 1:].sum().item()
+    return nll / (len(response.encode("utf-8")) * math.log(2))
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_heldout_bpb_matches_the_trainers_encoding(tmp_path, tiny_llama_dir, tiny_gemma_dir, which):
+    model, tok = load(tiny_llama_dir if which == "llama" else tiny_gemma_dir)
+    path = heldout_parquet(tmp_path / "heldout.parquet")
+    out = evaluate_model(model, tok, ["profuser_heldout_bpb"], heldout_path=path, log_samples=True)
+    samples = sorted(out["_samples"]["profuser_heldout_bpb"], key=lambda s: s["doc_id"])
+    assert len(samples) == 3  # every row with a response, also those without a short answer
+    rows = pq.read_table(path).to_pylist()
+    direct = [_direct_bpb(model, tok, r["system"], r["instruction"], r["response"]) for r in rows]
+    got = [s["metrics"]["bpb"] for s in samples]
+    # the response and end of turn as the trainer scores them, plus the prompt's trailing newline
+    # (lm-eval moves a context's trailing whitespace into the continuation and splits the tokens at
+    # the boundary its own way): within about one token of the trainer's figure
+    for g, d, r in zip(got, direct, rows):
+        extra_nats = (g - d) * len(r["response"].encode("utf-8")) * math.log(2)
+        assert abs(extra_nats) < 3 * math.log(len(tok))
+    assert out["_primary"]["profuser_heldout_bpb"] == pytest.approx(sum(got) / 3)
+    assert out["_config"]["profuser_heldout_bpb"]["chat_template"] is False  # formatted by profuser.chat
+    from profuser.evaluation.heldout import heldout_ids
+
+    assert heldout_ids(path, "profuser_heldout_bpb") == ["a", "b", "c"]
+    assert heldout_ids(path, "profuser_heldout") == ["a", "b"]

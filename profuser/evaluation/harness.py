@@ -13,9 +13,10 @@ from jinja2 import TemplateError
 
 from ..chat import messages, template_for
 from ..errors import ProfuserError
-from .heldout import PromptMode, check_heldout, generation_budget, heldout_config
+from .heldout import PromptMode, bpb_config, bpb_docs, check_heldout, generation_budget, heldout_config
 from .tasks import (
     DEFAULT_SHOTS,
+    HELDOUT_BPB_TASK,
     HELDOUT_TASK,
     KNOWN_TASKS,
     lm_eval_tasks_dir,
@@ -100,6 +101,12 @@ def evaluate_model(
         sources: dict[str, str] = {}  # task -> where its rows come from (for the record)
         needs_index = False
         for task in tasks:
+            if task == HELDOUT_BPB_TASK:  # docs chat-formatted here, with this model's tokenizer
+                if heldout_path is None:
+                    raise ProfuserError(f"{task} needs the held-out split (heldout_path)", where=f"evaluate task {task}")
+                write_task_yaml(include, task, bpb_config(bpb_docs(Path(heldout_path), tokenizer, template, include)))
+                sources[task] = str(Path(heldout_path).resolve())
+                continue
             if task == HELDOUT_TASK:
                 if heldout_path is None:
                     raise ProfuserError(f"{HELDOUT_TASK} needs the held-out split (heldout_path)",
@@ -175,6 +182,8 @@ def _context(model) -> int | None:
 def _uses_chat(task: str, obj, tokenizer, apply_chat_template: bool | None) -> bool:
     if task == HELDOUT_TASK:
         return apply_chat_template is not False
+    if task == HELDOUT_BPB_TASK:  # its contexts are chat-formatted already
+        return False
     if apply_chat_template is None:
         return has_chat_template(tokenizer) and _generates(obj)
     return bool(apply_chat_template)

@@ -1,4 +1,7 @@
-"""``profuser_heldout``: exact match of the final answer on the data stage's held-out split.
+"""The tasks over the data stage's held-out split: ``profuser_heldout`` (exact match of the final
+answer) and ``profuser_heldout_bpb`` (bits per byte of the reference responses).
+
+``profuser_heldout``: exact match of the final answer on the data stage's held-out split.
 
 An lm-eval ``generate_until`` task written as a YAML per run (the parquet path is the only thing
 that changes). Its docs are the rows of ``heldout.parquet`` that carry ``meta["answer"]`` (the
@@ -12,13 +15,14 @@ fallback the trainer uses); the answer is read from the generation with the data
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from ..data import extract_answer as _answer_line
 from ..data import normalise_answer
 from ..errors import DataError
-from .tasks import HELDOUT_TASK, Function
+from .tasks import HELDOUT_BPB_TASK, HELDOUT_TASK, Function
 
 # Generation budget: the longest reference response, with room to spare, within these bounds.
 MIN_GEN_TOKS, MAX_GEN_TOKS, GEN_SLACK = 32, 1024, 1.5
@@ -129,3 +133,87 @@ def heldout_config(path: Path, *, mode: PromptMode, max_gen_toks: int) -> dict[s
     if description:
         config["description"] = description
     return config
+
+
+# --- profuser_heldout_bpb ---------------------------------------------------------------------------
+#
+# Bits per UTF-8 byte of each held-out reference response given its prompt, in the chat format the
+# trainer uses (profuser.chat: the tokenizer's template, else the fallback; BOS once): the
+# log-likelihood of the response and everything the template puts after it (end of turn), as
+# lm-eval's ``loglikelihood`` of a continuation, divided by the response's bytes and ln 2. Bytes,
+# not tokens, so models with different tokenizers are comparable. Lower is better.
+
+BPB_FILE = "heldout_bpb.parquet"
+
+
+def bpb_docs(path: Path, tokenizer, template: str, out_dir: Path) -> Path:
+    """Write the model's docs for the bpb task to ``out_dir/BPB_FILE``: per held-out row with a
+    response, ``context`` (the conversation up to the response), ``continuation`` (the response and
+    the end of turn) and ``n_bytes`` (UTF-8 bytes of the response)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..chat import _response_span  # the trainer's own split of a conversation into prompt / response
+
+    table = pq.read_table(path)
+    missing = {"id", "instruction", "response"} - set(table.column_names)
+    if missing:
+        raise DataError(f"held-out table lacks column(s) {', '.join(sorted(missing))}", where=str(path))
+    rows = {"id": [], "context": [], "continuation": [], "n_bytes": []}
+    systems = table.column("system").to_pylist() if "system" in table.column_names else [""] * table.num_rows
+    for rid, system, instruction, response in zip(table.column("id").to_pylist(), systems,
+                                                  table.column("instruction").to_pylist(), table.column("response").to_pylist()):
+        if not response:
+            continue
+        text, start, _, _ = _response_span(tokenizer, template, system or "", instruction, response)
+        rows["id"].append(str(rid))
+        rows["context"].append(text[:start])
+        rows["continuation"].append(text[start:])
+        rows["n_bytes"].append(len(response.encode("utf-8")))
+    if not rows["id"]:
+        raise DataError(f"none of the {table.num_rows} held-out rows has a response, so {HELDOUT_BPB_TASK} "
+                        "cannot score them", where=str(path))
+    out = Path(out_dir) / BPB_FILE
+    pq.write_table(pa.table(rows), out)
+    return out
+
+
+def bpb_results(doc: dict, results: list) -> dict[str, float]:
+    """lm-eval ``process_results``: the example's bits per byte from its log-likelihood."""
+    loglikelihood = results[0][0] if isinstance(results[0], (list, tuple)) else results[0]
+    return {"bpb": -float(loglikelihood) / (doc["n_bytes"] * math.log(2))}
+
+
+def bpb_config(docs: Path) -> dict[str, Any]:
+    """The lm-eval task config over ``bpb_docs``' file. The context is already chat-formatted: run
+    without lm-eval's chat template. The task's score is the mean of the examples' bits per byte."""
+    return {
+        "task": HELDOUT_BPB_TASK,
+        "dataset_path": "parquet",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": str(Path(docs).resolve())}},
+        "output_type": "loglikelihood",
+        "test_split": "test",
+        "doc_to_text": "context",
+        "doc_to_target": "continuation",
+        # lm-eval puts target_delimiter (default " ") between context and continuation
+        "target_delimiter": "",
+        "process_results": Function("profuser.evaluation.heldout.bpb_results"),
+        "metric_list": [{"metric": "bpb", "aggregation": "mean", "higher_is_better": False}],
+        "num_fewshot": 0,
+        "metadata": {"version": 1.0},
+    }
+
+
+def heldout_ids(path: Path, task: str) -> list[str]:
+    """The example ids of a held-out task's docs, in lm-eval's doc_id order (per-example values are
+    keyed by id, so that runs on different models pair up)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    ids = [str(i) for i in table.column("id").to_pylist()]
+    if task == HELDOUT_TASK:
+        return [i for i, m in zip(ids, table.column("meta").to_pylist()) if _answer_of(m) is not None]
+    if task == HELDOUT_BPB_TASK:
+        return [i for i, r in zip(ids, table.column("response").to_pylist()) if r]
+    raise ValueError(f"{task} is not a held-out task")

@@ -20,6 +20,8 @@ from ..errors import ProfuserError
 log = logging.getLogger(__name__)
 
 HELDOUT_TASK = "profuser_heldout"
+HELDOUT_BPB_TASK = "profuser_heldout_bpb"
+HELDOUT_TASKS = (HELDOUT_TASK, HELDOUT_BPB_TASK)  # tasks over the data stage's heldout.parquet
 
 # Table 1's columns, in the paper's order.
 PAPER_TASKS: tuple[str, ...] = ("mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k", "truthfulqa_mc2")
@@ -35,6 +37,8 @@ class TaskInfo:
     stock_yaml: str | None = None  # config path under lm_eval/tasks; None: a group or profuser's own
     data_folders: tuple[str, ...] = ()  # folder names looked up under data_dir (besides the task name)
     split_files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> extra file names
+    lower_is_better: bool = False  # bits per byte: less is better
+    fraction: bool = True  # a 0-1 score (reports show %); False: shown as is (bits per byte)
 
 
 KNOWN_TASKS: dict[str, TaskInfo] = {
@@ -52,6 +56,7 @@ KNOWN_TASKS: dict[str, TaskInfo] = {
     "truthfulqa_mc1": TaskInfo("TruthfulQA-MC1", 0, "acc,none", "truthfulqa/truthfulqa_mc1.yaml", ("truthfulqa", "truthful_qa"),
                                {"validation": ("mc_task.jsonl", "mc_task.json")}),
     HELDOUT_TASK: TaskInfo("Held-out", 0, "exact_match,answer"),
+    HELDOUT_BPB_TASK: TaskInfo("Held-out bpb", 0, "bpb,none", lower_is_better=True, fraction=False),
 }
 
 DEFAULT_SHOTS: dict[str, int] = {name: info.shots for name, info in KNOWN_TASKS.items()}
@@ -67,6 +72,18 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 def task_title(task: str) -> str:
     info = KNOWN_TASKS.get(task)
     return info.title if info else task
+
+
+def lower_is_better(task: str) -> bool:
+    """Whether a smaller primary score is better (profuser_heldout_bpb); lm-eval's accuracies are not."""
+    info = KNOWN_TASKS.get(task)
+    return bool(info and info.lower_is_better)
+
+
+def is_fraction(task: str) -> bool:
+    """Whether the primary score is a 0-1 fraction (reports show it in %)."""
+    info = KNOWN_TASKS.get(task)
+    return info.fraction if info else True
 
 
 def primary_metric(task: str, metrics: dict[str, Any]) -> str | None:
