@@ -8,6 +8,7 @@ Everything is deterministic: the same input and seed give the same records in th
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
@@ -20,13 +21,13 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from .components import BadRow, Record, StrictModel
 from .errors import DataError
 
-Format = Literal["auto", "openorca", "alpaca", "messages", "sharegpt", "columns"]
-ROW_FORMATS = ("openorca", "alpaca", "messages", "sharegpt", "columns")
+Format = Literal["auto", "openorca", "alpaca", "messages", "sharegpt", "orca_best", "columns"]
+ROW_FORMATS = ("openorca", "alpaca", "messages", "sharegpt", "orca_best", "columns")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 RECORD_COLUMNS = ("id", "system", "instruction", "response", "meta")
 RECORD_SCHEMA = pa.schema([(name, pa.string()) for name in RECORD_COLUMNS])
@@ -36,8 +37,10 @@ RECORD_SCHEMA = pa.schema([(name, pa.string()) for name in RECORD_COLUMNS])
 
 
 class ColumnMap(StrictModel):
-    """Which field of a row holds what (``format: columns``). ``input`` is appended to the
-    instruction after a blank line, as in Alpaca; a row without ``id`` gets a content hash."""
+    """Which field of a row holds what (``format: columns``). A value is a field name or a dotted
+    path into nested rows (``cluster.samples.0.output``: integers index lists). ``input`` is
+    appended to the instruction after a blank line, as in Alpaca; a row without ``id`` gets a
+    content hash."""
 
     instruction: str
     response: str
@@ -47,10 +50,13 @@ class ColumnMap(StrictModel):
 
 
 class RowFormatParams(StrictModel):
-    """The params every row-reading source shares: the row format and an optional column map."""
+    """The params every row-reading source shares: the row format, an optional column map, and
+    which samples of an Orca-Best cluster become records."""
 
     format: Format = "auto"
     columns: ColumnMap | None = None
+    samples: Literal["one", "all"] = Field(
+        default="one", description="orca_best: one sample per cluster (drawn with data.seed), or all of them")
 
     @model_validator(mode="after")
     def _columns_go_with_format(self):
@@ -58,6 +64,8 @@ class RowFormatParams(StrictModel):
             raise ValueError("format 'columns' needs a `columns:` mapping (instruction, response, ...)")
         if self.columns is not None and self.format not in ("auto", "columns"):
             raise ValueError(f"`columns:` is a format of its own; it cannot be combined with format {self.format!r}")
+        if self.samples != "one" and self.format not in ("auto", "orca_best"):
+            raise ValueError(f"`samples:` applies to format 'orca_best', not {self.format!r}")
         return self
 
     @property
@@ -74,6 +82,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "messages"
     if {"question", "response"} <= keys:
         return "openorca"
+    if {"instruction", "cluster"} <= keys:
+        return "orca_best"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     return None
@@ -144,6 +154,77 @@ def _from_turns(row: dict, turns: list[tuple[str, str]], consumed: set[str]) -> 
     return system, turns[user][1], turns[last][1], ({"history": history} if history else {})
 
 
+_MISSING = object()
+
+
+def _lookup(row: dict, path: str) -> Any:
+    """The value at ``path`` in a row: a top-level field of that exact name, else a dotted path
+    (``cluster.samples.0.output``; an integer segment indexes a list). ``_MISSING`` when the
+    last segment is absent; a broken path before it is a ``_Bad`` naming the segment."""
+    if path in row or "." not in path:
+        return row.get(path, _MISSING)
+    value: Any = row
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i]) or "the row"
+        if isinstance(value, dict):
+            if part not in value:
+                if i == len(parts) - 1:
+                    return _MISSING
+                raise _Bad(f"missing field {path!r}: {here} has no field {part!r}")
+            value = value[part]
+        elif isinstance(value, list):
+            if not re.fullmatch(r"-?\d+", part):
+                raise _Bad(f"missing field {path!r}: {here} is a list, {part!r} is not an index")
+            index = int(part)
+            if not -len(value) <= index < len(value):
+                raise _Bad(f"missing field {path!r}: {here} has {len(value)} item(s), no index {index}")
+            value = value[index]
+        else:
+            raise _Bad(f"missing field {path!r}: {here} is {_kind(value)}, not an object or list")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _path_text(row: dict, path: str, *, required: bool = True) -> str:
+    value = _lookup(row, path)
+    if value is _MISSING or value is None:
+        if required:
+            raise _Bad(f"missing field {path!r}")
+        return ""
+    if not isinstance(value, str):
+        raise _Bad(f"field {path!r} is not a string (got {type(value).__name__})")
+    return value
+
+
+def _orca_best_samples(row: dict) -> list:
+    """The ``cluster.samples`` list of an Orca-Best row (checked to be a non-empty list)."""
+    cluster = row.get("cluster")
+    if cluster is None:
+        raise _Bad("missing field 'cluster'")
+    if not isinstance(cluster, dict):
+        raise _Bad(f"field 'cluster' is not an object (got {type(cluster).__name__})")
+    found = cluster.get("samples")
+    if found is None:
+        raise _Bad("missing field 'cluster.samples'")
+    if not isinstance(found, list):
+        raise _Bad(f"field 'cluster.samples' is not a list (got {type(found).__name__})")
+    if not found:
+        raise _Bad("field 'cluster.samples' is empty")
+    return found
+
+
+def orca_best_pick(system: str, samples: list, seed: int) -> int:
+    """Which sample of a cluster ``format: orca_best`` keeps: a hash of the seed and the cluster's
+    content, so the choice does not depend on where the row sits in the file."""
+    content = json.dumps([system, samples], sort_keys=True, default=str, ensure_ascii=False)
+    digest = hashlib.sha256(f"profuser-orca-best:{seed}\x00{content}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % len(samples)
+
+
 def _convert(row: dict, fmt: str, columns: ColumnMap | None) -> tuple[str | None, str, str, str, dict, set[str]]:
     """(id, system, instruction, response, extra meta, consumed keys) of one row in ``fmt``."""
     extra: dict = {}
@@ -163,18 +244,43 @@ def _convert(row: dict, fmt: str, columns: ColumnMap | None) -> tuple[str | None
         system, instruction, response, extra = _from_turns(row, turns, consumed)
     elif fmt == "columns":
         assert columns is not None
-        consumed = {c for c in (columns.instruction, columns.response, columns.id, columns.system, columns.input) if c}
-        instruction = _text(row, columns.instruction)
+        paths = [c for c in (columns.instruction, columns.response, columns.id, columns.system, columns.input) if c]
+        # a nested path consumes its whole top-level field: meta would otherwise repeat the text
+        consumed = {p if p in row else p.split(".", 1)[0] for p in paths}
+        instruction = _path_text(row, columns.instruction)
         if columns.input:
-            instruction = _join_input(instruction, _text(row, columns.input, required=False))
-        system = _text(row, columns.system, required=False) if columns.system else ""
-        response = _text(row, columns.response)
-        row_id = row.get(columns.id) if columns.id else None
-        return (None if row_id is None else str(row_id)), system, instruction, response, extra, consumed
+            instruction = _join_input(instruction, _path_text(row, columns.input, required=False))
+        system = _path_text(row, columns.system, required=False) if columns.system else ""
+        response = _path_text(row, columns.response)
+        row_id = _lookup(row, columns.id) if columns.id else None
+        return (None if row_id in (None, _MISSING) else str(row_id)), system, instruction, response, extra, consumed
     else:
         raise ValueError(f"unknown row format {fmt!r}")
     row_id = row.get("id")
     return (None if row_id is None else str(row_id)), system, instruction, response, extra, consumed
+
+
+def _orca_best(row: dict, samples: str, seed: int) -> list[tuple[str | None, str, str, str, dict, set[str]]]:
+    """The converted samples of an Orca-Best row (system = the row's ``instruction``, instruction =
+    a sample's ``input``, response = its ``output``): the seeded pick, or every sample."""
+    system = _text(row, "instruction", required=False)
+    found = _orca_best_samples(row)
+    picked = range(len(found)) if samples == "all" else [orca_best_pick(system, found, seed)]
+    base = None if row.get("id") is None else str(row["id"])
+    if base is None and samples == "all":
+        # siblings share a prefix: a hash of the whole cluster (one sample keeps its content hash)
+        base = content_id(system, json.dumps(found, sort_keys=True, default=str, ensure_ascii=False), "")
+    out = []
+    for i in picked:
+        name = f"cluster.samples.{i}"
+        if not isinstance(found[i], dict):
+            raise _Bad(f"field {name!r} is not an object (got {type(found[i]).__name__})")
+        instruction, response = _path_text(row, f"{name}.input"), _path_text(row, f"{name}.output")
+        extra = {k: _jsonable(v) for k, v in found[i].items() if k not in ("input", "output")}
+        extra["sample"] = i
+        row_id = f"{base}.{i}" if samples == "all" else base
+        out.append((row_id, system, instruction, response, extra, {"id", "instruction", "cluster"}))
+    return out
 
 
 def content_id(system: str, instruction: str, response: str) -> str:
@@ -188,14 +294,8 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, ensure_ascii=False))
 
 
-def row_to_record(row: Any, fmt: str, where: str, columns: ColumnMap | None = None) -> Record | BadRow:
-    """One row in the given format as a ``Record`` (or a ``BadRow`` saying why it is unusable)."""
-    if not isinstance(row, dict):
-        return BadRow(where, f"row is not an object (got {type(row).__name__})")
-    try:
-        row_id, system, instruction, response, extra, consumed = _convert(row, fmt, columns)
-    except _Bad as exc:
-        return BadRow(where, str(exc))
+def _record(row: dict, where: str, converted: tuple) -> Record | BadRow:
+    row_id, system, instruction, response, extra, consumed = converted
     if not instruction.strip():
         return BadRow(where, "empty instruction")
     if not response.strip():
@@ -206,9 +306,28 @@ def row_to_record(row: Any, fmt: str, where: str, columns: ColumnMap | None = No
     return Record(row_id if row_id else content_id(system, instruction, response), system, instruction, response, meta)
 
 
-def rows_to_records(rows: Iterable[tuple[str, Any]], params: RowFormatParams) -> Iterator[Record | BadRow]:
+def row_to_records(row: Any, fmt: str, where: str, columns: ColumnMap | None = None, *,
+                   samples: str = "one", seed: int = 0) -> list[Record | BadRow]:
+    """The records of one row in the given format: one, except ``orca_best`` with ``samples:
+    all`` (one per sample, each id suffixed ``.N``); a ``BadRow`` saying why a row is unusable."""
+    if not isinstance(row, dict):
+        return [BadRow(where, f"row is not an object (got {type(row).__name__})")]
+    try:
+        converted = _orca_best(row, samples, seed) if fmt == "orca_best" else [_convert(row, fmt, columns)]
+    except _Bad as exc:
+        return [BadRow(where, str(exc))]
+    return [_record(row, where, c) for c in converted]
+
+
+def row_to_record(row: Any, fmt: str, where: str, columns: ColumnMap | None = None, *, seed: int = 0) -> Record | BadRow:
+    """One row in the given format as a ``Record`` (or a ``BadRow`` saying why it is unusable)."""
+    return row_to_records(row, fmt, where, columns, seed=seed)[0]
+
+
+def rows_to_records(rows: Iterable[tuple[str, Any]], params: RowFormatParams, *, seed: int = 0) -> Iterator[Record | BadRow]:
     """Convert ``(where, row)`` pairs. ``format: auto`` decides from the first object row's keys;
-    a row that is already a ``BadRow`` (say, an invalid JSON line) passes through."""
+    a row that is already a ``BadRow`` (say, an invalid JSON line) passes through. ``seed`` (the
+    recipe's ``data.seed``) picks the sample of an Orca-Best cluster."""
     fmt = params.row_format
     for where, row in rows:
         if isinstance(row, BadRow):
@@ -222,10 +341,10 @@ def rows_to_records(rows: Iterable[tuple[str, Any]], params: RowFormatParams) ->
             if not fmt:
                 raise DataError(
                     f"cannot tell the row format from its fields ({', '.join(sorted(map(str, row))) or 'none'}); "
-                    "set `format:` (openorca, alpaca, messages, sharegpt) or a `columns:` mapping",
+                    "set `format:` (openorca, alpaca, messages, sharegpt, orca_best) or a `columns:` mapping",
                     where=where,
                 )
-        yield row_to_record(row, fmt, where, params.columns)
+        yield from row_to_records(row, fmt, where, params.columns, samples=params.samples, seed=seed)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -254,29 +373,121 @@ def data_files(path: Path, split: str | None = None) -> list[Path]:
 def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """``(where, row)`` for every row of one file: JSONL (one object a line), JSON (an array of rows,
     an object with a ``data`` array, or JSONL named .json) or parquet. ``where`` is ``file:line``
-    (``file:row N`` for parquet). An invalid JSONL line comes as a ``BadRow``; a JSON document
-    that does not parse at all raises ``DataError``."""
+    (``file:row N`` for parquet). An invalid JSONL line, or a row with bytes that are not UTF-8,
+    comes as a ``BadRow``; a file that is not JSON at all (CSV, binary, another encoding
+    throughout, a JSON document that does not parse) raises ``DataError`` saying what it is."""
     if not path.is_file():
         raise DataError("file not found", where=str(path))
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
         return
-    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() in _OTHER_FORMATS:
+        raise DataError(f"{_OTHER_FORMATS[path.suffix.lower()]} file: expected JSONL (.jsonl), JSON (.json) or parquet; "
+                        f"{_CONVERT}", where=str(path))
+    text = _decode(path)
     if path.suffix == ".json" and not _is_jsonl(text):
         yield from _json_rows(text, path)
     else:
         yield from _jsonl_rows(text, path)
 
 
+_OTHER_FORMATS = {".csv": "a CSV", ".tsv": "a TSV", ".xlsx": "an Excel", ".xls": "an Excel", ".arrow": "an Arrow"}
+_CONVERT = "convert it, e.g. pandas.read_csv(file).to_json('rows.jsonl', orient='records', lines=True)"
+_EXPECTED = "expected one JSON object per line (.jsonl), a JSON array of rows (.json) or parquet"
+# bytes that are not UTF-8, kept as lone surrogates by errors="surrogateescape"
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _decode(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 stay as markers that ``_undecoded`` reports per row.
+    A file in another Unicode encoding, or not text at all, is refused here with one line."""
+    raw = path.read_bytes()
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if raw.startswith(bom):
+            raise DataError(f"the file is {name} text; expected UTF-8 (re-save it as UTF-8)", where=str(path))
+    head = raw[:4096]
+    if b"\x00" in head:
+        if raw.startswith(b"PAR1"):
+            raise DataError("the file is parquet: name it .parquet", where=str(path))
+        # UTF-16 without a BOM: ASCII text with a NUL beside every character
+        if head.count(b"\x00") * 3 > len(head) and (head[1::2].count(0) * 2 > len(head[1::2]) or head[::2].count(0) * 2 > len(head[::2])):
+            raise DataError("the file looks like UTF-16 text; expected UTF-8 (re-save it as UTF-8)", where=str(path))
+        raise DataError(f"binary data, not text; {_EXPECTED}", where=str(path))
+    return raw.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
+
+
+def _undecoded(text: str, start: int = 0, end: int | None = None) -> str | None:
+    """'not UTF-8 text: byte 0xE9 at column N' for the first byte of ``text[start:end]`` that was
+    not UTF-8, or None."""
+    found = _UNDECODED.search(text, start, len(text) if end is None else end)
+    if found is None:
+        return None
+    column = found.start() - text.rfind("\n", 0, found.start())
+    return f"not UTF-8 text: byte 0x{ord(found.group()) - 0xDC00:02X} at column {column}"
+
+
 def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
+    # Bad lines before the first good one wait: when no line is a JSON value the file is not
+    # JSONL at all, and one line saying what it is beats a bad row per line.
+    pending: list[tuple[str, BadRow]] = []
+    seen_good = False
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield where, BadRow(where, f"invalid JSON: {exc.msg} (column {exc.colno})")
+        item: tuple[str, Any]
+        problem = _undecoded(line)
+        if problem:
+            item, good = (where, BadRow(where, problem)), False
+        else:
+            try:
+                item, good = (where, json.loads(line)), True
+            except json.JSONDecodeError as exc:
+                item, good = (where, BadRow(where, f"invalid JSON: {exc.msg} (column {exc.colno})")), False
+        if seen_good:
+            yield item
+        elif good:
+            seen_good = True
+            yield from pending
+            pending.clear()
+            yield item
+        else:
+            pending.append(item)
+    if pending:
+        raise _not_jsonl(text, path, pending)
+
+
+def _not_jsonl(text: str, path: Path, bad: list[tuple[str, BadRow]]) -> DataError:
+    """The one error of a file none of whose lines is JSON: what it looks like, what was expected."""
+    first_where, first = bad[0]
+    if all(b.message.startswith("not UTF-8") for _, b in bad):
+        return DataError(f"{first.message}, and so is every other line: the file is in another encoding "
+                         "(Latin-1, Windows-1252?); re-save it as UTF-8", where=first_where)
+    looks = _looks_like(text)
+    if looks:
+        hint = f"; {_CONVERT}" if looks.startswith(("CSV", "TSV")) else ""
+        return DataError(f"not JSON: the file looks like {looks}; {_EXPECTED}{hint}", where=str(path))
+    return DataError(f"no line of the file is valid JSON ({first.message}); {_EXPECTED}", where=first_where)
+
+
+def _looks_like(text: str) -> str | None:
+    """What a text that is not JSON seems to be (CSV, TSV, YAML, HTML/XML, plain text) and how to
+    convert it, or None when it starts like JSON."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()][:5]
+    if not lines or lines[0][0] in "{[":
+        return None
+    first = lines[0] if len(lines[0]) <= 60 else lines[0][:57] + "..."
+    shown = first.encode("ascii", "backslashreplace").decode()
+    if lines[0][0] == "<":
+        return f"HTML or XML (first line {shown!r})"
+    if "\t" in lines[0]:
+        return f"TSV (first line {shown!r})"
+    if "," in lines[0]:
+        return f"CSV (first line {shown!r})"
+    if lines[0] == "---" or re.match(r"^[\w-]+:(\s|$)", lines[0]):
+        return f"YAML (first line {shown!r})"
+    return f"plain text (first line {shown!r})"
 
 
 def _is_jsonl(text: str) -> bool:
@@ -306,6 +517,8 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
 
     def fail(pos: int, message: str):
         line, col = lines.at(pos), pos - text.rfind("\n", 0, pos)
+        if _UNDECODED.match(text, pos):  # a byte that is not UTF-8 outside any string
+            return DataError(_undecoded(text, pos), where=f"{path}:{line}")
         return DataError(f"invalid JSON: {message} (column {col})", where=f"{path}:{line}")
 
     def expect(pos: int, char: str) -> int:
@@ -314,14 +527,14 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
             raise fail(pos, f"expected {char!r}")
         return pos + 1
 
-    def array(pos: int) -> tuple[list[tuple[int, Any]], int]:
-        items: list[tuple[int, Any]] = []
+    def array(pos: int) -> tuple[list[tuple[int, int, Any]], int]:
+        items: list[tuple[int, int, Any]] = []
         pos = _skip_ws(text, expect(pos, "["))
         if text.startswith("]", pos):
             return items, pos + 1
         while True:
             item, end = decoder.raw_decode(text, pos)
-            items.append((pos, item))
+            items.append((pos, end, item))
             pos = _skip_ws(text, end)
             if text.startswith("]", pos):
                 return items, pos + 1
@@ -347,13 +560,22 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
             if items is None:
                 raise DataError('expected an array of rows or an object with a "data" array', where=str(path))
         else:
-            raise DataError('expected an array of rows or an object with a "data" array', where=str(path))
+            looks = _looks_like(text)
+            hint = f"; {_CONVERT}" if looks and looks.startswith(("CSV", "TSV")) else ""
+            raise DataError(f'not JSON{f": the file looks like {looks}" if looks else ""}; expected an array of rows '
+                            f'or an object with a "data" array{hint}', where=str(path))
         if _skip_ws(text, pos) < len(text):
             raise fail(_skip_ws(text, pos), "extra data after the end")
     except json.JSONDecodeError as exc:
         raise fail(exc.pos, exc.msg) from None
-    for pos, item in items:
-        yield f"{path}:{lines.at(pos)}", item
+    undecoded = [_undecoded(text, pos, end) for pos, end, _ in items]
+    if items and all(undecoded):
+        first = f"{path}:{lines.at(items[0][0])}"
+        raise DataError(f"{undecoded[0]}, and so is every other row: the file is in another encoding "
+                        "(Latin-1, Windows-1252?); re-save it as UTF-8", where=first)
+    for (pos, _, item), problem in zip(items, undecoded):
+        where = f"{path}:{lines.at(pos)}"
+        yield where, (BadRow(where, problem) if problem else item)
 
 
 class _LineCounter:
@@ -377,9 +599,21 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"not a readable parquet file: {exc}", where=str(path)) from None
     n = 0
     for batch in file.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:  # a writer that did not check its strings: find the rows one by one
+            rows = [_parquet_row(batch, i) for i in range(batch.num_rows)]
+        for row in rows:
             n += 1
-            yield f"{path}:row {n}", row
+            where = f"{path}:row {n}"
+            yield where, (BadRow(where, row.message) if isinstance(row, BadRow) else row)
+
+
+def _parquet_row(batch: pa.RecordBatch, i: int) -> Any:
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except UnicodeDecodeError as exc:
+        return BadRow("", f"not UTF-8 text: byte 0x{exc.object[exc.start]:02X}")
 
 
 # --- normalisation, dedup, sampling, splits -----------------------------------------------------

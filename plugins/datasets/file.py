@@ -21,10 +21,12 @@ class FileDataset(DatasetSource):
         path: str
         split: str | None = None
 
+    data_seed = 0  # the data stage sets the recipe's data.seed: orca_best draws a cluster's sample with it
+
     def records(self) -> Iterator[Record | BadRow]:
         for file in data_files(Path(self.params.path).expanduser(), self.params.split):
             # each file decides its own format under `auto`: a directory may mix them
-            yield from rows_to_records(read_rows(file), self.params)
+            yield from rows_to_records(read_rows(file), self.params, seed=self.data_seed)
 
 
 @hookimpl

@@ -21,6 +21,8 @@ class HubDataset(DatasetSource):
         split: str = "train"
         revision: str | None = None
 
+    data_seed = 0  # the data stage sets the recipe's data.seed: orca_best draws a cluster's sample with it
+
     def records(self) -> Iterator[Record | BadRow]:
         import datasets  # heavy: only when a recipe uses this source
 
@@ -31,7 +33,7 @@ class HubDataset(DatasetSource):
         except Exception as exc:  # network, missing dataset/config/split: name the dataset, keep the cause
             raise DataError(f"cannot load the dataset: {type(exc).__name__}: {exc}", where=f"hub dataset {where}") from exc
         rows = ((f"{where}:{i}", row) for i, row in enumerate(dataset, 1))
-        yield from rows_to_records(rows, p)
+        yield from rows_to_records(rows, p, seed=self.data_seed)
 
 
 @hookimpl

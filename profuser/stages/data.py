@@ -17,6 +17,7 @@ SHOW_BAD_ROWS = 10  # how many bad rows a failing run lists
 def run(ctx) -> dict:
     cfg = ctx.config["data"]
     source = ctx.build("datasets", cfg["source"])
+    source.data_seed = cfg["seed"]  # sources that draw among alternatives (orca_best samples) use it
     records: list[Record] = []
     bad: list[BadRow] = []
     for item in source.records():
