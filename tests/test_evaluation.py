@@ -296,6 +296,10 @@ def test_evaluate_stage(tmp_path, tiny_llama_dir, monkeypatch):
     assert results["tasks"]["profuser_heldout"]["exact_match,answer"] == 0.5
     samples = [json.loads(line) for line in (out / "samples" / "profuser_heldout.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and {s["target"] for s in samples} == {"4", "paris"}
+    # per example, keyed by the held-out row id: what compare pairs across models
+    per_example = pq.read_table(out / "per_example.parquet").to_pylist()
+    assert sorted((r["task"], r["id"], r["value"]) for r in per_example) == [
+        ("profuser_heldout", "a", 1.0), ("profuser_heldout", "b", 0.0)]
 
     # the fused model's train artifact must hold model/
     shutil.rmtree(train / "model")

@@ -6,9 +6,12 @@ data_dir, batch_size; max_gen_toks when the recipe schema has it). Input ``data`
 ``heldout.parquet`` to the ``profuser_heldout`` task.
 
 Writes ``results.json`` ({label, model, tasks: {task: {metric: value}}, primary: {task: value},
-average, config: {task: {...}}}) and, for generation tasks, ``samples/<task>.jsonl`` (prompt,
-target, output, extracted answer and score of every scored example). Metrics: the primary score of
-each task and their average.
+average, config: {task: {...}}}), ``per_example.parquet`` (task, doc_id, id, value: each example's
+primary-metric value, keyed by the held-out row id for the held-out tasks and by lm-eval's doc_id
+for benchmarks, so that models pair up in ``profuser compare``) and, for generation tasks,
+``samples/<task>.jsonl`` (prompt, target, output, extracted answer and score of every scored
+example). Metrics: the primary score of each task and their average (over the tasks where higher
+is better: bits per byte do not average with accuracies).
 """
 
 from __future__ import annotations
@@ -18,16 +21,40 @@ from pathlib import Path
 
 from ..errors import ArtifactError
 from ..evaluation import evaluate_model
+from ..evaluation.heldout import heldout_ids
+from ..evaluation.tasks import HELDOUT_TASKS, lower_is_better
 from ..models import load_model
 from ..recipe import ModelSpec
 from ..store import atomic_write_json
 
-VERSION = "1"
+VERSION = "2"  # 2: per_example.parquet; average leaves out lower-is-better tasks
 
 
 def average(primary: dict[str, float | None]) -> float | None:
-    values = [v for v in primary.values() if v is not None]
+    values = [v for t, v in primary.items() if v is not None and not lower_is_better(t)]
     return sum(values) / len(values) if values else None
+
+
+def per_example_rows(samples: dict[str, list[dict]], config: dict[str, dict], heldout: Path | None) -> dict[str, list]:
+    """Columns of ``per_example.parquet``: one row per example of each task whose samples carry its
+    primary metric (groups such as mmlu log samples under their subtasks: none)."""
+    cols: dict[str, list] = {"task": [], "doc_id": [], "id": [], "value": []}
+    for task, rows in samples.items():
+        key = (config.get(task) or {}).get("primary_metric")
+        if not key or "," not in key:
+            continue
+        metric, filt = key.split(",", 1)
+        ids = heldout_ids(heldout, task) if task in HELDOUT_TASKS and heldout is not None else None
+        for sample in rows:
+            value = (sample.get("metrics") or {}).get(metric)
+            if sample.get("filter") != filt or value is None or sample.get("doc_id") is None:
+                continue
+            doc_id = int(sample["doc_id"])
+            cols["task"].append(task)
+            cols["doc_id"].append(doc_id)
+            cols["id"].append(ids[doc_id] if ids is not None else str(doc_id))
+            cols["value"].append(float(value))
+    return cols
 
 
 def run(ctx) -> dict:
@@ -62,6 +89,12 @@ def run(ctx) -> dict:
         "config": out["_config"],
     }
     atomic_write_json(ctx.out / "results.json", results)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = per_example_rows(out.get("_samples", {}), out["_config"], heldout)
+    pq.write_table(pa.table(cols, schema=pa.schema([("task", pa.string()), ("doc_id", pa.int64()), ("id", pa.string()),
+                                                     ("value", pa.float64())])), ctx.out / "per_example.parquet")
     samples_dir = ctx.out / "samples"
     samples_dir.mkdir(exist_ok=True)
     for task, samples in out.get("_samples", {}).items():
