@@ -145,6 +145,8 @@ class TrainSpec(StrictModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="clip the global gradient norm (null: no clipping)")
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(default=50, gt=0, description="optimizer steps between checkpoints")
+    max_bad_steps: int = Field(default=0, ge=0, description="steps with a non-finite loss or gradient to skip "
+                               "(their update left out) before the run stops; 0: the first one stops it")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     distributed: Literal["none", "ddp", "deepspeed", "fsdp"] = "none"
     deepspeed_config: str | None = None

@@ -9,13 +9,27 @@ needs an accelerator device: on a CPU-only machine accelerate silently drops Dee
 Which backend: ``train.distributed: deepspeed`` in the recipe, or a launch by
 ``accelerate launch --use_deepspeed`` (env ``ACCELERATE_USE_DEEPSPEED=true``); otherwise accelerate,
 which picks DDP/FSDP from its own launch configuration (``recipes/configs/*.yaml``).
+
+Resume never unpickles what the runs directory holds (whoever can write there could run code):
+one process and DDP checkpoint the model as safetensors, the optimizer with ``torch.save`` read back
+with ``weights_only=True``, the scheduler, grad scaler and Python/NumPy RNG as JSON and torch's RNG
+as safetensors. FSDP's model and optimizer go through accelerate's FSDP utilities, which read with
+``weights_only=True`` (accelerate's own pickled scheduler file is never written). DeepSpeed's
+checkpoint files are pickles that it loads with ``weights_only=False``: each file is signed
+(HMAC-SHA256, a per-user key outside the runs directory) when saved and verified before DeepSpeed
+reads anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import math
 import os
 import random
+import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +97,7 @@ class AccelerateBackend:
     def prepare(self, model, optimizer, scheduler):
         # the scheduler stays ours: a prepared one steps num_processes times per optimizer step
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.scheduler = scheduler
-        self.accelerator.register_for_checkpointing(scheduler)
+        self.scheduler = scheduler  # checkpointed as JSON by save(), not registered (accelerate pickles it)
         return self.model
 
     def micro_step(self, loss_fn, share: float):
@@ -97,23 +110,64 @@ class AccelerateBackend:
             self.accelerator.backward(loss * (share * self.accum * self.world_size))
         return loss, parts
 
-    def step(self) -> float | None:
-        """Clip, update, schedule, zero the gradients; returns the pre-clip gradient norm."""
-        assert self.accelerator.sync_gradients, "step() must follow the last micro-batch of a step"
-        if self.max_grad_norm is None:
-            norm = None
-        else:
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+    can_skip = True  # the update comes after grad_norm(), so a bad step can be left out
+
+    def grad_norm(self) -> float:
+        """The pre-clip global gradient norm, clipping to ``max_grad_norm`` when set (measured
+        either way: the trainer's guard needs it)."""
+        assert self.accelerator.sync_gradients, "grad_norm() must follow the last micro-batch of a step"
+        limit = self.max_grad_norm if self.max_grad_norm is not None else math.inf  # inf: measure only
+        return float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
+
+    def step(self) -> None:
+        """Update, schedule, zero the gradients."""
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return None if norm is None else float(norm)
+
+    def skip(self) -> None:
+        """Leave out this step's update (the schedule still advances: the step is spent)."""
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.name == "fsdp"
 
     def save(self, path: Path) -> None:
-        self.accelerator.save_state(str(path))  # model, optimizer, scheduler, every rank's RNG
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if self._fsdp:  # sharded model and optimizer: accelerate's FSDP utilities (read back weights_only)
+            self.accelerator.save_state(str(path))
+        elif self.is_main:  # DDP replicas are identical: one copy
+            from safetensors.torch import save_model
+
+            save_model(self.accelerator.unwrap_model(self.model), str(path / MODEL_FILE))
+            torch.save(self.optimizer.state_dict(), path / OPTIMIZER_FILE)
+        if self.is_main:
+            state = {"scheduler": self.scheduler.state_dict()}
+            if self.accelerator.scaler is not None:
+                state["scaler"] = self.accelerator.scaler.state_dict()
+            _write_json(path / SCHEDULER_FILE, state)
+        save_rng(path, self.rank)
 
     def load(self, path: Path) -> None:
-        self.accelerator.load_state(str(path))
+        path = Path(path)
+        _require(path, [SCHEDULER_FILE] + ([] if self._fsdp else [MODEL_FILE, OPTIMIZER_FILE]))
+        if self._fsdp:
+            self.accelerator.load_state(str(path))
+        else:
+            from safetensors.torch import load_model
+
+            load_model(self.accelerator.unwrap_model(self.model), str(path / MODEL_FILE), device=str(self.device))
+            self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        state = _read_json(path / SCHEDULER_FILE)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        load_rng(path, self.rank)
 
     def full_state_dict(self) -> dict | None:
         return self.accelerator.get_state_dict(self.model)  # gathers FSDP shards
@@ -138,6 +192,10 @@ class DeepSpeedBackend:
         self.world_size = torch.distributed.get_world_size()
         self.rank = torch.distributed.get_rank()
         self.is_main = self.rank == 0
+        if spec.max_bad_steps:
+            raise ProfuserError("train.max_bad_steps needs the accelerate backend: DeepSpeed applies a step's update "
+                                "before its gradient norm is known (leave it 0: a bad step stops the run)",
+                                where="train.max_bad_steps")
         self.accum = accumulation_steps(spec, self.world_size)
         self.config = fill_deepspeed_config(config, spec, self.world_size, where=config_path)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -168,19 +226,36 @@ class DeepSpeedBackend:
         self.model.step()  # updates only at the accumulation boundary
         return loss, parts
 
-    def step(self) -> float | None:
+    can_skip = False  # DeepSpeed updates inside micro_step: a bad step is only seen afterwards
+
+    def grad_norm(self) -> float | None:
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def step(self) -> None:
+        pass  # done by the last micro_step (DeepSpeed's accumulation boundary)
+
     def save(self, path: Path) -> None:
-        self.model.save_checkpoint(str(path), tag="deepspeed")  # module, optimizer, scheduler
-        torch.save(_rng_state(), Path(path) / f"rng_state_{self.rank}.pt")
+        path = Path(path)
+        self.model.save_checkpoint(str(path), tag="deepspeed")  # module, optimizer, scheduler (pickles)
+        save_rng(path, self.rank)
+        torch.distributed.barrier()
+        sign_files(path, self.rank, self.world_size, _shared_key(self.device))  # every rank signs its share of the files
 
     def load(self, path: Path) -> None:
+        path = Path(path)
+        ok = verify_files(path, self.rank, self.world_size, _shared_key(self.device))
+        flag = torch.tensor([1 if ok is None else 0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if ok is not None:
+            raise ProfuserError(f"{ok}: not loaded (DeepSpeed checkpoints are pickles); delete the checkpoint to start "
+                                "over", where=str(path))
+        if not flag.item():
+            raise ProfuserError("another rank found a checkpoint file that fails its signature; not loaded", where=str(path))
         loaded, _ = self.model.load_checkpoint(str(path), tag="deepspeed")
         if loaded is None:
             raise ProfuserError("DeepSpeed could not load the checkpoint", where=str(path))
-        _set_rng_state(torch.load(Path(path) / f"rng_state_{self.rank}.pt", weights_only=False))
+        load_rng(path, self.rank)
 
     def full_state_dict(self) -> dict | None:
         if self.zero_stage == 3:  # gathered on rank 0 (needs stage3_gather_16bit_weights_on_model_save)
@@ -220,16 +295,125 @@ def fill_deepspeed_config(config: dict, spec: TrainSpec, world_size: int, *, whe
     return config
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+# --- checkpoint state without pickles ---------------------------------------------------------------
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"  # tensors and numbers only: read with weights_only=True
+SCHEDULER_FILE = "scheduler.json"
+SIGNATURES = "signatures-rank{rank}.json"
+KEY_FILE = "checkpoint.key"
+
+
+def save_rng(path: Path, rank: int) -> None:
+    """This rank's Python, NumPy (JSON) and torch (safetensors) random states."""
+    from safetensors.torch import save_file
+
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    _write_json(path / f"rng-{rank}.json", {"python": [version, list(keys), gauss],
+                                            "numpy": [name, np_keys.tolist(), pos, has_gauss, cached]})
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, str(path / f"rng-{rank}.safetensors"))
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng(path: Path, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    _require(path, [f"rng-{rank}.json", f"rng-{rank}.safetensors"])
+    state = _read_json(path / f"rng-{rank}.json")
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(np_keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = load_file(str(path / f"rng-{rank}.safetensors"))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from ..store import atomic_write_json
+
+    atomic_write_json(path, data)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ProfuserError(f"unreadable checkpoint state: {exc}; delete the checkpoint to start over", where=str(path)) from None
+
+
+def _require(path: Path, names: list[str]) -> None:
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:  # e.g. a checkpoint from an older profuser (accelerate's pickled format)
+        raise ProfuserError(f"the checkpoint lacks {', '.join(missing)} (an older or foreign format); delete it to "
+                            "start over", where=str(path))
+
+
+def checkpoint_key(cache_dir: Path | None = None) -> bytes:
+    """The per-user signing key, ``<profuser cache>/checkpoint.key`` (created 0600): outside the runs
+    directory, so write access there is not enough to forge a signature."""
+    from ..models.cache import default_cache_dir
+
+    path = Path(cache_dir or default_cache_dir()) / KEY_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it first
+            pass
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise ProfuserError("the checkpoint signing key is too short; delete it (a new one is made)", where=str(path))
+    return key
+
+
+def _shared_key(device) -> bytes:
+    """Rank 0's key on every rank (nodes may not share a home directory)."""
+    raw = checkpoint_key()[:32] if torch.distributed.get_rank() == 0 else bytes(32)
+    key = torch.tensor(list(raw), dtype=torch.uint8, device=device)
+    torch.distributed.broadcast(key, src=0)
+    return bytes(key.cpu().tolist())
+
+
+def _signed_files(path: Path) -> list[str]:
+    """The files DeepSpeed unpickles: all but the JSON and safetensors this module and the trainer
+    write at the top (read without pickle), signatures included."""
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                  if f.is_file() and not (f.parent == path and f.suffix in (".json", ".safetensors")))
+
+
+def _signature(key: bytes, path: Path, name: str) -> str:
+    mac = hmac.new(key, f"{path.name}/{name}".encode() + b"\0", hashlib.sha256)  # bound to checkpoint and name
+    with open(path / name, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            mac.update(chunk)
+    return mac.hexdigest()
+
+
+def sign_files(path: Path, rank: int, world: int, key: bytes) -> None:
+    """Rank r signs files r, r + W, ... of the checkpoint (hashing large ZeRO states is shared)."""
+    mine = _signed_files(path)[rank::world]
+    _write_json(path / SIGNATURES.format(rank=rank), {name: _signature(key, path, name) for name in mine})
+
+
+def verify_files(path: Path, rank: int, world: int, key: bytes) -> str | None:
+    """None when every file of the checkpoint is signed, and this rank's share matches; else the problem."""
+    signed: dict[str, str] = {}
+    for sig in path.glob("signatures-rank*.json"):
+        signed.update(_read_json(sig))
+    names = _signed_files(path)
+    unsigned = [n for n in names if n not in signed]
+    if unsigned:
+        return f"unsigned file {unsigned[0]}"
+    for name in names[rank::world]:
+        if not hmac.compare_digest(signed[name], _signature(key, path, name)):
+            return f"{name} does not match its signature"
+    return None

@@ -17,7 +17,13 @@
    clipping at ``max_grad_norm``; one optimizer step; metrics (token-weighted means) go to
    metrics.jsonl, TensorBoard and the callbacks; checkpoints every ``checkpoint_every`` steps and
    at each phase's end.
-6. The final model: save_pretrained + tokenizer + README.md model card; checkpoints are removed.
+   Guard: a non-finite loss or gradient norm (the pre-clip norm, measured even without clipping)
+   skips the step's update; past ``train.max_bad_steps`` such steps (default 0) the run stops with a
+   ``TrainingError`` naming the step and phase, and the last good checkpoint stays (nothing is saved).
+6. The final model: save_pretrained + tokenizer + README.md model card, then ``summary.json``
+   (written atomically: marks training complete), and only then are the checkpoints removed; a re-run
+   that finds ``summary.json`` returns it without training (a kill before the stage is sealed loses
+   nothing).
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ from .parallel import make_backend
 Callback = Callable[[int, dict], None]  # (global step, metrics), main process only
 BatchHook = Callable[[int, list], None]  # (global step, this rank's example ids), every rank
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: marks it complete
+SUMMARY_FILE = "summary.json"  # written after the final model: marks the whole training complete
+
+
+class TrainingError(ProfuserError):
+    """Training cannot go on (a non-finite loss or gradient); names the step and phase."""
 
 
 def train(
@@ -93,6 +104,10 @@ def train(
         raise ProfuserError(f"nothing to train: the phases of {curriculum.name!r} select no example with a label "
                             f"within max_length={spec.max_length}")
     bounds = np.cumsum([0] + [p.steps for p in plans])  # global step where each phase starts
+    fingerprint = {"phases": [[p.phase.name, p.steps] for p in plans], "batch_size": spec.batch_size, "seed": spec.seed}
+    done = _completed(out_dir, fingerprint)
+    if done is not None:  # trained and saved, but the stage was not sealed: nothing to redo
+        return done
     per_rank = spec.batch_size // world  # examples per rank per optimizer step
     micro = spec.micro_batch_size
 
@@ -116,8 +131,8 @@ def train(
 
     # --- 4. resume ---------------------------------------------------------------------------------
     ckpt_root = out_dir / "checkpoints"
-    fingerprint = {"phases": [[p.phase.name, p.steps] for p in plans], "batch_size": spec.batch_size, "seed": spec.seed}
     step = 0  # optimizer steps done
+    bad_steps = 0  # steps whose update was skipped (non-finite loss or gradient)
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         state = json.loads((latest / STATE_FILE).read_text())
@@ -126,6 +141,7 @@ def train(
                                 f"now {fingerprint}); delete it to start over", where=str(latest))
         backend.load(latest)
         step = state["step"]
+        bad_steps = state.get("bad_steps", 0)
     else:
         set_seed(spec.seed + rank)  # dropout differs between ranks; a resume restores the RNG instead
     resumed_from = step
@@ -178,17 +194,26 @@ def train(
                 for key, part in parts.items():
                     sums[f"loss/{key}"] += float(part) * share
                 tokens += int(tensors["attention_mask"].sum())
-            grad_norm = backend.step()
-            step += 1
-
-            # token-weighted means over the global batch (shares sum to 1 over ranks); tokens summed
+            # token-weighted means over the global batch (shares sum to 1 over ranks); tokens summed.
+            # Reduced before the update so that every rank takes the same guard decision.
             keys = sorted(sums)
             reduced = _all_reduce([sums[k] for k in keys] + [tokens], backend.device)
             means = dict(zip(keys, reduced[:-1]))
             tokens = int(reduced[-1])
+            grad_norm = backend.grad_norm()  # pre-clip, the same on every rank (gradients are reduced)
+            # fp16: the grad scaler skips overflowing steps itself, so only the loss is guarded there
+            problem = _non_finite(means["loss"], None if spec.precision == "fp16" else grad_norm)
+            if problem is None:
+                backend.step()
+            else:
+                bad_steps += 1
+                if bad_steps > spec.max_bad_steps or not backend.can_skip:
+                    raise _stopped(step + 1, plan, phase_step, problem, bad_steps, spec, ckpt_root)
+                backend.skip()
+            step += 1
             tokens_total += tokens
             if step % spec.checkpoint_every == 0 or phase_step + 1 == plan.steps:
-                save_checkpoint(backend, ckpt_root, step, fingerprint)
+                save_checkpoint(backend, ckpt_root, step, fingerprint, bad_steps=bad_steps)
             seconds = time.perf_counter() - t0
             last = {
                 "step": step, "phase": plan.phase.name, "phase_index": plan.index,
@@ -196,6 +221,7 @@ def train(
                 "epoch": round((phase_step + 1) / plan.steps * plan.phase.epochs, 6),
                 **means, "lr": lr, "grad_norm": grad_norm, "examples": spec.batch_size, "tokens": tokens,
                 "tokens_per_s": tokens / seconds, "seconds": seconds, "world_size": world,
+                "skipped": problem is not None, "bad_steps": bad_steps,
             }
             if is_main:
                 with open(metrics_path, "a", encoding="utf-8") as fh:
@@ -215,6 +241,7 @@ def train(
     summary = {
         "steps": total_steps, "world_size": world, "backend": backend.name, "resumed_from": resumed_from,
         "final_loss": last.get("loss"), "tokens": tokens_total, "seconds": time.time() - started,
+        "bad_steps": bad_steps,
         "phases": [{"name": p.phase.name, "epochs": p.phase.epochs, "beta": p.phase.beta, "examples": len(p.rows),
                     "samples": p.samples, "steps": p.steps} for p in plans],
     }
@@ -229,6 +256,8 @@ def train(
             title=card.get("title") or f"{model.key} fused with profuser", base_model=model.ref, summary=summary,
             recipe_yaml=card.get("recipe"), lineage=card.get("lineage")))
         writer.close()
+        # the completion record first: a kill from here on leaves a finished training to return
+        atomic_write_json(out_dir / SUMMARY_FILE, {**summary, "fingerprint": fingerprint})
         if not keep_checkpoints:
             shutil.rmtree(ckpt_root, ignore_errors=True)
     backend.barrier()
@@ -238,14 +267,15 @@ def train(
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def save_checkpoint(backend, root: Path, step: int, fingerprint: dict) -> Path:
+def save_checkpoint(backend, root: Path, step: int, fingerprint: dict, *, bad_steps: int = 0) -> Path:
     """Every rank saves its part; then the main process marks the checkpoint complete and drops
     the previous one (a kill mid-save leaves the previous checkpoint as the newest complete one)."""
     path = root / f"step-{step:08d}"
     backend.save(path)
     backend.barrier()
     if backend.is_main:
-        atomic_write_json(path / STATE_FILE, {"step": step, "fingerprint": fingerprint, "world_size": backend.world_size})
+        atomic_write_json(path / STATE_FILE, {"step": step, "fingerprint": fingerprint, "world_size": backend.world_size,
+                                              "bad_steps": bad_steps})
         for old in root.glob("step-*"):
             if old != path:
                 shutil.rmtree(old, ignore_errors=True)
@@ -256,6 +286,40 @@ def save_checkpoint(backend, root: Path, step: int, fingerprint: dict) -> Path:
 def latest_checkpoint(root: Path) -> Path | None:
     done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
     return max(done, key=lambda p: p.name) if done else None
+
+
+def _completed(out_dir: Path, fingerprint: dict) -> dict | None:
+    """The summary of a training that finished in ``out_dir`` (model saved), or None."""
+    path = out_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:  # written atomically, so this is damage, not a kill
+        raise TrainingError(f"unreadable completion record ({exc}); delete it to train again", where=str(path)) from None
+    if record.pop("fingerprint", None) != fingerprint:
+        raise TrainingError(f"the finished training was for other phases or batches; delete {out_dir} to start over",
+                            where=str(path))
+    return {**record, "resumed_from": record["steps"]}  # nothing was trained again
+
+
+def _non_finite(loss: float, grad_norm: float | None) -> str | None:
+    """What is not finite in a step (None: the step is sound)."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    return None
+
+
+def _stopped(step: int, plan, phase_step: int, problem: str, bad_steps: int, spec: TrainSpec, ckpt_root: Path) -> TrainingError:
+    kept = latest_checkpoint(ckpt_root)
+    kept_text = f"the last good checkpoint ({kept.name}) is kept" if kept else "no checkpoint was written yet"
+    limit = f" ({bad_steps} bad steps, train.max_bad_steps is {spec.max_bad_steps})" if spec.max_bad_steps else ""
+    return TrainingError(
+        f"step {step} (phase {plan.phase.name!r}, step {phase_step + 1} of {plan.steps}): {problem}{limit}; stopped, "
+        f"{kept_text} and nothing is cached; lower train.lr, set train.max_grad_norm, check the data, or allow "
+        "skipping with train.max_bad_steps", where="train")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
