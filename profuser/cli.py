@@ -155,7 +155,7 @@ def plugins(as_json: JsonFlag = False):
 @app.command()
 @friendly
 def components(
-    kind: Annotated[Optional[str], typer.Option(help="Only this kind (evaluators, curricula, ...).")] = None,
+    kind: Annotated[str | None, typer.Option(help="Only this kind (evaluators, curricula, ...).")] = None,
     as_json: JsonFlag = False,
 ):
     """Registered components of each kind, with their params schema."""
@@ -165,18 +165,49 @@ def components(
     if kind and kind not in KINDS:
         raise ProfuserError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}", where="--kind")
     infos = get_engine().registry.components(kind)
-    rows = [{"kind": i.kind, "name": i.name, "aliases": list(i.aliases), "plugin": i.plugin,
-             "doc": (i.cls.__doc__ or "").strip().split("\n")[0], "params": i.params_schema()} for i in infos]
     if as_json:
+        rows = [{"kind": i.kind, "name": i.name, "aliases": list(i.aliases), "plugin": i.plugin,
+                 "doc": (i.cls.__doc__ or "").strip().split("\n")[0], "params": i.params_schema()} for i in infos]
         console.print_json(json.dumps(rows))
         return
-    table = Table(title="profuser components")
-    for col in ("kind", "name", "params", "description"):
-        table.add_column(col)
-    for row in rows:
-        params = ", ".join(f"{k}={v.get('default', '?')!r}" for k, v in row["params"].get("properties", {}).items())
-        table.add_row(row["kind"], row["name"], params, row["doc"])
-    console.print(table)
+    # Text objects only, never markup strings: docstrings and defaults hold brackets ("[/INST]")
+    # that rich would read as tags. Blocks rather than a table, so whole docstrings stay readable.
+    shown_kind = None
+    for info in infos:
+        if info.kind != shown_kind:
+            shown_kind = info.kind
+            console.print(Text(f"\n{info.kind}", style="bold underline"))
+        head = Text("  ") + Text(info.name, style="bold cyan")
+        if info.aliases:
+            head += Text(f" (aliases: {', '.join(info.aliases)})")
+        head += Text(f"  [{info.plugin}]", style="dim")
+        console.print(head, soft_wrap=True)
+        for line in _component_doc(info.cls).splitlines():
+            console.print(Text("      " + line), soft_wrap=True)
+        for line in _params_lines(info.cls.Params):
+            console.print(Text("      " + line, style="green"), soft_wrap=True)
+
+
+def _component_doc(cls) -> str:
+    """The class docstring in full; many built-ins document themselves in their module instead."""
+    import inspect
+
+    doc = cls.__dict__.get("__doc__") or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+    return inspect.cleandoc(doc)
+
+
+def _params_lines(params) -> list[str]:
+    """One line per field of a Params model: ``params.name: type = default  description``."""
+    props = params.model_json_schema().get("properties", {})
+    lines = []
+    for name, info in params.model_fields.items():
+        prop = props.get(info.alias or name, {})
+        kind = " | ".join(p.get("type") or p.get("$ref", "object").rsplit("/", 1)[-1] for p in prop.get("anyOf") or [prop])
+        # default_factory defaults are absent from the JSON schema: ask the field itself
+        default = " (required)" if info.is_required() else f" = {info.get_default(call_default_factory=True)!r}"
+        description = f"  {info.description}" if info.description else ""
+        lines.append(f"params.{info.alias or name}: {kind}{default}{description}")
+    return lines
 
 
 @app.command()

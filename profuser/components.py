@@ -8,9 +8,10 @@ model loads. Instances are built by the pipeline as ``cls(params)``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -147,11 +148,16 @@ class RewardModel(Component):
 
 @dataclass
 class SourceNLL:
-    """A source's teacher-forced negative log-likelihood of a response (natural log)."""
+    """A source's teacher-forced negative log-likelihood of a response (natural log). ``n_bytes``:
+    UTF-8 bytes of the response its tokens cover (less than the whole when truncated). Where a
+    source was truncated, the select stage also fills, per response token, ``token_nll`` and
+    ``token_ends`` (end character in the response), so Min-CE can compare on a common prefix."""
 
     nll_sum: float
     n_tokens: int
     n_bytes: int
+    token_nll: list[float] | None = None
+    token_ends: list[int] | None = None
 
 
 @dataclass
@@ -181,12 +187,27 @@ class Choice:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+# What the select stage fills in ``Candidates`` for each ``needs`` value, per mode: these are the
+# only valid values (registration rejects others, so a typo cannot silently mean nothing).
+NEEDS: dict[Mode, dict[str, str]] = {
+    "training": {
+        "nll": "fills ``Candidates.nll``: each source's teacher-forced NLL of the reference (the logits stage)",
+    },
+    "inference": {
+        "responses": "fills ``Candidates.responses``: each source's generated response (the generate stage)",
+        "scores": "fills ``Candidates.scores`` and ``Candidates.responses``: every reward model's score of "
+                  "each response (one score stage per reward model; the recipe must list at least one)",
+    },
+}
+
+
 class AdvantageEvaluator(Component):
-    """Picks the advantaged source per example. ``mode`` says which mode's candidates it reads."""
+    """Picks the advantaged source per example. ``mode`` says which mode's candidates it reads;
+    ``needs`` which fields of ``Candidates`` it reads (``NEEDS[mode]`` lists the valid values):
+    the pipeline plans, and the select stage reads, only what is needed."""
 
     kind = "evaluators"
     mode: ClassVar[Mode] = "training"
-    # which fields of ``Candidates`` it reads: "nll", "responses", "scores" (reward models)
     needs: ClassVar[frozenset[str]] = frozenset({"nll"})
 
     @abstractmethod
@@ -203,8 +224,8 @@ class Tokenized:
     token i in ``text`` (special tokens have (0, 0)); ``tokens[i]`` is the token string."""
 
     text: str
-    ids: "np.ndarray"  # [n] int
-    offsets: "np.ndarray"  # [n, 2] int
+    ids: np.ndarray  # [n] int
+    offsets: np.ndarray  # [n, 2] int
     tokens: list[str]
 
 
@@ -218,7 +239,7 @@ class Aligner(Component):
     kind = "aligners"
 
     @abstractmethod
-    def align(self, target: Tokenized, source: Tokenized) -> tuple["np.ndarray", "np.ndarray"]:
+    def align(self, target: Tokenized, source: Tokenized) -> tuple[np.ndarray, np.ndarray]:
         """See the class docstring."""
 
 
@@ -241,8 +262,8 @@ class Loss(Component):
 
     @abstractmethod
     def __call__(
-        self, logits: "torch.Tensor", batch: dict[str, "torch.Tensor"], *, beta: float | None = None
-    ) -> tuple["torch.Tensor", dict[str, float]]:
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], *, beta: float | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """See the class docstring."""
 
 
@@ -266,12 +287,13 @@ class Phase:
 @dataclass
 class CurriculumInput:
     """What a curriculum may look at to split and order examples. Per example id:
-    ``gt_length`` the GT response length in target tokens; ``target_reward`` the reward score
-    of the target model's own inference-mode answer (None when no reward models ran)."""
+    ``gt_length`` the GT response length in target tokens; ``target_reward`` the reward scores
+    of the target model's own inference-mode answer, ``{reward model: score}`` with the strongest
+    reward model first (a plain number: one score of unnamed origin), None when no reward model ran."""
 
     ids: list[str]
     gt_length: dict[str, int]
-    target_reward: dict[str, float] | None = None
+    target_reward: dict[str, dict[str, float] | float] | None = None
 
 
 class Curriculum(Component):
@@ -279,6 +301,9 @@ class Curriculum(Component):
 
     kind = "curricula"
     modes: ClassVar[tuple[Mode, ...]] = ("inference", "training")
+    # params that set each phase's β: with any, the loss's own ``beta`` is never used (and a
+    # recipe that sets ``loss.params.beta`` is refused at validation)
+    beta_params: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def phases(self, data: CurriculumInput) -> list[Phase]:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import typing
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
-from .components import KINDS, Component
+from .components import KINDS, NEEDS, Component
 from .errors import PluginError, ProfuserError
 
 ENTRYPOINT_GROUP = "profuser"
@@ -36,6 +38,11 @@ class ComponentInfo:
     def params_schema(self) -> dict[str, Any]:
         return self.cls.Params.model_json_schema()
 
+    def params_problems(self, params: dict[str, Any]) -> list[tuple[str, str]]:
+        """``(dotted.field, message)`` for each problem of ``params`` under this component's
+        ``Params``; an unknown field gets the closest known one."""
+        return params_problems(self.cls.Params, params)
+
 
 @dataclass
 class PluginInfo:
@@ -48,9 +55,10 @@ class PluginInfo:
 class Registry:
     """All components of all kinds, by name and alias, with the plugin that registered each."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, entrypoints: bool = True) -> None:
         self._by_kind: dict[str, dict[str, ComponentInfo]] = {kind: {} for kind in KINDS}
         self._aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+        self.entrypoints = entrypoints  # False: third-party packages were not loaded (say so)
 
     def add(self, kind: str, cls: type, plugin: str, name: str | None, aliases) -> ComponentInfo:
         base = KINDS[kind]
@@ -60,6 +68,8 @@ class Registry:
         if not name:
             raise PluginError(f"registers {cls.__name__} ({kind}) without a name", where=f"plugin {plugin}")
         aliases = tuple(aliases or cls.aliases)
+        if kind == "evaluators":
+            _check_needs(cls, name, plugin)
         for label in (name, *aliases):
             owner = self._owner(kind, label)
             if owner is not None:
@@ -87,11 +97,68 @@ class Registry:
     def get(self, kind: str, name: str) -> ComponentInfo:
         info = self._owner(kind, name)
         if info is None:
-            raise PluginError(unknown_name_message(kind, name, [*self._by_kind[kind], *self._aliases[kind]]))
+            message = unknown_name_message(kind, name, [*self._by_kind[kind], *self._aliases[kind]])
+            if not self.entrypoints:
+                message += f"; plugins from installed packages are off ({DISABLE_ENV}=1)"
+            raise PluginError(message)
         return info
 
     def build(self, kind: str, name: str, params: dict[str, Any] | None = None) -> Component:
         return self.get(kind, name).cls(params or {})
+
+
+def _check_needs(cls: type, name: str, plugin: str) -> None:
+    valid = NEEDS.get(cls.mode)
+    if valid is None:
+        raise PluginError(f"evaluator {name!r} has mode {cls.mode!r}; modes: {', '.join(NEEDS)}", where=f"plugin {plugin}")
+    needs = cls.needs
+    if isinstance(needs, str) or not all(isinstance(n, str) for n in needs):
+        raise PluginError(f"evaluator {name!r}: needs must be a set of names, not {needs!r}", where=f"plugin {plugin}")
+    unknown = sorted(set(needs) - set(valid))
+    if unknown:
+        raise PluginError(f"evaluator {name!r} needs {', '.join(map(repr, unknown))}, which the {cls.mode} mode does not "
+                          f"provide (valid: {', '.join(valid)})", where=f"plugin {plugin}")
+
+
+def params_problems(model: type[BaseModel], data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Validate ``data`` with ``model``: ``(dotted.path, message)`` per problem, "unknown field;
+    did you mean X?" when a known field of that (possibly nested) model is close."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            message = err["msg"]
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=1, cutoff=0.6)
+                message = "unknown field" + (f"; did you mean {close[0]}?" if close else "")
+            problems.append((".".join(loc), message))
+        return problems
+    return []
+
+
+def _fields_at(model: Any, loc: tuple[str, ...]) -> list[str]:
+    """The field names of the model found at ``loc`` below ``model`` (list indices and dict keys
+    are stepped over); [] where the value there is not a model."""
+    for part in loc:
+        if part in model.model_fields:
+            model = _model_in(model.model_fields[part].annotation)
+            if model is None:
+                return []
+        # else: an index or key into a container of models (the loc of an error always exists)
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``M``, ``M | None``, ``list[M]``, ``dict[str, M]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
@@ -127,7 +194,7 @@ class Engine:
                 self._add(ep.name, plugin, version, builtin=False)
         for name, plugin in extra_plugins:
             self._add(name, plugin, "0", builtin=False)
-        self.registry = Registry()
+        self.registry = Registry(entrypoints=entrypoints)
         self._register_all()
 
     def _add(self, name: str, plugin: Any, version: str, *, builtin: bool) -> None:

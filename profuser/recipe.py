@@ -163,6 +163,28 @@ class EvaluateSpec(StrictModel):
     max_gen_toks: int | None = Field(default=None, gt=0, description="cap on generated tokens (lm-eval default 256)")
 
 
+class RuntimeSpec(StrictModel):
+    """How the run executes, never what it computes: part of no cache key."""
+
+    isolate_stages: Literal["auto"] | bool = Field(
+        default="auto", description="run each stage that loads a model in its own process, which frees "
+        "the GPU when it exits; auto: when CUDA is visible")
+
+
+class EstimateSpec(StrictModel):
+    """Declared sizes and hardware for ``--dry-run`` (profuser/estimate.py), so a plan can be costed
+    before the data exists. No stage reads this block: it is never part of a cache key."""
+
+    examples: int | None = Field(default=None, gt=0, description="training examples (default: data.sample minus heldout)")
+    prompt_tokens: int | None = Field(default=None, gt=0, description="mean chat-formatted prompt tokens (system + instruction)")
+    response_tokens: int | None = Field(default=None, gt=0, description="mean ground-truth response tokens")
+    generated_tokens: int | None = Field(default=None, gt=0, description="mean tokens a source generates (default: min(response_tokens, max_new_tokens))")
+    gpu: Literal["A100-80GB", "H100-80GB"] = "A100-80GB"
+    gpus: int = Field(default=8, gt=0, description="GPUs of the launch (wall-clock figures)")
+    throughput: dict[Literal["generate_vllm", "generate_hf", "forward", "train"], float] = Field(
+        default_factory=dict, description="tokens/s per GPU replacing the stated defaults (your own measurements)")
+
+
 COMPONENT_PATHS = [  # where a recipe names components, and their kind
     ("data.source", "datasets"),
     ("training_mode.evaluator", "evaluators"),
@@ -192,6 +214,8 @@ class Recipe(StrictModel):
     curriculum: ComponentRef = _default("curriculum")
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    estimate: EstimateSpec = EstimateSpec()
 
     @field_validator("sources")
     @classmethod
@@ -331,10 +355,7 @@ def validate_components(refs: list[tuple[str, str, ComponentRef]], registry) -> 
         except PluginError as exc:
             problems.append((f"{path}.name", exc.message))
             continue
-        try:
-            info.cls.Params(**ref.params)
-        except ValidationError as exc:
-            problems += [(f"{path}.params.{p}" if p else f"{path}.params", m) for p, m in _pydantic_problems(exc)]
+        problems += [(f"{path}.params.{p}" if p else f"{path}.params", m) for p, m in info.params_problems(ref.params)]
     return problems
 
 
@@ -352,7 +373,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     except ValidationError as exc:  # report the components' problems too: every problem at once
         problems = _pydantic_problems(exc) + validate_components(_raw_refs(data), registry)
         raise RecipeError(sorted(set(problems), key=problems.index), file=file) from None
-    problems = validate_components(recipe.component_refs(), registry)
+    problems = validate_components(recipe.component_refs(), registry) + _unused_loss_beta(recipe, registry)
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base)
     _absolutise_paths(recipe, base)
@@ -361,9 +382,32 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     return recipe
 
 
+def _unused_loss_beta(recipe: Recipe, registry) -> list[tuple[str, str]]:
+    """``loss.params.beta`` would do nothing under a curriculum that sets β per phase: refuse it."""
+    if "beta" not in recipe.loss.params:
+        return []
+    try:
+        fields = registry.get("curricula", recipe.curriculum.name).cls.beta_params
+    except PluginError:
+        return []  # an unknown curriculum is reported by validate_components
+    if not fields:
+        return []
+    names = ", ".join(f"curriculum.params.{f}" for f in fields)
+    return [("loss.params.beta", f"unused: curriculum {recipe.curriculum.name!r} sets β per phase ({names}); "
+                                 "remove loss.params.beta and set those instead")]
+
+
 def _missing_files(recipe: Recipe, base: Path) -> list[tuple[str, str]]:
     """Local paths a recipe names must exist (relative paths are relative to the recipe file)."""
+    from .chat import CHAT_FORMATS
+
     problems = []
+    models = [("target", recipe.target), *((f"sources.{i}", s) for i, s in enumerate(recipe.sources))]
+    for field_path, spec in models:  # a named format, jinja text, or a file
+        value = spec.chat_template
+        if value and value not in CHAT_FORMATS and "{{" not in value and "{%" not in value \
+                and not (base / value).exists() and not Path(value).expanduser().exists():
+            problems.append((f"{field_path}.chat_template", f"neither a named format ({', '.join(CHAT_FORMATS)}) nor a file: {value}"))
     for field_path, value in _path_fields(recipe):
         if value and not _looks_remote(value) and not (base / value).exists() and not Path(value).exists():
             problems.append((field_path, f"file not found: {value}"))
