@@ -132,6 +132,157 @@ def test_vllm_missing_is_a_clear_error(tiny_llama_dir, monkeypatch):
     assert "tiny" in err.value.where
 
 
+# --- vllm: the plumbing of its data parallel (a fake vllm module stands in for the engine) -----------
+
+FAKE_VLLM = """
+import json, os
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+class _Out:
+    def __init__(self, text, n):
+        self.text, self.token_ids = text, list(range(n))
+
+class _Request:
+    def __init__(self, text, n):
+        self.outputs = [_Out(text, n)]
+
+class LLM:
+    def __init__(self, **kw):
+        self.kw = kw
+        self._log({"event": "load", "model": kw["model"]})
+
+    def _log(self, row):
+        row.update(devices=os.environ.get("CUDA_VISIBLE_DEVICES"), rank=os.environ.get("RANK"), pid=os.getpid())
+        with open(os.environ["FAKE_VLLM_LOG"], "a") as fh:
+            fh.write(json.dumps(row) + "\\n")
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self._log({"event": "generate", "n": len(prompts)})
+        # the response depends only on the prompt's tokens and its own seed, as vLLM's per-request seed
+        return [_Request(f"{len(p['prompt_token_ids'])}:{s.kw['seed']}:{s.kw['max_tokens']}", 3)
+                for p, s in zip(prompts, params)]
+
+    def shutdown(self):
+        self._log({"event": "shutdown"})
+"""
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    """A ``vllm`` module on the path of this process and of spawned workers; returns its event log."""
+    root = tmp_path / "fake"
+    root.mkdir()
+    (root / "vllm.py").write_text(FAKE_VLLM)
+    log = tmp_path / "vllm-events.jsonl"
+    log.touch()
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def events():
+        import json
+
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    return events
+
+
+def test_vllm_engine_groups_and_prompt_split():
+    from profuser_plugins.generators.vllm import (
+        engine_groups,
+        ranks_fit,
+        split_evenly,
+        visible_devices,
+        worker_env,
+    )
+
+    gpus = [str(i) for i in range(8)]
+    assert engine_groups(gpus, 1) == [[g] for g in gpus]  # one engine per GPU
+    assert engine_groups(gpus, 2, 3) == [["0", "1"], ["2", "3"], ["4", "5"]]
+    assert engine_groups(gpus[:3], 2) == [["0", "1"]]  # a GPU left over is left idle
+    # under a launch: each of 4 ranks its block of 2 GPUs
+    assert engine_groups(gpus, 1, local_rank=3, local_world=4) == [["6"], ["7"]]
+    assert engine_groups(gpus, 2, local_rank=1, local_world=4) == [["2", "3"]]
+    assert ranks_fit(gpus, 2, 4) and not ranks_fit(gpus, 2, 8) and not ranks_fit(gpus, 1, 1)
+    with pytest.raises(ModelError, match="needs 2 GPU"):
+        engine_groups(["0"], 2)
+    with pytest.raises(ModelError, match=r"data_parallel_size 5 x tensor_parallel_size 2 needs 10 GPUs; 8 visible"):
+        engine_groups(gpus, 2, 5)
+    assert visible_devices({"CUDA_VISIBLE_DEVICES": "3, 5"}) == ["3", "5"]
+    assert visible_devices({"CUDA_VISIBLE_DEVICES": ""}) == [] and visible_devices({}, count=2) == ["0", "1"]
+    env = worker_env(["4", "5"], {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "1", "PATH": "/bin"})
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,5"}
+    assert [(s.start, s.stop) for s in split_evenly(7, 3)] == [(0, 3), (3, 5), (5, 7)]
+    assert [(s.start, s.stop) for s in split_evenly(2, 4)] == [(0, 1), (1, 2)]
+
+
+def test_vllm_seeds_are_per_prompt():
+    from profuser_plugins.generators.vllm import prompt_seed
+
+    g = VLLMGenerator({"max_new_tokens": 8, "top_k": 5, "stop": ["###"]})
+    every = g.sampling_kwargs(["a", "b", "c"], seed=3)
+    assert g.sampling_kwargs(["c"], seed=3) == every[2:]  # a prompt's settings do not depend on its neighbours
+    assert [kw["seed"] for kw in every] == [prompt_seed(3, i) for i in "abc"] and len({kw["seed"] for kw in every}) == 3
+    assert every[0] | {"seed": 0} == {"n": 1, "max_tokens": 8, "min_tokens": 0, "repetition_penalty": 1.0, "stop": ["###"],
+                                      "seed": 0, "temperature": 0.7, "top_p": 1.0, "top_k": 5}
+    assert VLLMGenerator({"do_sample": False}).sampling_kwargs(["a"], seed=3)[0]["temperature"] == 0.0
+
+
+def test_vllm_data_parallel_is_per_rank_only_when_each_rank_has_gpus(monkeypatch):
+    g = VLLMGenerator({"tensor_parallel_size": 2})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert g.data_parallel and g.groups() == [["2", "3"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # 2 ranks x 2 GPUs do not fit: rank 0 drives one engine
+    assert not g.data_parallel and g.groups() == [["0", "1"]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not g.data_parallel
+
+
+def test_vllm_engines_split_prompts_and_match_one_engine(tiny_llama_dir, fake_vllm, monkeypatch):
+    spec = ModelSpec(ref=str(tiny_llama_dir), max_length=256)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    one = gen(VLLMGenerator, max_new_tokens=8, tensor_parallel_size=2, data_parallel_size=1)
+    single = one.generate(spec, PROMPTS, seed=5)
+    assert one.last_stats["engines"] == 1 and [e["pid"] for e in fake_vllm()] == [os.getpid()] * 2  # in-process
+    one.close()
+    assert fake_vllm()[-1]["event"] == "shutdown"
+
+    two = gen(VLLMGenerator, max_new_tokens=8, tensor_parallel_size=2)  # as many engines as fit: 2
+    monkeypatch.setenv("RANK", "0")  # launch variables never reach a worker (a lone engine here, not a rank)
+    split = two.generate(spec, PROMPTS, seed=5)
+    assert split == single and two.last_stats["engines"] == 2 and two.last_stats["new_tokens"] == 15
+    assert two.generate(spec, PROMPTS[:1], seed=5) == single[:1]  # engines stay loaded between calls
+    workers = [w.process for w in two._engines["workers"]]
+    two.close()
+    assert all(not p.is_alive() and p.exitcode == 0 for p in workers)
+    events = [e for e in fake_vllm() if e["pid"] != os.getpid()]
+    by_devices = {}
+    for e in events:
+        by_devices.setdefault(e["devices"], []).append((e["event"], e.get("n")))
+    # prompts 0-2 on GPUs 0,1; 3-4 on GPUs 2,3; the one-prompt call on the first engine only
+    assert by_devices == {"0,1": [("load", None), ("generate", 3), ("generate", 1), ("shutdown", None)],
+                          "2,3": [("load", None), ("generate", 2), ("shutdown", None)]}
+    assert {e["rank"] for e in events} == {None} and len({e["pid"] for e in events}) == 2
+
+
+def test_vllm_engine_failure_is_one_line(tiny_llama_dir, fake_vllm, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("FAKE_VLLM_LOG", "/nonexistent/dir/log")  # the engines fail as they load
+    g = gen(VLLMGenerator, max_new_tokens=8)
+    with pytest.raises(ModelError, match=r"engine on GPU\(s\) 0 failed during loading: FileNotFoundError"):
+        g.generate(ModelSpec(ref=str(tiny_llama_dir)), PROMPTS, seed=0)
+    assert g._engines == {}
+
+
 @pytest.mark.gpu
 def test_vllm_generates_repeatably(tiny_llama_dir):
     pytest.importorskip("vllm")
@@ -193,6 +344,13 @@ def test_generate_stage_writes_generations_and_resumes_by_shard(tmp_path, tiny_l
     again = generate_stage.run(ctx2)
     assert again["examples"] == 5
     assert pq.read_table(ctx2.out / "generations.parquet")["response"].to_pylist() == resumed
+
+
+def test_generate_stage_closes_its_generator(tmp_path, tiny_llama_dir, monkeypatch):
+    closed = []
+    monkeypatch.setattr(HFGenerator, "close", lambda self: closed.append(self), raising=False)
+    generate_stage.run(stage_ctx(tmp_path, tiny_llama_dir))
+    assert len(closed) == 1  # the engine is shut down when the stage ends (vLLM keeps GPU memory otherwise)
 
 
 def test_generate_stage_rejects_a_generator_that_drops_prompts(tmp_path, tiny_llama_dir, monkeypatch):
@@ -261,4 +419,4 @@ def test_run_shards_splits_by_rank_and_rank0_joins(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     results = generate_stage.run_shards(tmp_path, keys, 2, compute, poll=0.01)
     assert computed == [1, 3, 0, 2]
-    assert [s["shard"] for _, s in results] == [0, 1, 2, 3] and sum((t["id"].to_pylist() for t, _ in results), []) == keys
+    assert [s["shard"] for _, s in results] == [0, 1, 2, 3] and [i for t, _ in results for i in t["id"].to_pylist()] == keys

@@ -143,7 +143,11 @@ def run(ctx) -> dict:
         ctx.log_metrics(index, {**stats, "tokens_per_s": stats["new_tokens"] / max(seconds, 1e-9)})
         return pa.table({"id": [q.id for q in chunk], "response": responses}), stats
 
-    results = run_shards(ctx.out, ids, shard_size, compute, split=generator.data_parallel)
+    try:
+        results = run_shards(ctx.out, ids, shard_size, compute, split=generator.data_parallel)
+    finally:  # engines that keep GPU memory (vLLM) shut down before the next stage loads a model
+        if callable(close := getattr(generator, "close", None)):
+            close()
     if results is None:  # another rank than 0: rank 0 joins the shards
         return {}
     totals = {k: sum(s.get(k, 0) for _, s in results) for k in ("examples", "new_tokens", "seconds", "empty")}
