@@ -89,9 +89,10 @@ def run(
         _print_plan(plan)
         return
     results = runner.run()
-    ran = [r for r in results if not r.cached]
-    console.print(f"{recipe_obj.name}: {len(ran)} stage(s) ran, {len(results) - len(ran)} reused; "
-                  f"run record: {runner.run_dir / 'run.json'}")
+    from .report import run_result_lines
+
+    for line in run_result_lines(runner.run_dir, results, recipe_obj):
+        console.print(line, highlight=False, markup=False)
 
 
 def _print_plan(plan: dict) -> None:
@@ -255,7 +256,8 @@ def compare(
     recipes: Annotated[list[Path], typer.Argument(help="Recipes to run and compare (ablations of one another).")],
     out: Annotated[Path, typer.Option("--out", help="Where the table and plots go.")] = Path("comparison"),
     override: Annotated[list[str], typer.Option("-o", "--override", help="Applied to every recipe.")] = [],
-    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds: each variant runs once per seed (mean ± std).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated training seeds (train.seed): each variant trains once per seed; the stages before train are shared (mean ± std).")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="Variant to compare every other with (paired bootstrap 95% CI); default: the first recipe's.")] = None,
     runs_dir: RunsDir = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
 ):
@@ -263,10 +265,16 @@ def compare(
     from .compare import run_comparison
     from .report import write_comparison
 
-    seed_list = [int(x) for x in seeds.split(",")] if seeds else []
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else []
+    except ValueError:
+        raise ProfuserError(f"seeds must be comma-separated integers, got {seeds!r}", where="--seeds") from None
+    if len(set(seed_list)) != len(seed_list):
+        raise ProfuserError(f"a seed is listed twice: {seeds}", where="--seeds")
     result = run_comparison(recipes, _runtime(runs_dir, device), overrides=override, seeds=seed_list,
                             echo=lambda line: console.print(line, highlight=False, markup=False))
-    written = write_comparison(result["entries"], out)
+    fused = [e for e in result["entries"] if not e.get("baseline")]
+    written = write_comparison(result["entries"], out, reference=reference or (fused[0]["variant"] if fused else None))
     timing = {k: round(v, 1) for k, v in result.items() if k != "entries"}
     (out / "suite.json").write_text(json.dumps(timing, indent=2))
     console.print((out / "comparison.md").read_text().split("## ")[0])
