@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from profuser_plugins.losses import _sparse
-from profuser_plugins.losses._sparse import sparse_logits
 from profuser_plugins.losses.fuse_kl import FuseKL
 from profuser_plugins.losses.jsd import JSD
 from profuser_plugins.losses.reverse_kl import ReverseKL
 from profuser_plugins.losses.sft import SFT
 from pydantic import ValidationError
 
+from profuser import losses as kernel
+from profuser.losses import sparse_logits
 from profuser.plugins import Engine
 from profuser.teacher import teacher_logprobs
 
@@ -67,7 +67,7 @@ def dense_reference(logits, batch, *, beta, divergence="kl", temperature=2.0, to
 @pytest.mark.parametrize("cls,divergence", [(FuseKL, "kl"), (ReverseKL, "reverse_kl"), (JSD, "jsd")])
 @pytest.mark.parametrize("merge_elements", [0, 1 << 22])
 def test_sparse_equals_dense_values_and_gradients(cls, divergence, merge_elements, monkeypatch):
-    monkeypatch.setattr(_sparse, "MERGE_ELEMENTS", merge_elements)
+    monkeypatch.setattr(kernel, "MERGE_ELEMENTS", merge_elements)
     logits, batch = make_batch()
     loss, parts = cls()(logits, batch)
     (grad,) = torch.autograd.grad(loss, logits)
@@ -102,7 +102,7 @@ def test_fuse_kl_gradient_is_the_fused_formula():
 @pytest.mark.parametrize("merge_elements", [0, 1 << 22])
 def test_gradcheck_fused_function_float64(merge_elements, monkeypatch):
     # 0: every run of active rows is its own segment, gaps skipped; else all merged into one
-    monkeypatch.setattr(_sparse, "MERGE_ELEMENTS", merge_elements)
+    monkeypatch.setattr(kernel, "MERGE_ELEMENTS", merge_elements)
     g = torch.Generator().manual_seed(4)
     z = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
     ids = torch.randint(0, 6, (9, 3), generator=g)  # duplicates included

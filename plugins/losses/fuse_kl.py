@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from profuser import hookimpl
-
-from ._sparse import SparseDivergenceLoss, xlogy_sum
+from profuser.losses import SparseDivergenceLoss, kl_divergence
 
 
 class FuseKL(SparseDivergenceLoss):
@@ -17,7 +16,7 @@ class FuseKL(SparseDivergenceLoss):
     part = "kl"
 
     def divergence(self, logp, logq, log_support):
-        return xlogy_sum(logp.exp(), logp - logq)
+        return kl_divergence(logp, logq)
 
 
 @hookimpl

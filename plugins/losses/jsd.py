@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from profuser import hookimpl
-
-from ._sparse import LOG2, SparseDivergenceLoss, xlogy_sum
+from profuser.losses import SparseDivergenceLoss, js_divergence
 
 
 class JSD(SparseDivergenceLoss):
@@ -18,11 +15,7 @@ class JSD(SparseDivergenceLoss):
     part = "jsd"
 
     def divergence(self, logp, logq, log_support):
-        kept = logp.isfinite()
-        logm = torch.logaddexp(logp, logq) - LOG2  # [N, k]
-        q = logq.exp().masked_fill(~kept, 0.0)
-        on_support = xlogy_sum(logp.exp(), logp - logm) + xlogy_sum(q, logq - logm)
-        return 0.5 * (on_support + LOG2 * (1 - log_support.exp()))
+        return js_divergence(logp, logq, log_support)
 
 
 @hookimpl

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from profuser import hookimpl
-
-from ._sparse import SparseDivergenceLoss, xlogy_sum
+from profuser.losses import SparseDivergenceLoss, reverse_kl_divergence
 
 
 class ReverseKL(SparseDivergenceLoss):
@@ -16,9 +15,7 @@ class ReverseKL(SparseDivergenceLoss):
     part = "reverse_kl"
 
     def divergence(self, logp, logq, log_support):
-        logq_support = logq - log_support[:, None]  # [N, k], -inf-safe: dropped slots masked via p
-        q_support = logq_support.exp().masked_fill(~logp.isfinite(), 0.0)
-        return xlogy_sum(q_support, logq_support - logp)
+        return reverse_kl_divergence(logp, logq, log_support)
 
 
 @hookimpl

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from profuser import hookimpl
 from profuser.components import Loss
-
-from ._sparse import sft_loss
+from profuser.losses import sft_loss
 
 
 class SFT(Loss):

@@ -1,5 +1,13 @@
-"""Building blocks of the losses on a sparse teacher (the underscore keeps this module from being
-loaded as a plugin; third-party loss plugins may import it).
+"""The public loss kernel: what the built-in losses (``sft``, ``fuse_kl``, ``reverse_kl``, ``jsd``)
+are made of, for loss plugins to build on (docs/losses.md, "Writing a loss plugin").
+
+- ``SparseDivergenceLoss``: L = L_SFT + beta * D(P_S, P_T) on the teacher's sparse support;
+  a subclass implements ``divergence(logp, logq, log_support)`` and gets the shift, the teacher
+  distribution (``beta``, ``temperature``, ``top_p`` params), masks, weights, normalisation and
+  the fused kernel.
+- ``kl_divergence``, ``reverse_kl_divergence``, ``js_divergence``: the built-in D's, per row.
+- ``sft_loss``: Eq. 1's CE through the same kernel; ``flat_batch``: the batch shifted and
+  flattened to rows; ``sparse_logits``: the kernel itself; ``xlogy_sum``, ``IGNORE``, ``LOG2``.
 
 The one heavy operation is ``sparse_logits``: the student's log-partition ``lse`` [N] and its
 logits at a few ids ``z_at`` [N, m] (the label and the teacher's k ids). Every loss here is then
@@ -25,6 +33,11 @@ from pydantic import Field
 
 from profuser.components import Loss
 from profuser.teacher import teacher_logprobs
+
+__all__ = [
+    "IGNORE", "LOG2", "SparseDivergenceLoss", "flat_batch", "js_divergence", "kl_divergence",
+    "reverse_kl_divergence", "sft_loss", "sparse_logits", "xlogy_sum",
+]
 
 IGNORE = -100
 # The kernel works on segments: runs of rows with a label (a response), at most ~64M logits each
@@ -219,3 +232,29 @@ def xlogy_sum(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 LOG2 = math.log(2.0)
+
+
+# --- the divergences, per row (arguments as in SparseDivergenceLoss.divergence) -----------------
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(P_S || P_T) = sum_j p_j (log p_j - log q_j) over the teacher's kept ids [N]."""
+    return xlogy_sum(logp.exp(), logp - logq)
+
+
+def reverse_kl_divergence(logp: torch.Tensor, logq: torch.Tensor, log_support: torch.Tensor) -> torch.Tensor:
+    """KL(P~_T || P_S) [N], the student renormalised on the teacher's kept ids: the teacher is 0
+    off its top-k, so over the whole vocabulary the reverse KL would be infinite."""
+    logq_support = logq - log_support[:, None]  # [N, k]; dropped slots are masked through p
+    q_support = logq_support.exp().masked_fill(~logp.isfinite(), 0.0)
+    return xlogy_sum(q_support, logq_support - logp)
+
+
+def js_divergence(logp: torch.Tensor, logq: torch.Tensor, log_support: torch.Tensor) -> torch.Tensor:
+    """JSD(P_S, P_T) [N], exact over the whole vocabulary from the teacher's ids alone: off the
+    support M = q / 2, so those ids add 1/2 * log 2 * (1 - q(support))."""
+    kept = logp.isfinite()
+    logm = torch.logaddexp(logp, logq) - LOG2  # [N, k]
+    q = logq.exp().masked_fill(~kept, 0.0)
+    on_support = xlogy_sum(logp.exp(), logp - logm) + xlogy_sum(q, logq - logm)
+    return 0.5 * (on_support + LOG2 * (1 - log_support.exp()))
