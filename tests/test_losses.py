@@ -242,3 +242,42 @@ def test_registered_and_params_validated():
     for bad in ({"top_p": 1.5}, {"temperature": 0}, {"beta": -1}, {"topp": 0.9}):
         with pytest.raises(ValidationError):
             FuseKL(bad)
+
+
+def _docs_loss_example() -> dict:
+    """Run the first python block of docs/losses.md's "Extending Params" section as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
+    section = text[text.index("### Extending `Params`"):]
+    code = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    namespace: dict = {"__name__": "docs_mixed_kl"}
+    exec(compile(code, "docs/losses.md", "exec"), namespace)  # noqa: S102 (our own docs, run as a user would)
+    return namespace
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_docs_params_example_interpolates_forward_and_reverse_kl(alpha):
+    mixed_kl = _docs_loss_example()["MixedKL"]
+    logits, batch = make_batch(seed=4)
+    mixed, parts = mixed_kl({"alpha": alpha, "beta": 0.5})(logits, batch)
+    _, forward = FuseKL({"beta": 0.5})(logits, batch)
+    _, reverse = ReverseKL({"beta": 0.5})(logits, batch)
+    expected = (1 - alpha) * forward["kl"] + alpha * reverse["reverse_kl"]
+    assert parts["mixed_kl"] == pytest.approx(expected, rel=1e-5)
+    assert parts["ce"] == pytest.approx(forward["ce"], rel=1e-6)
+    mixed.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_docs_params_example_registers_and_validates_its_params():
+    import types
+
+    namespace = _docs_loss_example()
+    module = types.ModuleType("docs_mixed_kl")
+    module.profuser_register_losses = namespace["profuser_register_losses"]
+    engine = Engine(entrypoints=False, extra_plugins=[("mixed", module)])
+    info = engine.registry.get("losses", "mixed_kl")
+    assert info.cls.Params(alpha=0.25).temperature == 2.0  # the parent's params stay
+    assert info.params_problems({"alpa": 0.2}) == [("alpa", "unknown field; did you mean alpha?")]
+    assert info.params_problems({"alpha": 2}) and not info.params_problems({"alpha": 1})
