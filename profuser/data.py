@@ -217,10 +217,15 @@ def _orca_best_samples(row: dict) -> list:
     return found
 
 
+def _cluster_texts(samples: list) -> list:
+    return [[s.get("input"), s.get("output")] if isinstance(s, dict) else s for s in samples]
+
+
 def orca_best_pick(system: str, samples: list, seed: int) -> int:
     """Which sample of a cluster ``format: orca_best`` keeps: a hash of the seed and the cluster's
-    content, so the choice does not depend on where the row sits in the file."""
-    content = json.dumps([system, samples], sort_keys=True, default=str, ensure_ascii=False)
+    content, so the choice does not depend on where the row sits in the file. Only inputs and
+    outputs count: a parquet copy that adds null fields to some samples picks the same one."""
+    content = json.dumps([system, _cluster_texts(samples)], default=str, ensure_ascii=False)
     digest = hashlib.sha256(f"profuser-orca-best:{seed}\x00{content}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % len(samples)
 
@@ -269,7 +274,7 @@ def _orca_best(row: dict, samples: str, seed: int) -> list[tuple[str | None, str
     base = None if row.get("id") is None else str(row["id"])
     if base is None and samples == "all":
         # siblings share a prefix: a hash of the whole cluster (one sample keeps its content hash)
-        base = content_id(system, json.dumps(found, sort_keys=True, default=str, ensure_ascii=False), "")
+        base = content_id(system, json.dumps(_cluster_texts(found), default=str, ensure_ascii=False), "")
     out = []
     for i in picked:
         name = f"cluster.samples.{i}"
@@ -382,8 +387,9 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield from _parquet_rows(path)
         return
     if path.suffix.lower() in _OTHER_FORMATS:
+        sep = ", sep='\\t'" if path.suffix.lower() == ".tsv" else ""
         raise DataError(f"{_OTHER_FORMATS[path.suffix.lower()]} file: expected JSONL (.jsonl), JSON (.json) or parquet; "
-                        f"{_CONVERT}", where=str(path))
+                        f"{_CONVERT.format(sep=sep)}", where=str(path))
     text = _decode(path)
     if path.suffix == ".json" and not _is_jsonl(text):
         yield from _json_rows(text, path)
@@ -392,7 +398,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 _OTHER_FORMATS = {".csv": "a CSV", ".tsv": "a TSV", ".xlsx": "an Excel", ".xls": "an Excel", ".arrow": "an Arrow"}
-_CONVERT = "convert it, e.g. pandas.read_csv(file).to_json('rows.jsonl', orient='records', lines=True)"
+_CONVERT = "convert it, e.g. pandas.read_csv(file{sep}).to_json('rows.jsonl', orient='records', lines=True)"
 _EXPECTED = "expected one JSON object per line (.jsonl), a JSON array of rows (.json) or parquet"
 # bytes that are not UTF-8, kept as lone surrogates by errors="surrogateescape"
 _UNDECODED = re.compile("[\udc80-\udcff]")
@@ -466,9 +472,15 @@ def _not_jsonl(text: str, path: Path, bad: list[tuple[str, BadRow]]) -> DataErro
                          "(Latin-1, Windows-1252?); re-save it as UTF-8", where=first_where)
     looks = _looks_like(text)
     if looks:
-        hint = f"; {_CONVERT}" if looks.startswith(("CSV", "TSV")) else ""
+        hint = _convert_hint(looks)
         return DataError(f"not JSON: the file looks like {looks}; {_EXPECTED}{hint}", where=str(path))
     return DataError(f"no line of the file is valid JSON ({first.message}); {_EXPECTED}", where=first_where)
+
+
+def _convert_hint(looks: str | None) -> str:
+    if looks and looks.startswith(("CSV", "TSV")):
+        return "; " + _CONVERT.format(sep=", sep='\\t'" if looks.startswith("TSV") else "")
+    return ""
 
 
 def _looks_like(text: str) -> str | None:
@@ -561,7 +573,7 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
                 raise DataError('expected an array of rows or an object with a "data" array', where=str(path))
         else:
             looks = _looks_like(text)
-            hint = f"; {_CONVERT}" if looks and looks.startswith(("CSV", "TSV")) else ""
+            hint = _convert_hint(looks)
             raise DataError(f'not JSON{f": the file looks like {looks}" if looks else ""}; expected an array of rows '
                             f'or an object with a "data" array{hint}', where=str(path))
         if _skip_ws(text, pos) < len(text):

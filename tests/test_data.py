@@ -274,6 +274,17 @@ def test_hub_source_on_a_local_dataset_dir(engine, tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         read(engine, {"name": str(tmp_path / "hubds"), "split": "nosuchsplit"}, name="hub")
     assert "hubds[nosuchsplit]" in err.value.where
+    # Orca-Best's nested rows come through `datasets` as nested dicts and lists: the same mapping
+    nested = tmp_path / "orcabest" / "data"
+    nested.mkdir(parents=True)
+    (nested / "train.jsonl").write_text(ORCA_BEST.read_text(encoding="utf-8"), encoding="utf-8")
+    source = engine.registry.build("datasets", "hub", {"name": str(tmp_path / "orcabest"), "format": "orca_best"})
+    source.data_seed = 3
+    from_hub = list(source.records())
+    from_file = engine.registry.build("datasets", "file", {"path": str(ORCA_BEST), "format": "orca_best"})
+    from_file.data_seed = 3
+    assert [(r.id, r.system, r.instruction, r.response) for r in from_hub] == \
+        [(r.id, r.system, r.instruction, r.response) for r in from_file.records()]
 
 
 # --- the data stage -----------------------------------------------------------------------------
@@ -351,3 +362,203 @@ def test_example_recipes_read_the_shared_files(engine, name, fmt, expected):
     else:
         with_input = [r for r in items if "\n\n" in r.instruction]
         assert with_input and all(r.system == "" for r in items)
+
+
+# --- Orca-Best and nested rows ------------------------------------------------------------------
+
+ORCA_BEST = Path(__file__).resolve().parent / "data" / "orca-best-mini.jsonl"
+
+
+def orca_best_rows() -> list[dict]:
+    return [json.loads(line) for line in ORCA_BEST.read_text(encoding="utf-8").splitlines()]
+
+
+def test_orca_best_one_seeded_sample_per_cluster(engine, tmp_path):
+    rows = orca_best_rows()
+    source = engine.registry.build("datasets", "file", {"path": str(ORCA_BEST), "format": "orca_best"})
+    records = list(source.records())
+    assert len(records) == len(rows) == 12 and all(isinstance(r, Record) for r in records)
+    for record, row in zip(records, rows):
+        sample = row["cluster"]["samples"][record.meta["sample"]]
+        assert (record.system, record.instruction, record.response) == (row["instruction"], sample["input"], sample["output"])
+        assert record.meta["num_samples"] == row["num_samples"] and "cluster" not in record.meta
+    assert read(engine, {"path": str(ORCA_BEST)}) == records  # format: auto recognises the rows
+    # the pick follows the seed ...
+    picks = {}
+    for seed in range(6):
+        source.data_seed = seed
+        picks[seed] = [r.meta["sample"] for r in source.records()]
+    assert len({tuple(p) for p in picks.values()}) > 1 and picks[0] == [r.meta["sample"] for r in records]
+    # ... and not the row order
+    shuffled = write_jsonl(tmp_path / "reversed.jsonl", rows[::-1])
+    again = read(engine, {"path": str(shuffled), "format": "orca_best"})
+    assert sorted((r.system, r.instruction) for r in again) == sorted((r.system, r.instruction) for r in records)
+
+
+def test_orca_best_all_samples_get_suffixed_ids(engine, tmp_path):
+    records = read(engine, {"path": str(ORCA_BEST), "format": "orca_best", "samples": "all"})
+    assert len(records) == sum(row["num_samples"] for row in orca_best_rows()) == 20
+    assert len({r.id for r in records}) == 20
+    first, second = records[:2]  # the first cluster has two samples: one prefix, suffixes .0 and .1
+    assert first.id.endswith(".0") and second.id == first.id[:-2] + ".1" and second.meta["sample"] == 1
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"id": "c7", "instruction": "", "num_samples": 2, "cluster": {"samples": [
+        {"input": "Q1", "output": "A1", "score": 0.5}, {"input": "Q2", "output": "A2"}]}}])
+    records = read(engine, {"path": str(path), "samples": "all"})
+    assert [(r.id, r.system, r.instruction, r.response) for r in records] == [("c7.0", "", "Q1", "A1"), ("c7.1", "", "Q2", "A2")]
+    assert records[0].meta == {"num_samples": 2, "score": 0.5, "sample": 0, "where": f"{path}:1"}
+    assert read(engine, {"path": str(path)})[0].id == "c7"  # one sample keeps the row's id
+    with pytest.raises(ValidationError, match="applies to format 'orca_best'"):
+        engine.registry.build("datasets", "file", {"path": str(path), "format": "alpaca", "samples": "all"})
+
+
+def test_orca_best_bad_nesting_names_file_line_and_field(engine, tmp_path):
+    good = orca_best_rows()[1]
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        good,
+        {"instruction": "S", "num_samples": 1},
+        {"instruction": "S", "cluster": [{"input": "Q", "output": "A"}]},
+        {"instruction": "S", "cluster": {"size": 2}},
+        {"instruction": "S", "cluster": {"samples": []}},
+        {"instruction": "S", "cluster": {"samples": ["Q: A"]}},
+        {"instruction": "S", "cluster": {"samples": [{"input": "Q"}]}},
+        {"instruction": "S", "cluster": {"samples": [{"input": "Q", "output": ["A"]}]}},
+        {"instruction": 3, "cluster": {"samples": [{"input": "Q", "output": "A"}]}},
+    ])
+    items = read(engine, {"path": str(path), "format": "orca_best"})
+    assert isinstance(items[0], Record)
+    assert [(b.where, b.message) for b in items[1:]] == [(f"{path}:{n}", m) for n, m in [
+        (2, "missing field 'cluster'"),
+        (3, "field 'cluster' is not an object (got list)"),
+        (4, "missing field 'cluster.samples'"),
+        (5, "field 'cluster.samples' is empty"),
+        (6, "field 'cluster.samples.0' is not an object (got str)"),
+        (7, "missing field 'cluster.samples.0.output'"),
+        (8, "field 'cluster.samples.0.output' is not a string (got list)"),
+        (9, "field 'instruction' is not a string (got int)"),
+    ]]
+    source = {"name": "file", "params": {"path": str(path), "format": "orca_best"}}
+    with pytest.raises(DataError, match="8 of 9 rows are unusable"):
+        run_stage(engine, tmp_path / "fail", source=source, heldout=0)
+    assert run_stage(engine, tmp_path / "skip", source=source, heldout=0, on_bad_row="skip")["bad_rows_skipped"] == 8
+
+
+def test_orca_best_stage_draws_with_the_data_seed(engine, tmp_path):
+    source = {"name": "file", "params": {"path": str(ORCA_BEST), "format": "orca_best"}}
+    texts = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 3)):
+        run_stage(engine, tmp_path / name, source=source, heldout=0, seed=seed)
+        texts[name] = (tmp_path / name / "train.parquet").read_bytes()
+    assert texts["a"] == texts["b"] and texts["a"] != texts["c"]
+
+
+def test_dotted_column_paths(engine, tmp_path):
+    row = {"uid": {"n": 4}, "sys": "S", "cluster": {"samples": [{"input": "Q0", "output": "A0"}, {"input": "Q1", "output": "A1"}]},
+           "a.b": "flat key with a dot", "extra": 1}
+    path = write_jsonl(tmp_path / "nested.jsonl", [row])
+    columns = {"id": "uid.n", "system": "sys", "instruction": "cluster.samples.1.input", "response": "cluster.samples.-1.output"}
+    (record,) = read(engine, {"path": str(path), "columns": columns})
+    # a nested path consumes its top-level field; the rest stays in meta
+    assert record == Record("4", "S", "Q1", "A1", {"a.b": "flat key with a dot", "extra": 1, "where": f"{path}:1"})
+    (record,) = read(engine, {"path": str(path), "columns": {"instruction": "a.b", "response": "cluster.samples.0.output"}})
+    assert (record.instruction, record.response) == ("flat key with a dot", "A0")  # an exact key wins over a path
+
+    def problem(**mapping):
+        (bad,) = read(engine, {"path": str(path), "columns": {"instruction": "sys", **mapping}})
+        assert isinstance(bad, BadRow) and bad.where == f"{path}:1"
+        return bad.message
+
+    assert problem(response="cluster.sample.0.output") == "missing field 'cluster.sample.0.output': cluster has no field 'sample'"
+    assert problem(response="cluster.samples.5.output") == "missing field 'cluster.samples.5.output': cluster.samples has 2 item(s), no index 5"
+    assert problem(response="cluster.samples.first.output") == \
+        "missing field 'cluster.samples.first.output': cluster.samples is a list, 'first' is not an index"
+    assert problem(response="sys.text") == "missing field 'sys.text': sys is a str, not an object or list"
+    assert problem(response="cluster.samples.0.answer") == "missing field 'cluster.samples.0.answer'"
+    assert problem(response="cluster.samples.0") == "field 'cluster.samples.0' is not a string (got dict)"
+    assert problem(response="nope.x") == "missing field 'nope.x': the row has no field 'nope'"
+
+
+# --- bytes and files that are not JSON ----------------------------------------------------------
+
+
+def test_non_utf8_bytes_are_bad_rows(engine, tmp_path):
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in ORCA]
+    bad_line = json.dumps({"id": "x", "question": "Caf\u00e9?", "response": "Oui"}, ensure_ascii=False).encode("latin-1")
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join([lines[0], bad_line, lines[1]]) + b"\n")
+    items = read(engine, {"path": str(path)})
+    column = bad_line.index(b"\xe9") + 1
+    assert items[1] == BadRow(f"{path}:2", f"not UTF-8 text: byte 0xE9 at column {column}")
+    assert [r.id for r in items if isinstance(r, Record)] == ["niv.1", "niv.2"]
+    source = {"name": "file", "params": {"path": str(path)}}
+    with pytest.raises(DataError, match=r"1 of 3 rows are unusable") as err:
+        run_stage(engine, tmp_path / "fail", source=source, heldout=0)
+    assert f"{path}:2: not UTF-8 text" in err.value.message
+    assert run_stage(engine, tmp_path / "skip", source=source, heldout=0, on_bad_row="skip")["bad_rows_skipped"] == 1
+    # a JSON array: the row holding the byte is the bad one, located at its first line
+    array = tmp_path / "array.json"
+    array.write_bytes(b"[\n" + lines[0] + b",\n" + bad_line + b"\n]\n")
+    assert read(engine, {"path": str(array)})[1] == BadRow(f"{array}:3", f"not UTF-8 text: byte 0xE9 at column {column}")
+
+
+@pytest.mark.parametrize("name, data, where, message", [
+    ("latin1.jsonl", "\n".join(['{"question": "Caf\u00e9?", "response": "Oui"}'] * 3).encode("latin-1"), ":1",
+     "not UTF-8 text: byte 0xE9 at column 18, and so is every other line: the file is in another encoding"),
+    ("latin1.json", '[{"question": "Caf\u00e9?", "response": "Oui"}]'.encode("latin-1"), ":1",
+     "not UTF-8 text: byte 0xE9 at column 19, and so is every other row"),
+    ("utf16.jsonl", '{"question": "a", "response": "b"}\n'.encode("utf-16"), "", "the file is UTF-16 text; expected UTF-8"),
+    ("utf16.json", '[{"question": "a", "response": "b"}]'.encode("utf-16-le"), "", "the file looks like UTF-16 text"),
+    ("blob.jsonl", bytes(range(256)) * 4, "", "binary data, not text; expected one JSON object per line"),
+    ("rows.jsonl", b"id,question,response\n1,What is 2+2?,4\n2,\"Name a colour.\",Blue\n", "",
+     "not JSON: the file looks like CSV (first line 'id,question,response'); expected one JSON object per line"),
+    ("rows.json", b"id\tquestion\tresponse\n1\tWhat is 2+2?\t4\n", "",
+     "not JSON: the file looks like TSV (first line 'id\\tquestion\\tresponse'); expected an array of rows"),
+    ("rows.csv", b"id,question,response\n", "", "a CSV file: expected JSONL (.jsonl), JSON (.json) or parquet; convert it"),
+    ("recipe.jsonl", b"question: hi\nresponse: there\n", "", "not JSON: the file looks like YAML"),
+    ("page.jsonl", b"<!DOCTYPE html>\n<html></html>\n", "", "not JSON: the file looks like HTML or XML"),
+    ("python.jsonl", b"{'question': 'a', 'response': 'b'}\n", ":1",
+     "no line of the file is valid JSON (invalid JSON: Expecting property name enclosed in double quotes (column 2))"),
+])
+def test_files_that_are_not_utf8_json_fail_with_one_line(engine, tmp_path, name, data, where, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DataError) as err:
+        read(engine, {"path": str(path)})
+    assert err.value.where == f"{path}{where}" and err.value.message.startswith(message)
+    assert "\n" not in err.value.message
+
+
+def test_parquet_with_invalid_utf8_strings(engine, tmp_path):
+    # arrow checks strings when it builds them, so write the bytes as binary and relabel them as strings
+    question = pa.array([b"What is 2+2?", b"Caf\xe9?"], pa.binary()).view(pa.string())
+    table = pa.table({"question": question, "response": pa.array(["4", "Oui"])})
+    pq.write_table(table, tmp_path / "x.parquet")
+    first, second = read(engine, {"path": str(tmp_path / "x.parquet")})
+    assert first.instruction == "What is 2+2?" and second == BadRow(f"{tmp_path / 'x.parquet'}:row 2", "not UTF-8 text: byte 0xE9")
+
+
+# --- the example recipe, through the CLI --------------------------------------------------------
+
+
+def test_orca_best_example_recipe_runs_until_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+    from profuser.recipe import load_recipe
+
+    recipe = RECIPES / "examples" / "orca-best.yaml"
+    assert load_recipe(recipe).data.source.params["format"] == "orca_best"
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", str(recipe), "--until", "data", "--runs-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    (artifact,) = (runs / "store" / "data").iterdir()
+    train, held = read_records(artifact / "train.parquet"), read_records(artifact / "heldout.parquet")
+    assert (len(train), len(held)) == (9, 3)
+    rows = {row["instruction"] + "\x00" + s["input"]: s["output"] for row in orca_best_rows() for s in row["cluster"]["samples"]}
+    assert all(rows[r.system + "\x00" + r.instruction] == r.response for r in train + held)
+    # the same recipe on a CSV file: one line, no traceback, a non-zero exit
+    csv = tmp_path / "rows.jsonl"
+    csv.write_text("instruction,cluster\nS,Q\n")
+    result = CliRunner().invoke(app, ["run", str(recipe), "--until", "data", "--runs-dir", str(runs),
+                                      "-o", f"data.source.params.path={csv}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"error {csv}: not JSON: the file looks like CSV" in result.output
