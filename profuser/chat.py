@@ -12,11 +12,17 @@ role get the system text folded into the user turn (``system\\n\\ninstruction``)
 Response tokens are located by character offsets (fast tokenizers' offset mapping) in the one
 tokenisation of the whole conversation, so a BPE merge across the prompt/response boundary cannot
 shift the mask: the first response token is the first token that covers a response character.
+
+Named formats (``CHAT_FORMATS``) pin the paper's models' conversation layouts, each checked against
+the model's published template: a recipe writes ``chat_template: vicuna_v1.1`` (or
+``llama2_chat``, ``mpt_chatml``) instead of jinja text. ``SCORING_TEMPLATES`` holds reward-model
+input layouts (plain text with ``{instruction}``, ``{response}``) for the ``remote_code`` reward model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from jinja2 import TemplateError
@@ -24,7 +30,8 @@ from jinja2 import TemplateError
 from .errors import DataError, ModelError
 
 __all__ = [
-    "FALLBACK_CHAT_TEMPLATE", "ChatEncoding", "encode_chat", "format_prompt", "messages", "prompt_ids", "template_for",
+    "CHAT_FORMATS", "FALLBACK_CHAT_TEMPLATE", "SCORING_TEMPLATES", "ChatEncoding", "ChatFormat", "encode_chat",
+    "format_prompt", "messages", "prompt_ids", "resolve_chat_template", "template_for",
 ]
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -37,6 +44,104 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
+
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A model family's conversation layout: the jinja ``template``, the ``stop`` strings that end
+    an answer in generated text (the generator's EOS ids stop it too), and where it was checked."""
+
+    template: str
+    stop: tuple[str, ...]
+    source: str
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+MPT_SYSTEM = "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    # FastChat's vicuna_v1.1 (ADD_COLON_TWO, sep " ", sep2 "</s>"): "{system} USER: {q} ASSISTANT: {a}</s>";
+    # the generation prompt ends at "ASSISTANT:" and the answer starts with a space. The tokenizer
+    # adds BOS (vicuna-7b-v1.5's tokenizer_config ships no chat template).
+    "vicuna_v1.1": ChatFormat(
+        template=(
+            "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+            "{% set turns = messages[1:] %}{% else %}{% set system = '" + VICUNA_SYSTEM.replace("'", "\\'") + "' %}"
+            "{% set turns = messages %}{% endif %}"
+            "{{ system + ' ' }}"
+            "{% for message in turns %}"
+            "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+            "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+            "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+        ),
+        stop=("</s>",),
+        source="lm-sys/FastChat conversation.py vicuna_v1.1; docs/weights_version.md (separator </s>)",
+    ),
+    # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json chat_template, verbatim (BOS per user turn,
+    # <<SYS>> folded into the first user turn, content stripped, " </s>" after each answer).
+    "llama2_chat": ChatFormat(
+        template=(
+            "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+            "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+            "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+            "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+            "{% if loop.index0 == 0 and system_message != false %}"
+            "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+            "{% else %}{% set content = message['content'] %}{% endif %}"
+            "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+            "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+            "{% endfor %}"
+        ),
+        stop=("</s>",),
+        source="meta-llama/Llama-2-7b-chat-hf tokenizer_config.json chat_template",
+    ),
+    # mosaicml/mpt-7b-8k-chat tokenizer_config.json chat_template (llm-foundry's ChatML: the system
+    # line has no <|im_end|>, turns are joined by "\n"). <|im_end|> (id 50278) ends a turn; the EOS
+    # is <|endoftext|> (id 0), and the generation config stops at both.
+    "mpt_chatml": ChatFormat(
+        template=(
+            "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+            "{% set system_message = messages[0]['content'] %}{% elif not 'system' in messages[0]['role'] %}"
+            "{% set loop_messages = messages %}{% set system_message = '" + MPT_SYSTEM + "' %}"
+            "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+            "{% for message in loop_messages %}{% if loop.index0 == 0 %}"
+            "{% if system_message != false %}{{ '<|im_start|>system\\n' + system_message.strip() + '\\n'}}{% endif %}"
+            "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+            "{% else %}{{ '\\n' + '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+            "{% endif %}{% if (add_generation_prompt == true and loop.last) %}"
+            "{{ '\\n' + '<|im_start|>' + 'assistant' + '\\n' }}{% endif %}{% endfor %}"
+        ),
+        stop=("<|im_end|>", "<|endoftext|>"),
+        source="mosaicml/mpt-7b-8k-chat tokenizer_config.json chat_template (PR #7); generation_config eos [0, 50278]",
+    ),
+}
+
+# Reward-model inputs for the remote_code reward model's ``template`` param.
+SCORING_TEMPLATES: dict[str, str] = {
+    # openbmb/Eurus-RM-7b model card: "[INST] {instruction} [/INST] {response}", tokenised with BOS
+    "eurus_rm": "[INST] {instruction} [/INST] {response}",
+}
+
+
+def resolve_chat_template(value: str | None, *, base: Path | None = None) -> str | None:
+    """A recipe's ``chat_template``: a ``CHAT_FORMATS`` name, jinja text (holds ``{{`` or ``{%``),
+    or a path to a file holding it (relative to ``base`` when given)."""
+    if value is None or value in CHAT_FORMATS:
+        return CHAT_FORMATS[value].template if value else None
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if base is not None and not path.is_absolute() and (base / path).is_file():
+        path = base / path
+    if not path.is_file():
+        raise ModelError(f"chat_template is neither a named format ({', '.join(CHAT_FORMATS)}) "
+                         f"nor jinja text nor an existing file: {value}", where="chat_template")
+    return path.read_text(encoding="utf-8")
+
 
 # raise_exception() in a template raises jinja2's TemplateError; bad templates raise the others
 _TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, KeyError, IndexError)
@@ -68,8 +173,9 @@ class ChatEncoding:
 
 
 def template_for(tokenizer, chat_template: str | None = None) -> str:
-    """The jinja template used for ``tokenizer``: the override, its own, else the fallback."""
-    return chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+    """The jinja template used for ``tokenizer``: the override (a named format, jinja text or a
+    file), its own, else the fallback."""
+    return resolve_chat_template(chat_template) or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
 
 
 def messages(system: str, instruction: str, response: str | None = None, *, fold_system: bool = False) -> list[dict]:

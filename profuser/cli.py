@@ -73,6 +73,7 @@ def run(
     force: Annotated[list[str], typer.Option(help="Recompute this stage and what depends on it.")] = [],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimates; run nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
 ):
     """Run a recipe: every stage, reusing what is cached; a killed run resumes where it stopped."""
     from .pipeline import Runner
@@ -86,7 +87,10 @@ def run(
         from .estimate import estimate_plan
 
         plan = estimate_plan(runner)
-        _print_plan(plan)
+        if as_json:
+            print(json.dumps(plan, indent=2, ensure_ascii=False))
+        else:
+            _print_plan(plan)
         return
     results = runner.run()
     from .report import run_result_lines
@@ -96,14 +100,36 @@ def run(
 
 
 def _print_plan(plan: dict) -> None:
-    table = Table(title=f"plan for {plan['recipe']}")
-    for col in ("stage", "status", "key"):
-        table.add_column(col)
-    for stage in plan["stages"]:
-        table.add_row(stage["id"], "cached" if stage["cached"] else "to run", stage["key"])
-    console.print(table)
-    for name, value in plan["estimate"].items():
-        console.print(f"{name}: {value}")
+    hw, sizes = plan["hardware"], plan["sizes"]
+    # plain fixed-width lines, not a rich table: ten columns stay readable in logs and 80-column terminals
+    cols = [("stage", "<"), ("status", "<"), ("tokens", ">"), ("tok/s/GPU", ">"), ("GPU-h", ">"), ("GPUs", ">"),
+            ("wall h", ">"), ("GPU GB/proc", ">"), ("disk GB", ">"), ("note", "<")]
+    rows = [[s["id"], "cached" if s["cached"] else "to run", f"{s['tokens']:,}" if s["tokens"] else "-",
+             f"{s['throughput']:,}" if s["throughput"] else "-", f"{s['gpu_hours']:g}" if s["gpu_hours"] else "-",
+             str(s["gpus"] or "-"), f"{s['wall_hours']:g}" if s["wall_hours"] else "-",
+             f"{s['gpu_memory_gb']:g}" if s["gpu_memory_gb"] else "-", f"{s['disk_gb']:g}" if s["disk_gb"] else "-",
+             s["note"] + (f"; {s['scratch_gb']:g} GB of checkpoints while it runs" if s["scratch_gb"] else "")]
+            for s in plan["stages"]]
+    widths = [max(len(name), *(len(r[i]) for r in rows)) for i, (name, _) in enumerate(cols)]
+    console.print(Text(f"plan for {plan['recipe']} on {hw['gpus']} x {hw['gpu']}", style="bold"))
+    for line in [[name for name, _ in cols], *rows]:
+        cells = [f"{cell:{align}{width}}" for cell, (_, align), width in zip(line, cols, widths)]
+        console.print(Text("  ".join(cells).rstrip()), soft_wrap=True)
+    console.print(Text(f"sizes ({sizes['from']}): {sizes['examples']:,} training examples, {sizes['heldout']:,} held out; "
+                       f"mean tokens: prompt {sizes['prompt_tokens']:g}, response {sizes['response_tokens']:g}, "
+                       f"generated {sizes['generated_tokens']:g}"), soft_wrap=True)
+    for name, source in plan["throughput_sources"].items():
+        console.print(Text(f"{name}: {plan['throughputs'][name]:,} tok/s/GPU for the target's size ({source})"), soft_wrap=True)
+    _print_total("total", plan["total"])
+
+
+def _print_total(label: str, total: dict) -> None:
+    extra = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in total.items()
+                      if k not in ("gpu_hours", "gpu_hours_to_run", "wall_hours", "disk_gb", "peak_gpu_memory_gb"))
+    console.print(Text(f"{label}: {total['gpu_hours']:g} GPU-hours ({total['gpu_hours_to_run']:g} still to run), "
+                       f"{total['wall_hours']:g} h wall-clock, {total['disk_gb']:g} GB disk, "
+                       f"peak {total['peak_gpu_memory_gb']:g} GB GPU memory per process" + (f"; {extra}" if extra else "")),
+                  soft_wrap=True)
 
 
 @app.command()
@@ -260,8 +286,14 @@ def compare(
     reference: Annotated[Optional[str], typer.Option(help="Variant to compare every other with (paired bootstrap 95% CI); default: the first recipe's.")] = None,
     runs_dir: RunsDir = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each recipe's plan and the suite's cost "
+                                          "(every shared stage once); run nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print JSON.")] = False,
 ):
     """Run recipes side by side (sharing every cached stage) and write a Table-1-style comparison."""
+    if dry_run:
+        _compare_dry_run(recipes, override, runs_dir, device, as_json)
+        return
     from .compare import run_comparison
     from .report import write_comparison
 
@@ -281,6 +313,25 @@ def compare(
     console.print(f"suite: {timing['suite_seconds']} s (stages once: {timing['stage_seconds_once']} s; "
                   f"each recipe cold on its own: {timing['cold_seconds_each_alone']} s)")
     console.print("wrote " + ", ".join(str(p) for p in written.values()))
+
+
+def _compare_dry_run(recipes: list[Path], override: list[str], runs_dir: Path, device: str, as_json: bool) -> None:
+    from .estimate import estimate_suite
+    from .pipeline import Runner
+    from .plugins import get_engine
+    from .recipe import load_recipe
+
+    runners = [Runner(load_recipe(path, override), get_engine(), _runtime(runs_dir, device, path)) for path in recipes]
+    suite = estimate_suite(runners)
+    if as_json:
+        print(json.dumps(suite, indent=2, ensure_ascii=False))
+        return
+    for plan in suite["recipes"]:
+        _print_total(plan["recipe"], plan["total"])
+    s = suite["suite"]
+    _print_total(f"suite ({s['stages']} distinct stages of {s['stages_if_each_ran_alone']}; "
+                 f"{s['gpu_hours_if_each_ran_alone']:g} GPU-hours if each recipe ran alone)",
+                 {k: v for k, v in s.items() if k not in ("stages", "stages_if_each_ran_alone", "gpu_hours_if_each_ran_alone")})
 
 
 @app.command()

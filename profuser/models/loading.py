@@ -117,7 +117,12 @@ def _hub_snapshot(spec: ModelSpec) -> Path:
 
 
 def _read_chat_template(value: str, ref: str) -> str:
-    """A recipe's ``chat_template``: jinja text, or a path to a file holding it."""
+    """A recipe's ``chat_template``: a named format (``profuser.chat.CHAT_FORMATS``), jinja text, or
+    a path to a file holding it."""
+    from ..chat import CHAT_FORMATS
+
+    if value in CHAT_FORMATS:
+        return CHAT_FORMATS[value].template
     if "{{" in value or "{%" in value:
         return value
     path = Path(value).expanduser()
