@@ -162,7 +162,12 @@ class AccelerateBackend:
             from safetensors.torch import load_model
 
             load_model(self.accelerator.unwrap_model(self.model), str(path / MODEL_FILE), device=str(self.device))
-            self.optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+            try:
+                state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - the restricted unpickler refused it, or it is damaged
+                raise ProfuserError(f"the optimizer state is not plain tensors ({type(exc).__name__}); not loaded, "
+                                    "delete the checkpoint to start over", where=str(path / OPTIMIZER_FILE)) from None
+            self.optimizer.load_state_dict(state)
         state = _read_json(path / SCHEDULER_FILE)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.accelerator.scaler is not None and "scaler" in state:

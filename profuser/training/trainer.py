@@ -208,6 +208,7 @@ def train(
             else:
                 bad_steps += 1
                 if bad_steps > spec.max_bad_steps or not backend.can_skip:
+                    bar.close()  # ends the bar's line: the error gets its own
                     raise _stopped(step + 1, plan, phase_step, problem, bad_steps, spec, ckpt_root)
                 backend.skip()
             step += 1

@@ -1,0 +1,189 @@
+"""Reliability (issue 14): a training that turns NaN stops or skips, a kill before `train` is sealed
+loses nothing, resume unpickles nothing from the runs directory, and bad recipes, model directories,
+generations and reward-model inputs get one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_trainer import read_metrics, small_spec, write_examples
+
+from profuser.errors import ProfuserError
+from profuser.plugins import Engine
+from profuser.training import train
+from profuser.training.trainer import TrainingError
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Engine(entrypoints=False).registry
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    return {"training": write_examples(root / "training" / "examples.parquet", "training", 8, seed=2)}
+
+
+def nan_teacher(src: Path, dst: Path, ids: set[str] | None = None) -> Path:
+    """A copy of examples.parquet whose teacher logits are NaN (for the rows in ``ids``, else all)."""
+    rows = pq.read_table(src).to_pylist()
+    for row in rows:
+        if ids is None or row["id"] in ids:
+            row["teacher_logits"] = [[float("nan")] * len(t) for t in row["teacher_logits"]]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pq.read_table(src).from_pylist(rows, schema=pq.read_schema(src)), dst)
+    return dst
+
+
+def fit(tiny_llama_dir, examples, registry, out, spec, loss="sft", epochs=2, **kw):
+    return train(str(tiny_llama_dir), examples, registry.build("losses", loss), registry.build("curricula", "sft_only", {"epochs": epochs}),
+                 spec, out, device="cpu", **kw)
+
+
+# --- 1. the training guard -------------------------------------------------------------------------
+
+
+def test_a_nan_target_stops_training_at_step_one_and_saves_nothing(tmp_path, tiny_llama_dir, examples, registry):
+    bad = {"training": nan_teacher(examples["training"], tmp_path / "nan.parquet")}
+    with pytest.raises(TrainingError) as err:
+        fit(tiny_llama_dir, bad, registry, tmp_path / "out", small_spec(max_grad_norm=None), loss="fuse_kl")
+    line = err.value.lines()[0]
+    assert "\n" not in line and "step 1 (phase 'sft', step 1 of 4)" in line and " is nan; stopped" in line, line
+    assert "no checkpoint was written yet" in line
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_huge_lr_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama_dir, examples, registry):
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError) as err:
+        fit(tiny_llama_dir, examples, registry, out, small_spec(lr=1e12, max_grad_norm=None, warmup_ratio=0, checkpoint_every=1))
+    logged = read_metrics(out)
+    good = len(logged)  # every logged step was finite; the next one was not
+    assert good >= 1 and all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
+    assert f"step {good + 1} (phase 'sft'" in err.value.message
+    assert f"the last good checkpoint (step-{good:08d}) is kept" in err.value.message
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{good:08d}"]
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+
+
+def test_max_bad_steps_skips_and_counts_bad_steps_and_the_model_stays_finite(tmp_path, tiny_llama_dir, examples, registry):
+    bad = {"training": nan_teacher(examples["training"], tmp_path / "nan.parquet", ids={"ex3"})}
+    summary = fit(tiny_llama_dir, bad, registry, tmp_path / "out", small_spec(max_grad_norm=None, max_bad_steps=8), loss="fuse_kl")
+    metrics = read_metrics(tmp_path / "out")
+    skipped = [m["step"] for m in metrics if m["skipped"]]
+    assert len(skipped) == 2 and summary["bad_steps"] == 2  # ex3 is in one batch of each of the 2 epochs
+    assert metrics[-1]["bad_steps"] == 2
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # one bad step over the limit stops the run
+    with pytest.raises(TrainingError, match=r"\(2 bad steps, train.max_bad_steps is 1\)"):
+        fit(tiny_llama_dir, bad, registry, tmp_path / "strict", small_spec(max_grad_norm=None, max_bad_steps=1), loss="fuse_kl")
+
+
+def test_the_training_command_prints_the_guard_as_one_line(tmp_path, tiny_llama_dir, examples, capsys):
+    from profuser.training.__main__ import main
+
+    bad = nan_teacher(examples["training"], tmp_path / "nan.parquet")
+    code = main(["--model", str(tiny_llama_dir), "--examples", f"training={bad}", "--curriculum", "sft_only",
+                 "--device", "cpu", "-t", "batch_size=4", "-t", "micro_batch_size=2", "-t", "max_grad_norm=null",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    problems = [line for line in err.splitlines() if "step 1 (phase" in line]
+    assert code == 1 and len(problems) == 1 and problems[0].startswith("train: step 1 (phase 'sft'") and "Traceback" not in err
+
+
+# --- 3. a kill between the final save and the sealing of `train` ------------------------------------
+
+
+def test_a_finished_training_that_was_not_sealed_is_returned_not_trained_again(tmp_path, tiny_llama_dir, examples, registry):
+    out = tmp_path / "train.partial"
+    first = fit(tiny_llama_dir, examples, registry, out, small_spec())
+    assert not (out / "checkpoints").exists()  # removed only after summary.json was written
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    steps = []
+    # the kill came here: the runner never sealed the stage; the re-run finds the finished training
+    again = fit(tiny_llama_dir, examples, registry, out, small_spec(), callbacks=[lambda step, m: steps.append(step)])
+    assert steps == [] and again["resumed_from"] == again["steps"] == first["steps"] == 4
+    assert again["final_loss"] == first["final_loss"]
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+    with pytest.raises(ProfuserError, match="other phases or batches"):
+        fit(tiny_llama_dir, examples, registry, out, small_spec(batch_size=8))
+
+
+# --- 11. resume unpickles nothing ----------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this creates the marker file: what a hostile pickle in the runs dir would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_reads_no_pickle_from_the_checkpoint(tmp_path, tiny_llama_dir, examples, registry, monkeypatch):
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(tiny_llama_dir, examples, registry, out, small_spec(), callbacks=[kill])  # checkpoint at step 2
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.pt", "rng-0.json", "rng-0.safetensors",
+                                                      "scheduler.json", "trainer_state.json"]
+    # files accelerate's own resume would unpickle (weights_only=False): planted, they must stay unread
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "scheduler.bin"):
+        (ckpt / name).write_bytes(pickle.dumps(Payload(marker)))
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or real_load(*a, **kw))
+    summary = fit(tiny_llama_dir, examples, registry, out, small_spec())
+    assert summary["resumed_from"] == 2 and not marker.exists() and loads == [True]
+
+    # a hostile optimizer file is refused by the restricted unpickler: one line, no code run
+    with pytest.raises(Killed):
+        fit(tiny_llama_dir, examples, registry, tmp_path / "again", small_spec(), callbacks=[kill])
+    torch.save({"state": Payload(marker)}, tmp_path / "again" / "checkpoints" / "step-00000002" / "optimizer.pt")
+    with pytest.raises(ProfuserError, match="optimizer state is not plain tensors"):
+        fit(tiny_llama_dir, examples, registry, tmp_path / "again", small_spec())
+    assert not marker.exists()
+
+
+def test_deepspeed_checkpoint_files_are_verified_against_a_key_outside_the_runs_dir(tmp_path):
+    from profuser.training.parallel import checkpoint_key, sign_files, verify_files
+
+    key = checkpoint_key(tmp_path / "cache")
+    assert checkpoint_key(tmp_path / "cache") == key and len(key) == 32  # made once, then reused
+    assert oct((tmp_path / "cache" / "checkpoint.key").stat().st_mode & 0o777) == "0o600"
+    ckpt = tmp_path / "step-00000004"
+    (ckpt / "deepspeed").mkdir(parents=True)
+    for name in ("deepspeed/mp_rank_00_model_states.pt", "deepspeed/zero_pp_rank_0_optim_states.pt",
+                 "deepspeed/zero_pp_rank_1_optim_states.pt", "latest"):
+        (ckpt / name).write_bytes(os.urandom(64))
+    (ckpt / "trainer_state.json").write_text("{}")  # read as JSON, never unpickled: not signed
+    for rank in (0, 1):
+        sign_files(ckpt, rank, 2, key)
+    assert verify_files(ckpt, 0, 2, key) is None and verify_files(ckpt, 1, 2, key) is None
+    assert verify_files(ckpt, 0, 2, os.urandom(32)) is not None  # another key: refused
+    (ckpt / "deepspeed" / "zero_pp_rank_1_optim_states.pt").write_bytes(pickle.dumps(Payload(tmp_path / "x")))
+    problems = [verify_files(ckpt, r, 2, key) for r in (0, 1)]
+    assert any(p and "zero_pp_rank_1_optim_states.pt does not match its signature" in p for p in problems)
+    (ckpt / "deepspeed" / "extra.pt").write_bytes(b"planted")
+    assert verify_files(ckpt, 0, 2, key) == "unsigned file deepspeed/extra.pt"
+    json.loads((ckpt / "signatures-rank0.json").read_text())  # the signatures are plain JSON
