@@ -55,9 +55,10 @@ def test_reverse_mirrors_progressive(registry):
     ]
 
 
-def test_simultaneous_fuses_both_modes_throughout(registry):
+def test_simultaneous_fuses_both_modes_throughout_with_a_small_inference_weight(registry):
+    # §1: SimulFuse works only "by assigning a very small weight to inference mode": ProFuser's w1/w2
     assert summary(build(registry, "simultaneous").phases(data())) == [
-        ("simultaneous", 3.0, 0.5, [("inference", 1.0, None), ("training", 1.0, None)]),
+        ("simultaneous", 3.0, 0.5, [("inference", 0.1, None), ("training", 1.0, None)]),
     ]
 
 
@@ -81,7 +82,7 @@ def test_params_override_the_paper_defaults(registry):
         ("inference", 0.5, 0.2, [("inference", 1.0, None)]),
         ("co-fusion", 1.0, 1.0, [("inference", 0.3, None), ("training", 2.0, None)]),
     ]
-    assert build(registry, "simultaneous", w1=0.1, epochs=1).phases(data())[0].parts[0] == PhasePart("inference", 0.1)
+    assert build(registry, "simultaneous", w1=1.0, epochs=1).phases(data())[0].parts[0] == PhasePart("inference", 1.0)
 
 
 @pytest.mark.parametrize("name, params", [
@@ -114,6 +115,71 @@ def test_rm_split_calls_a_low_target_reward_hard(registry):
     assert [p.name for p in phases] == ["easy/inference", "easy/co-fusion", "hard/inference", "hard/co-fusion"]
 
 
+def _selection(path, rows, rm_scores=True):
+    """A select/inference selection.parquet as rm_vote writes it: ``rows`` = [(id, {rm: {source: score}})]."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from profuser_plugins.evaluators.rm_vote import RMVote
+
+    from profuser.components import Candidates
+
+    choices = RMVote({"strongest": "strong"}).select([Candidates(id=i, reference="", scores=s) for i, s in rows])
+    columns = {"id": [i for i, _ in rows], "chosen": [c.chosen for c in choices],
+               "scores": [json.dumps(c.scores) for c in choices], "detail": [json.dumps(c.detail) for c in choices]}
+    if rm_scores:  # strongest first, as the select stage writes it
+        columns["rm_scores"] = [json.dumps({"strong": s["strong"], "weak": s["weak"]}) for _, s in rows]
+    pq.write_table(pa.table(columns), path)
+    return choices
+
+
+# the target "t" against "o": each has one vote everywhere (weak always prefers the other answer
+# than strong), so the vote counts say nothing; strong's raw score of t ranks c < a < b
+VOTES_TIE = [
+    ("a", {"strong": {"t": 0.5, "o": 0.0}, "weak": {"t": 10.0, "o": 11.0}}),
+    ("b", {"strong": {"t": 3.0, "o": 4.0}, "weak": {"t": 30.0, "o": 20.0}}),
+    ("c", {"strong": {"t": -2.0, "o": -3.0}, "weak": {"t": 50.0, "o": 60.0}}),
+    ("d", {"strong": {"t": 1.0, "o": 0.0}, "weak": {"t": 5.0, "o": 6.0}}),
+]
+
+
+@pytest.mark.parametrize("rm_scores_column", [True, False])  # False: a selection written before the column
+def test_rm_split_ranks_by_the_strongest_reward_models_score_not_by_votes(registry, tmp_path, rm_scores_column):
+    from profuser.stages.train import read_target_reward
+
+    choices = _selection(tmp_path / "selection.parquet", VOTES_TIE, rm_scores=rm_scores_column)
+    assert all(c.scores["t"] == 1.0 for c in choices)  # every example: the target got exactly one vote
+    reward = read_target_reward(tmp_path / "selection.parquet", "t")
+    assert reward["b"] == {"strong": 3.0, "weak": 30.0} and list(reward["b"]) == ["strong", "weak"]
+    ids = [i for i, _ in VOTES_TIE]
+    curriculum_input = CurriculumInput(ids=ids, gt_length=dict.fromkeys(ids, 1), target_reward=reward)
+    phases = build(registry, "rm_split").phases(curriculum_input)
+    assert phases[0].parts[0].ids == ["b", "d"] and phases[2].parts[0].ids == ["a", "c"]  # strong: 3, 1 | 0.5, -2
+    # by the weak reward model instead: 50, 30 | 10, 5
+    phases = build(registry, "rm_split", strongest="weak").phases(curriculum_input)
+    assert phases[0].parts[0].ids == ["c", "b"] and phases[2].parts[0].ids == ["a", "d"]
+
+
+def test_rm_split_mean_z_averages_standardised_scores(registry):
+    # strong: a 0, b 10, c 20 (z -1.22, 0, 1.22); weak: a 3, b 1, c 2 on a tiny scale (z 1.22, -1.22, 0)
+    # raw sums would follow strong's scale; mean z: a 0, b -0.61, c 0.61 -> c easiest, b hardest
+    reward = {"a": {"strong": 0.0, "weak": 3.0}, "b": {"strong": 10.0, "weak": 1.0}, "c": {"strong": 20.0, "weak": 2.0}}
+    ids = list(reward)
+    curriculum_input = CurriculumInput(ids=ids, gt_length=dict.fromkeys(ids, 1), target_reward=reward)
+    phases = build(registry, "rm_split", score="mean_z", easy_fraction=1 / 3).phases(curriculum_input)
+    assert phases[0].parts[0].ids == ["c"] and phases[2].parts[0].ids == ["a", "b"]
+    assert build(registry, "rm_split").phases(curriculum_input)[0].parts[0].ids == ["c", "b"]  # strong alone: 20, 10
+
+
+def test_rm_split_names_a_missing_reward_model(registry):
+    curriculum_input = CurriculumInput(ids=["a"], gt_length={"a": 1}, target_reward={"a": {"strong": 1.0}})
+    with pytest.raises(ProfuserError, match="reward model 'other' has no score for example 'a' \\(reward models: strong\\)"):
+        build(registry, "rm_split", strongest="other").phases(curriculum_input)
+    with pytest.raises(ValidationError):
+        build(registry, "rm_split", score="votes")
+
+
 def test_rm_split_without_rewards_says_what_is_missing(registry):
     with pytest.raises(ProfuserError, match="rm_split.*reward"):
         build(registry, "rm_split").phases(data(None))
@@ -133,3 +199,24 @@ def test_length_split_partitions_by_length(registry, lengths, fraction):
         assert max(lengths[i] for i in easy) <= min(lengths[i] for i in hard)
     # every example gets 1 inference-only epoch and 2 co-fusion epochs, as under progressive
     assert [p.epochs for p in phases] == [1.0, 2.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("curriculum, fields", [
+    ("progressive", "curriculum.params.first_beta, curriculum.params.second_beta"),
+    ("simultaneous", "curriculum.params.beta"),
+    ("csft", "curriculum.params.beta"),
+    ("rm_split", "curriculum.params.first_beta, curriculum.params.second_beta"),
+])
+def test_a_loss_beta_that_the_curriculum_overrides_is_refused(tmp_path, curriculum, fields):
+    """Every built-in curriculum sets β per phase, so ``loss.params.beta`` would do nothing."""
+    from profuser.errors import RecipeError
+    from profuser.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\ntarget: {{ref: builtin:x}}\nsources: [{{ref: builtin:x}}]\ndata: {{source: builtin_tasks}}\n"
+                    f"curriculum: {curriculum}\nloss: {{name: fuse_kl, params: {{beta: 0.3, temperature: 2.0}}}}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    lines = err.value.lines()
+    assert len(lines) == 1 and "loss.params.beta" in lines[0] and fields in lines[0], lines
+    assert load_recipe(path, ["loss.params={temperature: 2.0}"]).loss.params == {"temperature": 2.0}

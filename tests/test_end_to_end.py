@@ -69,7 +69,7 @@ def test_tiny_pipeline_runs_every_stage_then_reuses_them(tiny_recipe, tmp_path):
     assert all(s["cached"] for s in again["stages"]), output
 
     # what a user looks at afterwards: the plan (all cached), the store, the run report
-    plan = invoke("run", tiny_recipe / "tiny.yaml", "--runs-dir", runs, "--dry-run", "-o", "loss.params.beta=0.1")
+    plan = invoke("run", tiny_recipe / "tiny.yaml", "--runs-dir", runs, "--dry-run", "-o", "loss.params.temperature=1.5")
     assert "stages to run: 2 of" in plan  # train and evaluate/fused: nothing upstream of the loss
     stored = json.loads(invoke("runs", "--runs-dir", runs, "--json"))
     assert {a["stage"] for a in stored["artifacts"]} >= {"data", "train", "build/inference"}

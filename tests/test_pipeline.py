@@ -164,7 +164,7 @@ def test_cache_keys_change_exactly_where_a_stage_reads(engine):
     path = REPO / "recipes" / "profuser.yaml"
     base = _keys(load_recipe(path), engine)
     # the loss is read by train only
-    changed = _keys(load_recipe(path, ["loss.params.beta=0.25"]), engine)
+    changed = _keys(load_recipe(path, ["loss.params.temperature=1.5"]), engine)
     assert {k for k in base if base[k] != changed[k]} == {"train", "evaluate/fused"}
     # a runtime-like change of the top-k reaches every logits stage and everything downstream of them
     changed = _keys(load_recipe(path, ["distill.top_k=5"]), engine)

@@ -131,6 +131,6 @@ def test_shipped_recipes_validate():
 
 
 def test_override_of_a_default_component_tunes_it(tmp_path, base):
-    recipe = load_recipe(base, ["loss.params.beta=0.1", "curriculum.params.first_epochs=2"])
-    assert recipe.loss.name == "fuse_kl" and recipe.loss.params == {"beta": 0.1}
+    recipe = load_recipe(base, ["loss.params.temperature=1.5", "curriculum.params.first_epochs=2"])
+    assert recipe.loss.name == "fuse_kl" and recipe.loss.params == {"temperature": 1.5}
     assert recipe.curriculum.name == "progressive" and recipe.curriculum.params == {"first_epochs": 2}

@@ -128,4 +128,13 @@ def test_select_stage_votes_over_score_artifacts(tmp_path):
     assert table["chosen"].to_pylist() == ["a", "b", "b"]
     detail = json.loads(table["detail"].to_pylist()[1])
     assert detail["tie"] and detail["tie_break_by"] == "rm2"
+    # the raw scores, the strongest reward model first: what rm_split ranks by (scores are votes)
+    rm_scores = [json.loads(v) for v in table["rm_scores"].to_pylist()]
+    assert [list(r) for r in rm_scores] == [["rm2", "rm1"]] * 3
+    assert rm_scores[1] == {"rm2": {"a": -1.0, "b": 2.0}, "rm1": {"a": 1.0, "b": 0.0}}
+    assert json.loads(table["scores"].to_pylist()[1]) == {"a": 1.0, "b": 1.0}
+    from profuser.stages.train import read_target_reward
+
+    assert read_target_reward(out / "selection.parquet", "a") == {
+        "e0": {"rm2": 5.0, "rm1": 1.0}, "e1": {"rm2": -1.0, "rm1": 1.0}, "e2": {"rm2": -3.0, "rm1": 0.0}}
     assert advantage_shares({"inference": out}) == {"inference": {"a": 1 / 3, "b": 2 / 3}}

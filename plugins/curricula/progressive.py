@@ -39,6 +39,7 @@ class Progressive(Curriculum):
 
     name = "progressive"
     aliases = ("profuser",)
+    beta_params = ("first_beta", "second_beta")
     order: ClassVar[tuple[Mode, Mode]] = ("inference", "training")
 
     class Params(TwoPhaseParams):

@@ -1,9 +1,10 @@
 """One-phase curricula: ``simultaneous`` (SimulFuse), ``training_only`` (Fuse) and ``sft_only`` (CSFT).
 
-App. C's baselines: SimulFuse fuses both modes together from the start (w1 = w2 = 1); Fuse
-(FuseLLM-style) fuses the training mode only; CSFT is continual SFT on the same GT data (β = 0,
-and the csft recipe also sets ``loss: sft``). All run the paper's 3 epochs (§4.1.3), as long as
-ProFuser's two phases together.
+App. C's baselines: SimulFuse fuses both modes together from the start, with ProFuser's
+phase-2 weights w1 = 0.1 (inference) and w2 = 1 (training): §1 says simultaneous fusion works only
+"by assigning a very small weight to inference mode"; Fuse (FuseLLM-style) fuses the training mode
+only; CSFT is continual SFT on the same GT data (β = 0, and the csft recipe also sets
+``loss: sft``). All run the paper's 3 epochs (§4.1.3), as long as ProFuser's two phases together.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from profuser.components import Curriculum, CurriculumInput, Phase, PhasePart, S
 class Simultaneous(Curriculum):
     name = "simultaneous"
     aliases = ("simulfuse",)
+    beta_params = ("beta",)
 
     class Params(StrictModel):
         epochs: float = Field(default=3.0, gt=0)
         beta: float = Field(default=0.5, ge=0, description="KL weight (ProFuser's co-fusion value)")
-        w1: float = Field(default=1.0, ge=0, description="inference-mode weight")
+        w1: float = Field(default=0.1, ge=0, description="inference-mode weight (§1: very small; ProFuser's phase-2 0.1)")
         w2: float = Field(default=1.0, ge=0, description="training-mode weight")
 
     def phases(self, data: CurriculumInput) -> list[Phase]:
@@ -33,6 +35,7 @@ class TrainingOnly(Curriculum):
     name = "training_only"
     aliases = ("fuse",)
     modes = ("training",)
+    beta_params = ("beta",)
 
     class Params(StrictModel):
         epochs: float = Field(default=3.0, gt=0)

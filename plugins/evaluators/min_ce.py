@@ -3,8 +3,15 @@
 Eq. (1) sums the NLL over the response tokens. Summed NLL of the same text is comparable across
 tokenizers (it is -log p(text) under each model); the per-token mean (FuseLLM's choice) is not:
 a tokenizer that splits the text into more tokens gets a lower mean for the same likelihood.
-``per_byte`` divides the sum by the UTF-8 bytes the tokens cover, which stays comparable when a
-source's context limit truncated the response.
+``per_byte`` divides the sum by the UTF-8 bytes the tokens cover.
+
+Sources are compared on what all of them covered. When every source's tokens cover the whole
+response, the configured reduction applies. When a source's context limit truncated it, a sum
+would let that source win by having read less: every source is then scored per byte over the
+longest prefix all of them covered (each source's tokens that end within it; the select stage
+fills their per-token NLLs), whatever the reduction, and ``detail`` names the truncated sources
+(``truncated``) and the prefix (``prefix_chars``); the select stage counts such examples.
+Without per-token NLLs, a source is scored per byte over what it covered itself.
 """
 
 from __future__ import annotations
@@ -39,14 +46,22 @@ class MinCE(AdvantageEvaluator):
         return [self._choose(example) for example in examples]
 
     def _choose(self, example: Candidates) -> Choice:
+        full = len(example.reference.encode("utf-8"))
+        truncated = [s for s, nll in example.nll.items() if 0 < nll.n_tokens and nll.n_bytes < full]
+        prefix = self._common_prefix(example) if truncated else None
+        reduction = "per_byte" if truncated else self.params.reduction
         scores: dict[str, float] = {}
         empty = []
         for source, nll in example.nll.items():
             # a zero-token entry carries no evidence (and a sum of 0 would win every time)
-            if nll.n_tokens <= 0 or (self.params.reduction == "per_byte" and nll.n_bytes <= 0):
+            if nll.n_tokens <= 0 or (reduction == "per_byte" and nll.n_bytes <= 0):
                 empty.append(source)
                 continue
-            value = float(self.reduce(nll))
+            value = self._prefix_per_byte(example.reference, nll, prefix) if truncated else self.reduce(nll)
+            if value is None:  # none of its tokens ends within the common prefix
+                empty.append(source)
+                continue
+            value = float(value)
             if not math.isfinite(value):
                 raise DataError(f"example {example.id!r}: source {source!r} has a non-finite NLL ({value})",
                                 where="evaluator min_ce")
@@ -56,12 +71,41 @@ class MinCE(AdvantageEvaluator):
             raise DataError(f"example {example.id!r}: no source has an NLL for it{have}", where="evaluator min_ce")
         chosen = min(scores, key=scores.__getitem__)  # min keeps the first of equal values: ties go to the first source
         detail: dict = {"reduction": self.params.reduction}
+        if truncated:
+            detail.update(truncated=truncated, compared="per_byte", prefix_chars=prefix)
         tied = [s for s, v in scores.items() if v == scores[chosen]]
         if len(tied) > 1:
             detail["tied"] = tied
         if empty:
             detail["skipped"] = empty
         return Choice(chosen=chosen, scores=scores, detail=detail)
+
+    @staticmethod
+    def _common_prefix(example: Candidates) -> int:
+        """Characters of the response every source's tokens cover (the whole response for a source
+        that covers all of its bytes)."""
+        whole = len(example.reference)
+        covered = []
+        for nll in example.nll.values():
+            if nll.n_tokens <= 0:
+                continue
+            if nll.token_ends is not None:
+                covered.append(max(nll.token_ends, default=0))
+            elif nll.n_bytes >= len(example.reference.encode("utf-8")):
+                covered.append(whole)
+        return min(covered, default=whole)
+
+    @staticmethod
+    def _prefix_per_byte(reference: str, nll: SourceNLL, prefix: int) -> float | None:
+        """NLL per byte of this source's tokens that end within the first ``prefix`` characters;
+        None when none does. Without per-token NLLs: per byte over what the source covered."""
+        if nll.token_nll is None or nll.token_ends is None:
+            return nll.nll_sum / nll.n_bytes
+        kept = [(v, end) for v, end in zip(nll.token_nll, nll.token_ends) if end <= prefix]
+        n_bytes = len(reference[: max((end for _, end in kept), default=0)].encode("utf-8"))
+        if not kept or n_bytes <= 0:
+            return None
+        return sum(v for v, _ in kept) / n_bytes
 
 
 @hookimpl

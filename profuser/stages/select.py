@@ -1,6 +1,13 @@
 """The ``select/<mode>`` stage: gather each example's candidates and let the advantage evaluator
 pick the advantaged source (training mode: Min-CE over teacher-forced NLLs; inference mode: the
-reward-model vote over generations, or reference scoring)."""
+reward-model vote over generations, or reference scoring).
+
+``selection.parquet``: id, chosen, scores (the evaluator's own scale: votes for ``rm_vote``),
+detail, and, where reward models scored the candidates, ``rm_scores``: every reward model's raw
+score per source, ``{rm: {source: score}}``, the evaluator's ``strongest`` reward model first
+(then the recipe's order) — what ``rm_split`` ranks by. Where a source's NLL covers only part of
+a response (truncated to its context), every source's per-token NLLs of that example are read
+too, so Min-CE can compare on what all of them covered."""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from ..components import Candidates, SourceNLL
 from ..data import read_records
 from ..errors import ProfuserError
 
-VERSION = "1"
+VERSION = "2"  # 2: rm_scores column; Min-CE compares truncated responses on the common prefix
 
 
 def run(ctx) -> dict:
@@ -29,6 +36,7 @@ def run(ctx) -> dict:
             for example_id, nll in _nll_table(ctx.inputs[f"logits/{source}"]).items():
                 if example_id in candidates:
                     candidates[example_id].nll[source] = nll
+        _add_token_nll(ctx, sources, candidates)
     if "responses" in evaluator.needs or "scores" in evaluator.needs:
         for source in sources:
             table = pq.read_table(ctx.inputs[f"generate/{source}"] / "generations.parquet", columns=["id", "response"])
@@ -46,15 +54,43 @@ def run(ctx) -> dict:
     choices = evaluator.select(examples)
     if len(choices) != len(examples):
         raise ProfuserError(f"returned {len(choices)} choices for {len(examples)} examples", where=f"evaluator {cfg['evaluator']['name']}")
-    table = pa.table({
+    columns = {
         "id": [e.id for e in examples],
         "chosen": [c.chosen for c in choices],
         "scores": [json.dumps(c.scores) for c in choices],
         "detail": [json.dumps(c.detail, default=str) for c in choices],
-    })
-    pq.write_table(table, ctx.out / "selection.parquet")
+    }
+    if "scores" in evaluator.needs and cfg["reward_models"]:
+        strongest = getattr(evaluator.params, "strongest", None)
+        order = [strongest] if strongest in cfg["reward_models"] else []
+        order += [rm for rm in cfg["reward_models"] if rm not in order]
+        columns["rm_scores"] = [json.dumps({rm: e.scores[rm] for rm in order if rm in e.scores}) for e in examples]
+    pq.write_table(pa.table(columns), ctx.out / "selection.parquet")
     wins = Counter(c.chosen for c in choices)
-    return {"examples": len(examples), "win_share": {s: wins.get(s, 0) / max(len(examples), 1) for s in sources}}
+    metrics = {"examples": len(examples), "win_share": {s: wins.get(s, 0) / max(len(examples), 1) for s in sources}}
+    if "nll" in evaluator.needs:  # examples compared on a common prefix because a source was truncated
+        metrics["truncated"] = sum(1 for c in choices if c.detail.get("truncated"))
+    return metrics
+
+
+def _add_token_nll(ctx, sources: list[str], candidates: dict[str, Candidates]) -> None:
+    """Per-token NLLs and token ends of every source, for the examples some source's tokens cover
+    only partly (few: only those are read from the stores)."""
+    from ..logits_store import LogitsReader
+
+    partial = [e for e in candidates.values()
+               if any(n.n_bytes < len(e.reference.encode("utf-8")) for n in e.nll.values())]
+    if not partial:
+        return
+    for source in sources:
+        reader = LogitsReader(ctx.inputs[f"logits/{source}"])
+        for example in partial:
+            nll = example.nll.get(source)
+            if nll is None or example.id not in reader:
+                continue
+            stored = reader.get(example.id)
+            nll.token_nll = stored.nll.astype(float).tolist()
+            nll.token_ends = stored.offsets[:, 1].astype(int).tolist()
 
 
 def _nll_table(path) -> dict[str, SourceNLL]:

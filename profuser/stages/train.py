@@ -2,7 +2,8 @@
 
 Reads ``build/<mode>/examples.parquet`` for the modes the curriculum uses and, for curricula that
 rank examples by the target's own reward (``rm_split``), ``select/inference/selection.parquet``
-(``scores[target_key]``, present when the target is one of the sources). Checkpoints live under
+(the raw ``rm_scores`` of the target's answer, present when the target is one of the sources
+and reward models scored it). Checkpoints live under
 the stage's partial directory, which survives a kill, so a re-run resumes mid-phase; the finished
 artifact keeps ``model/`` (save_pretrained + tokenizer + README.md card with the recipe and
 lineage), ``metrics.jsonl`` and ``tb/``.
@@ -21,7 +22,7 @@ from ..errors import DataError
 from ..recipe import TrainSpec
 from ..training import train
 
-VERSION = "2"  # 2: loss normalised over the global batch's labelled tokens
+VERSION = "3"  # 2: loss normalised over the global batch's labelled tokens; 3: rm_split by reward scores, SimulFuse w1 = 0.1
 DISTRIBUTED = True  # every rank of a torchrun/accelerate launch trains; the runner lets rank 0 seal it
 
 
@@ -51,15 +52,34 @@ def run(ctx) -> dict:
     return {key: summary[key] for key in ("steps", "final_loss", "tokens", "seconds", "world_size", "backend", "phases", "resumed_from")}
 
 
-def read_target_reward(path: Path, target_key: str) -> dict[str, float] | None:
-    """id -> the target's own score in the inference-mode selection, or None when the target was
-    not a candidate (not among the sources)."""
+def read_target_reward(path: Path, target_key: str) -> dict[str, dict[str, float] | float] | None:
+    """id -> the reward models' raw scores of the target's own answer, ``{rm: score}`` with the
+    strongest first (the ``rm_scores`` column; from ``detail.rm_scores`` in selections written
+    before it); or None when the target was not a candidate (not among the sources).
+
+    A selection without reward-model scores (an evaluator such as ``reference``) gives the
+    evaluator's own score of the target as a plain number. ``rm_vote``'s own scores are vote
+    counts and are never read as a reward."""
     if not path.is_file():
         raise DataError("selection file not found", where=str(path))
-    table = pq.read_table(path, columns=["id", "scores"])
-    rewards = {}
-    for example_id, scores in zip(table.column("id").to_pylist(), table.column("scores").to_pylist()):
-        score = json.loads(scores).get(target_key) if scores else None
-        if score is not None:
-            rewards[example_id] = float(score)
+    names = pq.read_schema(path).names
+    columns = ["id", *(c for c in ("rm_scores", "scores", "detail") if c in names)]
+    table = pq.read_table(path, columns=columns).to_pydict()
+    rewards: dict[str, dict[str, float] | float] = {}
+    for row, example_id in enumerate(table["id"]):
+        if "rm_scores" in table:
+            per_rm = json.loads(table["rm_scores"][row] or "{}")
+        else:
+            detail = json.loads(table["detail"][row] or "{}") if "detail" in table else {}
+            per_rm = detail.get("rm_scores") if isinstance(detail, dict) else None
+            if per_rm is None:  # no reward models: the evaluator's own score
+                score = json.loads(table["scores"][row] or "{}").get(target_key) if "scores" in table else None
+                if score is not None:
+                    rewards[example_id] = float(score)
+                continue
+            strongest = detail.get("strongest")  # rm_vote records it; put it first
+            per_rm = {rm: per_rm[rm] for rm in sorted(per_rm, key=lambda rm: rm != strongest)}
+        scores = {rm: float(by_source[target_key]) for rm, by_source in per_rm.items() if target_key in by_source}
+        if scores:
+            rewards[example_id] = scores
     return rewards or None
