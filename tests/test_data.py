@@ -500,6 +500,12 @@ def test_non_utf8_bytes_are_bad_rows(engine, tmp_path):
     assert read(engine, {"path": str(array)})[1] == BadRow(f"{array}:3", f"not UTF-8 text: byte 0xE9 at column {column}")
 
 
+def parquet_bytes(rows) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
+
+
 @pytest.mark.parametrize("name, data, where, message", [
     ("latin1.jsonl", "\n".join(['{"question": "Caf\u00e9?", "response": "Oui"}'] * 3).encode("latin-1"), ":1",
      "not UTF-8 text: byte 0xE9 at column 18, and so is every other line: the file is in another encoding"),
@@ -508,6 +514,7 @@ def test_non_utf8_bytes_are_bad_rows(engine, tmp_path):
     ("utf16.jsonl", '{"question": "a", "response": "b"}\n'.encode("utf-16"), "", "the file is UTF-16 text; expected UTF-8"),
     ("utf16.json", '[{"question": "a", "response": "b"}]'.encode("utf-16-le"), "", "the file looks like UTF-16 text"),
     ("blob.jsonl", bytes(range(256)) * 4, "", "binary data, not text; expected one JSON object per line"),
+    ("table.jsonl", parquet_bytes(ORCA), "", "the file is parquet: name it .parquet"),
     ("rows.jsonl", b"id,question,response\n1,What is 2+2?,4\n2,\"Name a colour.\",Blue\n", "",
      "not JSON: the file looks like CSV (first line 'id,question,response'); expected one JSON object per line"),
     ("rows.json", b"id\tquestion\tresponse\n1\tWhat is 2+2?\t4\n", "",
