@@ -3,6 +3,13 @@
 The recipes share every stage whose key they share (an ablation that changes only the curriculum
 reuses data, generation, scoring, logits, selection, alignment and build), so the suite costs the
 shared stages once plus each variant's own.
+
+Seeds (``--seeds 0,1,2``) set ``train.seed`` only: the training order of examples, dropout and any
+sampling in the loss. The data split, the sources' generations, reward scores, logits, selections
+and alignment stay those of the recipe's own ``seed`` and are computed once for all seeds, so a
+seed reruns ``train`` and ``evaluate/fused`` and nothing else; the baselines (target, sources) are
+evaluated once. The spread over seeds is then the spread of training, the quantity a variant's
+method decides.
 """
 
 from __future__ import annotations
@@ -21,6 +28,16 @@ def _scores(result_dir: Path) -> dict[str, float]:
     return results.get("primary", {})
 
 
+def _per_example(result_dir: Path) -> str | None:
+    path = result_dir / "per_example.parquet"
+    return str(path) if path.is_file() else None
+
+
+def seed_overrides(seed: int | None) -> list[str]:
+    """What a comparison seed changes: the training seed only (the stages before train are shared)."""
+    return [] if seed is None else [f"train.seed={seed}"]
+
+
 def run_comparison(recipes: list[Path], runtime: Runtime, *, overrides: list[str] = (), seeds: list[int] = (),
                    echo=print) -> dict:
     """Run every recipe (each seed), then return the comparison entries and the suite timing."""
@@ -31,8 +48,7 @@ def run_comparison(recipes: list[Path], runtime: Runtime, *, overrides: list[str
     started = time.time()
     for path in recipes:
         for seed in seeds or [None]:
-            extra = [f"seed={seed}", f"train.seed={seed}"] if seed is not None else []
-            recipe = load_recipe(path, [*overrides, *extra])
+            recipe = load_recipe(path, [*overrides, *seed_overrides(seed)])
             t0 = time.time()
             echo(f"== {recipe.name}" + (f" (seed {seed})" if seed is not None else ""))
             results = Runner(recipe, engine, runtime, echo=echo).run()
@@ -49,6 +65,7 @@ def run_comparison(recipes: list[Path], runtime: Runtime, *, overrides: list[str
                 "stages_ran": [r.id for r in results if not r.cached],
                 "stages_reused": [r.id for r in results if r.cached],
                 "scores": _scores(Path(by_id["evaluate/fused"].path)) if "evaluate/fused" in by_id else {},
+                "per_example_path": _per_example(Path(by_id["evaluate/fused"].path)) if "evaluate/fused" in by_id else None,
                 "metrics_path": str(Path(by_id["train"].path) / "metrics.jsonl") if "train" in by_id else None,
                 "selections": {mode: str(Path(by_id[f"select/{mode}"].path) / "selection.parquet")
                                for mode in ("inference", "training") if f"select/{mode}" in by_id},
@@ -58,7 +75,8 @@ def run_comparison(recipes: list[Path], runtime: Runtime, *, overrides: list[str
                 label = r.id.removeprefix("evaluate/")
                 if r.kind == "evaluate" and label != "fused" and label not in baselines:
                     baselines[label] = {"variant": f"{label} (source)", "recipe": None, "seed": None,
-                                        "scores": _scores(Path(r.path)), "baseline": True}
+                                        "scores": _scores(Path(r.path)), "baseline": True,
+                                        "per_example_path": _per_example(Path(r.path))}
     return {
         "entries": list(baselines.values()) + entries,
         "suite_seconds": time.time() - started,

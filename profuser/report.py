@@ -10,8 +10,12 @@
      "metrics_path": ".../train/<key>/metrics.jsonl",
      "selections": {"inference": ".../selection.parquet", "training": ...}}
 
-Entries of the same variant (several seeds) are aggregated to mean ± sample std. Markdown shows
-percentages (as the paper does); CSV and JSON keep lm-eval's 0-1 values. Plots are drawn on bare
+Entries of the same variant (several seeds) are aggregated to mean ± sample std. An entry's
+``per_example`` (``{task: {example key: value}}``) or ``per_example_path`` (the evaluate stage's
+``per_example.parquet``) gives the paired bootstrap interval of each variant's difference to the
+``reference`` and decides what is bold: only a mean that is significantly best against every other
+row. Markdown shows percentages for 0-1 scores (as the paper does) and bits per byte as they are;
+CSV and JSON keep lm-eval's values. Plots are drawn on bare
 matplotlib Figures (the Agg canvas): no display, no global backend change.
 
 ``write_run_report(run_dir)`` summarises one ``runs/runs/<recipe>/`` from its ``run.json``: stage
@@ -30,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
-from .evaluation.tasks import PAPER_TASKS, task_title
+from .evaluation.stats import bootstrap_mean_ci, paired_delta, pooled
+from .evaluation.tasks import PAPER_TASKS, is_fraction, lower_is_better, task_title
 
 __all__ = [
     "comparison_table",
     "read_metrics",
+    "run_result_lines",
     "summarise_variants",
     "task_order",
     "write_comparison",
@@ -66,16 +72,68 @@ def _entry_average(entry: dict, tasks: list[str]) -> float | None:
     """Mean over the table's tasks; None when the entry misses one (an average over fewer
     benchmarks is not comparable)."""
     scores = entry.get("scores") or {}
-    values = [scores.get(t) for t in tasks]
+    values = [scores.get(t) for t in tasks if not lower_is_better(t)]
     if not values or any(v is None for v in values):
         return None
     return statistics.fmean(values)
 
 
-def summarise_variants(entries: list[dict], tasks: list[str] | None = None) -> list[dict[str, Any]]:
+def load_per_example(entry: dict) -> dict[str, dict[str, float]]:
+    """``{task: {example key: value}}`` of one entry: inline ``per_example``, else read from
+    ``per_example_path`` (empty when it has neither)."""
+    if entry.get("per_example") is not None:
+        return {t: dict(v) for t, v in entry["per_example"].items()}
+    path = entry.get("per_example_path")
+    if not path or not Path(path).is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    out: dict[str, dict[str, float]] = {}
+    table = pq.read_table(path, columns=["task", "id", "value"]).to_pydict()
+    for task, key, value in zip(table["task"], table["id"], table["value"]):
+        out.setdefault(task, {})[key] = value
+    return out
+
+
+def resolve_reference(variants: list[dict], reference: str | None) -> str | None:
+    """The variant ``reference`` names (a baseline also by its bare label), None for None."""
+    if reference is None:
+        return None
+    names = [v["variant"] for v in variants]
+    for name in names:
+        if reference in (name, name.removesuffix(" (source)")):
+            return name
+    raise ArtifactError(f"no variant named {reference!r} to compare against (variants: {', '.join(names)})",
+                        where="--reference")
+
+
+def summarise_variants(entries: list[dict], tasks: list[str] | None = None, *, reference: str | None = None,
+                       resamples: int = 10_000, seed: int = 0) -> list[dict[str, Any]]:
     """One dict per variant (in order of first appearance): scores and their std over its entries,
-    the average, wall time, and which stages ran or were reused."""
+    the average, wall time, which stages ran or were reused, and ``tasks``: per task ``{"mean",
+    "std", "n_examples", "seeds", "ci95"}`` (``ci95``: bootstrap interval of the mean over the
+    seed-pooled examples) plus, against ``reference`` (a variant name) when given and for every
+    other variant, ``"delta": {"mean", "ci95": [lo, hi], "n_examples", "significant"}``. The
+    seed-pooled per-example values are kept under ``"_examples"`` (not written to JSON)."""
     tasks = tasks or task_order(entries)
+    rows = _summarise(entries, tasks)
+    ref = resolve_reference(rows, reference)
+    ref_row = next((r for r in rows if r["variant"] == ref), None)
+    for row in rows:
+        for task in tasks:
+            values = row["_examples"].get(task) or {}
+            stats = {"mean": row["scores"].get(task), "std": row["std"].get(task), "n_examples": len(values) or None,
+                     "seeds": [s for s in row["seeds"] if s is not None],
+                     "ci95": list(bootstrap_mean_ci(list(values.values()), resamples=resamples, seed=seed)) if values else None}
+            if ref_row is not None and row is not ref_row:
+                ref_values = ref_row["_examples"].get(task) or {}
+                stats["delta"] = paired_delta(values, ref_values, resamples=resamples, seed=seed) if values and ref_values \
+                    else None
+            row["tasks"][task] = stats
+    return rows
+
+
+def _summarise(entries: list[dict], tasks: list[str]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict]] = {}
     for entry in entries:
         if "variant" not in entry:
@@ -90,6 +148,8 @@ def summarise_variants(entries: list[dict], tasks: list[str] | None = None) -> l
         avg, avg_std = _mean_std(averages)
         walls = [r["wall_seconds"] for r in runs if r.get("wall_seconds") is not None]
         recipes = list(dict.fromkeys(str(r["recipe"]) for r in runs if r.get("recipe")))
+        per_run = [load_per_example(r) for r in runs]
+        examples = {t: pooled([p.get(t) or {} for p in per_run]) for t in tasks}
         out.append({
             "variant": variant,
             "recipe": recipes[0] if len(recipes) == 1 else (recipes or None),
@@ -104,6 +164,8 @@ def summarise_variants(entries: list[dict], tasks: list[str] | None = None) -> l
             "cold_seconds": next((r["cold_seconds"] for r in runs if r.get("cold_seconds") is not None), None),
             "stages_ran": _union(r.get("stages_ran") for r in runs),
             "stages_reused": _union(r.get("stages_reused") for r in runs),
+            "tasks": {},
+            "_examples": {t: v for t, v in examples.items() if v},
         })
     return out
 
@@ -121,35 +183,87 @@ def _union(lists: Iterable[list | None]) -> list | None:
 # --- tables ---------------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, std: float | None, percent: bool, digits: int) -> str:
+def _scale(task: str, percent: bool) -> float:
+    return 100.0 if percent and (task == AVERAGE or is_fraction(task)) else 1.0
+
+
+def _digits(task: str, digits: int) -> int:
+    return digits if task == AVERAGE or is_fraction(task) else max(digits, 3)  # bits per byte: 3 decimals
+
+
+def _fmt(value: float | None, std: float | None, scale: float, digits: int) -> str:
     if value is None:
         return "–"
-    scale = 100.0 if percent else 1.0
     text = f"{value * scale:.{digits}f}"
     return f"{text} ± {std * scale:.{digits}f}" if std is not None else text
 
 
-def comparison_table(entries: list[dict], tasks: list[str] | None = None, *, percent: bool = True, digits: int = 2) -> str:
+def _fmt_delta(delta: dict | None, scale: float, digits: int) -> str:
+    if not delta:
+        return "–"
+    lo, hi = delta["ci95"]
+    text = f"{delta['mean'] * scale:+.{digits}f} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+    return text + " †" if delta.get("significant") else text
+
+
+def column_title(task: str) -> str:
+    """A column's header; a task where lower is better says so (↓)."""
+    if task == AVERAGE:
+        return "Average"
+    return task_title(task) + (" ↓" if lower_is_better(task) else "")
+
+
+def significantly_best(rows: list[dict], task: str, *, resamples: int = 10_000, seed: int = 0) -> str | None:
+    """The variant whose mean on ``task`` is best and whose paired bootstrap difference to every
+    other row excludes 0 in its favour; None when the best is tied or any row cannot be told apart
+    (or lacks per-example values)."""
+    scored = [r for r in rows if r["scores"].get(task) is not None]
+    if len(scored) < 2:
+        return None
+    sign = -1.0 if lower_is_better(task) else 1.0
+    scored.sort(key=lambda r: sign * r["scores"][task], reverse=True)
+    best, runner_up = scored[0], scored[1]
+    if best["scores"][task] == runner_up["scores"][task]:
+        return None
+    mine = best["_examples"].get(task)
+    if not mine:
+        return None
+    for other in scored[1:]:
+        theirs = other["_examples"].get(task)
+        delta = paired_delta(mine, theirs, resamples=resamples, seed=seed) if theirs else None
+        if delta is None or not delta["significant"] or sign * delta["mean"] <= 0:
+            return None
+    return best["variant"]
+
+
+def comparison_table(entries: list[dict], tasks: list[str] | None = None, *, percent: bool = True, digits: int = 2,
+                     reference: str | None = None, variants: list[dict] | None = None) -> str:
     """Markdown table like the paper's Table 1: one row per variant, one column per benchmark plus
-    Average; mean ± std where a variant has several entries; the best mean of each column in bold."""
+    Average; mean ± std where a variant has several entries. With ``reference``, a "Δ vs reference
+    [95% CI]" column follows each task († where the interval excludes 0). Bold: only a mean that
+    ``significantly_best`` finds (ties and differences the data cannot tell are never bold; the
+    Average has no per-example values and is never bold). ``variants``: ``summarise_variants``'
+    output, when already computed."""
     tasks = tasks or task_order(entries)
-    rows = summarise_variants(entries, tasks)
-    columns = [*tasks, AVERAGE]
-    scale = 100.0 if percent else 1.0
-    shown = lambda v: None if v is None else round(v * scale, digits)
-    best = {}
-    for col in columns:
-        values = [shown(r["scores"].get(col) if col != AVERAGE else r[AVERAGE]) for r in rows]
-        values = [v for v in values if v is not None]
-        best[col] = max(values) if values else None
-    header = ["Model", *(task_title(t) for t in tasks), "Average"]
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(columns)]
+    rows = variants if variants is not None else summarise_variants(entries, tasks, reference=reference)
+    ref = resolve_reference(rows, reference)
+    best = {t: significantly_best(rows, t) for t in tasks}
+    header = ["Model"]
+    for t in tasks:
+        header.append(column_title(t))
+        if ref is not None:
+            header.append(f"Δ {column_title(t)} vs {_escape(ref)} [95% CI]")
+    header.append("Average")
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for row in rows:
-        cells = [_escape(row["variant"])]
-        for col in columns:
-            value, std = (row[AVERAGE], row["average_std"]) if col == AVERAGE else (row["scores"].get(col), row["std"].get(col))
-            text = _fmt(value, std, percent, digits)
-            cells.append(f"**{text}**" if value is not None and shown(value) == best[col] else text)
+        cells = [_escape(row["variant"]) + (" (reference)" if row["variant"] == ref else "")]
+        for t in tasks:
+            scale, dig = _scale(t, percent), _digits(t, digits)
+            text = _fmt(row["scores"].get(t), row["std"].get(t), scale, dig)
+            cells.append(f"**{text}**" if best[t] == row["variant"] else text)
+            if ref is not None:
+                cells.append("" if row["variant"] == ref else _fmt_delta((row["tasks"].get(t) or {}).get("delta"), scale, dig))
+        cells.append(_fmt(row[AVERAGE], row["average_std"], _scale(AVERAGE, percent), digits))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,16 +295,23 @@ def _duration(seconds: float | None) -> str | None:
 
 
 def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[str] | None = None,
-                     title: str = "Comparison") -> dict[str, Path]:
-    """Write comparison.md / .csv / .json and the PNG plots (scores, training loss, advantage
-    shares) under ``out_dir``; returns ``{name: path}`` of what was written."""
+                     title: str = "Comparison", reference: str | None = None) -> dict[str, Path]:
+    """Write comparison.md / .csv / .json and the PNG plots (scores with their intervals, training
+    loss, advantage shares) under ``out_dir``; returns ``{name: path}`` of what was written.
+    ``reference``: the variant every other is compared with (paired bootstrap over examples)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = tasks or task_order(entries)
-    variants = summarise_variants(entries, tasks)
+    variants = summarise_variants(entries, tasks, reference=reference)
+    ref = resolve_reference(variants, reference)
     written: dict[str, Path] = {}
 
-    data = {"tasks": tasks, "titles": {t: task_title(t) for t in tasks}, "variants": variants, "entries": entries,
+    public = [{k: v for k, v in row.items() if not k.startswith("_")} for row in variants]
+    data = {"tasks": tasks, "titles": {t: task_title(t) for t in tasks},
+            "lower_is_better": [t for t in tasks if lower_is_better(t)], "reference": ref,
+            "bootstrap": {"resamples": 10_000, "seed": 0, "level": 0.95,
+                          "unit": "held-out example (its seeds pooled), paired with the reference"},
+            "variants": public, "entries": [{k: v for k, v in e.items() if k != "per_example"} for e in entries],
             "created_at": time.time()}
     written["json"] = out_dir / "comparison.json"
     written["json"].write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
@@ -198,7 +319,7 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
 
     plots: list[tuple[str, Path]] = []
     if any(v[AVERAGE] is not None or any(s is not None for s in v["scores"].values()) for v in variants):
-        written["scores_png"] = plot_scores(variants, tasks, out_dir / "scores.png")
+        written["scores_png"] = plot_scores(variants, tasks, out_dir / "scores.png", reference=ref)
         plots.append(("Scores per benchmark", written["scores_png"]))
     curves = {}
     for entry in entries:
@@ -210,10 +331,17 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
         plots.append(("Training loss", written["loss_png"]))
     shares_md = _comparison_shares(entries, out_dir, written)
 
-    md = [f"# {title}", "", comparison_table(entries, tasks), "",
-          "Primary metric of each task in % (" + ", ".join(f"{task_title(t)}: `{_primary_name(t)}`" for t in tasks) + "). "
-          "Average: mean over the columns (only for rows with every column). "
-          "Mean ± sample std over seeds where a variant ran more than once; best of each column in bold.", ""]
+    units = ", ".join(f"{task_title(t)}: `{_primary_name(t)}`" + (" in %" if is_fraction(t) else ", bits per byte, lower is better")
+                      for t in tasks)
+    md = [f"# {title}", "", comparison_table(entries, tasks, reference=ref, variants=variants), "",
+          f"Primary metric of each task ({units}). "
+          "Average: mean over the columns where higher is better (only for rows with every one of them). "
+          "Mean ± sample std over seeds where a variant ran more than once. "
+          + (f"Δ: the variant minus {ref} over the same held-out examples (each example's seeds pooled), with a paired "
+             "bootstrap 95% interval (10,000 resamples of the examples, seed 0); † marks an interval that excludes 0. "
+             if ref else "")
+          + "Bold: a mean significantly best against every other row (paired bootstrap 95% interval excluding 0); "
+          "a tie, or a lead the data cannot tell apart, is not bold.", ""]
     runs = [{"variant": v["variant"], "recipe": v["recipe"] if isinstance(v["recipe"], (str, type(None))) else ", ".join(v["recipe"]),
              "runs": v["runs"], "seeds": ", ".join(str(s) for s in v["seeds"] if s is not None) or None,
              "wall time": _duration(v["wall_seconds"]), "cold time": _duration(v["cold_seconds"]),
@@ -239,7 +367,9 @@ def _primary_name(task: str) -> str:
 
 def _write_csv(path: Path, variants: list[dict], tasks: list[str]) -> Path:
     fields = ["variant", "recipe", "baseline", "runs", "seeds"]
-    fields += [c for t in tasks for c in (t, f"{t}_std")] + [AVERAGE, "average_std", "wall_seconds", "cold_seconds",
+    fields += [c for t in tasks for c in (t, f"{t}_std", f"{t}_n", f"{t}_delta", f"{t}_delta_lo", f"{t}_delta_hi",
+                                        f"{t}_delta_significant")]
+    fields += [AVERAGE, "average_std", "wall_seconds", "cold_seconds",
                                                               "stages_ran", "stages_reused"]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -253,6 +383,12 @@ def _write_csv(path: Path, variants: list[dict], tasks: list[str]) -> Path:
                    "stages_reused": None if v["stages_reused"] is None else len(v["stages_reused"])}
             for t in tasks:
                 row[t], row[f"{t}_std"] = v["scores"].get(t), v["std"].get(t)
+                stats = v.get("tasks", {}).get(t) or {}
+                delta = stats.get("delta") or {}
+                row[f"{t}_n"] = stats.get("n_examples")
+                row[f"{t}_delta"] = delta.get("mean")
+                row[f"{t}_delta_lo"], row[f"{t}_delta_hi"] = delta.get("ci95") or (None, None)
+                row[f"{t}_delta_significant"] = delta.get("significant")
             writer.writerow({k: ("" if val is None else val) for k, val in row.items()})
     return path
 
@@ -300,22 +436,50 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_scores(variants: list[dict], tasks: list[str], out_png: str | Path) -> Path:
-    """Grouped bars: per benchmark (and the average), one bar per variant, error bars = std."""
-    columns = [*tasks, AVERAGE]
+def plot_scores(variants: list[dict], tasks: list[str], out_png: str | Path, *, reference: str | None = None) -> Path:
+    """One panel per task: each variant's mean with its 95% bootstrap interval as error bars (the
+    std over seeds where there are no per-example values); with ``reference``, a second row of
+    panels: each variant's difference to it with the paired 95% interval, and the zero line."""
+    columns = tasks or [AVERAGE]
+    rows = 2 if reference else 1
+    from matplotlib.figure import Figure
+
     n = max(len(variants), 1)
-    width = 0.8 / n
-    fig, ax = _figure(max(5.0, 1.1 * len(columns) * max(1.0, n / 3)), 3.8)
-    for j, v in enumerate(variants):
-        values = [(v[AVERAGE] if c == AVERAGE else v["scores"].get(c)) for c in columns]
-        stds = [(v["average_std"] if c == AVERAGE else v["std"].get(c)) for c in columns]
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(columns))]
-        ax.bar(xs, [100 * (x or 0.0) for x in values], width, label=v["variant"],
-               yerr=[100 * (s or 0.0) for s in stds] if any(s is not None for s in stds) else None, capsize=2)
-    ax.set_xticks(range(len(columns)), [task_title(c) if c != AVERAGE else "Average" for c in columns], fontsize=8)
-    ax.set_ylabel("score (%)")
-    ax.set_title("Scores per benchmark")
-    ax.legend(fontsize=7, frameon=False, ncols=min(n, 4), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig = Figure(figsize=(max(4.0, 0.45 * n + 1.5) * len(columns), 3.4 * rows))
+    axes = fig.subplots(rows, len(columns), squeeze=False)
+    names = [v["variant"] for v in variants]
+    for j, task in enumerate(columns):
+        scale = _scale(task, True)
+        ax = axes[0][j]
+        for i, v in enumerate(variants):
+            stats = (v.get("tasks") or {}).get(task) or {}
+            mean = v[AVERAGE] if task == AVERAGE else v["scores"].get(task)
+            if mean is None:
+                continue
+            ci = stats.get("ci95")
+            if ci:
+                err = [[(mean - ci[0]) * scale], [(ci[1] - mean) * scale]]
+            else:
+                std = v["average_std"] if task == AVERAGE else v["std"].get(task)
+                err = [[(std or 0.0) * scale], [(std or 0.0) * scale]]
+            ax.errorbar([i], [mean * scale], yerr=err, fmt="o", color=f"C{i % 10}", capsize=3)
+        unit = "%" if scale == 100.0 else "bits per byte"
+        ax.set_title(column_title(task) + (" (lower is better)" if lower_is_better(task) else ""), fontsize=9)
+        ax.set_ylabel(f"{unit}, 95% CI")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        if reference:
+            ax = axes[1][j]
+            for i, v in enumerate(variants):
+                delta = ((v.get("tasks") or {}).get(task) or {}).get("delta")
+                if not delta:
+                    continue
+                lo, hi = delta["ci95"]
+                ax.errorbar([i], [delta["mean"] * scale], yerr=[[(delta["mean"] - lo) * scale], [(hi - delta["mean"]) * scale]],
+                            fmt="o", color=f"C{i % 10}", capsize=3)
+            ax.axhline(0.0, color="grey", linewidth=1, linestyle=":")
+            ax.set_title(f"Δ vs {reference}" + (" (below 0: better)" if lower_is_better(task) else ""), fontsize=9)
+            ax.set_ylabel(f"Δ {unit}, paired 95% CI")
+            ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     return _save(fig, Path(out_png))
 
 
@@ -464,7 +628,8 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
         if s.get("kind") == "evaluate" and dirs[s["id"]] and (dirs[s["id"]] / "results.json").is_file():
             results = json.loads((dirs[s["id"]] / "results.json").read_text(encoding="utf-8"))
             evals.append({"variant": results.get("label", s["id"].removeprefix("evaluate/")),
-                          "scores": results.get("primary") or {}, "config": results.get("config") or {}})
+                          "scores": results.get("primary") or {}, "config": results.get("config") or {},
+                          "per_example_path": str(dirs[s["id"]] / "per_example.parquet")})
     if evals:
         tasks = task_order(evals)
         md += ["## Scores", "", comparison_table(evals, tasks), ""]
@@ -523,3 +688,47 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     text = "\n".join(md)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     return text
+
+
+# --- the end of `profuser run` --------------------------------------------------------------------
+
+
+def run_result_lines(run_dir: str | Path, results: list, recipe=None) -> list[str]:
+    """What ``profuser run`` prints when it is done: the evaluate stages' primary scores side by side
+    (fused, target, sources), where the model and the report are. Writes the run report
+    (``write_run_report``) when the run has a ``run.json``."""
+    run_dir = Path(run_dir)
+    ran = [r for r in results if not r.cached]
+    name = getattr(recipe, "name", None) or run_dir.name
+    lines = [f"{name}: {len(ran)} stage(s) ran, {len(results) - len(ran)} reused; run record: {run_dir / 'run.json'}"]
+    roles: dict[str, list[str]] = {}
+    if recipe is not None:
+        roles.setdefault(recipe.target.key, []).append("target")
+        for src in recipe.sources:
+            roles.setdefault(src.key, []).append("source")
+    evals = []
+    for r in results:
+        path = Path(r.path) / "results.json" if r.kind == "evaluate" else None
+        if path is not None and path.is_file():
+            primary = json.loads(path.read_text(encoding="utf-8")).get("primary") or {}
+            label = r.id.removeprefix("evaluate/")
+            role = "fused" if label == "fused" else ", ".join(roles.get(label, [])) or "baseline"
+            evals.append((label if label == "fused" else f"{label} ({role})", primary))
+    evals.sort(key=lambda e: e[0] != "fused")  # the fused model first
+    if evals:
+        tasks = list(dict.fromkeys(t for _, primary in evals for t in primary))
+        heads = [column_title(t) + (" %" if is_fraction(t) else " bits/byte") for t in tasks]
+        width = max(len(label) for label, _ in evals)
+        lines += ["", "scores (" + "; ".join(f"{task_title(t)}: {_primary_name(t)}" + (", lower is better" if lower_is_better(t) else "")
+                                    for t in tasks) + "):",
+                  "  " + "model".ljust(width) + "".join(f"  {h:>16}" for h in heads)]
+        for label, primary in evals:
+            cells = [_fmt(primary.get(t), None, _scale(t, True), _digits(t, 2)) for t in tasks]
+            lines.append("  " + label.ljust(width) + "".join(f"  {c:>16}" for c in cells))
+    train = next((r for r in results if r.kind == "train"), None)
+    if train is not None and (Path(train.path) / "model").is_dir():
+        lines.append(f"model: {Path(train.path) / 'model'}" + (f" (linked as {run_dir / 'model'})" if (run_dir / "model").exists() else ""))
+    if (run_dir / "run.json").is_file():
+        write_run_report(run_dir)
+        lines.append(f"report: {run_dir / 'report' / 'report.md'}")
+    return lines

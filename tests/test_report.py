@@ -35,22 +35,23 @@ def test_comparison_table():
     table = comparison_table(entries()).splitlines()
     assert table[0] == "| Model | MMLU | HellaSwag | ARC | Winogrande | GSM8K | TruthfulQA | Average |"
     assert table[1] == "| --- |" + " ---: |" * 7
-    # averages over the six columns: vicuna 53.46 as in the paper's Table 1
-    # ties (as displayed) are all bold
-    assert table[2] == "| vicuna | 51.17 | 77.36 | **53.75** | **72.30** | 15.80 | **50.37** | 53.46 |"
+    # averages over the six columns: vicuna 53.46 as in the paper's Table 1; nothing is bold: ties
+    # never are, and without per-example values no lead can be shown to be significant
+    assert table[2] == "| vicuna | 51.17 | 77.36 | 53.75 | 72.30 | 15.80 | 50.37 | 53.46 |"
     # two seeds: mean ± sample std (0.52, 0.53 -> 52.50 ± 0.71); std 0 is shown, not hidden;
     # the average is per seed (53.96, 54.30), then mean ± std
-    assert table[3] == ("| ProFuser | **52.50 ± 0.71** | 77.36 ± 0.00 | **53.75 ± 0.00** | **72.30 ± 0.00** | "
-                        "**18.50 ± 0.71** | **50.37 ± 0.00** | **54.13 ± 0.24** |")
-    assert table[4] == "| SFT | 51.17 | **80.00** | **53.75** | **72.30** | 10.00 | **50.37** | 52.93 |"
+    assert table[3] == ("| ProFuser | 52.50 ± 0.71 | 77.36 ± 0.00 | 53.75 ± 0.00 | 72.30 ± 0.00 | "
+                        "18.50 ± 0.71 | 50.37 ± 0.00 | 54.13 ± 0.24 |")
+    assert table[4] == "| SFT | 51.17 | 80.00 | 53.75 | 72.30 | 10.00 | 50.37 | 52.93 |"
+    assert "**" not in "\n".join(table)
 
 
 def test_missing_scores_and_fractions():
     rows = [{"variant": "a", "scores": {"gsm8k": 0.25, "mmlu": 0.5}}, {"variant": "b|c", "scores": {"gsm8k": 0.5}}]
     table = comparison_table(rows, percent=False, digits=3).splitlines()
     assert table[0] == "| Model | MMLU | GSM8K | Average |"
-    assert table[2] == "| a | **0.500** | 0.250 | **0.375** |"
-    assert table[3] == "| b\\|c | – | **0.500** | – |"  # no average over fewer columns
+    assert table[2] == "| a | 0.500 | 0.250 | 0.375 |"
+    assert table[3] == "| b\\|c | – | 0.500 | – |"  # no average over fewer columns
 
 
 def test_summarise_variants():
@@ -169,7 +170,7 @@ def test_write_run_report(tmp_path):
     assert f"| align/training/llama | ran | 1.0 | k-align | – | {tmp_path / 'store' / 'align' / 'k-align'} |" in md
     # scores: fused and the baseline side by side, best in bold
     assert "| Model | GSM8K | Held-out | Average |" in md
-    assert "| fused | **20.00** | 50.00 | **35.00** |" in md and "| llama | 10.00 | **60.00** | **35.00** |" in md
+    assert "| fused | 20.00 | 50.00 | 35.00 |" in md and "| llama | 10.00 | 60.00 | 35.00 |" in md  # no per-example values: no bold
     assert "GSM8K: exact_match,flexible-extract, 5-shot, 10 examples" in md
     assert "| llama | 75.0% |" in md and "| gemma | 25.0% |" in md
     assert "| stage | aligner | target_tokens | one_to_one_share | counts.many_to_one |" in md
@@ -184,3 +185,92 @@ def test_run_report_to_another_dir_and_errors(tmp_path):
     with pytest.raises(ArtifactError, match="no run.json") as err:
         write_run_report(tmp_path / "nothing")
     assert err.value.where == str(tmp_path / "nothing")
+
+
+# --- intervals: the paired bootstrap, significance, bold ------------------------------------------
+
+
+def _per_example(rate: float, n: int, seed: int) -> dict[str, float]:
+    """n examples right (1.0) with probability ``rate``, keyed e0..e{n-1}."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {f"e{i}": float(x) for i, x in enumerate(rng.random(n) < rate)}
+
+
+def test_bootstrap_covers_a_known_difference_and_not_zero():
+    import numpy as np
+
+    from profuser.evaluation.stats import bootstrap_mean_ci, paired_delta
+
+    rng = np.random.default_rng(1)
+    ref = {f"e{i}": float(v) for i, v in enumerate(rng.normal(1.0, 0.3, 400))}
+    shifted = {k: v - 0.1 + float(rng.normal(0, 0.05)) for k, v in ref.items()}  # true difference -0.1
+    delta = paired_delta(shifted, ref)
+    lo, hi = delta["ci95"]
+    assert lo < -0.1 < hi and hi < 0 and delta["significant"] and delta["n_examples"] == 400
+    assert delta["mean"] == pytest.approx(-0.1, abs=0.01)
+    # pairing matters: the same shift between unpaired noisy scores would be lost in their spread
+    assert hi - lo < 0.02
+    # no difference: the interval holds 0 and nothing is marked
+    same = {k: v + float(rng.normal(0, 0.05)) for k, v in ref.items()}
+    zero = paired_delta(same, ref)
+    assert zero["ci95"][0] < 0 < zero["ci95"][1] and not zero["significant"]
+    # seeded: the same interval twice; another seed moves it only a little
+    assert paired_delta(shifted, ref)["ci95"] == [lo, hi]
+    values = list(ref.values())
+    assert bootstrap_mean_ci(values, seed=3) != bootstrap_mean_ci(values, seed=4)
+    assert paired_delta({"x": 1.0}, {"y": 1.0}) is None  # nothing in common
+
+
+def test_comparison_with_seeds_intervals_and_significant_bold(tmp_path):
+    n = 200
+    ref = [_per_example(0.3, n, seed) for seed in (0, 1)]
+    strong = [_per_example(0.7, n, seed + 10) for seed in (0, 1)]
+    twin = [dict(r) for r in ref]  # identical to the reference: Δ exactly 0
+    entries = [{"variant": "base (source)", "baseline": True, "scores": {"profuser_heldout": 0.3},
+                "per_example": {"profuser_heldout": ref[0]}}]
+    for name, runs in (("csft", ref), ("profuser", strong), ("twin", twin)):
+        for seed, values in enumerate(runs):
+            entries.append({"variant": name, "seed": seed, "scores": {"profuser_heldout": sum(values.values()) / n},
+                            "per_example": {"profuser_heldout": values}})
+    written = write_comparison(entries, tmp_path, reference="csft")
+    data = json.loads(written["json"].read_text())
+    assert data["reference"] == "csft"
+    by_name = {v["variant"]: v["tasks"]["profuser_heldout"] for v in data["variants"]}
+    assert "delta" not in by_name["csft"]
+    pf = by_name["profuser"]
+    assert pf["n_examples"] == n and pf["seeds"] == [0, 1] and pf["std"] is not None
+    assert pf["delta"]["significant"] and pf["delta"]["ci95"][0] > 0.2
+    assert by_name["twin"]["delta"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n_examples": n, "significant": False}
+    assert "ci95" in by_name["base (source)"]["delta"]
+    assert all("per_example" not in e for e in data["entries"])
+    md = written["md"].read_text()
+    header = md.splitlines()[2]
+    assert header == "| Model | Held-out | Δ Held-out vs csft [95% CI] | Average |"
+    table = md.split("\n\n")[1].splitlines()  # the comparison table, before the notes and the runs table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert rows["profuser"].count("**") == 2 and rows["profuser"].rstrip(" |").split(" | ")[2].endswith("†")
+    assert "**" not in rows["csft (reference)"] and "**" not in rows["twin"] and "†" not in rows["twin"]
+    assert written["scores_png"].stat().st_size > 0
+    with open(written["csv"], newline="") as fh:
+        csv_rows = {r["variant"]: r for r in csv.DictReader(fh)}
+    assert csv_rows["profuser"]["profuser_heldout_delta_significant"] == "True"
+
+    # a tie at the top is never bold, however large the lead over the rest
+    tied = [e for e in entries if e["variant"] != "profuser"] + [
+        {**e, "variant": "profuser2"} for e in entries if e["variant"] == "profuser"] + [
+        e for e in entries if e["variant"] == "profuser"]
+    assert "**" not in comparison_table(tied, reference="csft")
+
+
+def test_lower_is_better_direction():
+    # bits per byte: the lowest is best, shown with ↓, not in %, and not averaged with accuracies
+    rows = [{"variant": "a", "scores": {"profuser_heldout_bpb": 1.2, "profuser_heldout": 0.5},
+             "per_example": {"profuser_heldout_bpb": {f"e{i}": 1.2 + 0.01 * (i % 3) for i in range(50)}}},
+            {"variant": "b", "scores": {"profuser_heldout_bpb": 0.9, "profuser_heldout": 0.5},
+             "per_example": {"profuser_heldout_bpb": {f"e{i}": 0.9 + 0.01 * (i % 5) for i in range(50)}}}]
+    table = comparison_table(rows, reference="a").splitlines()
+    assert table[0] == "| Model | Held-out bpb ↓ | Δ Held-out bpb ↓ vs a [95% CI] | Held-out | Δ Held-out vs a [95% CI] | Average |"
+    assert table[2] == "| a (reference) | 1.200 |  | 50.00 |  | 50.00 |"
+    assert table[3] == "| b | **0.900** | -0.290 [-0.294, -0.285] † | 50.00 | – | 50.00 |"
