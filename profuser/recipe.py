@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .components import StrictModel
 from .errors import PluginError, RecipeError
@@ -154,7 +154,18 @@ class TrainSpec(StrictModel):
 
 
 class EvaluateSpec(StrictModel):
+class VLLMEvaluateSpec(StrictModel):
+    """lm-eval's vLLM backend (``evaluate.backend: vllm``); the model's dtype comes from its spec."""
+
+    tensor_parallel_size: int = Field(default=1, gt=0)
+    data_parallel_size: int | None = Field(
+        default=None, gt=0, description="engines (more than one runs on Ray); None: every visible GPU / tensor_parallel_size")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+
+
     tasks: list[str] = Field(default_factory=list, description="lm-eval task names")
+    backend: Literal["hf", "vllm"] = Field(default="hf", description="lm-eval model: hf (transformers) or vllm")
+    vllm: VLLMEvaluateSpec = VLLMEvaluateSpec()
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: dict[str, int] = Field(default_factory=dict)
     data_dir: str | None = None
@@ -162,6 +173,14 @@ class EvaluateSpec(StrictModel):
     batch_size: int = Field(default=8, gt=0)
     max_gen_toks: int | None = Field(default=None, gt=0, description="cap on generated tokens (lm-eval default 256)")
 
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.backend == "hf":  # vllm settings do not apply; hf evaluations keep the cache keys they had
+            data.pop("backend", None)
+            data.pop("vllm", None)
+        return data
 
 class RuntimeSpec(StrictModel):
     """How the run executes, never what it computes: part of no cache key."""

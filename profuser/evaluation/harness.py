@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import importlib.util
 import logging
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,8 @@ def evaluate_model(
     device: str = "cpu",
     max_gen_toks: int | None = None,
     log_samples: bool = False,
+    backend: str = "hf",
+    vllm_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``model`` on lm-eval ``tasks``; returns ``{task: {metric: value}, "_primary": {task: value},
     "_config": {task: {...}}}`` (metric names as lm-eval writes them, e.g. ``"acc_norm,none"``).
@@ -73,7 +78,12 @@ def evaluate_model(
     its format; log-likelihood tasks keep the leaderboard's plain prompts); True/False force it.
     ``max_gen_toks`` caps generation tasks (lm-eval's default: 256). ``log_samples`` adds
     ``"_samples": {task: [{doc_id, filter, prompt, target, response, answer, metrics}]}``.
+
+    ``backend="vllm"``: lm-eval's vLLM backend; ``model`` is then the path of a local model
+    directory (vLLM loads it itself) and ``vllm_args`` its settings (``vllm_model_args``).
     """
+    if backend not in ("hf", "vllm"):
+        raise ProfuserError(f"unknown backend {backend!r} (hf or vllm)", where="evaluate.backend")
     if not tasks:
         raise ProfuserError("no tasks to evaluate", where="evaluate.tasks")
     if len(set(tasks)) != len(tasks):
@@ -141,21 +151,25 @@ def evaluate_model(
                     leaf.set_config(key="num_fewshot", value=0)
 
         chat_of = {task: _uses_chat(task, obj, tokenizer, apply_chat_template) for task, obj in loaded.items()}
-        model.eval()
-        # the template goes to every apply_chat_template call, so a base model gets the fallback
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                  max_length=max_length, chat_template_args={"chat_template": template})
+        if backend == "vllm":
+            lm = _vllm_lm(model, template, vllm_model_args(model, max_length=max_length, **(vllm_args or {})))
+        else:
+            model.eval()
+            # the template goes to every apply_chat_template call, so a base model gets the fallback
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                      max_length=max_length, chat_template_args={"chat_template": template})
         merged: dict[str, Any] = {"results": {}, "groups": {}, "n-samples": {}, "samples": {}}
         for chat in (False, True):
             group = [task for task in tasks if chat_of[task] == chat]
             if not group:
                 continue
             try:
-                out = simple_evaluate(
-                    model=lm, tasks=[loaded[t] for t in group], task_manager=manager, limit=limit,
-                    apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=log_samples,
-                    gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-                )
+                with _quiet_git():
+                    out = simple_evaluate(
+                        model=lm, tasks=[loaded[t] for t in group], task_manager=manager, limit=limit,
+                        apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=log_samples,
+                        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+                    )
             except ProfuserError:
                 raise
             except Exception as exc:  # name the tasks: lm-eval's errors often do not
@@ -163,6 +177,10 @@ def evaluate_model(
                                     where=f"evaluate tasks {', '.join(group)}") from exc
             for key, part in merged.items():
                 part.update((out or {}).get(key) or {})
+        if backend == "vllm" and getattr(lm, "model", None) is not None:  # data parallel: Ray actors, gone already
+            from profuser_plugins.generators.vllm import shutdown_engine
+
+            shutdown_engine(lm.model)
 
     settings = {}
     for task, obj in loaded.items():
@@ -175,8 +193,73 @@ def evaluate_model(
 
 
 def _context(model) -> int | None:
-    value = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(model, (str, Path)):  # the vllm backend: a model directory
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    else:
+        config = model.config
+    value = getattr(config.get_text_config(), "max_position_embeddings", None)
     return value if isinstance(value, int) else None
+
+
+def vllm_model_args(path: str | Path, *, max_length: int | None = None, dtype: str = "auto",
+                    tensor_parallel_size: int = 1, data_parallel_size: int | None = None,
+                    gpu_memory_utilization: float = 0.9, seed: int = 1234, devices: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of lm-eval's ``VLLM`` model. ``data_parallel_size`` None: as many engines
+    as the visible GPUs (``devices``, default torch's count) hold; more than one runs on Ray (lm-eval's way)."""
+    if not isinstance(path, (str, Path)) or not Path(path).is_dir():
+        raise ProfuserError("the vllm backend needs a local model directory", where=f"evaluate model {path}")
+    if devices is None:
+        import torch
+
+        devices = torch.cuda.device_count()
+    engines = data_parallel_size or max(devices // tensor_parallel_size, 1)
+    if engines * tensor_parallel_size > max(devices, 1):
+        raise ProfuserError(f"data_parallel_size {engines} x tensor_parallel_size {tensor_parallel_size} needs "
+                            f"{engines * tensor_parallel_size} GPUs; {devices} visible", where="evaluate.vllm")
+    if engines > 1 and importlib.util.find_spec("ray") is None:
+        raise ProfuserError(f"{engines} vLLM engines need Ray (lm-eval runs its data parallel on Ray actors): "
+                            "pip install ray, or set evaluate.vllm.data_parallel_size: 1", where="evaluate.vllm")
+    return {"pretrained": str(path), "tokenizer": str(path), "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
+            "data_parallel_size": engines, "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_length,
+            "seed": seed, "batch_size": "auto"}
+
+
+def _vllm_lm(path, template: str, args: dict[str, Any]):
+    if importlib.util.find_spec("vllm") is None:
+        raise ProfuserError("the vllm backend needs vLLM and a CUDA GPU: pip install 'profuser[vllm]' "
+                            "(or evaluate.backend: hf)", where="evaluate.backend")
+    from lm_eval.models.vllm_causallms import VLLM
+
+    lm = VLLM(**args)
+    lm.hf_chat_template = template  # as for HFLM: a base model gets the fallback template the trainer used
+    return lm
+
+
+def _quiet_git():
+    """lm-eval records ``git describe`` of the working directory; outside a checkout git prints
+    ``fatal: not a git repository`` on the terminal. The same lookup, with git's stderr dropped."""
+    from lm_eval import evaluator
+
+    def commit_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+        except OSError:  # no git
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    original = evaluator.get_git_commit_hash
+
+    @contextlib.contextmanager
+    def patched():
+        evaluator.get_git_commit_hash = commit_hash
+        try:
+            yield
+        finally:
+            evaluator.get_git_commit_hash = original
+
+    return patched()
 
 
 def _uses_chat(task: str, obj, tokenizer, apply_chat_template: bool | None) -> bool:

@@ -70,13 +70,22 @@ def run(ctx) -> dict:
     else:
         spec = ModelSpec(**cfg["model"], label=cfg["label"])
     device = ctx.runtime.torch_device()
-    model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir)
+    backend = ev.get("backend", "hf")
+    if backend == "vllm":  # vLLM loads the model directory itself
+        from ..models import load_tokenizer, resolve_model
+
+        model = resolve_model(spec, cache_dir=ctx.runtime.cache_dir)
+        tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir)
+    else:
+        model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir)
     heldout = Path(ctx.inputs["data"]) / "heldout.parquet" if "data" in ctx.inputs else None
 
     out = evaluate_model(
         model, tokenizer, list(ev["tasks"]), limit=ev.get("limit"), num_fewshot=ev.get("num_fewshot") or {},
         data_dir=ev.get("data_dir"), heldout_path=heldout, batch_size=ev.get("batch_size", 8), device=device,
         max_gen_toks=ev.get("max_gen_toks"), log_samples=True,
+        backend=backend, vllm_args={**(ev.get("vllm") or {}), "dtype": spec.dtype}
+        if backend == "vllm" else None,
     )
     primary = out["_primary"]
     tasks = {task: out[task] for task in ev["tasks"]}
