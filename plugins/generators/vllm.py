@@ -70,7 +70,7 @@ def launch_shape(env: dict[str, str] | None = None) -> tuple[int, int, int]:
 
 def ranks_fit(devices: list[str], tensor_parallel_size: int, local_world: int) -> bool:
     """Whether every process of a launch on this node gets a GPU group of its own."""
-    return local_world > 1 and local_world * tensor_parallel_size <= len(devices)
+    return local_world * tensor_parallel_size <= len(devices)
 
 
 def engine_groups(devices: list[str], tensor_parallel_size: int, engines: int | None = None, *,
@@ -261,8 +261,8 @@ class VLLMGenerator(Generator):
     def data_parallel(self) -> bool:  # type: ignore[override]
         """Under a launch, each rank drives its own engines when every rank on the node gets a GPU
         group of its own; otherwise rank 0 spreads its engines over every GPU and the others wait."""
-        _, _, local_world = launch_shape()
-        return ranks_fit(visible_devices(), self.params.tensor_parallel_size, local_world)
+        world, _, local_world = launch_shape()
+        return world > 1 and ranks_fit(visible_devices(), self.params.tensor_parallel_size, local_world)
 
     def groups(self) -> list[list[str]]:
         """The GPU groups of this process's engines."""
