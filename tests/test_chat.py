@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import string
 
 import numpy as np
 import pytest
@@ -196,3 +197,124 @@ def test_prompt_ids_are_the_prompt_of_the_conversation(arch, template):
     assert ids[0] == t.bos_token_id  # written by the template or added by the tokenizer, either way first
     if arch == "gemma":  # (llama's BOS is <|im_start|>: once per turn)
         assert ids.count(t.bos_token_id) == 1
+
+
+# --- the paper's models: pinned chat formats, tested with tokenizers built to match -------------
+
+def _sentencepiece_llama():
+    """Like vicuna-7b-v1.5 / Llama-2-7b-chat: <unk>=0, <s>=1, </s>=2, ``▁`` metaspace with a
+    prefix space on the first word, BOS added by the tokenizer, EOS not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from profuser.testing import CORPUS
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = sorted(set("".join(CORPUS) + string.ascii_letters + string.digits + "<>[]/_:'") - {" "}) + ["▁"]
+    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                             initial_alphabet=alphabet, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _gpt_neox_chatml():
+    """Like mpt-7b-8k-chat (GPT-NeoX BPE): <|endoftext|> is BOS, EOS and UNK (id 0); <|im_start|>
+    and <|im_end|> are added tokens; no BOS is added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from profuser.testing import CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    return fast
+
+
+PAPER_Q, PAPER_A, PAPER_SYS = "What is the capital of France?", "The capital of France is Paris.", "Answer briefly."
+
+
+@pytest.mark.parametrize("system", ["", PAPER_SYS])
+def test_vicuna_v11_format(system):
+    from profuser.chat import CHAT_FORMATS, VICUNA_SYSTEM
+
+    t = _sentencepiece_llama()
+    shown = system or VICUNA_SYSTEM  # FastChat's default system prompt when the row has none
+    assert format_prompt(t, system, PAPER_Q, chat_template="vicuna_v1.1") == f"{shown} USER: {PAPER_Q} ASSISTANT:"
+    enc = encode_chat(t, system, PAPER_Q, PAPER_A, max_length=512, chat_template="vicuna_v1.1")
+    check_invariants(t, enc, PAPER_A)
+    assert enc.input_ids.count(t.bos_token_id) == 1 and enc.input_ids[0] == t.bos_token_id
+    assert enc.input_ids[-1] == t.eos_token_id  # the answer ends with </s>, which is learned
+    assert t.decode(enc.input_ids, skip_special_tokens=False) == f"<s> {shown} USER: {PAPER_Q} ASSISTANT: {PAPER_A}</s>"
+    assert t.decode(enc.input_ids[enc.response_start:]).strip() == PAPER_A + "</s>"
+    assert CHAT_FORMATS["vicuna_v1.1"].stop == ("</s>",)
+
+
+@pytest.mark.parametrize("system", ["", PAPER_SYS])
+def test_llama2_chat_format(system):
+    t = _sentencepiece_llama()
+    sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+    assert format_prompt(t, system, PAPER_Q, chat_template="llama2_chat") == f"<s>[INST] {sys_block}{PAPER_Q} [/INST]"
+    enc = encode_chat(t, system, PAPER_Q, PAPER_A, max_length=512, chat_template="llama2_chat")
+    check_invariants(t, enc, PAPER_A)
+    assert enc.input_ids.count(t.bos_token_id) == 1 and enc.input_ids[0] == t.bos_token_id  # the template's <s>, not doubled
+    assert enc.input_ids[-1] == t.eos_token_id
+    assert prompt_ids(t, system, PAPER_Q, chat_template="llama2_chat").count(t.bos_token_id) == 1
+    sys_text = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+    assert t.decode(enc.input_ids[1:]).lstrip() == f"[INST] {sys_text}{PAPER_Q} [/INST] {PAPER_A} </s>"
+    assert t.decode(enc.input_ids[enc.response_start:], skip_special_tokens=True).strip() == PAPER_A
+
+
+@pytest.mark.parametrize("system", ["", PAPER_SYS])
+def test_mpt_chatml_format(system):
+    from profuser.chat import CHAT_FORMATS, MPT_SYSTEM
+
+    t = _gpt_neox_chatml()
+    shown = system or MPT_SYSTEM
+    prompt = format_prompt(t, system, PAPER_Q, chat_template="mpt_chatml")
+    assert prompt == f"<|im_start|>system\n{shown}\n<|im_start|>user\n{PAPER_Q}<|im_end|>\n<|im_start|>assistant\n"
+    enc = encode_chat(t, system, PAPER_Q, PAPER_A, max_length=512, chat_template="mpt_chatml")
+    check_invariants(t, enc, PAPER_A)
+    im_end = t.convert_tokens_to_ids("<|im_end|>")
+    # <|im_end|> ends the turn and is learned; <|endoftext|> (the EOS) is not written after it
+    assert enc.input_ids[-1] == im_end and t.eos_token_id not in enc.input_ids
+    assert enc.input_ids[: enc.response_start] == prompt_ids(t, system, PAPER_Q, chat_template="mpt_chatml")
+    assert t.decode(enc.input_ids[enc.response_start:]) == PAPER_A + "<|im_end|>"
+    assert CHAT_FORMATS["mpt_chatml"].stop[0] == "<|im_end|>"
+
+
+def test_named_formats_resolve_and_unknown_names_fail(tmp_path):
+    from profuser.chat import CHAT_FORMATS, resolve_chat_template
+    from profuser.models.loading import _read_chat_template
+
+    for name, fmt in CHAT_FORMATS.items():
+        assert resolve_chat_template(name) == fmt.template == _read_chat_template(name, "ref")
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(CHATML_TEMPLATE)
+    assert resolve_chat_template(str(jinja)) == CHATML_TEMPLATE  # a file, as the model spec allows
+    with pytest.raises(ModelError, match="named format"):
+        resolve_chat_template("vicuna_v1.0")
+
+
+def test_eurus_scoring_template_renders_the_card_input():
+    from profuser_plugins.reward_models._common import fill_template, text_ids
+
+    from profuser.chat import SCORING_TEMPLATES
+    from profuser.components import Judged
+
+    t = _sentencepiece_llama()
+    item = Judged(system="", instruction=PAPER_Q, response=PAPER_A)
+    text = fill_template(SCORING_TEMPLATES["eurus_rm"], item)
+    assert text == f"[INST] {PAPER_Q} [/INST] {PAPER_A}"
+    ids, _ = text_ids(t, text, 2048)
+    assert ids[0] == t.bos_token_id and ids.count(t.bos_token_id) == 1  # the card tokenises with BOS
