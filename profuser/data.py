@@ -438,12 +438,13 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
     # JSONL at all, and one line saying what it is beats a bad row per line.
     pending: list[tuple[str, BadRow]] = []
     seen_good = False
+    check = _UNDECODED.search(text) is not None  # one scan of the file spares one per line
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         item: tuple[str, Any]
-        problem = _undecoded(line)
+        problem = _undecoded(line) if check else None
         if problem:
             item, good = (where, BadRow(where, problem)), False
         else:
@@ -580,7 +581,8 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
             raise fail(_skip_ws(text, pos), "extra data after the end")
     except json.JSONDecodeError as exc:
         raise fail(exc.pos, exc.msg) from None
-    undecoded = [_undecoded(text, pos, end) for pos, end, _ in items]
+    check = _UNDECODED.search(text) is not None
+    undecoded = [_undecoded(text, pos, end) if check else None for pos, end, _ in items]
     if items and all(undecoded):
         first = f"{path}:{lines.at(items[0][0])}"
         raise DataError(f"{undecoded[0]}, and so is every other row: the file is in another encoding "
