@@ -8,6 +8,7 @@ model before anything heavy happens.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,7 +154,6 @@ class TrainSpec(StrictModel):
     seed: int = 42
 
 
-class EvaluateSpec(StrictModel):
 class VLLMEvaluateSpec(StrictModel):
     """lm-eval's vLLM backend (``evaluate.backend: vllm``); the model's dtype comes from its spec."""
 
@@ -163,16 +163,16 @@ class VLLMEvaluateSpec(StrictModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
 
 
-    tasks: list[str] = Field(default_factory=list, description="lm-eval task names")
+class EvaluateSpec(StrictModel):
     backend: Literal["hf", "vllm"] = Field(default="hf", description="lm-eval model: hf (transformers) or vllm")
     vllm: VLLMEvaluateSpec = VLLMEvaluateSpec()
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names")
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: dict[str, int] = Field(default_factory=dict)
     data_dir: str | None = None
     baselines: bool = True
     batch_size: int = Field(default=8, gt=0)
     max_gen_toks: int | None = Field(default=None, gt=0, description="cap on generated tokens (lm-eval default 256)")
-
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
@@ -181,6 +181,7 @@ class VLLMEvaluateSpec(StrictModel):
             data.pop("backend", None)
             data.pop("vllm", None)
         return data
+
 
 class RuntimeSpec(StrictModel):
     """How the run executes, never what it computes: part of no cache key."""
@@ -203,6 +204,8 @@ class EstimateSpec(StrictModel):
     throughput: dict[Literal["generate_vllm", "generate_hf", "forward", "train"], float] = Field(
         default_factory=dict, description="tokens/s per GPU replacing the stated defaults (your own measurements)")
 
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 COMPONENT_PATHS = [  # where a recipe names components, and their kind
     ("data.source", "datasets"),
@@ -240,6 +243,15 @@ class Recipe(StrictModel):
     @classmethod
     def _distinct_sources(cls, value: list[ModelSpec]):
         return _distinct_labels(value, "source models")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str):
+        # the name becomes a directory under the runs dir: nothing that climbs out of it or nests
+        if not NAME_RE.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a plain name: use letters, digits and -_. only (no path separators, "
+                             "not . or ..)")
+        return value
 
     def component_refs(self) -> list[tuple[str, str, ComponentRef]]:
         """(recipe path, kind, ref) of every component the recipe names."""
@@ -298,13 +310,25 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     parents = data.pop("extends", None)
     if parents is None:
         return data
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list):
+        message = f"must be a recipe file or a list of them (paths relative to this file), not {_shown(parents)}"
+        raise RecipeError([("extends", message)], file=str(path))
+    bad = [(f"extends.{i}", f"must be a recipe file path, not {_shown(p)}") for i, p in enumerate(parents)
+           if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise RecipeError(bad, file=str(path))
     merged: dict = {}
-    for parent in [parents] if isinstance(parents, str) else parents:
+    for parent in parents:
         parent_path = (path.parent / parent).resolve()
         if not parent_path.is_file():
             raise RecipeError([("extends", f"file not found: {parent}")], file=str(path))
         merged = deep_merge(merged, load_raw(parent_path, (*_seen, path)))
     return deep_merge(merged, data)
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})" if not isinstance(value, str) else repr(value)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -395,6 +419,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     problems = validate_components(recipe.component_refs(), registry) + _unused_loss_beta(recipe, registry)
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base)
+    problems += _missing_models(recipe)
     _absolutise_paths(recipe, base)
     if problems:
         raise RecipeError(problems, file=file)
@@ -430,6 +455,19 @@ def _missing_files(recipe: Recipe, base: Path) -> list[tuple[str, str]]:
     for field_path, value in _path_fields(recipe):
         if value and not _looks_remote(value) and not (base / value).exists() and not Path(value).exists():
             problems.append((field_path, f"file not found: {value}"))
+    return problems
+
+
+def _missing_models(recipe: Recipe) -> list[tuple[str, str]]:
+    """Local model refs must exist and hold a config, weights and a tokenizer (nothing is loaded)."""
+    from .models.loading import local_model_problem
+
+    specs = [("target", recipe.target)] + [(f"sources.{i}", s) for i, s in enumerate(recipe.sources)]
+    problems = []
+    for field_path, spec in specs:
+        problem = local_model_problem(spec)
+        if problem:
+            problems.append((f"{field_path}.ref", problem))
     return problems
 
 

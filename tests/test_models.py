@@ -74,8 +74,8 @@ def test_chat_template_override_text_and_file(tiny_gemma_dir, tmp_path):
 
 
 @pytest.mark.parametrize("ref, message", [
-    ("/nonexistent/model", "file not found"),
-    ("./relative/model", "file not found"),
+    ("/nonexistent/model", "model directory not found"),
+    ("./relative/model", "model directory not found"),
     ("/nonexistent/model.gguf", "GGUF file not found"),
     ("builtin:smollm3", "unknown models component 'smollm3'; did you mean"),
 ])
@@ -88,8 +88,27 @@ def test_bad_refs_are_model_errors_naming_the_ref(ref, message):
 
 def test_directory_without_config_is_a_model_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
-    with pytest.raises(ModelError, match="not a model directory"):
+    with pytest.raises(ModelError, match="not a complete model directory: no config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_a_model_directory_without_a_tokenizer_is_refused_naming_it(tiny_llama_dir, tmp_path):
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ModelError) as err:
+        load_model(str(bare))  # transformers would otherwise make up a tokenizer
+    assert err.value.lines() == [f"{bare}: {bare} is not a complete model directory: no tokenizer "
+                                 "(tokenizer.json, or tokenizer.model / vocab.json)"]
+
+
+def test_a_model_ref_that_is_a_file_says_so(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ModelError, match="is a file, not a model directory"):
+        resolve_model(str(weights))
 
 
 def test_broken_weights_are_a_model_error(tiny_llama_dir, tmp_path):

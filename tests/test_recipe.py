@@ -134,3 +134,50 @@ def test_override_of_a_default_component_tunes_it(tmp_path, base):
     recipe = load_recipe(base, ["loss.params.temperature=1.5", "curriculum.params.first_epochs=2"])
     assert recipe.loss.name == "fuse_kl" and recipe.loss.params == {"temperature": 1.5}
     assert recipe.curriculum.name == "progressive" and recipe.curriculum.params == {"first_epochs": 2}
+
+
+# --- issue 14: extends, names and model refs are checked before any stage runs -----------------------
+
+
+@pytest.mark.parametrize("extends, problem", [
+    ("3", ("extends", "must be a recipe file or a list of them (paths relative to this file), not 3 (int)")),
+    ("[base.yaml, 3]", ("extends.1", "must be a recipe file path, not 3 (int)")),
+    ("{a: 1}", ("extends", "must be a recipe file or a list of them (paths relative to this file), not {'a': 1} (dict)")),
+])
+def test_extends_that_is_not_file_paths_is_one_clear_line(tmp_path, base, extends, problem):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path / "bad.yaml", f"extends: {extends}\n"))
+    assert err.value.problems == [problem]
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".", "a b", ""])
+def test_a_recipe_name_must_be_a_plain_file_name(tmp_path, base, name):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path / "bad.yaml", f"extends: base.yaml\nname: {name!r}\n"))
+    assert [path for path, _ in err.value.problems] == ["name"]
+    assert load_recipe(write(tmp_path / "ok.yaml", "extends: base.yaml\nname: v1.2_run-3\n")).name == "v1.2_run-3"
+
+
+def test_local_model_refs_must_exist_and_be_complete(tmp_path, base, tiny_llama_dir):
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "config.json").write_text("{}")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    bad = write(tmp_path / "models.yaml", f"""
+        extends: base.yaml
+        target: {{ref: {tiny_llama_dir}}}
+        sources: [{{ref: {tiny_llama_dir}}}, {{ref: {tmp_path}/missing}}, {{ref: {incomplete}}}, {{ref: {tmp_path}/weights.bin}}]
+    """)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad)
+    problems = dict(err.value.problems)
+    assert sorted(problems) == ["sources.1.ref", "sources.2.ref", "sources.3.ref"]  # the tiny model is complete
+    assert problems["sources.1.ref"] == f"model directory not found: {tmp_path}/missing"
+    assert problems["sources.2.ref"].endswith("no safetensors weights (model.safetensors), no tokenizer "
+                                              "(tokenizer.json, or tokenizer.model / vocab.json)")
+    assert "is a file, not a model directory" in problems["sources.3.ref"]
+    # the same lines from `--dry-run`, before any stage
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "run", str(bad), "--dry-run", "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("error ") == 3
+    assert not (tmp_path / "runs").exists()

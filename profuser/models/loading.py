@@ -58,13 +58,46 @@ def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None) -> Path:
         return gguf_dir(_hub_file(ref, spec.gguf_file, spec.revision), cache_dir, ref=ref)
     if ref.endswith(".gguf"):
         return gguf_dir(path, cache_dir, ref=ref)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a model directory (no config.json)", where=ref)
+    if path.is_dir() or path.is_file() or _looks_local(ref):
+        problem = local_model_problem(spec)
+        if problem:
+            raise ModelError(problem, where=ref)
         return path
-    if _looks_local(ref):
-        raise ModelError(f"file not found: {path}", where=ref)
     return _hub_snapshot(spec)
+
+
+# what a save_pretrained directory must hold; weights as safetensors only (pickles are never loaded)
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer.tiktoken")
+
+
+def local_model_problem(spec: SpecLike) -> str | None:
+    """What is wrong with a local model ref (None: fine, or not a local ref), without loading
+    anything: the path exists, and a directory holds a config, safetensors weights and a tokenizer."""
+    spec = as_spec(spec)
+    ref = spec.ref
+    if ref.startswith("builtin:") or not _looks_local(ref):
+        return None  # hub ids and plugin models are checked when fetched or built
+    path = Path(ref).expanduser()
+    if spec.gguf_file:
+        if not path.is_dir():
+            return f"directory not found: {path}"
+        return None if (path / spec.gguf_file).is_file() else f"gguf_file not found: {path / spec.gguf_file}"
+    if ref.endswith(".gguf"):
+        return None if path.is_file() else f"file not found: {path}"
+    if path.is_file():
+        return (f"{path} is a file, not a model directory (a local model is a save_pretrained directory or a "
+                ".gguf file)")
+    if not path.is_dir():
+        return f"model directory not found: {path}"
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in _WEIGHTS) and not any(path.glob("*.safetensors")):
+        missing.append("safetensors weights (model.safetensors)")
+    if not any((path / name).is_file() for name in _TOKENIZER):
+        missing.append("tokenizer (tokenizer.json, or tokenizer.model / vocab.json)")
+    return f"{path} is not a complete model directory: no {', no '.join(missing)}" if missing else None
 
 
 def _resolve_builtin(ref: str, cache_dir: Path | None) -> Path:
