@@ -1,4 +1,5 @@
-"""Tiny random heterogeneous models for tests: two architectures, two tokenizer families.
+"""Tiny random heterogeneous models for tests: two architectures, two tokenizer families, and
+``tiny_recipe``, a whole recipe on them that a plugin's end-to-end test runs in seconds.
 
 ``tiny_model_dir("llama", root)`` mimics SmolLM2 (Llama, byte-level BPE, ChatML template, no BOS
 added); ``tiny_model_dir("gemma", root)`` mimics Gemma-3 base (Gemma3 text model, SentencePiece-
@@ -9,11 +10,12 @@ seeded, so two calls write identical directories.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["CHATML_TEMPLATE", "CORPUS", "tiny_gguf_file", "tiny_model_dir", "tiny_tokenizer"]
+__all__ = ["CHATML_TEMPLATE", "CORPUS", "TINY_RECIPE", "tiny_gguf_file", "tiny_model_dir", "tiny_recipe", "tiny_tokenizer"]
 
 # SmolLM2-Instruct's template, minus its default system prompt (tests want to see exactly what
 # they pass in): a system turn only when one is given.
@@ -229,3 +231,93 @@ def tiny_gguf_file(root: Path, *, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+# --- a whole recipe on the tiny models ------------------------------------------------------------
+
+# {llama} and {gemma} become the tiny models' directories. Every component is a mapping, so any
+# dotted override (``curriculum.name``, ``loss.params.beta``) has somewhere to go. Sized for
+# seconds: 12 built-in tasks (8 to train, 4 held out), 8 new tokens per answer, one reward
+# model, 4 examples per step (the default curriculum makes 10 steps), the held-out evaluation
+# of the fused model only, 8 tokens per answer.
+TINY_RECIPE: dict[str, Any] = {
+    "name": "tiny",
+    "target": {"ref": "{llama}", "label": "llama"},
+    "sources": [{"ref": "{llama}", "label": "llama"}, {"ref": "{gemma}", "label": "gemma"}],
+    "data": {"source": {"name": "builtin_tasks", "params": {"n": 12, "seed": 0}}, "heldout": 4},
+    "distill": {"top_k": 4, "batch_size": 4, "max_length": 256},
+    "inference_mode": {
+        "generator": {"name": "hf", "params": {"max_new_tokens": 8, "batch_size": 4}},
+        "reward_models": [{"name": "judge", "label": "judge", "params": {"model": "{llama}"}}],
+        "evaluator": {"name": "rm_vote", "params": {}},
+    },
+    "training_mode": {"evaluator": {"name": "min_ce", "params": {}}},
+    "aligner": {"name": "offsets", "params": {}},
+    "loss": {"name": "fuse_kl", "params": {}},
+    "curriculum": {"name": "progressive", "params": {}},
+    "train": {"lr": 1.0e-3, "batch_size": 4, "micro_batch_size": 4, "max_length": 256, "checkpoint_every": 100},
+    "evaluate": {"tasks": ["profuser_heldout"], "batch_size": 4, "max_gen_toks": 8, "baselines": False},
+}
+
+
+def tiny_recipe(tmp_path: Path, overrides: dict[str, Any] | None = None, /, **more: Any) -> Path:
+    """Write ``tmp_path/tiny.yaml``, the whole method on two tiny heterogeneous sources (the
+    models are written under ``tmp_path/models`` unless already there), and return its path:
+    ``profuser run`` on it takes seconds, offline, on a CPU.
+
+    ``overrides`` (a dict) and keyword arguments are dotted like ``-o``:
+    ``tiny_recipe(tmp_path, {"curriculum.name": "mine", "curriculum.params.warmup_epochs": 1})``
+    or ``tiny_recipe(tmp_path, **{"loss.name": "soft_ce"})``. Naming another component
+    (``<path>.name``) drops the default component's params, as ``extends:`` does.
+    """
+    root = Path(tmp_path)
+    models = root / "models"
+    dirs = {arch: models / f"tiny-{arch}" for arch in ("llama", "gemma")}
+    for arch, path in dirs.items():
+        if not (path / "config.json").exists():
+            tiny_model_dir(arch, models)
+    recipe = _fill(copy.deepcopy(TINY_RECIPE), {arch: str(path) for arch, path in dirs.items()})
+    items = {**(overrides or {}), **more}
+    # name changes first, so "x.name" with "x.params.p" keeps p whatever the order given
+    for path, value in sorted(items.items(), key=lambda kv: not kv[0].endswith(".name")):
+        _set(recipe, path, value)
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / "tiny.yaml"
+    out.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return out
+
+
+def _fill(node: Any, dirs: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _fill(v, dirs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, dirs) for v in node]
+    return node.format(**dirs) if isinstance(node, str) and node.startswith("{") else node
+
+
+def _set(recipe: dict, path: str, value: Any) -> None:
+    """``a.b.0.c = value``, creating mappings on the way; ``x.name`` replaces component ``x``."""
+    from .errors import RecipeError
+
+    parts = path.split(".")
+    node: Any = recipe
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise RecipeError([(path, f"{part!r} is not an index of a list of {len(node)}")], file="tiny_recipe")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise RecipeError([(path, "cannot override inside a non-mapping value")], file="tiny_recipe")
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        if last == "name" and node.get("name") not in (None, value):
+            node["params"] = {}  # another component: the default's params mean nothing to it
+        node[last] = value
+    else:
+        raise RecipeError([(path, "cannot override inside a non-mapping value")], file="tiny_recipe")

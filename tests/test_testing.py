@@ -1,0 +1,78 @@
+"""profuser.testing.tiny_recipe: a valid recipe on the tiny models, overridable like ``-o``, that
+a plugin's end-to-end test runs (the example package's own tests do, installed as a user would)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from profuser.errors import RecipeError
+from profuser.plugins import Engine
+from profuser.recipe import load_recipe
+from profuser.testing import tiny_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "docs" / "examples" / "profuser-warmup-curriculum"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, tiny_llama_dir, tiny_gemma_dir):
+    """A folder whose models/ already holds the session's tiny models (tiny_recipe reuses them)."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "models").mkdir()
+    for path in (tiny_llama_dir, tiny_gemma_dir):
+        (root / "models" / path.name).symlink_to(path)
+    return root
+
+
+def test_tiny_recipe_is_valid_and_small(root):
+    recipe = load_recipe(tiny_recipe(root), registry=Engine(entrypoints=False).registry)
+    assert [s.key for s in recipe.sources] == ["llama", "gemma"]
+    assert recipe.target.ref == str(root / "models" / "tiny-llama")
+    assert recipe.data.source.params["n"] <= 16 and recipe.evaluate.tasks == ["profuser_heldout"]
+    assert recipe.evaluate.baselines is False
+
+
+def test_overrides_are_dotted_like_dash_o(root):
+    path = tiny_recipe(root, {"loss.params.temperature": 1.5, "train.lr": 0.01}, **{"sources.1.label": "gem", "seed": 3})
+    raw = yaml.safe_load(path.read_text())
+    assert raw["loss"] == {"name": "fuse_kl", "params": {"temperature": 1.5}}
+    assert raw["train"]["lr"] == 0.01 and raw["sources"][1]["label"] == "gem" and raw["seed"] == 3
+    recipe = load_recipe(path, registry=Engine(entrypoints=False).registry)
+    assert recipe.loss.params == {"temperature": 1.5} and [s.key for s in recipe.sources] == ["llama", "gem"]
+
+
+def test_naming_another_component_drops_the_defaults_params(root):
+    raw = yaml.safe_load(tiny_recipe(root, **{"inference_mode.evaluator.name": "reference",
+                                              "curriculum.params.w1": 0.3, "curriculum.name": "simultaneous"}).read_text())
+    assert raw["inference_mode"]["evaluator"] == {"name": "reference", "params": {}}
+    # the name is applied first whatever the order given, so the new component keeps its params
+    assert raw["curriculum"] == {"name": "simultaneous", "params": {"w1": 0.3}}
+    assert raw["inference_mode"]["reward_models"][0]["label"] == "judge"
+
+
+@pytest.mark.parametrize("path", ["sources.5.label", "train.lr.x"])
+def test_a_bad_override_is_one_line(root, path):
+    with pytest.raises(RecipeError) as err:
+        tiny_recipe(root, **{path: 1})
+    [line] = err.value.lines()
+    assert line.startswith(f"tiny_recipe: {path}: ")
+
+
+def test_the_example_package_runs_its_own_end_to_end_test(tmp_path):
+    """docs/examples/profuser-warmup-curriculum, installed, passes its tests: its curriculum
+    trains a tiny_recipe through every phase, discovered through its entry point."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(EXAMPLE)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "PROFUSER_DISABLE_ENTRYPOINTS": ""}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                           "--basetemp", str(tmp_path / "pytest"), str(EXAMPLE / "tests")],
+                          check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "2 passed" in done.stdout
