@@ -1,0 +1,104 @@
+"""docs/plugins.md's reference tables agree with the code: every dataclass of profuser.components
+field by field (name, type, default, in order), every valid ``needs``, and the loss batch the
+trainer really passes. Adding a field without documenting it fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from profuser import components
+from profuser.components import NEEDS
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+
+
+def _tables() -> dict[str, list[list[str]]]:
+    """Heading (``### `X` `` → ``X``, else the heading text) → the rows of the first table under it."""
+    tables: dict[str, list[list[str]]] = {}
+    heading = None
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("### "):
+            title = line[4:].strip()
+            match = re.fullmatch(r"`(\w+)`.*", title)
+            heading = match.group(1) if match else title
+        elif heading and line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if set("".join(cells)) <= set("- "):
+                continue  # the header's rule
+            rows = tables.setdefault(heading, [])
+            rows.append(cells)
+        elif heading and heading in tables and not line.startswith("|"):
+            heading = None if line.strip() else heading
+    return {k: rows[1:] for k, rows in tables.items()}  # without the header row
+
+
+def _unquote(cell: str) -> str:
+    return cell[1:-1] if cell.startswith("`") and cell.endswith("`") else cell
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return "`" + ('""' if f.default == "" else repr(f.default)) + "`"
+    if f.default_factory is not dataclasses.MISSING:
+        return "`" + repr(f.default_factory()) + "`"
+    return "–"
+
+
+DATACLASSES = [obj for obj in vars(components).values()
+               if dataclasses.is_dataclass(obj) and obj.__module__ == components.__name__]
+
+
+def test_every_plugin_facing_dataclass_is_found():
+    names = {cls.__name__ for cls in DATACLASSES}
+    assert {"Candidates", "Choice", "SourceNLL", "CurriculumInput", "Phase", "PhasePart"} <= names
+
+
+@pytest.mark.parametrize("cls", DATACLASSES, ids=lambda c: c.__name__)
+def test_dataclass_fields_match_the_reference(cls):
+    tables = _tables()
+    assert cls.__name__ in tables, f"docs/plugins.md has no '### `{cls.__name__}`' section with a field table"
+    documented = [(_unquote(r[0]), _unquote(r[1]), r[2]) for r in tables[cls.__name__]]
+    actual = [(f.name, str(f.type), _default(f)) for f in dataclasses.fields(cls)]
+    expected = "\n".join(f"| `{n}` | `{t.replace('|', chr(92) + '|')}` | {d} | ... |" for n, t, d in actual)
+    assert documented == actual, f"docs/plugins.md, `{cls.__name__}`: the rows should start:\n{expected}"
+    assert all(r[3] for r in tables[cls.__name__]), "every field needs its meaning"
+
+
+def test_needs_match_what_the_stages_provide():
+    rows = _tables()["needs"]
+    assert [(_unquote(r[0]), _unquote(r[1])) for r in rows] == [(mode, need) for mode in NEEDS for need in NEEDS[mode]]
+
+
+def test_loss_batch_matches_what_the_trainer_passes():
+    """The documented keys, shapes and dtypes are those of ExampleSet.collate's tensors."""
+    import torch
+
+    from profuser.training.data import SCHEMA, ExampleSet
+
+    k = 3
+    table = pa.table({
+        "id": ["a", "b"],
+        "input_ids": [[5, 6, 7, 8], [5, 6]],
+        "labels": [[-100, -100, 7, 8], [-100, 6]],
+        "teacher_ids": [[[1, 2, 3]] * 4, [[1, 2, 3]] * 2],
+        "teacher_logits": [[[0.5, 0.1, float("-inf")]] * 4, [[0.5, 0.1, 0.0]] * 2],
+        "teacher_mask": [[False, False, True, True], [False, True]],
+        "gt_length": [2, 1],
+    }).cast(SCHEMA)
+    batch = ExampleSet({"training": table}, max_length=16).collate(np.array([0, 1]), np.array([1.0, 0.5]), pad_id=0)
+    tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
+    b, t = 2, 4
+    dims = {"B": b, "T": t, "k": k}
+    rows = _tables()["The loss batch"]
+    assert [_unquote(r[0]) for r in rows] == list(tensors), "docs/plugins.md, the loss batch: keys differ from collate's"
+    for key, shape, dtype, meaning in rows:
+        tensor = tensors[_unquote(key)]
+        assert list(tensor.shape) == [dims[d.strip()] for d in shape.strip("[]").split(",")], key
+        assert str(tensor.dtype) == f"torch.{dtype}", key
+        assert meaning
