@@ -50,7 +50,8 @@ def profuser_register_reward_models(register):
 
 @hookspec
 def profuser_register_evaluators(register):
-    """Register advantage evaluators (``components.AdvantageEvaluator``): pick the advantaged source."""
+    """Register advantage evaluators (``components.AdvantageEvaluator``): pick the advantaged source.
+    Its ``needs`` must be among ``components.NEEDS[mode]``, else registration fails naming the plugin."""
 
 
 @hookspec
@@ -60,7 +61,8 @@ def profuser_register_aligners(register):
 
 @hookspec
 def profuser_register_losses(register):
-    """Register fusion losses (``components.Loss``), computed on sparse teacher distributions."""
+    """Register fusion losses (``components.Loss``), computed on sparse teacher distributions
+    (``profuser.losses``: the kernel and base class the built-ins use)."""
 
 
 @hookspec
