@@ -128,6 +128,7 @@ class Judged:
     system: str
     instruction: str
     response: str
+    id: str = ""  # the example id, for error messages
 
 
 class RewardModel(Component):

@@ -100,8 +100,8 @@ def test_a_model_directory_without_a_tokenizer_is_refused_naming_it(tiny_llama_d
             (bare / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ModelError) as err:
         load_model(str(bare))  # transformers would otherwise make up a tokenizer
-    assert err.value.lines() == [f"{bare}: {bare} is not a complete model directory: no tokenizer "
-                                 "(tokenizer.json, or tokenizer.model / vocab.json)"]
+    expected = f"{bare}: {bare} is not a complete model directory: no tokenizer (tokenizer.json, or tokenizer.model / vocab.json)"
+    assert err.value.lines() == [expected]
 
 
 def test_a_model_ref_that_is_a_file_says_so(tmp_path):

@@ -187,3 +187,48 @@ def test_deepspeed_checkpoint_files_are_verified_against_a_key_outside_the_runs_
     (ckpt / "deepspeed" / "extra.pt").write_bytes(b"planted")
     assert verify_files(ckpt, 0, 2, key) == "unsigned file deepspeed/extra.pt"
     json.loads((ckpt / "signatures-rank0.json").read_text())  # the signatures are plain JSON
+
+
+# --- 7. NaN logits while sampling --------------------------------------------------------------------
+
+
+def test_nan_logits_while_sampling_name_the_model_and_examples(tmp_path, tiny_llama_dir):
+    from profuser_plugins.generators.hf import HFGenerator
+    from transformers import AutoModelForCausalLM
+
+    from profuser.components import Prompt
+    from profuser.errors import ModelError
+    from profuser.pipeline import Runtime
+
+    broken = tmp_path / "nan-llama"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    for f in tiny_llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (broken / f.name).write_bytes(f.read_bytes())
+    gen = HFGenerator({"do_sample": True, "max_new_tokens": 4, "batch_size": 2})
+    gen.runtime = Runtime(device="cpu", progress=False)
+    with pytest.raises(ModelError) as err:
+        gen.generate(str(broken), [Prompt("q1", "", "Hi"), Prompt("q2", "", "Hello there")], seed=0)
+    line = err.value.lines()[0]
+    assert line.startswith(f"{broken}") or "nan-llama" in line
+    assert "not finite (NaN/inf) while sampling for example(s) q2, q1" in line and "\n" not in line
+
+
+# --- 10. a reward model's error on a long row names the row ----------------------------------------
+
+
+def test_a_reward_models_error_on_a_long_row_names_its_id(tiny_llama_dir):
+    from profuser_plugins.reward_models.judge import JudgeRM
+
+    from profuser.components import Judged
+    from profuser.pipeline import Runtime
+
+    rm = JudgeRM({"model": str(tiny_llama_dir), "max_length": 400})
+    rm.runtime = Runtime(device="cpu", progress=False)
+    items = [Judged("", "Say something.", "ok", "fine-row"), Judged("", "word " * 5000, "ok", "huge-row")]
+    with pytest.raises(ProfuserError) as err:
+        rm.score(items)
+    assert "row 'huge-row' (25002 characters): the rubric and instruction alone exceed max_length 400" in err.value.lines()[0]

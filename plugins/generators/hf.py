@@ -119,8 +119,13 @@ class HFGenerator(Generator):
                 for row, i in enumerate(batch):  # left padding
                     input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
                     mask[row, width - len(encoded[i]):] = 1
-                out = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                  generation_config=config, tokenizer=tokenizer if p.stop else None)
+                try:
+                    out = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=config, tokenizer=tokenizer if p.stop else None)
+                except RuntimeError as exc:
+                    if "probability tensor contains" not in str(exc):
+                        raise
+                    raise _non_finite(spec, [prompts[i].id for i in batch], spec.dtype) from None
                 for row, i in enumerate(batch):
                     ids = out[row, width:].tolist()
                     end = next((k for k, t in enumerate(ids) if t in eos_ids), len(ids))
@@ -132,6 +137,15 @@ class HFGenerator(Generator):
         self.last_stats = {"prompts": len(prompts), "new_tokens": new_tokens, "seconds": time.perf_counter() - started,
                            "truncated_prompts": truncated}
         return results  # type: ignore[return-value]
+
+
+def _non_finite(spec, ids: list[str], dtype: str) -> ModelError:
+    """torch.multinomial's "probability tensor contains either inf, nan or element < 0": the model
+    produced NaN/inf logits for one of these prompts."""
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return ModelError(f"the model's logits are not finite (NaN/inf) while sampling for example(s) {shown}; its "
+                      f"weights are broken or overflow in {dtype} (try dtype: float32, or do_sample: false)",
+                      where=model_label(spec))
 
 
 def _as_list(value) -> list[int]:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from profuser.components import Judged, StrictModel
-from profuser.errors import DataError, ModelError
-from profuser.pipeline import runtime_of  # noqa: F401  (re-exported for the plugins)
+from profuser.errors import DataError, ModelError, ProfuserError
+from profuser.pipeline import runtime_of  # (also re-exported for the plugins)
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +59,24 @@ def fill_template(template: str, item: Judged) -> str:
     if item.system and "{system}" not in template:
         instruction = f"{item.system}\n\n{instruction}"
     return template.replace("{system}", item.system).replace("{instruction}", instruction).replace("{response}", item.response)
+
+
+def row_name(item: Judged, index: int) -> str:
+    """How errors name an item: its example id when the stage gave one, else its position."""
+    return f"row {item.id!r}" if item.id else f"item {index}"
+
+
+def encode_each(component, items: list[Judged], encode: Callable[[Judged], list[int]]) -> list[list[int]]:
+    """``encode(item)`` for every item; an error names the row it failed on (and its size), so a
+    2 MB instruction can be found in the data."""
+    encoded = []
+    for i, item in enumerate(items):
+        try:
+            encoded.append(encode(item))
+        except ProfuserError as exc:
+            size = len(item.system) + len(item.instruction) + len(item.response)
+            raise type(exc)(f"{row_name(item, i)} ({size} characters): {exc.message}", where=exc.where) from None
+    return encoded
 
 
 def chat_ids(tokenizer, item: Judged, max_length: int, chat_template: str | None = None) -> tuple[list[int], bool]:

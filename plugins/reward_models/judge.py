@@ -24,7 +24,7 @@ from profuser import hookimpl
 from profuser.components import Judged, RewardModel, StrictModel
 from profuser.errors import ModelError
 
-from ._common import fill_template, pad_batch, prompt_ids, runtime_of, score_batches
+from ._common import encode_each, fill_template, pad_batch, prompt_ids, runtime_of, score_batches
 
 DEFAULT_RUBRIC = (
     "Instruction: {instruction}\n"
@@ -122,7 +122,7 @@ class JudgeRM(RewardModel):
         if not items:
             return []
         model, tokenizer, yes, no = self._load()
-        encoded = [self.prompt_ids(tokenizer, item) for item in items]
+        encoded = encode_each(self, items, lambda item: self.prompt_ids(tokenizer, item))
         yes_ids, no_ids = torch.tensor(yes), torch.tensor(no)
 
         def forward(batch: list[list[int]]):

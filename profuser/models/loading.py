@@ -59,7 +59,7 @@ def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None) -> Path:
     if ref.endswith(".gguf"):
         return gguf_dir(path, cache_dir, ref=ref)
     if path.is_dir() or path.is_file() or _looks_local(ref):
-        problem = local_model_problem(spec)
+        problem = local_model_problem(spec, need=("config",))  # weights and tokenizer: checked by their loaders
         if problem:
             raise ModelError(problem, where=ref)
         return path
@@ -71,9 +71,10 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer.tiktoken")
 
 
-def local_model_problem(spec: SpecLike) -> str | None:
+def local_model_problem(spec: SpecLike, need: tuple[str, ...] = ("config", "weights", "tokenizer")) -> str | None:
     """What is wrong with a local model ref (None: fine, or not a local ref), without loading
-    anything: the path exists, and a directory holds a config, safetensors weights and a tokenizer."""
+    anything: the path exists, and a directory holds what ``need`` names of a config, safetensors
+    weights and a tokenizer."""
     spec = as_spec(spec)
     ref = spec.ref
     if ref.startswith("builtin:") or not _looks_local(ref):
@@ -90,12 +91,16 @@ def local_model_problem(spec: SpecLike) -> str | None:
                 ".gguf file)")
     if not path.is_dir():
         return f"model directory not found: {path}"
+    return _incomplete(path, need)
+
+
+def _incomplete(path: Path, need: tuple[str, ...]) -> str | None:
     missing = []
-    if not (path / "config.json").is_file():
+    if "config" in need and not (path / "config.json").is_file():
         missing.append("config.json")
-    if not any((path / name).is_file() for name in _WEIGHTS) and not any(path.glob("*.safetensors")):
+    if "weights" in need and not any((path / name).is_file() for name in _WEIGHTS) and not any(path.glob("*.safetensors")):
         missing.append("safetensors weights (model.safetensors)")
-    if not any((path / name).is_file() for name in _TOKENIZER):
+    if "tokenizer" in need and not any((path / name).is_file() for name in _TOKENIZER):
         missing.append("tokenizer (tokenizer.json, or tokenizer.model / vocab.json)")
     return f"{path} is not a complete model directory: no {', no '.join(missing)}" if missing else None
 
@@ -172,6 +177,9 @@ def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, _path: Path
 
     spec = as_spec(spec)
     path = _path or resolve_model(spec, cache_dir=cache_dir)
+    problem = _incomplete(path, ("tokenizer",))  # else transformers may make one up from the config
+    if problem:
+        raise ModelError(problem, where=spec.ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
@@ -203,6 +211,9 @@ def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = 
 
     spec = as_spec(spec)
     path = resolve_model(spec, cache_dir=cache_dir)
+    problem = _incomplete(path, ("weights", "tokenizer"))
+    if problem:
+        raise ModelError(problem, where=spec.ref)
     tokenizer = load_tokenizer(spec, _path=path)
     dtype = _DTYPES[spec.dtype]
     if device == "auto":

@@ -48,7 +48,7 @@ def run(ctx) -> dict:
                                 where=f"source {source} ({path})")
         for r in records:
             keys.append((r.id, source))
-            items.append(Judged(r.system, r.instruction, responses[r.id]))
+            items.append(Judged(r.system, r.instruction, responses[r.id], r.id))
     row_keys = [f"{i}\t{s}" for i, s in keys]  # what identifies a shard's rows
     final = ctx.out / OUTPUT
     if final.is_file() and _keys(pq.read_table(final, columns=["id", "source"])) == row_keys:
