@@ -250,7 +250,10 @@ class Aligner(Component):
 class Loss(Component):
     """A fusion loss on the target's logits and a sparse teacher.
 
-    ``batch`` holds (shapes: B examples, T positions, k teacher ids):
+    ``batch`` holds (shapes: B examples, T positions, k teacher ids; indexed like ``input_ids``,
+    unshifted; docs/plugins.md, "The loss batch"):
+      input_ids       [B, T]    int64, the target's tokens (prompt + response), right-padded
+      attention_mask  [B, T]    int64, 1 on tokens, 0 on padding
       labels          [B, T]    int64, -100 where no loss
       teacher_ids     [B, T, k] int64, target-vocabulary ids of the teacher's top-k
       teacher_logits  [B, T, k] float, the teacher's raw logits at those ids (-inf = unused slot)
