@@ -5,6 +5,7 @@ trainer really passes. Adding a field without documenting it fails here."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from profuser import components
-from profuser.components import NEEDS
+from profuser.components import KINDS, NEEDS, Component
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -70,13 +71,21 @@ def test_dataclass_fields_match_the_reference(cls):
     assert all(r[3] for r in tables[cls.__name__]), "every field needs its meaning"
 
 
+def test_class_attributes_match_the_base_classes():
+    rows = [(_unquote(r[0]), _unquote(r[1]), _unquote(r[2])) for r in _tables()["Class attributes"]]
+    actual = [(cls.__name__, attr, str(annotation)) for cls in (Component, *KINDS.values())
+              for attr, annotation in inspect.get_annotations(cls).items()]
+    assert rows == actual, f"docs/plugins.md, class attributes: the rows should start:\n{actual}"
+
+
 def test_needs_match_what_the_stages_provide():
     rows = _tables()["needs"]
     assert [(_unquote(r[0]), _unquote(r[1])) for r in rows] == [(mode, need) for mode in NEEDS for need in NEEDS[mode]]
 
 
-def test_loss_batch_matches_what_the_trainer_passes():
+def test_loss_batch_matches_what_the_trainer_passes(tmp_path):
     """The documented keys, shapes and dtypes are those of ExampleSet.collate's tensors."""
+    import pyarrow.parquet as pq
     import torch
 
     from profuser.training.data import SCHEMA, ExampleSet
@@ -91,7 +100,9 @@ def test_loss_batch_matches_what_the_trainer_passes():
         "teacher_mask": [[False, False, True, True], [False, True]],
         "gt_length": [2, 1],
     }).cast(SCHEMA)
-    batch = ExampleSet({"training": table}, max_length=16).collate(np.array([0, 1]), np.array([1.0, 0.5]), pad_id=0)
+    pq.write_table(table, tmp_path / "examples.parquet")
+    examples = ExampleSet.load({"training": tmp_path / "examples.parquet"}, max_length=16)
+    batch = examples.collate(np.array([0, 1]), np.array([1.0, 0.5]), pad_id=0)
     tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
     b, t = 2, 4
     dims = {"B": b, "T": t, "k": k}

@@ -12,6 +12,7 @@ class SFTWarmup(Curriculum):
     name = "sft_warmup"
     aliases = ("warmup",)
     modes = ("inference", "training")
+    beta_params = ("beta",)  # every phase sets β, so a recipe's loss.params.beta would do nothing
 
     class Params(StrictModel):
         warmup_epochs: float = Field(default=1.0, gt=0)
