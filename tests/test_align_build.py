@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from pyarrow import ipc
 
 from profuser.alignment import EXACT
 from profuser.chat import encode_chat
@@ -23,6 +25,7 @@ from profuser.plugins import Engine
 from profuser.recipe import ModelSpec
 from profuser.stages import align as align_stage
 from profuser.stages import build as build_stage
+from profuser.training.data import ExampleSet
 
 K = 4
 MAX_LENGTH = 128
@@ -107,6 +110,11 @@ def rows(path) -> dict[str, dict]:
     return {r["id"]: r for r in pq.read_table(path).to_pylist()}
 
 
+def examples_table(out) -> pa.Table:
+    """build's examples.arrow (an Arrow IPC file)."""
+    return ipc.open_file(str(out / build_stage.EXAMPLES_FILE)).read_all()
+
+
 def test_align_and_build_training_mode(setup):
     stores = {s: write_store(setup["tmp"] / f"logits-{s}", setup["specs"][s], RECORDS, seed=i)
               for i, s in enumerate(("gemma", "llama"))}
@@ -128,7 +136,7 @@ def test_align_and_build_training_mode(setup):
     by_id = {r.id: r for r in RECORDS}
     for source, path in aligned.items():
         got = rows(path / "aligned.parquet")
-        assert sorted(got) == sorted(i for i, c in CHOSEN.items() if c == source)
+        assert list(got) == [r.id for r in RECORDS if CHOSEN[r.id] == source]  # data order
         reader = LogitsReader(stores[source])
         for example_id, row in got.items():
             r = by_id[example_id]
@@ -145,9 +153,9 @@ def test_align_and_build_training_mode(setup):
                         dict(zip(ex.topk_ids[t].tolist(), ex.topk_logits[t].astype(np.float32).tolist())), abs=1e-3)
 
     out, metrics = run_build(setup, aligned)
-    table = pq.read_table(out / "examples.parquet")
+    table = examples_table(out)
     assert table.schema.equals(build_stage.EXAMPLES_SCHEMA)
-    assert table["id"].to_pylist() == [r.id for r in RECORDS]  # selection order
+    assert table["id"].to_pylist() == [r.id for r in RECORDS]  # data order
     assert metrics["examples"] == len(RECORDS) and metrics["teacher_share"] == 1.0
     for example in table.to_pylist():
         r = by_id[example["id"]]
@@ -156,11 +164,11 @@ def test_align_and_build_training_mode(setup):
         assert example["mode"] == "training"
         assert example["input_ids"] == enc.input_ids
         assert example["labels"] == [-100] * start + enc.input_ids[start:]
-        assert example["teacher_mask"] == [False] * start + [True] * (len(enc.input_ids) - start)
-        assert all(np.isneginf(example["teacher_logits"][p]).all() for p in range(start))
+        # teacher rows at the labelled positions only: the response's
+        assert example["teacher_mask"] == [True] * (len(enc.input_ids) - start)
         src = rows(aligned[CHOSEN[r.id]] / "aligned.parquet")[r.id]
-        assert example["teacher_ids"][start:] == src["teacher_ids"]
-        assert example["teacher_logits"][start:] == src["teacher_logits"]
+        assert example["teacher_ids"] == src["teacher_ids"]
+        assert example["teacher_logits"] == src["teacher_logits"]
         assert example["gt_length"] == len(target_tok(r.response, add_special_tokens=False)["input_ids"])
 
 
@@ -184,7 +192,7 @@ def test_inference_mode_uses_the_chosen_response(setup):
     aligned = {s: run_align(setup, s, stores[s], mode="inference")[0] for s in stores}
     out, _ = run_build(setup, aligned, mode="inference")
     target_tok = load_tokenizer(setup["specs"]["llama"])
-    for example in pq.read_table(out / "examples.parquet").to_pylist():
+    for example in examples_table(out).to_pylist():
         r = next(r for r in RECORDS if r.id == example["id"])
         enc = encode_chat(target_tok, r.system, r.instruction, generated[r.id], max_length=MAX_LENGTH)
         assert example["mode"] == "inference" and example["input_ids"] == enc.input_ids
@@ -218,3 +226,49 @@ def test_align_report_on_texts_and_on_a_dataset_file(tmp_path, tiny_llama_dir, t
     assert 0.3 < report["exact_share"] < 1.0
     same = align_report(llama, llama, [r.response for r in RECORDS], "dtw", cache_dir=tmp_path / "cache")
     assert same["exact_share"] == 1.0 and same["target_tokens"] == same["source_tokens"]
+
+
+def dense_layout(table: pa.Table, path) -> None:
+    """The examples as build version 1 wrote them (a teacher row at every position, empty on the
+    prompt: id 0, logit -inf, mask False), as parquet."""
+    out = []
+    for example in table.to_pylist():
+        start = example["labels"].count(-100)
+        k = len(example["teacher_ids"][0])
+        out.append({**example, "teacher_ids": [[0] * k] * start + example["teacher_ids"],
+                    "teacher_logits": [[-np.inf] * k] * start + example["teacher_logits"],
+                    "teacher_mask": [False] * start + example["teacher_mask"]})
+    pq.write_table(pa.Table.from_pylist(out, schema=table.schema), path)
+
+
+@pytest.mark.parametrize("max_length", [MAX_LENGTH, 24])
+def test_collated_batches_equal_those_of_the_dense_layout(setup, max_length):
+    stores = {s: write_store(setup["tmp"] / f"logits-{s}", setup["specs"][s], RECORDS, seed=i)
+              for i, s in enumerate(("gemma", "llama"))}
+    aligned = {s: run_align(setup, s, stores[s])[0] for s in stores}
+    out, _ = run_build(setup, aligned)
+    dense_layout(examples_table(out), setup["tmp"] / "dense.parquet")
+    sparse = ExampleSet.load({"training": out / build_stage.EXAMPLES_FILE}, max_length)
+    dense = ExampleSet.load({"training": setup["tmp"] / "dense.parquet"}, max_length)
+    assert len(sparse) == len(dense) == len(RECORDS)
+    assert (sparse.rows("training") == dense.rows("training")).all()
+    for rows_ in ([0, 1, 2, 3, 4], [4, 1], [2, 2, 0]):  # several micro-batches, repeats, other orders
+        got = sparse.collate(np.array(rows_), np.ones(len(rows_)), pad_id=7)
+        want = dense.collate(np.array(rows_), np.ones(len(rows_)), pad_id=7)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == got[key].dtype and torch.equal(value, got[key]), key
+            else:
+                assert value == got[key], key
+        assert not got["teacher_mask"][got["labels"] == -100].any()
+
+
+def test_build_names_a_selected_example_its_source_did_not_align(setup):
+    stores = {s: write_store(setup["tmp"] / f"logits-{s}", setup["specs"][s], RECORDS) for s in ("gemma", "llama")}
+    aligned = {s: run_align(setup, s, stores[s])[0] for s in stores}
+    ids = [r.id for r in RECORDS]
+    pq.write_table(pa.table({"id": ids, "chosen": ["llama" if i == "a" else CHOSEN[i] for i in ids],
+                             "scores": ["{}"] * len(ids), "detail": ["{}"] * len(ids)}), setup["select"] / "selection.parquet")
+    with pytest.raises(ArtifactError, match="example 'a' was won by 'llama'.*no row"):
+        run_build(setup, aligned)

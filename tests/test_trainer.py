@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pyarrow import ipc
 
 from profuser.components import Phase, PhasePart
 from profuser.errors import ProfuserError
@@ -257,7 +258,10 @@ def test_train_stage_reads_builds_and_target_rewards_and_logs_through_the_hooks(
     for mode, path in examples.items():
         inputs[f"build/{mode}"] = tmp_path / "store" / "build" / f"key-{mode}"
         inputs[f"build/{mode}"].mkdir(parents=True)
-        (inputs[f"build/{mode}"] / "examples.parquet").write_bytes(path.read_bytes())
+        table = pq.read_table(path)  # as the build stage writes it: Arrow IPC, one record batch per example
+        with ipc.new_file(str(inputs[f"build/{mode}"] / "examples.arrow"), table.schema) as sink:
+            for batch in table.to_batches(max_chunksize=1):
+                sink.write_batch(batch)
     inputs["select/inference"] = tmp_path / "store" / "select" / "key-select"
     inputs["select/inference"].mkdir(parents=True)
     # the target's own score (lower = harder): ex0..ex3 score high (easy), ex4..ex7 low (hard)
@@ -310,3 +314,51 @@ def test_a_kill_after_the_last_step_resumes_into_saving_and_other_batches_are_re
     summary = run(small_spec())
     assert summary["resumed_from"] == summary["steps"] == 2
     assert summary["final_loss"] == read_metrics(tmp_path)[-1]["loss"] and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def _as_ipc(table: pa.Table, path: Path, sparse: bool) -> Path:
+    """``table`` as the build stage writes it (Arrow IPC, one record batch per example), with the
+    teacher rows at labelled positions only when ``sparse``."""
+    if sparse:
+        rows = []
+        for r in table.to_pylist():
+            keep = [t for t, label in enumerate(r["labels"]) if label != -100]
+            rows.append({**r, **{c: [r[c][t] for t in keep] for c in ("teacher_ids", "teacher_logits", "teacher_mask")}})
+        table = pa.Table.from_pylist(rows, schema=table.schema)
+    with ipc.new_file(str(path), table.schema) as sink:
+        for batch in table.to_batches(max_chunksize=1):
+            sink.write_batch(batch)
+    return path
+
+
+def test_examples_read_from_ipc_per_record_batch_with_sparse_teacher_rows_collate_alike(tmp_path):
+    rows_ = pq.read_table(write_examples(tmp_path / "raw.parquet", "training", 6, seed=5, prompt=3)).to_pylist()
+    for r in rows_:  # empty teacher rows on the prompt, as build version 1 wrote them
+        for t, label in enumerate(r["labels"]):
+            if label == -100:
+                r["teacher_ids"][t], r["teacher_logits"][t] = [0] * 3, [-np.inf] * 3
+    table = pa.Table.from_pylist(rows_, schema=SCHEMA)
+    pq.write_table(table, parquet := tmp_path / "t.parquet")
+    files = {"parquet": parquet, "dense": _as_ipc(table, tmp_path / "dense.arrow", sparse=False),
+             "sparse": _as_ipc(table, tmp_path / "sparse.arrow", sparse=True)}
+    sets = {name: ExampleSet.load({"training": path}, max_length=10) for name, path in files.items()}
+    assert sets["sparse"].files["training"].starts.tolist() == list(range(7))  # a chunk per example
+    rows = np.array([5, 0, 3, 3])
+    batches = {name: data.collate(rows, np.ones(4), pad_id=0) for name, data in sets.items()}
+    for name in ("dense", "sparse"):
+        for key, value in batches["parquet"].items():
+            assert (torch.equal(value, batches[name][key]) if isinstance(value, torch.Tensor) else value == batches[name][key]), (name, key)
+    assert len(sets["sparse"].files["training"]._cache) <= 3  # only the chunks of the rows asked for were read
+    assert sets["sparse"].curriculum_input().gt_length == sets["parquet"].curriculum_input().gt_length
+
+
+def test_a_teacher_row_count_matching_neither_layout_is_one_readable_error(tmp_path):
+    from profuser.errors import DataError
+
+    table = pq.read_table(write_examples(tmp_path / "t.parquet", "training", 2, prompt=3)).to_pylist()
+    table[1]["teacher_mask"] = table[1]["teacher_mask"][:-1]
+    bad = pa.Table.from_pylist(table, schema=SCHEMA)
+    data = ExampleSet.load({"training": _as_ipc(bad, tmp_path / "bad.arrow", sparse=False)}, max_length=32)
+    data.collate(np.array([0]), np.ones(1), pad_id=0)  # the intact example
+    with pytest.raises(DataError, match="example 'ex1'.*teacher rows"):
+        data.collate(np.array([0, 1]), np.ones(2), pad_id=0)

@@ -1,12 +1,16 @@
 """The ``align/<mode>/<source>`` stage: put one source's distributions on the target's tokens.
 
-For every example this source won (``select``: ``chosen == source_key``) it reads the source's
-stored top-k logits on the response (``logits`` store), tokenises the same conversation with the
+For every example this source won (``select``: ``chosen == source_key``), in data order, it reads
+the source's stored top-k logits on the response (``logits`` store, by id), tokenises the same conversation with the
 target (``profuser.chat.encode_chat``: same chat formatting and truncation as the ``build`` stage),
 aligns the two tokenisations of the response with the recipe's aligner and projects the source's
 distributions onto the target vocabulary (``profuser.alignment.project``).
 
-Writes ``aligned.parquet``, one row per example: ``id``, ``response``, ``target_ids`` [n] (the
+Memory does not grow with the data: the data file is streamed (``iter_records``), the store is
+read one record batch at a time, and rows are written in row groups of ``ROWS_PER_GROUP``.
+
+Writes ``aligned.parquet``, one row per example in data order (what lets ``build`` merge the
+sources' files in one sequential pass): ``id``, ``response``, ``target_ids`` [n] (the
 target's response tokens), ``teacher_ids`` [n][k], ``teacher_logits`` [n][k] (raw, -inf unused),
 ``teacher_mask`` [n], ``category`` [n] (int8 codes of ``alignment.CATEGORIES``), and
 ``report.json``: the category shares and the aligner's speed (target tokens per second).
@@ -16,17 +20,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..alignment import AlignmentCounts, ProjectionParams, project, vocab_map
 from ..components import Tokenized
-from ..data import read_records
 from ..errors import ArtifactError, DataError, ProfuserError
 
-VERSION = "1"
+VERSION = "2"  # 2: rows in data order (1: in the logits store's order)
 ROWS_PER_GROUP = 256  # examples per parquet row group: bounds the memory of a write
 
 ALIGNED_SCHEMA = pa.schema([
@@ -65,7 +70,22 @@ def target_max_length(tokenizer, max_length: int) -> int:
 
 def won_ids(select_dir, source_key: str) -> list[str]:
     table = pq.read_table(select_dir / "selection.parquet", columns=["id", "chosen"])
-    return [i for i, c in zip(table["id"].to_pylist(), table["chosen"].to_pylist()) if c == source_key]
+    return table["id"].filter(pc.equal(table["chosen"], source_key)).to_pylist()
+
+
+def iter_records(path, columns: list[str], batch_rows: int = 1024) -> Iterator[dict]:
+    """The rows of a parquet file (``columns`` of them) as dicts, streamed: buffered reads of a
+    few pages at a time, so a file of one large row group (as the data stage writes) is never
+    held whole."""
+    try:
+        source = pq.ParquetFile(path, buffer_size=1 << 20)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"unreadable: {exc}", where=str(path)) from None
+    missing = [c for c in columns if c not in source.schema_arrow.names]
+    if missing:
+        raise DataError(f"missing column(s) {', '.join(missing)}", where=str(path))
+    for batch in source.iter_batches(batch_size=batch_rows, columns=columns):
+        yield from batch.to_pylist()
 
 
 def run(ctx) -> dict:
@@ -84,7 +104,6 @@ def run(ctx) -> dict:
     vmap = vocab_map(source_tok, target_tok, cache_dir=cache_dir)
     max_length = target_max_length(target_tok, cfg["max_length"])
 
-    records = {r.id: r for r in read_records(ctx.inputs["data"] / "train.parquet")}
     ids = won_ids(ctx.inputs["select"], source_key)
     reader = LogitsReader(ctx.inputs["logits"])
     counts = AlignmentCounts()
@@ -107,18 +126,19 @@ def run(ctx) -> dict:
                 rows.clear()
 
         for example_id in ids:
-            if example_id not in records:
-                raise DataError(f"example {example_id!r} is selected but not in the data", where=where)
             if example_id not in reader:
                 raise ArtifactError(f"example {example_id!r} was won by {source_key!r} but is not in its logits store",
                                     where=where)
         won = set(ids)
-        for ex in reader:  # storage order: each record batch is decoded once
-            if ex.id not in won:
+        for record in iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction"]):
+            example_id = record["id"]
+            if example_id not in won:
                 continue
-            example_id, record = ex.id, records[ex.id]
+            won.discard(example_id)
+            ex = reader.get(example_id)
             try:
-                enc = encode_chat(target_tok, record.system, record.instruction, ex.response, max_length=max_length)
+                enc = encode_chat(target_tok, record["system"] or "", record["instruction"], ex.response,
+                                  max_length=max_length)
             except ProfuserError as exc:
                 raise type(exc)(f"example {example_id!r}: {exc.message}", where=f"{where} (target)") from None
             target_ids = np.asarray(enc.input_ids[enc.response_start:], dtype=np.int32)  # [n]
@@ -140,6 +160,9 @@ def run(ctx) -> dict:
             if len(rows) >= ROWS_PER_GROUP:
                 flush()
         flush()
+    if won:
+        missing = next(i for i in ids if i in won)
+        raise DataError(f"example {missing!r} is selected but not in the data", where=where)
     vmap.save()
 
     report = {

@@ -1,55 +1,80 @@
 """The ``build/<mode>`` stage: the trainer's examples of one mode, in the target's tokens.
 
-For every selected example it takes the response (training mode: the ground truth from the data;
-inference mode: the chosen source's response, stored by its ``align`` stage), tokenises the whole
-conversation with the target (``profuser.chat.encode_chat``, same truncation as ``align``), checks
-that the response tokens are exactly those the ``align`` stage put the teacher on, and writes
-``examples.parquet`` as docs/architecture.md specifies: ``id``, ``mode``, ``input_ids`` [L],
-``labels`` [L] (-100 on the prompt), ``teacher_ids`` [L][k], ``teacher_logits`` [L][k] (-inf
-unused), ``teacher_mask`` [L] (False on the prompt), ``gt_length`` (target tokens of the ground-truth
-response alone: the length the curricula sort by, the same in both modes).
+For every selected example, in data order, it takes the response (training mode: the ground truth
+from the data; inference mode: the chosen source's response, stored by its ``align`` stage),
+tokenises the whole conversation with the target (``profuser.chat.encode_chat``, same truncation
+as ``align``), checks that the response tokens are exactly those the ``align`` stage put the
+teacher on, and writes ``examples.arrow`` as docs/architecture.md specifies: ``id``, ``mode``,
+``input_ids`` [L], ``labels`` [L] (-100 on the prompt), ``teacher_ids`` [n][k], ``teacher_logits``
+[n][k] (-inf unused) and ``teacher_mask`` [n] at the n labelled positions only (the response;
+the trainer's ``collate`` puts them back at their positions), ``gt_length`` (target tokens of the
+ground-truth response alone: the length the curricula sort by, the same in both modes).
+
+One pass, flat memory: the data file and every source's ``aligned.parquet`` (in data order too)
+are streamed side by side; only the selection's id -> source map is held. The output is an Arrow
+IPC file of one record batch per example (zstd), so that the trainer reads any example alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
-from ..data import read_records
 from ..errors import ArtifactError, DataError, ProfuserError
 from ..training.data import SCHEMA as TRAINER_SCHEMA
-from .align import list_column, target_max_length
+from .align import iter_records, list_column, target_max_length
 
-VERSION = "1"
-ROWS_PER_GROUP = 256
+VERSION = "2"  # 2: examples.arrow, teacher rows at labelled positions only (1: examples.parquet, a row per position)
+EXAMPLES_FILE = "examples.arrow"
+COMPRESSION = "zstd"
 
 EXAMPLES_SCHEMA = TRAINER_SCHEMA.insert(1, pa.field("mode", pa.string()))  # what the trainer reads, + the mode
 
 
 class _Aligned:
-    """One source's ``aligned.parquet``, rows fetched by id as numpy arrays."""
+    """One source's ``aligned.parquet`` read forward a row group at a time; ``next(id)`` returns
+    the next row as numpy arrays, which must be that example's (both sides are in data order)."""
 
-    def __init__(self, path, source: str):
-        self.source = source
-        self.table = pq.read_table(path / "aligned.parquet")
-        self.row = {example_id: i for i, example_id in enumerate(self.table["id"].to_pylist())}
+    def __init__(self, path, source: str, where: str):
+        self.source, self.where, self.name = source, where, f"align/{where.split('/')[-1]}/{source}"
+        self._rows = self._iter(path / "aligned.parquet")
+        self._pending: dict | None = next(self._rows, None)
 
-    def get(self, example_id: str) -> dict:
-        i = self.row[example_id]
-        row = self.table.slice(i, 1)
-        target_ids = row["target_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)  # [n]
-        n = len(target_ids)
-        ids = row["teacher_ids"].combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)  # [n * k]
-        logits = row["teacher_logits"].combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
-        k = len(ids) // n if n else 0
-        return {
-            "response": row["response"][0].as_py(),
-            "target_ids": target_ids,
-            "teacher_ids": ids.reshape(n, k),
-            "teacher_logits": logits.reshape(n, k),
-            "teacher_mask": row["teacher_mask"].combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(bool),
-        }
+    @staticmethod
+    def _iter(path) -> Iterator[dict]:
+        for batch in pq.ParquetFile(path, buffer_size=1 << 20).iter_batches(batch_size=64):
+            starts = batch.column("target_ids").offsets.to_numpy()
+            target_ids = batch.column("target_ids").flatten().to_numpy(zero_copy_only=False)  # [tokens]
+            mask = batch.column("teacher_mask").flatten().to_numpy(zero_copy_only=False).astype(bool)
+            inner = batch.column("teacher_ids").flatten()  # [tokens] lists of k
+            ids = inner.flatten().to_numpy(zero_copy_only=False)
+            logits = batch.column("teacher_logits").flatten().flatten().to_numpy(zero_copy_only=False)
+            slot = inner.offsets.to_numpy()  # [tokens + 1] into ids / logits
+            for row, (example_id, response) in enumerate(zip(batch.column("id").to_pylist(), batch.column("response").to_pylist())):
+                a, b = int(starts[row] - starts[0]), int(starts[row + 1] - starts[0])
+                first, last = int(slot[a] - slot[0]), int(slot[b] - slot[0])
+                n = b - a
+                k = (last - first) // n if n else 0
+                yield {"id": example_id, "response": response, "target_ids": target_ids[a:b],
+                       "teacher_ids": ids[first:last].reshape(n, k), "teacher_logits": logits[first:last].reshape(n, k),
+                       "teacher_mask": mask[a:b]}
+
+    def next(self, example_id: str) -> dict:
+        row = self._pending
+        if row is None or row["id"] != example_id:
+            raise ArtifactError(f"example {example_id!r} was won by {self.source!r} but {self.name} has no row for it"
+                                + (f" (its next row is {row['id']!r})" if row else ""), where=self.where)
+        self._pending = next(self._rows, None)
+        return row
+
+    def check_done(self) -> None:
+        if self._pending is not None:
+            raise ArtifactError(f"{self.name} has a row for example {self._pending['id']!r}, which it did not win "
+                                "(or which is not in the data)", where=self.where)
 
 
 def run(ctx) -> dict:
@@ -63,44 +88,31 @@ def run(ctx) -> dict:
         raise ProfuserError(f"unknown mode {mode!r} (inference or training)", where=where)
     tokenizer = load_tokenizer(cfg["target"], cache_dir=ctx.runtime.cache_dir)
     max_length = target_max_length(tokenizer, cfg["max_length"])
-    records = {r.id: r for r in read_records(ctx.inputs["data"] / "train.parquet")}
     selection = pq.read_table(ctx.inputs["select"] / "selection.parquet", columns=["id", "chosen"])
-    aligned = {s: _Aligned(ctx.inputs[f"align/{s}"], s) for s in cfg["sources"]}
+    chosen_by_id = dict(zip(selection["id"].to_pylist(), selection["chosen"].to_pylist()))
+    del selection
+    for example_id, chosen in chosen_by_id.items():
+        if chosen not in cfg["sources"]:
+            raise ProfuserError(f"example {example_id!r}: the chosen source {chosen!r} is not among the sources "
+                                f"({', '.join(cfg['sources'])})", where=where)
+    aligned = {s: _Aligned(ctx.inputs[f"align/{s}"], s, where) for s in cfg["sources"]}
 
-    rows: list[dict] = []
     examples = response_tokens = teacher_tokens = 0
     k_seen: set[int] = set()
-    with pq.ParquetWriter(ctx.out / "examples.parquet", EXAMPLES_SCHEMA) as sink:
-        def flush() -> None:
-            if rows:
-                sink.write_table(pa.Table.from_arrays([
-                    pa.array([r["id"] for r in rows], pa.string()),
-                    pa.array([mode] * len(rows), pa.string()),
-                    list_column([r["input_ids"] for r in rows], pa.int32()),
-                    list_column([r["labels"] for r in rows], pa.int32()),
-                    list_column([r["teacher_ids"] for r in rows], pa.int32()),
-                    list_column([r["teacher_logits"] for r in rows], pa.float32()),
-                    list_column([r["teacher_mask"] for r in rows], pa.bool_()),
-                    pa.array([r["gt_length"] for r in rows], pa.int32()),
-                ], schema=EXAMPLES_SCHEMA))
-                rows.clear()
-
-        for example_id, chosen in zip(selection["id"].to_pylist(), selection["chosen"].to_pylist()):
-            if chosen not in aligned:
-                raise ProfuserError(f"example {example_id!r}: the chosen source {chosen!r} is not among the sources "
-                                    f"({', '.join(cfg['sources'])})", where=where)
-            if example_id not in records:
-                raise DataError(f"example {example_id!r} is selected but not in the data", where=where)
-            if example_id not in aligned[chosen].row:
-                raise ArtifactError(f"example {example_id!r} was won by {chosen!r} but align/{mode}/{chosen} has no row for it",
-                                    where=where)
-            record, row = records[example_id], aligned[chosen].get(example_id)
-            if mode == "training" and row["response"] != record.response:
+    options = ipc.IpcWriteOptions(compression=COMPRESSION)
+    with ipc.new_file(str(ctx.out / EXAMPLES_FILE), EXAMPLES_SCHEMA, options=options) as sink:
+        for record in iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction", "response"]):
+            example_id = record["id"]
+            chosen = chosen_by_id.pop(example_id, None)
+            if chosen is None:
+                continue
+            row = aligned[chosen].next(example_id)
+            if mode == "training" and row["response"] != record["response"]:
                 raise ArtifactError(f"example {example_id!r}: align/{mode}/{chosen} holds another response than the "
                                     "ground truth in the data", where=where)
-            response = record.response if mode == "training" else row["response"]
+            response = record["response"] if mode == "training" else row["response"]
             try:
-                enc = encode_chat(tokenizer, record.system, record.instruction, response, max_length=max_length)
+                enc = encode_chat(tokenizer, record["system"] or "", record["instruction"], response, max_length=max_length)
             except ProfuserError as exc:
                 raise type(exc)(f"example {example_id!r}: {exc.message}", where=where) from None
             input_ids = np.asarray(enc.input_ids, dtype=np.int32)  # [L]
@@ -116,22 +128,25 @@ def run(ctx) -> dict:
                 raise ArtifactError(f"example {example_id!r}: teachers of different top-k ({sorted(k_seen)}) in one build",
                                     where=where)
             labels = input_ids.copy()
-            labels[:start] = -100
-            teacher_ids = np.zeros((L, k), dtype=np.int32)  # [L, k]; prompt rows: no teacher
-            teacher_logits = np.full((L, k), -np.inf, dtype=np.float32)  # [L, k]
-            teacher_mask = np.zeros(L, dtype=bool)  # [L]
-            teacher_ids[start:] = row["teacher_ids"]
-            teacher_logits[start:] = row["teacher_logits"]
-            teacher_mask[start:] = row["teacher_mask"]
-            gt_length = len(tokenizer(record.response, add_special_tokens=False)["input_ids"])
-            rows.append({"id": example_id, "input_ids": input_ids, "labels": labels, "teacher_ids": teacher_ids,
-                         "teacher_logits": teacher_logits, "teacher_mask": teacher_mask, "gt_length": gt_length})
+            labels[:start] = -100  # the labelled positions are start..L-1, where the teacher rows go
+            gt_length = len(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
+            sink.write_batch(pa.RecordBatch.from_arrays([
+                pa.array([example_id], pa.string()),
+                pa.array([mode], pa.string()),
+                list_column([input_ids], pa.int32()),
+                list_column([labels], pa.int32()),
+                list_column([np.ascontiguousarray(row["teacher_ids"], dtype=np.int32)], pa.int32()),
+                list_column([np.ascontiguousarray(row["teacher_logits"], dtype=np.float32)], pa.float32()),
+                list_column([row["teacher_mask"]], pa.bool_()),
+                pa.array([gt_length], pa.int32()),
+            ], schema=EXAMPLES_SCHEMA))
             examples += 1
             response_tokens += L - start
-            teacher_tokens += int(teacher_mask.sum())
-            if len(rows) >= ROWS_PER_GROUP:
-                flush()
-        flush()
+            teacher_tokens += int(row["teacher_mask"].sum())
+    if chosen_by_id:
+        raise DataError(f"example {next(iter(chosen_by_id))!r} is selected but not in the data", where=where)
+    for source in aligned.values():
+        source.check_done()
     return {
         "mode": mode,
         "examples": examples,

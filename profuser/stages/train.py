@@ -1,6 +1,6 @@
 """The ``train`` stage: fuse into the target through the curriculum's phases (``profuser.training``).
 
-Reads ``build/<mode>/examples.parquet`` for the modes the curriculum uses and, for curricula that
+Reads ``build/<mode>/examples.arrow`` for the modes the curriculum uses and, for curricula that
 rank examples by the target's own reward (``rm_split``), ``select/inference/selection.parquet``
 (the raw ``rm_scores`` of the target's answer, present when the target is one of the sources
 and reward models scored it). Checkpoints live under
@@ -28,7 +28,7 @@ DISTRIBUTED = True  # every rank of a torchrun/accelerate launch trains; the run
 
 def run(ctx) -> dict:
     cfg = ctx.config
-    examples = {mode: ctx.inputs[f"build/{mode}"] / "examples.parquet" for mode in MODES if f"build/{mode}" in ctx.inputs}
+    examples = {mode: ctx.inputs[f"build/{mode}"] / "examples.arrow" for mode in MODES if f"build/{mode}" in ctx.inputs}
     selection = ctx.inputs.get("select/inference")
     target_reward = read_target_reward(selection / "selection.parquet", cfg["target_key"]) if selection else None
     lineage = {

@@ -1,16 +1,27 @@
-"""The trainer's data: ``build/<mode>/examples.parquet`` tables, the seeded order of each phase, and
-micro-batches padded into the tensors a ``Loss`` reads.
+"""The trainer's data: the build stage's ``examples.arrow`` files, the seeded order of each phase,
+and micro-batches padded into the tensors a ``Loss`` reads.
 
-Every example is addressed by a global row number (the modes' tables laid end to end). A phase's
+Every example is addressed by a global row number (the modes' files laid end to end). A phase's
 order is a fresh permutation per epoch drawn from ``(seed, phase index, epoch)`` only, so it is the
 same on every rank, for every world size and after a resume: the trainer needs nothing but
-``(phase, step)`` to know which examples come next. The tables are held as Arrow buffers (no Python
-objects per token); a micro-batch is gathered with ``take`` and padded with numpy.
+``(phase, step)`` to know which examples come next.
+
+Memory stays flat however many examples there are: a file is read one chunk at a time (an Arrow
+IPC record batch, one example each as the build stage writes them; or a parquet row group), never
+whole. Loading keeps per example only its id, GT length and whether it has a label to train on; a
+micro-batch reads just the chunks of its rows. Reads go through ordinary file reads, not a memory
+map: mapped pages a pass has touched stay in the process's resident set, read buffers are freed.
+
+Teacher rows: the build stage stores them at labelled positions only (``len(teacher_mask)`` = the
+number of labels other than -100); a file with a row at every position (``len(teacher_mask)`` = L,
+the layout of build before version 2 and of hand-written files) is read too. ``collate`` expands
+both into the same [b, T, k] tensors, the prompt positions empty (id 0, logit -inf, mask False).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from pyarrow import ipc
 
 from ..components import MODES, CurriculumInput, Phase
 from ..errors import DataError, ProfuserError
@@ -28,48 +40,116 @@ SCHEMA = pa.schema([  # the columns the trainer reads, in the types it reads the
     ("id", pa.string()),
     ("input_ids", pa.list_(pa.int32())),  # [L]
     ("labels", pa.list_(pa.int32())),  # [L]
-    ("teacher_ids", pa.list_(pa.list_(pa.int32()))),  # [L][k]
-    ("teacher_logits", pa.list_(pa.list_(pa.float32()))),  # [L][k]
-    ("teacher_mask", pa.list_(pa.bool_())),  # [L]
+    ("teacher_ids", pa.list_(pa.list_(pa.int32()))),  # [n][k], n = labelled positions (or L)
+    ("teacher_logits", pa.list_(pa.list_(pa.float32()))),  # [n][k]
+    ("teacher_mask", pa.list_(pa.bool_())),  # [n]
     ("gt_length", pa.int32()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+CACHED_CHUNKS = 8  # decoded chunks kept (parquet row groups of hand-written files hold many rows)
+
+
+class _Chunks:
+    """A file of examples read one chunk at a time: an Arrow IPC file's record batches (the build
+    stage's ``examples.arrow``) or a parquet file's row groups."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise DataError("examples file not found (run the build stage first)", where=str(path))
+        try:
+            if path.suffix == ".parquet":
+                self._parquet = pq.ParquetFile(path)
+                self._ipc = None
+                schema = self._parquet.schema_arrow
+                sizes = [self._parquet.metadata.row_group(i).num_rows for i in range(self._parquet.num_row_groups)]
+            else:
+                self._parquet = None
+                self._ipc = ipc.open_file(pa.OSFile(str(path), "r"))
+                schema = self._ipc.schema
+                sizes = None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"unreadable examples file: {exc}", where=str(path)) from None
+        missing = [c for c in COLUMNS if c not in schema.names]
+        if missing:
+            raise DataError(f"missing column(s) {', '.join(missing)} (see docs/architecture.md)", where=str(path))
+        self._fields = [schema.get_field_index(c) for c in COLUMNS]
+        if sizes is None:  # IPC: rows per record batch from the batches' headers (ids only decoded)
+            ids_only = ipc.open_file(pa.OSFile(str(path), "r"), options=ipc.IpcReadOptions(included_fields=[self._fields[0]]))
+            sizes = [ids_only.get_batch(i).num_rows for i in range(ids_only.num_record_batches)]
+        self.starts = np.zeros(len(sizes) + 1, dtype=np.int64)  # [chunks + 1] first row of each chunk
+        np.cumsum(sizes, out=self.starts[1:])
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    def _cast(self, table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
+        try:
+            return table.select(list(columns)).cast(pa.schema([SCHEMA.field(c) for c in columns]))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(f"unexpected column types: {exc}", where=str(self.path)) from None
+
+    def read(self, chunk: int) -> pa.Table:
+        """One chunk, every column the trainer reads, in the trainer's types."""
+        if chunk in self._cache:
+            self._cache.move_to_end(chunk)
+            return self._cache[chunk]
+        if self._parquet is not None:
+            table = self._parquet.read_row_group(chunk, columns=list(COLUMNS))
+        else:
+            table = pa.Table.from_batches([self._ipc.get_batch(chunk)])
+        table = self._cache[chunk] = self._cast(table, COLUMNS)
+        if len(self._cache) > CACHED_CHUNKS:
+            self._cache.popitem(last=False)
+        return table
+
+    def scan(self, columns: tuple[str, ...]):
+        """Every chunk's ``columns``, in order (the other columns are not read)."""
+        if self._parquet is not None:
+            for i in range(self._parquet.num_row_groups):
+                yield self._cast(self._parquet.read_row_group(i, columns=list(columns)), columns)
+            return
+        fields = [self._fields[COLUMNS.index(c)] for c in columns]
+        reader = ipc.open_file(pa.OSFile(str(self.path), "r"), options=ipc.IpcReadOptions(included_fields=fields))
+        for i in range(reader.num_record_batches):
+            yield self._cast(pa.Table.from_batches([reader.get_batch(i)]), columns)
 
 
 class ExampleSet:
-    """The examples of every mode, addressed by global row number."""
+    """The examples of every mode, addressed by global row number; rows are read when collated."""
 
-    def __init__(self, tables: dict[str, pa.Table], max_length: int):
-        self.modes = [m for m in MODES if m in tables] + [m for m in tables if m not in MODES]
-        self.tables = {m: tables[m] for m in self.modes}
+    def __init__(self, files: dict[str, _Chunks], max_length: int):
+        self.modes = [m for m in MODES if m in files] + [m for m in files if m not in MODES]
+        self.files = {m: files[m] for m in self.modes}
         self.max_length = max_length
-        sizes = [tables[m].num_rows for m in self.modes]
+        sizes = [files[m].num_rows for m in self.modes]
         self.offsets = dict(zip(self.modes, np.cumsum([0, *sizes[:-1]]).tolist()))  # mode -> first global row
-        self.ids = {m: tables[m].column("id").to_pylist() for m in self.modes}
-        # an example trains only if a label survives truncation at a predictable position [1, max_length)
-        self.trainable = {m: _has_label(tables[m].column("labels"), max_length) for m in self.modes}
+        self.ids: dict[str, pa.Array] = {}
+        self.gt_length: dict[str, np.ndarray] = {}
+        self.trainable: dict[str, np.ndarray] = {}
+        for m in self.modes:  # one streamed pass over the small columns; the teacher columns stay on disk
+            ids, lengths, trainable = [], [], []
+            for table in files[m].scan(("id", "labels", "gt_length")):
+                ids.append(table.column("id").combine_chunks())
+                lengths.append(table.column("gt_length").to_numpy())
+                # an example trains only if a label survives truncation at a predictable position [1, max_length)
+                trainable.append(_has_label(table.column("labels"), max_length))
+            self.ids[m] = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+            self.gt_length[m] = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+            self.trainable[m] = np.concatenate(trainable) if trainable else np.zeros(0, bool)
 
     @classmethod
     def load(cls, paths: dict[str, str | Path], max_length: int) -> ExampleSet:
-        tables = {}
-        for mode, path in paths.items():
-            path = Path(path)
-            if not path.is_file():
-                raise DataError("examples file not found (run the build stage first)", where=str(path))
-            table = pq.read_table(path)
-            missing = [c for c in COLUMNS if c not in table.column_names]
-            if missing:
-                raise DataError(f"missing column(s) {', '.join(missing)} (see docs/architecture.md)", where=str(path))
-            try:  # one schema for every mode, so that a micro-batch may mix them
-                tables[mode] = table.select(list(COLUMNS)).cast(SCHEMA).combine_chunks()
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise DataError(f"unexpected column types: {exc}", where=str(path)) from None
-        if not tables:
+        """``paths``: mode -> ``examples.arrow`` (or a parquet file with the same columns)."""
+        files = {mode: _Chunks(Path(path)) for mode, path in paths.items()}
+        if not files:
             raise ProfuserError("no examples to train on: the train stage needs build/inference and/or build/training")
-        return cls(tables, max_length)
+        return cls(files, max_length)
 
     def __len__(self) -> int:
-        return sum(t.num_rows for t in self.tables.values())
+        return sum(f.num_rows for f in self.files.values())
 
     def curriculum_input(self, target_reward: dict[str, float] | None = None) -> CurriculumInput:
         """Ids of every mode (first seen first) and their GT length; the training mode's length wins,
@@ -77,21 +157,19 @@ class ExampleSet:
         ids: dict[str, None] = {}
         gt_length: dict[str, int] = {}
         for mode in sorted(self.modes, key=lambda m: m != "training"):
-            lengths = self.tables[mode].column("gt_length").to_pylist()
-            for i, n in zip(self.ids[mode], lengths):
+            for i, n in zip(self.ids[mode].to_pylist(), self.gt_length[mode].tolist()):
                 gt_length.setdefault(i, int(n))
         for mode in self.modes:
-            ids.update(dict.fromkeys(self.ids[mode]))
+            ids.update(dict.fromkeys(self.ids[mode].to_pylist()))
         return CurriculumInput(ids=list(ids), gt_length=gt_length, target_reward=target_reward)
 
     def rows(self, mode: str, ids: list[str] | None = None) -> np.ndarray:
         """Global rows of ``mode`` (all, or those whose id is in ``ids``) that have a label to train on."""
-        if mode not in self.tables:
+        if mode not in self.files:
             raise ProfuserError(f"the curriculum uses {mode}-mode examples, but none were built (missing build/{mode})")
         keep = self.trainable[mode].copy()
         if ids is not None:
-            wanted = set(ids)
-            keep &= np.fromiter((i in wanted for i in self.ids[mode]), bool, len(self.ids[mode]))
+            keep &= pc.is_in(self.ids[mode], value_set=pa.array(list(ids), pa.string())).to_numpy(zero_copy_only=False)
         return np.flatnonzero(keep) + self.offsets[mode]
 
     def locate(self, row: int) -> tuple[str, int]:
@@ -102,7 +180,20 @@ class ExampleSet:
 
     def example_id(self, row: int) -> str:
         mode, i = self.locate(int(row))
-        return self.ids[mode][i]
+        return self.ids[mode][i].as_py()
+
+    def _take(self, located: list[tuple[str, int]]) -> pa.Table:
+        """The rows (mode, local row), in this order, read chunk by chunk."""
+        parts, order = [], []
+        for mode in self.modes:
+            file = self.files[mode]
+            local = [(j, i) for j, (m, i) in enumerate(located) if m == mode]
+            chunks = np.searchsorted(file.starts, [i for _, i in local], side="right") - 1
+            for c in np.unique(chunks):  # one read per chunk
+                picked = [(j, i) for (j, i), ch in zip(local, chunks) if ch == c]
+                parts.append(file.read(int(c)).take([i - int(file.starts[c]) for _, i in picked]))
+                order.extend(j for j, _ in picked)
+        return pa.concat_tables(parts).take(np.argsort(order))
 
     def collate(self, rows: np.ndarray, weights: np.ndarray, pad_id: int) -> dict:
         """Micro-batch of ``rows`` right-padded to its longest example (at most ``max_length``).
@@ -112,21 +203,16 @@ class ExampleSet:
         [b, T, k] float32 (-inf unused); teacher_mask [b, T] bool; weight [b] float32. Also ``ids``
         and ``modes`` (lists) for logging."""
         located = [self.locate(int(r)) for r in rows]
-        parts = []
-        for mode in self.modes:  # one take per table, then back into the requested order
-            local = [(j, i) for j, (m, i) in enumerate(located) if m == mode]
-            if local:
-                parts.append(([j for j, _ in local], self.tables[mode].take([i for _, i in local])))
-        order = np.argsort(np.concatenate([np.asarray(js) for js, _ in parts]))
-        table = pa.concat_tables([t for _, t in parts]).take(order)
+        table = self._take(located)
 
         lengths = np.minimum(pc.list_value_length(table.column("input_ids")).to_numpy(), self.max_length)
         b, t = len(rows), int(lengths.max())
         input_ids = _pad2(table.column("input_ids"), t, pad_id, np.int64)
         labels = _pad2(table.column("labels"), t, IGNORE, np.int64)
-        teacher_mask = _pad2(table.column("teacher_mask"), t, False, np.bool_)
-        teacher_ids = _pad3(table.column("teacher_ids"), t, 0, np.int64)
-        teacher_logits = _pad3(table.column("teacher_logits"), t, -np.inf, np.float32)
+        position = _teacher_positions(table, [self.files[m].path for m, _ in located])  # [teacher rows]
+        teacher_mask = _pad2(table.column("teacher_mask"), t, False, np.bool_, position)
+        teacher_ids = _pad3(table.column("teacher_ids"), t, 0, np.int64, position)
+        teacher_logits = _pad3(table.column("teacher_logits"), t, -np.inf, np.float32, position)
         attention_mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int64)  # [b, T]
         assert input_ids.shape == (b, t) and teacher_ids.shape[:2] == (b, t)
         return {
@@ -156,18 +242,45 @@ def _within(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
 
 
-def _pad2(col, t: int, fill, dtype) -> np.ndarray:
-    """list<x> [b][L] -> [b, t], truncated at t, ``fill`` beyond each row."""
+def _teacher_positions(table: pa.Table, paths: list[Path]) -> np.ndarray:
+    """The position (in ``input_ids``) of every teacher row of ``table``, flat over its rows: the
+    labelled positions in order, or 0..L-1 for a row stored at every position."""
+    length = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    stored = pc.list_value_length(table.column("teacher_mask")).to_numpy(zero_copy_only=False).astype(np.int64)
+    values, row, pos = _flat(table.column("labels"))
+    is_label = values.to_numpy(zero_copy_only=False) != IGNORE
+    labelled = np.bincount(row[is_label], minlength=len(length))
+    dense = stored == length
+    bad = ~dense & (stored != labelled)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise DataError(f"example {table.column('id')[r].as_py()!r}: {stored[r]} teacher rows for {length[r]} positions, "
+                        f"{labelled[r]} of them labelled (one row per labelled position, or per position)", where=str(paths[r]))
+    label_pos = pos[is_label]  # flat over rows, in order
+    label_start = np.cumsum(labelled) - labelled  # [b] where each row's labelled positions start in label_pos
+    owner = np.repeat(np.arange(len(stored)), stored)  # [teacher rows] the example of each
+    position = _within(stored)  # a row at every position: its index
+    sparse = ~dense[owner]
+    position[sparse] = label_pos[label_start[owner[sparse]] + position[sparse]]
+    return position
+
+
+def _pad2(col, t: int, fill, dtype, position: np.ndarray | None = None) -> np.ndarray:
+    """list<x> [b][L] -> [b, t], truncated at t, ``fill`` beyond each row. ``position``: where each
+    value goes in its row (default: its index)."""
     values, row, pos = _flat(col)
+    pos = pos if position is None else position
     out = np.full((len(col), t), fill, dtype=dtype)
     keep = pos < t
     out[row[keep], pos[keep]] = values.to_numpy(zero_copy_only=False)[keep]
     return out
 
 
-def _pad3(col, t: int, fill, dtype) -> np.ndarray:
-    """list<list<x>> [b][L][k] -> [b, t, K] with K the widest slot list, ``fill`` where absent."""
+def _pad3(col, t: int, fill, dtype, position: np.ndarray | None = None) -> np.ndarray:
+    """list<list<x>> [b][n][k] -> [b, t, K] with K the widest slot list, ``fill`` where absent.
+    ``position``: the position of each of the n inner lists (default: its index)."""
     inner, row, pos = _flat(col)
+    pos = pos if position is None else position
     values, slot_owner, slot = _flat(inner)  # slot_owner: index into inner (a (row, pos) pair)
     k = int(slot.max()) + 1 if len(slot) else 1
     out = np.full((len(col), t, k), fill, dtype=dtype)
