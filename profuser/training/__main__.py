@@ -1,7 +1,7 @@
 """Train outside the pipeline, e.g. on several processes (docs/training.md):
 
     accelerate launch --multi_gpu --num_processes 2 -m profuser.training \\
-        --model runs/.../tiny-llama --examples training=runs/store/build/KEY/examples.parquet \\
+        --model runs/.../tiny-llama --examples training=runs/store/build/KEY/examples.arrow \\
         --curriculum training_only -t batch_size=8 -t micro_batch_size=2 --out runs/train-ddp
 
 ``-t key=value`` sets a ``train:`` field (value parsed as YAML); ``--log-batches`` makes every rank
@@ -27,7 +27,7 @@ from .trainer import train
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m profuser.training", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model reference, or a ModelSpec as JSON")
-    parser.add_argument("--examples", action="append", required=True, metavar="MODE=PATH", help="examples.parquet of a mode")
+    parser.add_argument("--examples", action="append", required=True, metavar="MODE=PATH", help="examples.arrow (or .parquet) of a mode")
     parser.add_argument("--loss", default="fuse_kl")
     parser.add_argument("--loss-params", default="{}", help="JSON")
     parser.add_argument("--curriculum", default="progressive")

@@ -3,7 +3,7 @@
     train(model, examples, loss, curriculum, spec, out_dir)  ->  summary dict
 
 1. The backend (``parallel.py``): accelerate for one process, DDP and FSDP; DeepSpeed for ZeRO.
-2. Data: each mode's examples.parquet; the curriculum's phases become per-phase seeded orders of
+2. Data: each mode's examples.arrow (read per example, ``data.py``); the curriculum's phases become per-phase seeded orders of
    ``steps * batch_size`` examples (``data.py``). Rank r takes a contiguous 1/world share of each
    global batch, split into micro-batches; gradient accumulation fills the global batch.
 3. Model, AdamW (= Adam at the default weight decay 0), one warm-up + decay schedule spanning the
@@ -77,7 +77,7 @@ def train(
     keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` (a ModelSpec, its dict, or a model reference) on ``examples`` (mode ->
-    examples.parquet) through the phases of ``curriculum``; write ``out_dir/model``,
+    examples.arrow) through the phases of ``curriculum``; write ``out_dir/model``,
     ``metrics.jsonl`` and ``tb/``. Re-running with the same arguments resumes from the last
     checkpoint. ``card``: ``title``, ``recipe`` (YAML text) and ``lineage`` for the model card."""
     from transformers import get_scheduler, set_seed
