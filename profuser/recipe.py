@@ -437,8 +437,8 @@ def _unused_loss_beta(recipe: Recipe, registry) -> list[tuple[str, str]]:
     if not fields:
         return []
     names = ", ".join(f"curriculum.params.{f}" for f in fields)
-    return [("loss.params.beta", f"unused: curriculum {recipe.curriculum.name!r} sets β per phase ({names}); "
-                                 "remove loss.params.beta and set those instead")]
+    return [("loss.params.beta", (f"unused: curriculum {recipe.curriculum.name!r} sets β per phase ({names}); "
+                                  "remove loss.params.beta and set those instead"))]
 
 
 def _missing_files(recipe: Recipe, base: Path) -> list[tuple[str, str]]:

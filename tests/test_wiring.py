@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -182,6 +183,20 @@ def test_select_training_picks_the_source_whose_store_has_the_lowest_nll(tmp_pat
 # --- a tiny end-to-end run trains the way the recipe asks ------------------------------------------
 
 
+def built_input_ids(build_dir: Path) -> list[list[int]]:
+    """``input_ids`` of a build stage's examples (Arrow IPC ``examples.arrow`` or ``examples.parquet``)."""
+    arrow = build_dir / "examples.arrow"
+    if not arrow.is_file():
+        return pq.read_table(build_dir / "examples.parquet", columns=["input_ids"])["input_ids"].to_pylist()
+    with pa.memory_map(str(arrow)) as source:
+        try:
+            table = pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:  # the stream format
+            source.seek(0)
+            table = pa.ipc.open_stream(source).read_all()
+    return table["input_ids"].to_pylist()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_llama_dir, tiny_gemma_dir, engine, tmp_path_factory):
     """The whole pipeline up to train, with recognisable curriculum numbers and the recording loss."""
@@ -201,7 +216,7 @@ def tiny_run(tiny_llama_dir, tiny_gemma_dir, engine, tmp_path_factory):
     metrics = [json.loads(line) for line in (Path(results["train"].path) / "metrics.jsonl").read_text().splitlines()]
     modes = {}  # the trained rows' tokens -> their mode, from what the build stages wrote
     for mode in ("inference", "training"):
-        for ids in pq.read_table(Path(results[f"build/{mode}"].path) / "examples.parquet", columns=["input_ids"])["input_ids"].to_pylist():
+        for ids in built_input_ids(Path(results[f"build/{mode}"].path)):
             modes[tuple(ids)] = mode if tuple(ids) not in modes else "ambiguous"
     return {"results": results, "calls": calls, "metrics": metrics, "modes": modes, "target": tiny_llama_dir}
 
