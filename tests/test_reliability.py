@@ -232,3 +232,60 @@ def test_a_reward_models_error_on_a_long_row_names_its_id(tiny_llama_dir):
     with pytest.raises(ProfuserError) as err:
         rm.score(items)
     assert "row 'huge-row' (25002 characters): the rubric and instruction alone exceed max_length 400" in err.value.lines()[0]
+
+
+DS_SCRIPT = """
+import sys
+from pathlib import Path
+from test_trainer import small_spec
+from profuser.errors import ProfuserError
+from profuser.plugins import Engine
+from profuser.training import train
+mode, out, model, examples, config = sys.argv[1:6]
+class Killed(Exception):
+    pass
+def kill(step, metrics):
+    if mode == "kill" and step == 3:
+        raise Killed
+registry = Engine(entrypoints=False).registry
+spec = small_spec(distributed="deepspeed", deepspeed_config=config, checkpoint_every=2)
+try:
+    summary = train(model, {"training": examples}, registry.build("losses", "sft"),
+                    registry.build("curricula", "sft_only", {"epochs": 2}), spec, out, device="cpu", callbacks=[kill],
+                    keep_checkpoints=True)
+    print("RESUMED_FROM", summary["resumed_from"])
+except Killed:
+    print("KILLED")
+except ProfuserError as exc:
+    print("ERROR", exc.lines()[0])
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_verifies_signatures_and_matches_a_straight_run(tmp_path, tiny_llama_dir, examples):
+    import shutil
+    import subprocess
+
+    from test_distributed import BIN, CONFIGS, free_port
+
+    script = tmp_path / "ds.py"
+    script.write_text(DS_SCRIPT)
+    env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": str(Path(__file__).parent), "PROFUSER_CACHE": str(tmp_path / "cache")}
+
+    def launch(mode, out):
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), mode,
+               str(out), str(tiny_llama_dir), str(examples["training"]), str(CONFIGS / "zero2.json")]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False).stdout
+
+    assert "RESUMED_FROM 0" in launch("straight", tmp_path / "straight")
+    assert "KILLED" in launch("kill", tmp_path / "killed")  # after the checkpoint at step 2
+    shutil.copytree(tmp_path / "killed", tmp_path / "tampered")
+    assert "RESUMED_FROM 2" in launch("resume", tmp_path / "killed")
+    assert (tmp_path / "killed" / "model" / "model.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "model" / "model.safetensors").read_bytes()
+    ckpt = tmp_path / "tampered" / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in ckpt.glob("signatures-rank*.json")) == ["signatures-rank0.json", "signatures-rank1.json"]
+    (ckpt / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(pickle.dumps(Payload(tmp_path / "pwned")))
+    out = launch("resume", tmp_path / "tampered")
+    assert "does not match its signature: not loaded" in out and not (tmp_path / "pwned").exists()
