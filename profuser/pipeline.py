@@ -9,47 +9,29 @@ part of the key. Two recipes that differ only in their curriculum share every st
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .components import MODES
 from .errors import ProfuserError, RecipeError
 from .plugins import Engine
 from .recipe import Recipe
+from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
 
 STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate")
-
-
-@dataclass
-class Runtime:
-    """Options that change where and how fast, never what: not part of any cache key."""
-
-    runs_dir: Path = Path("runs")
-    device: str = "auto"
-    cache_dir: Path | None = None  # models (dequantised GGUF); default: ~/.cache/profuser
-    progress: bool = True
-    recipe_file: Path | None = None
-
-    def torch_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        if not torch.cuda.is_available():
-            return "cpu"
-        return f"cuda:{local_rank()}"  # one GPU per process of a multi-process launch
-
-
-def runtime_of(component) -> Runtime:
-    """The runtime a stage attached to a component, or the defaults when used on its own."""
-    return getattr(component, "runtime", None) or Runtime()
+# the stages that load a model: run in a worker process when the runtime isolates stages (a stage
+# module may say otherwise with LOADS_MODEL = True / False)
+MODEL_STAGE_KINDS = frozenset({"generate", "score", "logits", "train", "evaluate"})
 
 
 @dataclass
@@ -75,6 +57,8 @@ class StageContext:
     runtime: Runtime
     engine: Engine
     recipe: Recipe
+    # where log_metrics goes besides this process's observers (a stage worker forwards to the runner)
+    metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -88,7 +72,10 @@ class StageContext:
         return component
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)
+        if self.metrics_sink is not None:
+            self.metrics_sink(step, metrics)
+        else:
+            self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -101,7 +88,7 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     modes = [m for m in MODES if m in curriculum.modes]
     target = recipe.target.identity()
     source_keys = [s.key for s in recipe.sources]
-    ref = lambda r: r.model_dump(exclude={"label"})  # noqa: E731
+    ref = lambda r: r.model_dump(exclude={"label"})
     data_config = {"data": recipe.data.model_dump(), "files": _data_fingerprint(recipe.data.source.params.get("path"))}
     stages: list[Stage] = [Stage("data", "data", data_config, components=[("datasets", recipe.data.source.name)])]
     distill = recipe.distill.model_dump()
@@ -165,7 +152,8 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
         train_deps["select/inference"] = "select/inference"
     stages.append(Stage("train", "train",
                         {"target": target, "target_key": recipe.target.key, "loss": ref(recipe.loss),
-                         "curriculum": ref(recipe.curriculum), "train": recipe.train.model_dump(), "recipe_name": recipe.name},
+                         "curriculum": ref(recipe.curriculum), "train": recipe.train.model_dump(), "recipe_name": recipe.name,
+                         "sources": source_keys, "card_recipe": card_recipe(recipe)},
                         train_deps, [("losses", recipe.loss.name), ("curricula", recipe.curriculum.name)]))
 
     if recipe.evaluate.tasks:
@@ -179,6 +167,12 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                                     {"model": spec.identity(), "label": key, "evaluate": evaluation},
                                     {"data": "data"}))
     return stages
+
+
+def card_recipe(recipe: Recipe) -> str:
+    """The recipe as the fused model's card shows it: what made the model, without how the run
+    executed (runtime), its cost estimate or its evaluation (other stages read those)."""
+    return _dump_yaml(recipe, exclude={"runtime", "estimate", "evaluate"})
 
 
 def _data_fingerprint(path: Any) -> dict[str, str]:
@@ -250,30 +244,16 @@ class StageResult:
     build_seconds: float = 0.0  # what computing it cost when it ran (for a cached stage: back then)
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank under torchrun / accelerate launch / deepspeed (0 of 1 otherwise)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def wait_until(ready: Callable[[], Any], poll: float = 1.0) -> Any:
-    """Poll ``ready()`` until it returns something truthy (another rank's work), and return that.
-    No timeout: torchrun and accelerate end every rank when one fails."""
-    while not (value := ready()):
-        time.sleep(poll)
-    return value
-
-
 class Runner:
     def __init__(self, recipe: Recipe, engine: Engine, runtime: Runtime, *, force: list[str] = (),
                  until: str | None = None, echo: Callable[[str], None] = print, stages: list[Stage] | None = None):
         self.recipe = recipe
         self.engine = engine
+        if runtime.isolate_stages == "auto" and recipe.runtime.isolate_stages != "auto":
+            runtime = replace(runtime, isolate_stages=recipe.runtime.isolate_stages)  # the recipe asks
         self.runtime = runtime
-        self.store = ArtifactStore(runtime.runs_dir)
+        self.store = ArtifactStore(runtime.runs_dir, on_corrupt=lambda path, why: echo(
+            f"[corrupt] {path}: {why}; moved aside, it will be recomputed"))
         self.stages = stages if stages is not None else plan(recipe, engine)
         self.keys = stage_keys(self.stages, engine)
         self.echo = echo
@@ -295,8 +275,9 @@ class Runner:
         return self.runtime.runs_dir / "runs" / self.recipe.name
 
     def status(self) -> list[tuple[Stage, str, bool]]:
-        """(stage, key, cached?) for the selected stages, without running anything."""
-        return [(s, self.keys[s.id], s.id not in self.forced and self.store.get(s.kind, self.keys[s.id], verify=False) is not None)
+        """(stage, key, cached?) for the selected stages, without running anything. Each artifact is
+        verified as a run would (a corrupt one counts as to run) but not moved aside."""
+        return [(s, self.keys[s.id], s.id not in self.forced and self.store.get(s.kind, self.keys[s.id], quarantine=False) is not None)
                 for s in self.stages if s.id in self.selected]
 
     def run(self) -> list[StageResult]:
@@ -331,23 +312,51 @@ class Runner:
         rank, world = rank_and_world()
         distributed = getattr(stage.code(), "DISTRIBUTED", False)
         artifact = self.store.get(stage.kind, key)
-        if artifact is None and world > 1 and rank > 0 and not distributed:
-            artifact = self._wait_for(stage, key, "rank 0 computes it")  # a stage that does not use every rank
-        if artifact is not None:
-            result = StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path),
-                                 artifact.manifest.get("seconds", 0.0))
-            self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=True, seconds=0.0, metrics=artifact.metrics)
-            self.echo(f"[cached] {stage.id}")
-            return result
+        if artifact is None and world > 1 and rank > 0:
+            if not distributed:  # a stage that does not use every rank: rank 0 computes it
+                artifact = self._wait_for(stage, key, "rank 0 computes it")
+            else:  # rank 0 holds the stage's lock for the whole launch
+                return self._compute(stage, key, results)
+        if artifact is None:
+            # one computation per key across processes: a second run of the same recipe (or of one
+            # that shares the stage) waits here, then reuses what the first sealed
+            with self.store.lock(stage.kind, key, on_wait=lambda holder: self.echo(
+                    f"[wait]   {stage.id} (another run computes it: {holder})")):
+                artifact = self.store.get(stage.kind, key)
+                if artifact is None:
+                    return self._compute(stage, key, results)
+        self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=True, seconds=0.0, metrics=artifact.metrics)
+        self.echo(f"[cached] {stage.id}")
+        return StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path),
+                           artifact.manifest.get("seconds", 0.0))
+
+    def _compute(self, stage: Stage, key: str, results: dict[str, StageResult]) -> StageResult:
+        rank, world = rank_and_world()
         inputs = {role: Path(results[dep].path) for role, dep in stage.deps.items()}
         out = self.store.begin(stage.kind, key)
         self.engine.hook.profuser_stage_started(stage_id=stage.id, key=key, run_dir=str(self.run_dir))
-        self.echo(f"[run]    {stage.id} ...")
+        loads_model = getattr(stage.code(), "LOADS_MODEL", stage.kind in MODEL_STAGE_KINDS)
+        isolated = loads_model and self.runtime.isolates()
+        self.echo(f"[run]    {stage.id} ..." + (" (worker process)" if isolated else ""))
         t0 = time.time()
-        ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine, recipe=self.recipe)
-        metrics = stage.code().run(ctx) or {}
+        if isolated:
+            from .workers import run_stage_in_worker
+
+            def forward(step: int, metrics: dict[str, Any]) -> None:
+                self.engine.hook.profuser_metrics_logged(stage_id=stage.id, step=step, metrics=metrics)
+
+            metrics = run_stage_in_worker(stage, inputs, out, self.runtime, self.recipe, self.engine, forward)
+        else:
+            ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine, recipe=self.recipe)
+            try:
+                metrics = stage.code().run(ctx) or {}
+            finally:
+                del ctx
+                if loads_model:
+                    _release_memory()
         seconds = time.time() - t0
-        if world > 1 and distributed:  # every rank ran it: rank 0 seals it once every rank is done writing
+        if world > 1 and getattr(stage.code(), "DISTRIBUTED", False):
+            # every rank ran it: rank 0 seals it once every rank is done writing
             checkins = self.store.partial_dir(stage.kind, key).with_suffix(".ranks")
             launch = os.environ.get("TORCHELASTIC_RUN_ID", "launch")  # a killed launch's check-ins do not count
             if rank > 0:
@@ -381,7 +390,16 @@ class Runner:
         tmp.replace(link)
 
 
-def _dump_yaml(recipe: Recipe) -> str:
+def _release_memory() -> None:
+    """Give back what an in-process model stage left behind (caches and unreferenced tensors).
+    Only a stage worker's exit is sure to free a GPU; this is the best a shared process can do."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _dump_yaml(recipe: Recipe, exclude: set[str] | None = None) -> str:
     import yaml
 
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -6,6 +6,8 @@ Layout under the runs directory::
     store/<kind>/<key>.partial/    a stage being written; kept across kills so that a stage can
                                    resume from its own scratch state (generation shards,
                                    training checkpoints), then renamed into place
+    store/.locks/<kind>-<key>.lock one computation of a key at a time across processes (an OS
+                                   file lock: a dead holder's lock is free again)
 
 ``manifest.json`` is written last and lists every file with its size and SHA-256: an artifact
 without one, or whose files disagree with it, is partial or corrupt and is never read.
@@ -13,18 +15,25 @@ without one, or whose files disagree with it, is partial or corrupt and is never
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ArtifactError
 
 MANIFEST = "manifest.json"
+# temporary names (``.x.tmp123`` from atomic writes, ``.tmpXXXX`` from tempfile with a dot prefix):
+# whatever a kill left under these names is swept before a stage is sealed, never published
+TEMPORARY = re.compile(r"^\.(tmp|.*\.tmp)")
 
 
 def stable_hash(obj: Any) -> str:
@@ -41,10 +50,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def temporary_name(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place (matched by ``TEMPORARY``)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that a reader sees the old content or the new, never half of it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_name(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -69,8 +84,9 @@ class Artifact:
 
 
 class ArtifactStore:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, on_corrupt: Callable[[Path, str], None] | None = None):
         self.root = Path(root)
+        self.on_corrupt = on_corrupt  # told when a corrupt artifact is moved aside (to be recomputed)
 
     def final_dir(self, kind: str, key: str) -> Path:
         return self.root / "store" / kind / key
@@ -78,15 +94,19 @@ class ArtifactStore:
     def partial_dir(self, kind: str, key: str) -> Path:
         return self.root / "store" / kind / f"{key}.partial"
 
-    def get(self, kind: str, key: str, *, verify: bool = True) -> Artifact | None:
-        """The finished artifact, or None. A corrupt one is moved aside so it gets recomputed."""
+    def get(self, kind: str, key: str, *, verify: bool = True, quarantine: bool = True) -> Artifact | None:
+        """The finished artifact, or None. A corrupt one is moved aside (unless ``quarantine`` is
+        False: a dry run only looks) so that it gets recomputed."""
         path = self.final_dir(kind, key)
         if not path.is_dir():
             return None
         try:
             manifest = read_manifest(path, verify=verify)
-        except ArtifactError:
-            self._quarantine(path)
+        except ArtifactError as exc:
+            if quarantine:
+                self._quarantine(path)
+                if self.on_corrupt:
+                    self.on_corrupt(path, exc.message)
             return None
         return Artifact(kind, key, path, manifest)
 
@@ -112,9 +132,34 @@ class ArtifactStore:
         partial.mkdir(parents=True, exist_ok=True)
         return partial
 
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the lock of one key: another process computing it makes this wait (``on_wait`` is
+        told who holds it). An OS file lock, so a killed holder's lock is free at once."""
+        from filelock import FileLock, Timeout
+
+        locks = self.root / "store" / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(locks / f"{kind}-{key}.lock")
+        holder = locks / f"{kind}-{key}.holder"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait:
+                on_wait(_read_holder(holder))
+            lock.acquire()
+        try:
+            atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
+
     def commit(self, kind: str, key: str, manifest: dict[str, Any], *, exclude: Callable[[Path], bool] | None = None) -> Artifact:
-        """Seal the partial directory: hash its files, write the manifest last, rename into place."""
+        """Seal the partial directory: drop temporary files a kill left, hash the files, write the
+        manifest last, rename into place."""
         partial = self.partial_dir(kind, key)
+        sweep_temporary(partial)
         files = {}
         for file in sorted(p for p in partial.rglob("*") if p.is_file()):
             rel = file.relative_to(partial).as_posix()
@@ -140,6 +185,26 @@ class ArtifactStore:
                 continue
             found.append(Artifact(path.parent.name, path.name, path, manifest))
         return found
+
+
+def _read_holder(holder: Path) -> str:
+    try:
+        info = json.loads(holder.read_text())
+        return f"pid {info['pid']} on {info['host']}, for {time.time() - info['since']:.0f}s"
+    except (OSError, ValueError, KeyError):
+        return "a process that is starting"
+
+
+def sweep_temporary(root: Path) -> list[Path]:
+    """Remove every temporary file or folder under ``root`` (names matched by ``TEMPORARY``)."""
+    found = sorted((p for p in root.rglob(".*") if TEMPORARY.match(p.name)), key=lambda p: len(p.parts))
+    removed = []
+    for path in found:
+        if any(parent in removed for parent in path.parents):
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:

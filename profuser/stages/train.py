@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import yaml
 
 from ..components import MODES
 from ..errors import DataError
@@ -34,13 +33,13 @@ def run(ctx) -> dict:
     lineage = {
         "recipe": cfg["recipe_name"],
         "target": {"key": cfg["target_key"], **cfg["target"]},
-        "sources": [source.key for source in ctx.recipe.sources],
+        "sources": cfg["sources"],
         "stages": {"train": ctx.out.name.removesuffix(".partial"),
                    **{role: path.name for role, path in sorted(ctx.inputs.items())}},  # cache keys
     }
     card = {
         "title": f"{cfg['target_key']} fused by profuser ({cfg['recipe_name']})",
-        "recipe": yaml.safe_dump(ctx.recipe.model_dump(mode="json"), sort_keys=False),
+        "recipe": cfg["card_recipe"],  # in the config, so in the key: a shared key never embeds another recipe
         "lineage": lineage,
     }
     summary = train(

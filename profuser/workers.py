@@ -1,0 +1,140 @@
+"""Stage workers: run one stage in its own spawned process, which exits when the stage returns.
+
+Why: a process that loaded a model does not reliably give its GPU memory back (vLLM engines are
+known to keep it after ``del``; CUDA caches and NCCL groups linger), so the next stage of a long
+pipeline would start on a GPU that is already full. A worker's exit frees everything whatever the
+libraries did. Spawned, not forked: a fork would inherit the parent's CUDA state and threads.
+
+The worker writes into the stage's partial directory exactly as an in-process stage does, so its
+artifacts are the same and a killed worker leaves the stage resumable. It rebuilds the plugin
+engine the parent had (built-ins, entry points, and the extra plugins a program passed), forwards
+the stage's metrics to the parent's observers as they are logged, and sends back either the
+stage's metrics or the error it raised; the parent raises that error as its own, so a user sees the
+same one-line message as in-process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import traceback
+import types
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import ProfuserError
+
+Metrics = dict[str, Any]
+
+
+def run_stage_in_worker(stage, inputs: dict[str, Path], out: Path, runtime, recipe, engine,
+                        on_metrics: Callable[[int, Metrics], None]) -> Metrics:
+    """Run ``stage`` in a fresh spawned process and return its metrics (or raise its error)."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    payload = {"stage": stage, "inputs": inputs, "out": out, "runtime": runtime, "recipe": recipe,
+               "engine": engine_spec(engine)}
+    process = context.Process(target=_worker_main, args=(payload, sender), name=f"profuser-{stage.id}", daemon=False)
+    process.start()
+    sender.close()  # the child holds the only writing end: EOF here means it is gone
+    try:
+        while True:
+            try:
+                kind, *body = receiver.recv()
+            except EOFError:
+                break
+            if kind == "metrics":
+                on_metrics(*body)
+            elif kind == "done":
+                process.join()
+                return body[0]
+            elif kind == "error":
+                process.join()
+                raise _rebuild_error(*body)
+            elif kind == "crash":
+                process.join()
+                raise RuntimeError(f"stage {stage.id} failed in its worker process:\n{body[0]}")
+        process.join()
+    except BaseException:
+        if process.is_alive():  # interrupted: stop the worker too; its partial directory stays
+            process.terminate()
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+        raise
+    finally:
+        receiver.close()
+    raise ProfuserError(f"the stage's worker process ended without a result (exit code {process.exitcode}: "
+                        f"{_describe_exit(process.exitcode)}); run the same command to resume it", where=stage.id)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return "killed or out of memory" if code else "no result sent"
+
+
+def _worker_main(payload: dict, sender) -> None:
+    from .pipeline import StageContext
+
+    try:
+        engine = rebuild_engine(payload["engine"])
+        stage = payload["stage"]
+        ctx = StageContext(stage=stage, inputs=payload["inputs"], out=payload["out"], runtime=payload["runtime"],
+                           engine=engine, recipe=payload["recipe"],
+                           metrics_sink=lambda step, metrics: sender.send(("metrics", step, metrics)))
+        metrics = stage.code().run(ctx) or {}
+        sender.send(("done", metrics))
+    except ProfuserError as exc:
+        sender.send(("error", type(exc).__module__, type(exc).__qualname__, str(exc), vars(exc)))
+    except KeyboardInterrupt:
+        pass  # the parent was interrupted too and says so
+    except BaseException:  # noqa: BLE001  (a bug, not bad input: the parent shows the traceback)
+        sender.send(("crash", traceback.format_exc()))
+    finally:
+        sender.close()
+
+
+def _rebuild_error(module: str, qualname: str, message: str, state: dict) -> ProfuserError:
+    cls = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+# --- the plugin engine, across the process boundary ---------------------------------------------
+
+
+def engine_spec(engine) -> dict:
+    """What a worker needs to rebuild ``engine``: whether entry points were loaded, and the extra
+    plugins a program passed (modules by name, other objects pickled)."""
+    from .plugins import ENTRYPOINT_GROUP
+
+    entry_points = {ep.name for ep in metadata.entry_points(group=ENTRYPOINT_GROUP)}
+    extras, loaded_entry_points = [], False
+    for name, info in engine.plugins.items():
+        if info.builtin:
+            continue
+        if name in entry_points:
+            loaded_entry_points = True
+            continue
+        plugin = engine.pm.get_plugin(name)
+        extras.append((name, ("module", plugin.__name__) if isinstance(plugin, types.ModuleType) else ("object", plugin)))
+    return {"entrypoints": loaded_entry_points, "extras": extras}
+
+
+def rebuild_engine(spec: dict):
+    from .plugins import Engine
+
+    extras = [(name, importlib.import_module(value) if how == "module" else value) for name, (how, value) in spec["extras"]]
+    return Engine(entrypoints=spec["entrypoints"], extra_plugins=extras)
