@@ -364,6 +364,8 @@ def _evaluate_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
         if task == "profuser_heldout":
             forward, generated = sizes.heldout * sizes.prompt_tokens, sizes.heldout * min(sizes.response_tokens, 256)
         limit = recipe.evaluate.limit
+        if isinstance(limit, dict):  # per task: the largest bounds the estimate
+            limit = max(limit.values(), default=None) if len(limit) == len(recipe.evaluate.tasks) else None
         if limit:  # --limit caps examples per task; scale by the share kept (mmlu: per subtask, ~57)
             forward, generated = forward * min(1.0, limit / 1000), generated * min(1.0, limit / 1000)
         seconds += forward / rates["forward"] + generated / rates["generate_hf"]

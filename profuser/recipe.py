@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_serializer, model_validator
 
 from .components import StrictModel
 from .errors import PluginError, RecipeError
@@ -167,7 +167,8 @@ class EvaluateSpec(StrictModel):
     backend: Literal["hf", "vllm"] = Field(default="hf", description="lm-eval model: hf (transformers) or vllm")
     vllm: VLLMEvaluateSpec = VLLMEvaluateSpec()
     tasks: list[str] = Field(default_factory=list, description="lm-eval task names")
-    limit: int | None = Field(default=None, gt=0)
+    limit: PositiveInt | dict[str, PositiveInt] | None = Field(
+        default=None, description="at most N examples per task, or {task: N} for some tasks only")
     num_fewshot: dict[str, int] = Field(default_factory=dict)
     data_dir: str | None = None
     baselines: bool = True

@@ -345,3 +345,14 @@ def test_heldout_bpb_matches_the_trainers_encoding(tmp_path, tiny_llama_dir, tin
 
     assert heldout_ids(path, "profuser_heldout_bpb") == ["a", "b", "c"]
     assert heldout_ids(path, "profuser_heldout") == ["a", "b"]
+
+
+def test_a_limit_per_task(tmp_path, tiny_llama_dir):
+    """evaluate.limit: {task: N} caps those tasks only (the study scores bpb on every held-out row
+    and exact match on fewer, since generation costs most)."""
+    model, tok = load(tiny_llama_dir)
+    path = heldout_parquet(tmp_path / "heldout.parquet")
+    out = evaluate_model(model, tok, ["profuser_heldout_bpb", "profuser_heldout"], heldout_path=path,
+                         limit={"profuser_heldout": 1}, log_samples=True, max_gen_toks=4)
+    assert len(out["_samples"]["profuser_heldout"]) == 1 and len(out["_samples"]["profuser_heldout_bpb"]) == 3
+    assert out["_config"]["profuser_heldout"]["limit"] == 1 and out["_config"]["profuser_heldout_bpb"]["limit"] is None

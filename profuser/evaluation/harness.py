@@ -53,7 +53,7 @@ def evaluate_model(
     tokenizer,
     tasks: list[str],
     *,
-    limit: int | None = None,
+    limit: int | dict[str, int] | None = None,
     num_fewshot: dict[str, int] | None = None,
     data_dir: str | Path | None = None,
     heldout_path: str | Path | None = None,
@@ -159,14 +159,13 @@ def evaluate_model(
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
                       max_length=max_length, chat_template_args={"chat_template": template})
         merged: dict[str, Any] = {"results": {}, "groups": {}, "n-samples": {}, "samples": {}}
-        for chat in (False, True):
-            group = [task for task in tasks if chat_of[task] == chat]
-            if not group:
-                continue
+        limit_of = {task: limit.get(task) if isinstance(limit, dict) else limit for task in tasks}
+        for chat, task_limit in sorted({(chat_of[t], limit_of[t] or 0) for t in tasks}):  # one lm-eval call each
+            group = [task for task in tasks if chat_of[task] == chat and (limit_of[task] or 0) == task_limit]
             try:
                 with _quiet_git():
                     out = simple_evaluate(
-                        model=lm, tasks=[loaded[t] for t in group], task_manager=manager, limit=limit,
+                        model=lm, tasks=[loaded[t] for t in group], task_manager=manager, limit=task_limit or None,
                         apply_chat_template=chat, fewshot_as_multiturn=chat, log_samples=log_samples,
                         gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
                     )
@@ -186,7 +185,7 @@ def evaluate_model(
     for task, obj in loaded.items():
         leaf = _leaves(obj)[0]
         settings[task] = {"num_fewshot": leaf.get_config("num_fewshot"), "chat_template": chat_of[task],
-                          "data": sources[task], "limit": limit}
+                          "data": sources[task], "limit": limit_of[task]}
         if _generates(obj):  # what generation was allowed (after any max_gen_toks override)
             settings[task]["max_gen_toks"] = (leaf.get_config("generation_kwargs") or {}).get("max_gen_toks", lm.max_gen_toks)
     return _summarise(tasks, merged, settings)
