@@ -121,13 +121,19 @@ def _collate(root: Path) -> dict:
         batch = data.collate(rows[a:a + micro], weights[a:a + micro], pad_id=0)
         labelled += int((batch["labels"][:, 1:] != IGNORE).sum())
         tokens += int(batch["attention_mask"].sum())
-    return {"examples": int(len(rows)), "steps": plan.steps, "labelled_tokens": labelled, "tokens": tokens}
+    return {"examples": len(rows), "steps": plan.steps, "labelled_tokens": labelled, "tokens": tokens}
 
 
 def child(step: str, root: Path) -> None:
     # imports are not part of a step's time (an in-process pipeline pays them once)
-    import profuser.pipeline, profuser.plugins, profuser.stages.align, profuser.stages.build  # noqa: E401, F401
-    import profuser.stages.select, profuser.training.data, transformers  # noqa: E401, F401
+    import transformers  # noqa: F401
+
+    import profuser.pipeline
+    import profuser.plugins
+    import profuser.stages.align
+    import profuser.stages.build
+    import profuser.stages.select
+    import profuser.training.data  # noqa: F401
 
     t0 = time.perf_counter()
     if step == "setup-models":
@@ -278,7 +284,7 @@ MEASURED = ("select-inference", "select-training",
 
 def run_step(step: str, root: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", step, str(root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1"})
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1"})
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"step {step} failed in {root}")

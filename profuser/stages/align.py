@@ -76,9 +76,10 @@ def won_ids(select_dir, source_key: str) -> list[str]:
 def iter_records(path, columns: list[str], batch_rows: int = 1024) -> Iterator[dict]:
     """The rows of a parquet file (``columns`` of them) as dicts, streamed: buffered reads of a
     few pages at a time, so a file of one large row group (as the data stage writes) is never
-    held whole."""
+    held whole (pre-buffering, pyarrow's default, reads whole column chunks: 100k records of
+    2 kB held 0.36 GB peak with it, 0.15 GB without, the same as 10k)."""
     try:
-        source = pq.ParquetFile(path, buffer_size=1 << 20)
+        source = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"unreadable: {exc}", where=str(path)) from None
     missing = [c for c in columns if c not in source.schema_arrow.names]

@@ -46,7 +46,7 @@ class _Aligned:
 
     @staticmethod
     def _iter(path) -> Iterator[dict]:
-        for batch in pq.ParquetFile(path, buffer_size=1 << 20).iter_batches(batch_size=64):
+        for batch in pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False).iter_batches(batch_size=64):
             starts = batch.column("target_ids").offsets.to_numpy()
             target_ids = batch.column("target_ids").flatten().to_numpy(zero_copy_only=False)  # [tokens]
             mask = batch.column("teacher_mask").flatten().to_numpy(zero_copy_only=False).astype(bool)
