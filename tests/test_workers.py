@@ -162,3 +162,31 @@ inference_mode:
 train: {{lr: 1.0e-3, batch_size: 4, micro_batch_size: 2, max_length: 384}}
 evaluate: {{tasks: [profuser_heldout], batch_size: 4}}
 """
+
+
+@pytest.mark.slow
+def test_a_two_process_launch_with_isolated_stages(tiny_llama_dir, tiny_gemma_dir, tmp_path):
+    """``torchrun --nproc_per_node 2`` with stage workers: each rank's model stages run in that
+    rank's worker (the ranks' shards, DDP training over both workers), then one process reuses it all."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY.format(llama=tiny_llama_dir, gemma=tiny_gemma_dir))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "profuser", "run", str(recipe), "--runs-dir", str(runs),
+                           "-o", "runtime.isolate_stages=true"], check=False, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("[run]    train ... (worker process)") == 2  # both ranks
+    by_id = {s["id"]: s for s in json.loads((runs / "runs" / "tiny" / "run.json").read_text())["stages"]}
+    assert by_id["train"]["metrics"]["world_size"] == 2 and by_id["train"]["metrics"]["backend"] == "ddp"
+    shards = Path(by_id["logits/training/gemma"]["path"]).glob("shard-*.arrow")
+    assert {p.name.split("-")[-1] for p in shards} == {"r0.arrow", "r1.arrow"}
+    again = subprocess.run([sys.executable, "-m", "profuser", "run", str(recipe), "--runs-dir", str(runs)],
+                           check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "[run]" not in again.stdout, again.stdout
