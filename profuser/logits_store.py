@@ -14,8 +14,10 @@ hands out numpy views of Arrow buffers (never Python lists); without compression
 straight into the mapped file (true zero copy). Buffers are zstd-compressed by default, because
 the raw layout is ~80 bytes per token at k = 10 (ids 40 + logits 20 + nll/logz 8 + token id 4 +
 offsets 8) and zstd brings it under the 64-byte budget (see docs/benchmarks.md); decompression
-then happens once per record batch into Arrow's memory pool. ``compression=None`` trades disk
-for zero-copy reads.
+then happens once per record batch into Arrow's memory pool, from a positional read of that
+batch alone (a compressed shard is not memory-mapped: touched pages of a map stay in the
+process's RSS, ~7 kB per example read). ``compression=None`` trades disk for zero-copy reads
+(mapped: the pages a scan touches count in RSS until the kernel needs them back).
 
 Writes are resumable: a shard is written to a temporary name and renamed when complete, so after
 a kill the stage reopens the writer, skips the ids of finished shards and recomputes the rest.
@@ -294,9 +296,13 @@ def _record_batch(rows: list[dict], schema: pa.Schema, top_k: int) -> pa.RecordB
     ], schema=schema)
 
 
-def _open(path: Path, fields: list[int] | None = None) -> ipc.RecordBatchFileReader:
+def _open(path: Path, fields: list[int] | None = None, *, mapped: bool = True) -> ipc.RecordBatchFileReader:
+    """``mapped=False`` reads with positional reads instead of a memory map: the pages of a
+    mapped file stay resident (and in the process's RSS) once touched, so a scan of a compressed
+    store, where mapping saves no copy, would grow by the store's size."""
     try:
-        return ipc.open_file(pa.memory_map(str(path), "r"), options=ipc.IpcReadOptions(included_fields=fields))
+        source = pa.memory_map(str(path), "r") if mapped else pa.OSFile(str(path), "rb")
+        return ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=fields))
     except (pa.ArrowInvalid, OSError) as exc:
         raise ArtifactError(f"unreadable logits shard {path.name}: {exc}", where=str(path.parent)) from None
 
@@ -385,7 +391,8 @@ class LogitsReader:
             top_ks.add(int(meta[b"top_k"]))
             self.compression = meta.get(b"compression", b"none").decode()
             self.model = meta.get(b"model", b"").decode()
-            self._readers.append(reader)
+            # a compressed batch is decoded into new memory anyway: read it, do not map it
+            self._readers.append(reader if self.compression == "none" else _open(shard, mapped=False))
             ids_only = _open(shard, [reader.schema.get_field_index("id")])
             for b in range(ids_only.num_record_batches):
                 for r, example_id in enumerate(ids_only.get_batch(b).column(0).to_pylist()):

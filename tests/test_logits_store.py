@@ -208,3 +208,23 @@ def test_nll_table_matches_source_nll_type(tmp_path):
     write(tmp_path, [make_example(rng, 0, 3)])
     value = LogitsReader(tmp_path).nll_table()["ex0"]
     assert isinstance(value, SourceNLL) and isinstance(value.n_tokens, int)
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_reading_a_compressed_store_does_not_map_it(tmp_path):
+    """Every example of an ~8 MB compressed store read by id: the file-backed RSS stays flat (a
+    memory-mapped shard keeps every page a read touched resident, ~7 kB per example at scale)."""
+    rng = np.random.default_rng(0)
+    write(tmp_path, (make_example(rng, i, 200) for i in range(800)))  # random values: zstd barely shrinks them
+    stored = sum(p.stat().st_size for p in tmp_path.glob("shard-*.arrow"))
+    assert stored > 5e6
+    reader = LogitsReader(tmp_path, cache_batches=1)
+    before = _rss_file_kb()
+    total = sum(int(reader.get(f"ex{i}").topk_ids[:, 0].sum()) for i in range(800))
+    assert total > 0
+    assert (_rss_file_kb() - before) * 1024 < stored / 5
