@@ -220,3 +220,21 @@ def test_a_multi_process_launch_splits_the_examples_and_stores_one_artifact(tmp_
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         np.testing.assert_allclose(a.nll, b.nll, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a.topk_logits.astype(np.float32), b.topk_logits.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_prompts_stream_in_chunks_sorted_by_length_within_each(tmp_path, tiny_llama_dir, monkeypatch):
+    whole = make_ctx(tmp_path / "whole", tiny_llama_dir)
+    logits_stage.run(whole)
+    monkeypatch.setattr(logits_stage, "PROMPT_CHUNK", 2)  # chunks a+b, c+d, e
+    chunked = make_ctx(tmp_path / "chunked", tiny_llama_dir)
+    metrics = logits_stage.run(chunked)
+    assert metrics["examples"] == 5 and metrics["computed_examples"] == 5
+    reader, reference = LogitsReader(chunked.out), LogitsReader(whole.out)
+    # storage order: each chunk longest first, chunks in data order
+    _, tokenizer = load_model(ModelSpec(ref=str(tiny_llama_dir)))
+    n = {r.id: len(logits_stage.encode(tokenizer, logits_stage.Item(r.id, r.system, r.instruction, r.response),
+                                       max_length=256, source="src").input_ids) for r in RECORDS}
+    assert reader.ids == [*sorted("ab", key=lambda i: -n[i]), *sorted("cd", key=lambda i: -n[i]), "e"]
+    assert reference.ids != reader.ids  # one chunk: sorted across all five
+    for i in reader.ids:
+        np.testing.assert_allclose(reader.get(i).nll, reference.get(i).nll, rtol=1e-5, atol=1e-5)

@@ -8,8 +8,9 @@ and its associated logits").
 Each conversation is formatted with the source's own chat template (``profuser.chat``); the
 logits at position t-1 predict response token t. Only those positions are projected onto the
 vocabulary (``logits_to_keep``), never the prompt's: with a 262k vocabulary the full [B, L, V]
-tensor is most of the memory. Examples are sorted by length and right-padded in batches; the
-writer (``profuser.logits_store``) skips ids already stored by a killed earlier attempt.
+tensor is most of the memory. Prompts are streamed from the data file ``PROMPT_CHUNK`` records at a time;
+within a chunk, examples are sorted by length and right-padded in batches (the store is in that
+order); the writer (``profuser.logits_store``) skips ids already stored by a killed earlier attempt.
 
 Under a multi-process launch (torchrun, accelerate launch) every rank runs this stage: rank r
 teacher-forces examples r, r + W, r + 2W, ... (in data order: a split every rank computes alike,
@@ -23,16 +24,17 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..data import read_records
 from ..errors import DataError, ModelError, ProfuserError
 from ..logits_store import LogitsWriter
 from ..pipeline import rank_and_world, wait_until
 from ..recipe import DistillSpec, ModelSpec
+from .align import CHUNK_RECORDS, iter_chunks, iter_records
 
 VERSION = "1"
 DISTRIBUTED = True  # every rank of a multi-process launch takes a slice (see above)
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 # positions reduced at once (logsumexp, top-k): bounds the float32 temporaries to CHUNK x V x 4
 # bytes on top of the logits themselves (134 MB at Gemma's 262k vocabulary)
 CHUNK = 128
+# data records read at once: their items are sorted by length (less padding) and teacher-forced,
+# then dropped, so memory does not grow with the data; ``align`` reads the store in the same chunks
+PROMPT_CHUNK = CHUNK_RECORDS
 
 
 @dataclass
@@ -61,26 +66,37 @@ class Encoded:
     truncated: int
 
 
-def items(ctx, mode: str, source: str) -> list[Item]:
-    """The (prompt, response) pairs this source is teacher-forced on, in data order."""
-    records = read_records(ctx.inputs["data"] / "train.parquet")
+def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
+    """The (prompt, response) pairs this source is teacher-forced on, in data order, in chunks of
+    the items of ``PROMPT_CHUNK`` data records (the data file and the generations are streamed)."""
+    where = f"stage logits/{mode}/{source}"
+    if mode not in ("training", "inference"):
+        raise ProfuserError(f"unknown mode {mode!r} (inference or training)", where=where)
+    records = iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction", "response"])
     if mode == "training":
-        return [Item(r.id, r.system, r.instruction, r.response) for r in records]
-    if mode != "inference":
-        raise ProfuserError(f"unknown mode {mode!r} (inference or training)", where=f"stage logits/{mode}/{source}")
+        for chunk in iter_chunks(records, PROMPT_CHUNK):
+            yield [Item(r["id"], r["system"] or "", r["instruction"], r["response"]) for r in chunk]
+        return
     selection = pq.read_table(ctx.inputs["select"] / "selection.parquet", columns=["id", "chosen"])
     won = {i for i, c in zip(selection["id"].to_pylist(), selection["chosen"].to_pylist()) if c == source}
-    generations = pq.read_table(ctx.inputs["generate"] / "generations.parquet", columns=["id", "response"])
-    generated = dict(zip(generations["id"].to_pylist(), generations["response"].to_pylist()))
-    out = []
-    for r in records:
-        if r.id not in won:
-            continue
-        if r.id not in generated:
-            raise DataError(f"example {r.id!r} was won by {source!r} but its generation is missing",
-                            where=f"generate/{source}/generations.parquet")
-        out.append(Item(r.id, r.system, r.instruction, generated[r.id]))
-    return out
+    del selection
+    path = ctx.inputs["generate"] / "generations.parquet"
+    # the generate stage writes one row per record in data order: read them side by side
+    generations = iter_records(path, ["id", "response"])
+    pending = next(generations, None)
+    for chunk in iter_chunks(records, PROMPT_CHUNK):
+        out = []
+        for r in chunk:
+            generated = None
+            if pending is not None and pending["id"] == r["id"]:
+                generated, pending = pending["response"], next(generations, None)
+            if r["id"] not in won:
+                continue
+            if generated is None:
+                raise DataError(f"example {r['id']!r} was won by {source!r} but its generation is missing (rows follow "
+                                f"the data's order; the next one is {pending['id'] if pending else None!r})", where=str(path))
+            out.append(Item(r["id"], r["system"] or "", r["instruction"], generated))
+        yield out
 
 
 def encode(tokenizer, item: Item, *, max_length: int, source: str) -> Encoded:
@@ -169,49 +185,59 @@ def run(ctx) -> dict:
     spec = ModelSpec(**cfg["model"])
     distill = DistillSpec(**cfg["distill"])
 
-    all_items = items(ctx, mode, source)
     rank, world = rank_and_world()
     writer = LogitsWriter(ctx.out, distill.top_k, model=source, part=f"-r{rank}" if world > 1 else "")
-    mine = all_items[rank::world]  # [every example] with one process
-    resumed = sum(1 for it in mine if it.id in writer)
-    todo_items = [it for it in mine if it.id not in writer]
     device = ctx.runtime.torch_device()
-    tokens = truncated = 0
+    tokens = truncated = resumed = computed = seen = 0
     seconds = load_seconds = 0.0
     max_length = distill.max_length
-    if todo_items:
-        t_load = time.time()
-        model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir)
-        load_seconds = time.time() - t_load
-        # the model's context (or the recipe's model max_length) caps the distill length
-        max_length = min(distill.max_length, tokenizer.model_max_length or distill.max_length)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        if distill.top_k > vocab:
-            raise ProfuserError(f"distill.top_k = {distill.top_k} exceeds the vocabulary ({vocab})", where=f"model {source}")
-        encoded = [encode(tokenizer, it, max_length=max_length, source=source) for it in todo_items]
-        encoded.sort(key=lambda e: -len(e.input_ids))  # stable: equal lengths keep data order
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        masked = _keeps_masked_positions(model)
-        t0 = time.time()
-        try:
-            with torch.inference_mode(), tqdm(total=len(encoded), unit="ex", desc=ctx.stage.id,
-                                              disable=not ctx.runtime.progress) as bar:
+    expected: set[str] = set()  # every item's id: what rank 0 waits for under a launch
+    model = tokenizer = bar = None
+    try:
+        for chunk in items(ctx, mode, source):
+            expected.update(it.id for it in chunk)
+            # rank r takes items r, r + W, ... of the whole (data-ordered) list
+            mine = [it for j, it in enumerate(chunk, seen) if j % world == rank]
+            seen += len(chunk)
+            todo = [it for it in mine if it.id not in writer]
+            resumed += len(mine) - len(todo)
+            if not todo:
+                continue
+            if model is None:
+                t_load = time.time()
+                model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir)
+                load_seconds = time.time() - t_load
+                # the model's context (or the recipe's model max_length) caps the distill length
+                max_length = min(distill.max_length, tokenizer.model_max_length or distill.max_length)
+                vocab = model.get_output_embeddings().weight.shape[0]
+                if distill.top_k > vocab:
+                    raise ProfuserError(f"distill.top_k = {distill.top_k} exceeds the vocabulary ({vocab})",
+                                        where=f"model {source}")
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+                masked = _keeps_masked_positions(model)
+                bar = tqdm(unit="ex", desc=ctx.stage.id, disable=not ctx.runtime.progress)
+                t0 = time.time()
+            encoded = [encode(tokenizer, it, max_length=max_length, source=source) for it in todo]
+            encoded.sort(key=lambda e: -len(e.input_ids))  # stable: equal lengths keep data order
+            with torch.inference_mode():
                 for start in range(0, len(encoded), distill.batch_size):
                     batch = encoded[start : start + distill.batch_size]
                     for row in score_batch(model, batch, top_k=distill.top_k, pad_id=pad_id, device=device, masked=masked):
                         writer.add(**row)
                         tokens += len(row["nll"])
                         truncated += row["truncated"] > 0
+                    computed += len(batch)
                     bar.update(len(batch))
                     bar.set_postfix(tok_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
-        finally:
-            writer.flush()  # also after a failure: a rerun resumes after the complete examples
+    finally:
+        writer.flush()  # also after a failure: a rerun resumes after the complete examples
+        if bar is not None:
+            bar.close()
+    if model is not None:
         seconds = time.time() - t0
     if rank > 0:  # rank 0 writes the index once every rank's shards are in
         return {}
     if world > 1:
-        expected = {it.id for it in all_items}
-
         def all_stored() -> bool:
             writer.rescan()  # the other ranks' shards written since
             return expected <= writer.done_ids
@@ -223,7 +249,7 @@ def run(ctx) -> dict:
     return {
         "examples": summary["examples"],
         "tokens": summary["tokens"],
-        "computed_examples": len(todo_items),  # by this process (rank 0 of ``world_size``)
+        "computed_examples": computed,  # by this process (rank 0 of ``world_size``)
         "world_size": world,
         "computed_tokens": tokens,
         "resumed_examples": resumed,
