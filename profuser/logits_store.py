@@ -432,6 +432,14 @@ class LogitsReader:
             self._cache.popitem(last=False)
         return decoded
 
+    def position(self, example_id: str) -> tuple[int, int, int]:
+        """(shard, record batch, row) of a stored example: reading ids sorted by it decodes each
+        batch once."""
+        try:
+            return self._where[example_id]
+        except KeyError:
+            raise ArtifactError(f"example {example_id!r} is not in the logits store", where=str(self.path)) from None
+
     def get(self, example_id: str) -> LogitsExample:
         try:
             shard, batch, row = self._where[example_id]

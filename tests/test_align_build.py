@@ -272,3 +272,38 @@ def test_build_names_a_selected_example_its_source_did_not_align(setup):
                              "scores": ["{}"] * len(ids), "detail": ["{}"] * len(ids)}), setup["select"] / "selection.parquet")
     with pytest.raises(ArtifactError, match="example 'a' was won by 'llama'.*no row"):
         run_build(setup, aligned)
+
+
+def test_align_reads_a_length_sorted_store_in_storage_order(setup, monkeypatch):
+    """The logits stage stores each chunk of prompts longest first: align's rows are the same as
+    from a store in data order, and each record batch of the store is decoded once."""
+    from functools import partial
+
+    from profuser import logits_store
+    from profuser.logits_store import LogitsReader
+
+    plain = write_store(setup["tmp"] / "logits-plain", setup["specs"]["gemma"], RECORDS, seed=3)
+    reader = LogitsReader(plain)
+    shuffled = setup["tmp"] / "logits-shuffled"
+    with LogitsWriter(shuffled, K, model="gemma", batch_tokens=40) as writer:
+        for example_id in ("e", "b", "a", "d", "c"):  # an order other than the data's
+            ex = reader.get(example_id)
+            writer.add(example_id, ex.response, ex.token_ids, ex.offsets, ex.nll, ex.topk_ids, ex.topk_logits, ex.logz)
+    layout = LogitsReader(shuffled)
+    batches = len({layout.position(r.id)[:2] for r in RECORDS})
+    assert batches == 3  # (e, b, a), (d), (c): data order with a one-batch cache would decode 4
+    ids = [r.id for r in RECORDS]  # every example won by gemma
+    pq.write_table(pa.table({"id": ids, "chosen": ["gemma"] * len(ids)}), setup["select"] / "selection.parquet")
+
+    decoded = []
+    monkeypatch.setattr(logits_store, "LogitsReader", partial(logits_store.LogitsReader, cache_batches=1))
+    real_batch = logits_store._Batch
+    monkeypatch.setattr(logits_store, "_Batch", lambda *a: decoded.append(1) or real_batch(*a))
+    expected, _ = run_align(setup, "gemma", plain)
+    decoded.clear()
+    monkeypatch.setattr(align_stage, "CHUNK_RECORDS", len(RECORDS))
+    setup["tmp"] = setup["tmp"] / "again"
+    setup["tmp"].mkdir()
+    got, _ = run_align(setup, "gemma", shuffled)
+    assert pq.read_table(got / "aligned.parquet").equals(pq.read_table(expected / "aligned.parquet"))
+    assert len(decoded) == batches

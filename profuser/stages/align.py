@@ -6,8 +6,10 @@ target (``profuser.chat.encode_chat``: same chat formatting and truncation as th
 aligns the two tokenisations of the response with the recipe's aligner and projects the source's
 distributions onto the target vocabulary (``profuser.alignment.project``).
 
-Memory does not grow with the data: the data file is streamed (``iter_records``), the store is
-read one record batch at a time, and rows are written in row groups of ``ROWS_PER_GROUP``.
+Memory does not grow with the data: the data file is streamed (``iter_records``) in chunks of
+``CHUNK_RECORDS`` records; a chunk's examples are read from the store in storage order (the
+logits stage sorts each such chunk by length, so this decodes each record batch once) and written
+in data order, in row groups of ``ROWS_PER_GROUP``.
 
 Writes ``aligned.parquet``, one row per example in data order (what lets ``build`` merge the
 sources' files in one sequential pass): ``id``, ``response``, ``target_ids`` [n] (the
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +36,10 @@ from ..errors import ArtifactError, DataError, ProfuserError
 
 VERSION = "2"  # 2: rows in data order (1: in the logits store's order)
 ROWS_PER_GROUP = 256  # examples per parquet row group: bounds the memory of a write
+# data records per pass, the logits stage's chunk (``logits.PROMPT_CHUNK``): its stores are sorted
+# by length within such chunks, so a chunk's examples lie in a few consecutive record batches
+CHUNK_RECORDS = 512
+T = TypeVar("T")
 
 ALIGNED_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -89,6 +96,17 @@ def iter_records(path, columns: list[str], batch_rows: int = 1024) -> Iterator[d
         yield from batch.to_pylist()
 
 
+def iter_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def run(ctx) -> dict:
     from ..chat import encode_chat
     from ..logits_store import LogitsReader
@@ -112,6 +130,32 @@ def run(ctx) -> dict:
     source_tokens = 0
     rows: list[dict] = []
 
+    def align_one(record: dict) -> dict:
+        nonlocal align_seconds, source_tokens
+        example_id = record["id"]
+        ex = reader.get(example_id)
+        try:
+            enc = encode_chat(target_tok, record["system"] or "", record["instruction"], ex.response,
+                              max_length=max_length)
+        except ProfuserError as exc:
+            raise type(exc)(f"example {example_id!r}: {exc.message}", where=f"{where} (target)") from None
+        target_ids = np.asarray(enc.input_ids[enc.response_start:], dtype=np.int32)  # [n]
+        target = Tokenized(ex.response, target_ids, enc.response_offsets,
+                           target_tok.convert_ids_to_tokens(target_ids.tolist()))
+        source = Tokenized(ex.response, ex.token_ids, ex.offsets, source_tok.convert_ids_to_tokens(ex.token_ids.tolist()))
+        t0 = time.perf_counter()
+        try:
+            starts, ends = aligner.align(target, source)
+        except Exception as exc:  # an aligner's failure must name the example it failed on
+            raise ProfuserError(f"example {example_id!r}: aligner {cfg['aligner']['name']!r} failed: "
+                                f"{type(exc).__name__}: {exc}", where=where) from exc
+        align_seconds += time.perf_counter() - t0
+        teacher = project(target_ids, ex.token_ids, ex.topk_ids, ex.topk_logits, ex.logz, ex.nll, starts, ends,
+                          vmap, params)
+        counts.add(teacher.category)
+        source_tokens += ex.n_tokens
+        return {"id": example_id, "response": ex.response, "target_ids": target_ids, "teacher": teacher}
+
     with pq.ParquetWriter(ctx.out / "aligned.parquet", ALIGNED_SCHEMA) as sink:
         def flush() -> None:
             if rows:
@@ -131,35 +175,23 @@ def run(ctx) -> dict:
                 raise ArtifactError(f"example {example_id!r} was won by {source_key!r} but is not in its logits store",
                                     where=where)
         won = set(ids)
-        for record in iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction"]):
-            example_id = record["id"]
-            if example_id not in won:
-                continue
-            won.discard(example_id)
-            ex = reader.get(example_id)
-            try:
-                enc = encode_chat(target_tok, record["system"] or "", record["instruction"], ex.response,
-                                  max_length=max_length)
-            except ProfuserError as exc:
-                raise type(exc)(f"example {example_id!r}: {exc.message}", where=f"{where} (target)") from None
-            target_ids = np.asarray(enc.input_ids[enc.response_start:], dtype=np.int32)  # [n]
-            target = Tokenized(ex.response, target_ids, enc.response_offsets,
-                               target_tok.convert_ids_to_tokens(target_ids.tolist()))
-            source = Tokenized(ex.response, ex.token_ids, ex.offsets, source_tok.convert_ids_to_tokens(ex.token_ids.tolist()))
-            t0 = time.perf_counter()
-            try:
-                starts, ends = aligner.align(target, source)
-            except Exception as exc:  # an aligner's failure must name the example it failed on
-                raise ProfuserError(f"example {example_id!r}: aligner {cfg['aligner']['name']!r} failed: "
-                                    f"{type(exc).__name__}: {exc}", where=where) from exc
-            align_seconds += time.perf_counter() - t0
-            teacher = project(target_ids, ex.token_ids, ex.topk_ids, ex.topk_logits, ex.logz, ex.nll, starts, ends,
-                              vmap, params)
-            counts.add(teacher.category)
-            source_tokens += ex.n_tokens
-            rows.append({"id": example_id, "response": ex.response, "target_ids": target_ids, "teacher": teacher})
-            if len(rows) >= ROWS_PER_GROUP:
-                flush()
+        for chunk in iter_chunks(iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction"]),
+                                 CHUNK_RECORDS):
+            todo = []
+            for record in chunk:
+                if record["id"] in won:
+                    won.discard(record["id"])
+                    todo.append(record)
+            # the store is length-sorted within chunks of prompts (the logits stage): read this
+            # chunk's examples in storage order, so each record batch is decoded once, and write
+            # them in data order
+            done: dict[str, dict] = {}
+            for record in sorted(todo, key=lambda r: reader.position(r["id"])):
+                done[record["id"]] = align_one(record)
+            for record in todo:
+                rows.append(done.pop(record["id"]))
+                if len(rows) >= ROWS_PER_GROUP:
+                    flush()
         flush()
     if won:
         missing = next(i for i in ids if i in won)
