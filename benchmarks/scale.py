@@ -3,7 +3,8 @@
 For each size N it writes, with the real writers, what the model stages would have left: N
 records (``data``), two sources' generations and two reward models' scores, each source's
 teacher-forced logits store of the GT (``logits/training``) and of its own chosen responses
-(``logits/inference``), all with random top-k logits over ~``--tokens`` response tokens. Then it
+(``logits/inference``), all with random top-k logits over ~``--tokens`` response tokens, each
+chunk of prompts stored longest first as the logits stage stores them. Then it
 runs the real ``select`` (both modes), ``align`` (both modes x both sources) and ``build`` (both
 modes) stages and one pass of the trainer's data path (one seeded epoch over every example of both
 modes, collated into micro-batches as the trainer does, no model).
@@ -186,9 +187,11 @@ def _pool(root: Path) -> dict:
     }
 
 
-def _write_store(out: Path, spec: dict, items, top_k: int, seed: int) -> dict:
-    """A logits store of ``items`` (id, system, instruction, response; few distinct texts) with
-    random top-k logits: the realised token ranked first, k - 1 other distinct ids."""
+def _write_store(out: Path, spec: dict, chunks, top_k: int, seed: int) -> dict:
+    """A logits store of ``chunks`` (lists of (id, system, instruction, response) of one chunk of
+    data records; few distinct texts) with random top-k logits: the realised token ranked first,
+    k - 1 other distinct ids. Each chunk is stored longest first, as the logits stage does (its
+    ``PROMPT_CHUNK``), so that align reads these stores as it reads real ones."""
     import numpy as np
 
     from profuser.chat import encode_chat
@@ -199,23 +202,29 @@ def _write_store(out: Path, spec: dict, items, top_k: int, seed: int) -> dict:
     vocab = len(tokenizer)
     rng = np.random.default_rng(seed)
     encoded: dict[tuple, tuple] = {}
+
+    def encode(system, instruction, response) -> tuple:
+        key = (system, instruction, response)
+        if key not in encoded:
+            enc = encode_chat(tokenizer, system, instruction, response, max_length=1 << 20)
+            encoded[key] = (len(enc.input_ids), np.asarray(enc.input_ids[enc.response_start:], np.int32),
+                            np.asarray(enc.response_offsets, np.int32))
+        return encoded[key]
+
     with LogitsWriter(out, top_k, model=spec["ref"]) as writer:
-        for example_id, system, instruction, response in items:
-            key = (system, instruction, response)
-            if key not in encoded:
-                enc = encode_chat(tokenizer, system, instruction, response, max_length=1 << 20)
-                encoded[key] = (np.asarray(enc.input_ids[enc.response_start:], np.int32),
-                                np.asarray(enc.response_offsets, np.int32))
-            token_ids, offsets = encoded[key]
-            n = len(token_ids)
-            topk = np.empty((n, top_k), np.int32)
-            topk[:, 0] = token_ids
-            shift = rng.integers(1, vocab - top_k + 1, n)
-            topk[:, 1:] = (token_ids[:, None] + shift[:, None] + np.arange(top_k - 1)) % vocab
-            logits = -np.sort(-rng.normal(size=(n, top_k)), axis=1).astype(np.float16)
-            logz = logits[:, 0].astype(np.float32) + np.float32(1.0) + rng.random(n, dtype=np.float32)
-            nll = logz - logits[:, 0].astype(np.float32)
-            writer.add(example_id, response, token_ids, offsets, nll, topk, logits, logz)
+        for chunk in chunks:
+            chunk = sorted(chunk, key=lambda item: -encode(*item[1:])[0])  # stable, as the stage's sort
+            for example_id, system, instruction, response in chunk:
+                _, token_ids, offsets = encode(system, instruction, response)
+                n = len(token_ids)
+                topk = np.empty((n, top_k), np.int32)
+                topk[:, 0] = token_ids
+                shift = rng.integers(1, vocab - top_k + 1, n)
+                topk[:, 1:] = (token_ids[:, None] + shift[:, None] + np.arange(top_k - 1)) % vocab
+                logits = -np.sort(-rng.normal(size=(n, top_k)), axis=1).astype(np.float16)
+                logz = logits[:, 0].astype(np.float32) + np.float32(1.0) + rng.random(n, dtype=np.float32)
+                nll = logz - logits[:, 0].astype(np.float32)
+                writer.add(example_id, response, token_ids, offsets, nll, topk, logits, logz)
     return writer.close()
 
 
@@ -227,6 +236,8 @@ def _setup_data(root: Path) -> dict:
 
     from profuser.components import Record
     from profuser.data import write_records
+    from profuser.stages.align import iter_chunks
+    from profuser.stages.logits import PROMPT_CHUNK
 
     cfg = json.loads((root / "config.json").read_text())
     n, store = cfg["examples"], root / "store"
@@ -249,7 +260,8 @@ def _setup_data(root: Path) -> dict:
     stores = {}
     for k, s in enumerate(SOURCES):
         items = ((i, pool["system"][p], pool["instruction"][p], pool["response"][r]) for i, (p, r) in zip(ids, picks))
-        stores[s] = _write_store(store / "logits" / "training" / s, specs[s], items, cfg["top_k"], seed=10 + k)
+        stores[s] = _write_store(store / "logits" / "training" / s, specs[s], iter_chunks(items, PROMPT_CHUNK),
+                                 cfg["top_k"], seed=10 + k)
     return {"training_stores": stores}
 
 
@@ -258,6 +270,8 @@ def _setup_inference_logits(root: Path) -> dict:
     import pyarrow.parquet as pq
 
     from profuser.data import read_records
+    from profuser.stages.align import iter_chunks
+    from profuser.stages.logits import PROMPT_CHUNK
 
     cfg = json.loads((root / "config.json").read_text())
     store = root / "store"
@@ -269,8 +283,9 @@ def _setup_inference_logits(root: Path) -> dict:
     for k, s in enumerate(SOURCES):
         generated = pq.read_table(store / "generate" / s / "generations.parquet")
         responses = dict(zip(generated["id"].to_pylist(), generated["response"].to_pylist()))
-        items = ((r.id, r.system, r.instruction, responses[r.id]) for r in records if won.get(r.id) == s)
-        stores[s] = _write_store(store / "logits" / "inference" / s, specs[s], items, cfg["top_k"], seed=20 + k)
+        chunks = ([(r.id, r.system, r.instruction, responses[r.id]) for r in chunk if won.get(r.id) == s]
+                  for chunk in iter_chunks(records, PROMPT_CHUNK))  # chunks of data records, as the stage's
+        stores[s] = _write_store(store / "logits" / "inference" / s, specs[s], chunks, cfg["top_k"], seed=20 + k)
     return {"inference_stores": stores}
 
 
