@@ -247,11 +247,24 @@ def schema():
 
 @app.command()
 @friendly
-def runs(runs_dir: RunsDir = Path("runs"), as_json: JsonFlag = False):
-    """Runs and cached stages, with their sizes."""
+def runs(
+    runs_dir: RunsDir = Path("runs"),
+    as_json: JsonFlag = False,
+    gc: Annotated[bool, typer.Option("--gc", help="Remove corrupt copies, trash, empty partials, stale locks and "
+                                     "temporary files (a live run's are kept).")] = False,
+    everything: Annotated[bool, typer.Option("--all", help="With --gc: also resumable partials of killed runs and "
+                                             "artifacts no run record references.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="With --gc: only list what would be removed.")] = False,
+):
+    """Runs and cached stages, with their sizes; --gc collects what kills and corruption left."""
     from .store import ArtifactStore
 
     store = ArtifactStore(runs_dir)
+    if (everything or dry_run) and not gc:
+        raise ProfuserError("--all and --dry-run go with --gc", where="profuser runs")
+    if gc:
+        _collect(store, everything=everything, dry_run=dry_run, as_json=as_json)
+        return
     run_rows = []
     for run_json in sorted((runs_dir / "runs").glob("*/run.json")):
         summary = json.loads(run_json.read_text())
@@ -424,6 +437,23 @@ def align(
     for key, value in result.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+def _collect(store, *, everything: bool, dry_run: bool, as_json: bool) -> None:
+    from .store import collect_garbage
+
+    items = collect_garbage(store, everything=everything, dry_run=dry_run)
+    removed = [i for i in items if not i.kept]
+    rows = [{"path": str(i.path), "what": i.what, "bytes": i.bytes, "kept": i.kept} for i in items]
+    freed = sum(i.bytes for i in removed)
+    if as_json:
+        print(json.dumps({"dry_run": dry_run, "bytes": freed, "items": rows}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in items:
+        action = f"kept ({item.kept})" if item.kept else verb
+        console.print(Text(f"{action}: {item.what} {item.path} ({_human(item.bytes)})"), soft_wrap=True)
+    console.print(f"{verb} {len(removed)} item(s), {_human(freed)}; kept {len(items) - len(removed)}")
 
 
 def _human(n: int) -> str:

@@ -16,6 +16,7 @@ without one, or whose files disagree with it, is partial or corrupt and is never
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -111,7 +112,7 @@ class ArtifactStore:
         return Artifact(kind, key, path, manifest)
 
     def _quarantine(self, path: Path) -> None:
-        target = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        target = path.with_name(f"{path.name}.corrupt-{int(time.time())}-{os.getpid()}")
         os.replace(path, target)
 
     def invalidate(self, kind: str, key: str) -> bool:
@@ -132,28 +133,27 @@ class ArtifactStore:
         partial.mkdir(parents=True, exist_ok=True)
         return partial
 
+    def lock_path(self, kind: str, key: str) -> Path:
+        return self.root / "store" / ".locks" / f"{kind}-{key}.lock"
+
     @contextlib.contextmanager
     def lock(self, kind: str, key: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
         """Hold the lock of one key: another process computing it makes this wait (``on_wait`` is
         told who holds it). An OS file lock, so a killed holder's lock is free at once."""
-        from filelock import FileLock, Timeout
-
-        locks = self.root / "store" / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(locks / f"{kind}-{key}.lock")
-        holder = locks / f"{kind}-{key}.holder"
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        path = self.lock_path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        holder = path.with_suffix(".holder")
+        fd = _try_lock(path)
+        if fd is None:
             if on_wait:
                 on_wait(_read_holder(holder))
-            lock.acquire()
+            fd = _try_lock(path, block=True)
         try:
             atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
             yield
         finally:
             holder.unlink(missing_ok=True)
-            lock.release()
+            os.close(fd)  # releases the lock
 
     def commit(self, kind: str, key: str, manifest: dict[str, Any], *, exclude: Callable[[Path], bool] | None = None) -> Artifact:
         """Seal the partial directory: drop temporary files a kill left, hash the files, write the
@@ -185,6 +185,156 @@ class ArtifactStore:
                 continue
             found.append(Artifact(path.parent.name, path.name, path, manifest))
         return found
+
+
+def _try_lock(path: Path, *, block: bool = False) -> int | None:
+    """An open descriptor holding the exclusive lock of ``path``, or None if another process holds
+    it (unless ``block``: then wait). If ``gc`` removed the file while this waited, the lock is on
+    a file nobody else sees: take the lock of the file now at ``path`` instead."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@dataclass
+class Garbage:
+    """One thing ``collect_garbage`` found: removed (or, in a dry run, would be) unless ``kept``."""
+
+    path: Path
+    what: str  # corrupt | trash | partial | rank check-ins | lock | temporary | unreferenced
+    bytes: int
+    kept: str = ""  # why it stays ("" = removed)
+
+
+def collect_garbage(store: ArtifactStore, *, everything: bool = False, dry_run: bool = False) -> list[Garbage]:
+    """What a store accumulates besides its artifacts, removed unless ``dry_run``:
+
+    - corrupt copies (``<key>.corrupt-*``: moved aside and recomputed) and trash (``<key>.trash-*``:
+      a ``--force`` killed while deleting);
+    - partial directories and rank check-ins whose key no live run holds. An empty one is removed;
+      one with files is a killed run's resumable state (generation shards, training checkpoints):
+      kept unless ``everything``;
+    - lock and holder files of keys no live run holds, and temporary files of dead processes
+      outside the partials (run records, holders);
+    - with ``everything``: finished artifacts that no run record (``runs/*/run.json``) references,
+      unless a run is computing a stage now (its earlier stages are not in its record yet).
+
+    A key's lock is held while its partial is removed, so a run that starts meanwhile waits."""
+    found: list[Garbage] = []
+    base = store.root / "store"
+    if not base.is_dir():
+        return found
+
+    def remove(item: Garbage, kind: str = "", key: str = "") -> None:
+        found.append(item)
+        if dry_run or item.kept:
+            return
+        if key:
+            store.lock_path(kind, key).parent.mkdir(parents=True, exist_ok=True)
+        fd = _try_lock(store.lock_path(kind, key)) if key else None
+        if key and fd is None:  # a run took the key since we looked
+            item.kept = "a live run holds it"
+            return
+        try:
+            _remove(item.path)
+            if fd is not None:  # the lock file locking created; a waiter re-locks the new file
+                store.lock_path(kind, key).unlink(missing_ok=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    held: set[tuple[str, ...]] = set()  # (kind, key) whose lock a live process holds now
+    locks = base / ".locks"
+    for lock_file in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
+        fd = _try_lock(lock_file)
+        if fd is None:
+            held.add(tuple(lock_file.stem.rsplit("-", 1)))
+            continue
+        try:  # free: removed while held; a process waiting on it re-locks the new file
+            if not dry_run:
+                lock_file.unlink(missing_ok=True)
+            found.append(Garbage(lock_file, "lock", 0))
+        finally:
+            os.close(fd)
+    for holder in sorted(locks.glob("*.holder")) if locks.is_dir() else []:
+        if tuple(holder.stem.rsplit("-", 1)) not in held:
+            remove(Garbage(holder, "lock", _size(holder)))
+
+    for kind_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name != ".locks"):
+        kind = kind_dir.name
+        for path in sorted(kind_dir.iterdir()):
+            name = path.name
+            if ".corrupt-" in name:
+                remove(Garbage(path, "corrupt", _size(path)))
+            elif ".trash-" in name:
+                remove(Garbage(path, "trash", _size(path)))
+            elif name.endswith((".partial", ".ranks")):
+                key = name.rsplit(".", 1)[0]
+                size = _size(path)
+                what = "partial" if name.endswith(".partial") else "rank check-ins"
+                if (kind, key) in held:
+                    kept = "a live run holds it"
+                elif what == "partial" and not everything and any(p.is_file() for p in path.rglob("*")):
+                    kept = "resumable: a killed run's state (--all removes it)"
+                else:
+                    kept = ""
+                remove(Garbage(path, what, size, kept), kind, key)
+
+    for tmp in sorted([*locks.glob(".*"), *(store.root / "runs").glob("*/.*")]):
+        pid = re.search(r"\.tmp(\d+)$", tmp.name)
+        if pid and TEMPORARY.match(tmp.name) and not _alive(int(pid.group(1))):
+            remove(Garbage(tmp, "temporary", _size(tmp)))
+
+    if everything:
+        referenced, unreadable = set(), []
+        for record in sorted((store.root / "runs").glob("*/run.json")):
+            try:
+                referenced |= {(s["kind"], s["key"]) for s in json.loads(record.read_text())["stages"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                unreadable.append(record)
+        if unreadable:
+            kept = f"{unreadable[0]} is unreadable: what it references is unknown"
+        elif held:
+            kept = "a run is in progress (its record is written when it ends)"
+        else:
+            kept = ""
+        for artifact in store.artifacts():
+            if (artifact.kind, artifact.key) not in referenced:
+                remove(Garbage(artifact.path, "unreferenced", _size(artifact.path), kept), artifact.kind, artifact.key)
+    return found
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _read_holder(holder: Path) -> str:
