@@ -8,7 +8,7 @@ model loads. Instances are built by the pipeline as ``cls(params)``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -112,6 +112,8 @@ class Generator(Component):
     """Generation backend. Loads the model named by ``model`` (a ``profuser.models.ModelSpec``),
     formats each prompt with that model's chat template, returns one response per prompt (same
     order). Sampling settings are the generator's params; ``seed`` makes runs repeatable.
+    A generator whose params have an int ``n`` above 1 returns n samples per prompt instead (a
+    list of n strings for each prompt; sample 0 should be what ``n: 1`` gives).
     ``data_parallel``: under a multi-process launch each rank may run its own copy on its own
     device (False for backends that spread one model over the devices themselves, like vLLM)."""
 
@@ -166,7 +168,9 @@ class Candidates:
     """Everything an evaluator may use to pick the advantaged source of one example.
 
     training mode: ``nll`` per source (teacher forcing on the GT ``reference``);
-    inference mode: ``responses`` per source and ``scores[reward_model][source]``.
+    inference mode: ``responses`` per source and ``scores[reward_model][source]`` (a generator
+    with ``n`` > 1: those of sample 0, and every sample in ``samples`` / ``sample_scores``).
+    ``meta``: the example's dataset metadata (``Record.meta``), always filled.
     """
 
     id: str
@@ -176,16 +180,21 @@ class Candidates:
     responses: dict[str, str] = field(default_factory=dict)
     nll: dict[str, SourceNLL] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, list[str]] = field(default_factory=dict)
+    sample_scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass
 class Choice:
     """The evaluator's verdict for one example: the chosen source, each source's score under the
-    evaluator's own scale, and anything worth keeping for analysis (votes, tie-breaks)."""
+    evaluator's own scale, and anything worth keeping for analysis (votes, tie-breaks).
+    ``sample``: which of the chosen source's samples wins (0 unless the generator has n > 1)."""
 
     chosen: str
     scores: dict[str, float]
     detail: dict[str, Any] = field(default_factory=dict)
+    sample: int = 0
 
 
 # What the select stage fills in ``Candidates`` for each ``needs`` value, per mode: these are the
@@ -247,6 +256,18 @@ class Aligner(Component):
 # --- training -----------------------------------------------------------------------------------
 
 
+# The extra batch entries a loss may ask for (``Loss.needs``); the trainer adds only those asked
+# for, and registration rejects any other name.
+LOSS_NEEDS: dict[str, str] = {
+    "example_id": "``batch['example_id']``: list[str] [B], each example's id",
+    "mode": "``batch['mode']``: list[str] [B], each example's mode (inference or training)",
+    "source": "``batch['source']``: list[str] [B], the source key whose teacher the example carries "
+              "(the advantaged source)",
+    "category": "``batch['category']``: [B, T] int64, the alignment category code of each position "
+                "(``profuser.alignment.CATEGORIES``; -1 where no label)",
+}
+
+
 class Loss(Component):
     """A fusion loss on the target's logits and a sparse teacher.
 
@@ -260,9 +281,11 @@ class Loss(Component):
       teacher_mask    [B, T]    bool, positions that carry a teacher distribution
       weight          [B]       float, per-example weight (the curriculum's mode weight w1/w2)
     Returns the scalar loss and its parts as floats for logging. ``beta`` overrides the KL weight
-    for the current phase (the curriculum's λ/β)."""
+    for the current phase (the curriculum's λ/β). ``needs``: extra entries it reads
+    (``LOSS_NEEDS``); only those are added."""
 
     kind = "losses"
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def __call__(
@@ -273,11 +296,13 @@ class Loss(Component):
 
 @dataclass
 class PhasePart:
-    """Examples of one mode in a phase. ``ids=None`` means all examples of that mode."""
+    """Examples of one mode in a phase. ``ids=None`` means all examples of that mode.
+    ``example_weights``: id -> a factor on that example's ``weight`` (missing ids: 1)."""
 
     mode: Mode
     weight: float = 1.0
     ids: list[str] | None = None
+    example_weights: dict[str, float] | None = None
 
 
 @dataclass
@@ -298,10 +323,31 @@ class CurriculumInput:
     ids: list[str]
     gt_length: dict[str, int]
     target_reward: dict[str, dict[str, float] | float] | None = None
+    batch_size: int = 1
+    micro_batch_size: int = 1
+    world_size: int = 1
+
+
+@dataclass
+class PhaseExamples:
+    """What ``Curriculum.order_examples`` orders: the rows one phase draws from, in the order of
+    its parts (an id twice if two parts name it), and how they are batched. Rank r trains on the
+    r-th contiguous 1/world_size share of each global batch."""
+
+    phase: Phase
+    index: int
+    ids: list[str]
+    modes: list[Mode]
+    weights: list[float]
+    gt_length: list[int]
+    batch_size: int
+    micro_batch_size: int
+    world_size: int
 
 
 class Curriculum(Component):
-    """Turns a recipe into ordered training phases. ``modes`` are the build artifacts it needs."""
+    """Turns a recipe into ordered training phases. ``modes`` are the build artifacts it needs.
+    ``order_examples`` gives each epoch's order of a phase's rows (default: a seeded permutation)."""
 
     kind = "curricula"
     modes: ClassVar[tuple[Mode, ...]] = ("inference", "training")
@@ -312,6 +358,13 @@ class Curriculum(Component):
     @abstractmethod
     def phases(self, data: CurriculumInput) -> list[Phase]:
         """See the class docstring."""
+
+    def order_examples(self, examples: PhaseExamples, rng: np.random.Generator, epoch: int) -> Sequence[int]:
+        """Epoch ``epoch`` of a phase: a permutation of ``range(len(examples.ids))``, drawn in that
+        order (``steps * batch_size`` draws in all, the last batch filled from the phase's start).
+        ``rng`` is seeded by (train seed, phase index, epoch): use it, or nothing random, so that a
+        resume and every rank see the same order."""
+        return rng.permutation(len(examples.ids))
 
 
 KINDS: dict[str, type[Component]] = {

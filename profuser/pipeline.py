@@ -135,6 +135,7 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                             {"data": "data", **{f"logits/{k}": f"logits/training/{k}" for k in source_keys}},
                             [("evaluators", tm.evaluator.name)]))
 
+    loss = registry.get("losses", recipe.loss.name).cls
     for mode in modes:
         for src in recipe.sources:
             stages.append(Stage(f"align/{mode}/{src.key}", "align",
@@ -142,8 +143,10 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                                  "source_key": src.key, "max_length": recipe.train.max_length},
                                 {"logits": f"logits/{mode}/{src.key}", "select": f"select/{mode}", "data": "data"},
                                 [("aligners", recipe.aligner.name)]))
-        stages.append(Stage(f"build/{mode}", "build",
-                            {"mode": mode, "target": target, "max_length": recipe.train.max_length, "sources": source_keys},
+        build_config = {"mode": mode, "target": target, "max_length": recipe.train.max_length, "sources": source_keys}
+        if columns := sorted(set(loss.needs) & {"source", "category"}):  # only then: other keys stay as they were
+            build_config["columns"] = columns
+        stages.append(Stage(f"build/{mode}", "build", build_config,
                             {"data": "data", "select": f"select/{mode}",
                              **{f"align/{k}": f"align/{mode}/{k}" for k in source_keys}}))
 

@@ -20,7 +20,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
-from .components import KINDS, NEEDS, Component
+from .components import KINDS, LOSS_NEEDS, NEEDS, Component
 from .errors import PluginError, ProfuserError
 
 ENTRYPOINT_GROUP = "profuser"
@@ -70,6 +70,8 @@ class Registry:
         aliases = tuple(aliases or cls.aliases)
         if kind == "evaluators":
             _check_needs(cls, name, plugin)
+        if kind == "losses":
+            _check_loss_needs(cls, name, plugin)
         for label in (name, *aliases):
             owner = self._owner(kind, label)
             if owner is not None:
@@ -118,6 +120,16 @@ def _check_needs(cls: type, name: str, plugin: str) -> None:
     if unknown:
         raise PluginError(f"evaluator {name!r} needs {', '.join(map(repr, unknown))}, which the {cls.mode} mode does not "
                           f"provide (valid: {', '.join(valid)})", where=f"plugin {plugin}")
+
+
+def _check_loss_needs(cls: type, name: str, plugin: str) -> None:
+    needs = cls.needs
+    if isinstance(needs, str) or not all(isinstance(n, str) for n in needs):
+        raise PluginError(f"loss {name!r}: needs must be a set of names, not {needs!r}", where=f"plugin {plugin}")
+    unknown = sorted(set(needs) - set(LOSS_NEEDS))
+    if unknown:
+        raise PluginError(f"loss {name!r} needs {', '.join(map(repr, unknown))}, which the trainer does not provide "
+                          f"(valid: {', '.join(LOSS_NEEDS)})", where=f"plugin {plugin}")
 
 
 def params_problems(model: type[BaseModel], data: dict[str, Any]) -> list[tuple[str, str]]:

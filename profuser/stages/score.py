@@ -5,7 +5,8 @@ with that one only, and the generations are reused.
 Items are scored in shards written atomically (as in ``generate``), so a killed stage resumes
 and the ranks of a multi-process launch split them.
 Writes ``scores.parquet``: id, source, score (float64; higher is better, on this reward model's
-own scale). Metrics: items, seconds, items per second, and per source the mean score and the
+own scale). Where the generations hold n > 1 samples per prompt, every sample is scored: ``score``
+is sample 0's and ``sample_scores`` list<float64> [n] has each sample's. Metrics: items, seconds, items per second, and per source the mean score and the
 share of examples this reward model alone would give it (its vote).
 """
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 from ..components import Judged
 from ..data import read_records
 from ..errors import ArtifactError, ProfuserError
-from .generate import finish, run_shards, table_stats
+from .generate import finish, read_samples, run_shards, table_stats
 
 VERSION = "1"
 DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
@@ -34,24 +35,26 @@ def run(ctx) -> dict:
     rm_name = cfg["reward_model"]["name"]
     records = read_records(ctx.inputs["data"] / "train.parquet")
 
-    keys: list[tuple[str, str]] = []  # (id, source), item order
+    keys: list[tuple[str, str, int]] = []  # (id, source, sample), item order
     items: list[Judged] = []
     for source in sources:
         path = ctx.inputs[f"generate/{source}"] / "generations.parquet"
         if not path.is_file():
             raise ArtifactError("generations.parquet not found", where=str(path.parent))
-        table = pq.read_table(path, columns=["id", "response"])
-        responses = dict(zip(table["id"].to_pylist(), table["response"].to_pylist()))
-        missing = [r.id for r in records if r.id not in responses]
+        samples = read_samples(path)
+        missing = [r.id for r in records if not samples.get(r.id)]
         if missing:
             raise ProfuserError(f"no generation for {len(missing)} example(s), e.g. {missing[0]!r}",
                                 where=f"source {source} ({path})")
         for r in records:
-            keys.append((r.id, source))
-            items.append(Judged(r.system, r.instruction, responses[r.id], r.id))
-    row_keys = [f"{i}\t{s}" for i, s in keys]  # what identifies a shard's rows
+            for j, response in enumerate(samples[r.id]):
+                keys.append((r.id, source, j))
+                items.append(Judged(r.system, r.instruction, response, r.id))
+    multi = any(j for _, _, j in keys)  # n > 1: items are samples, and a shard's rows name them
+    row_keys = [_key(i, s, j, multi) for i, s, j in keys]  # what identifies a shard's rows
     final = ctx.out / OUTPUT
-    if final.is_file() and _keys(pq.read_table(final, columns=["id", "source"])) == row_keys:
+    pairs = list(dict.fromkeys(_key(i, s, 0, False) for i, s, _ in keys))  # the final file's rows
+    if final.is_file() and _keys(pq.read_table(final, columns=["id", "source"])) == pairs:
         return table_stats(final)  # finished before a kill that came ahead of the commit
 
     rm = ctx.build("reward_models", cfg["reward_model"])
@@ -64,18 +67,22 @@ def run(ctx) -> dict:
             raise ProfuserError(f"returned {len(scores)} scores for {rows.stop - rows.start} items (shard {index})",
                                 where=f"reward model {rm_name}")
         ctx.log_metrics(index, {"items": len(scores), "seconds": seconds})
-        table = pa.table({"id": [i for i, _ in keys[rows]], "source": [s for _, s in keys[rows]],
-                          "score": pa.array([float(x) for x in scores], pa.float64())})
-        return table, {"items": len(scores), "seconds": seconds}
+        columns = {"id": [i for i, _, _ in keys[rows]], "source": [s for _, s, _ in keys[rows]],
+                   "score": pa.array([float(x) for x in scores], pa.float64())}
+        if multi:
+            columns["sample"] = pa.array([j for _, _, j in keys[rows]], pa.int32())
+        return pa.table(columns), {"items": len(scores), "seconds": seconds}
 
     results = run_shards(ctx.out, row_keys, SHARD_SIZE, compute, key_of=_keys, split=rm.data_parallel)
     if results is None:  # another rank than 0: rank 0 joins the shards
         return {}
     seconds = sum(s["seconds"] for _, s in results)
-    by_example: dict[str, dict[str, float]] = {}
+    by_example: dict[str, dict[str, float]] = {}  # sample 0's score
     for table, _ in results:
-        for i, s, score in zip(table["id"].to_pylist(), table["source"].to_pylist(), table["score"].to_pylist()):
-            by_example.setdefault(i, {})[s] = score
+        sample = table["sample"].to_pylist() if multi else [0] * table.num_rows
+        for i, s, j, score in zip(table["id"].to_pylist(), table["source"].to_pylist(), sample, table["score"].to_pylist()):
+            if j == 0:
+                by_example.setdefault(i, {})[s] = score
     votes = Counter(max(per, key=per.get) for per in by_example.values())  # first listed source on equal scores
     metrics = {
         "reward_model": rm_name,
@@ -86,12 +93,27 @@ def run(ctx) -> dict:
         "vote_share": {s: votes.get(s, 0) / len(by_example) if by_example else 0.0 for s in sources},
     }
     schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("score", pa.float64())])
+    if multi:  # one row per (id, source) as with one sample, each sample's score in a list
+        joined = pa.concat_tables([t for t, _ in results])
+        per: dict[tuple[str, str], list[float]] = {}
+        for i, s, score in zip(*(joined[c].to_pylist() for c in ("id", "source", "score"))):
+            per.setdefault((i, s), []).append(score)  # samples come in order
+        schema = schema.append(pa.field("sample_scores", pa.list_(pa.float64())))
+        results = [(pa.table({"id": [i for i, _ in per], "source": [s for _, s in per],
+                              "score": pa.array([v[0] for v in per.values()], pa.float64()),
+                              "sample_scores": pa.array(list(per.values()), pa.list_(pa.float64()))}), {})]
     finish(ctx.out, OUTPUT, results, schema, metrics)
     return metrics
 
 
+def _key(example_id: str, source: str, sample: int, multi: bool) -> str:
+    return f"{example_id}\t{source}\t{sample}" if multi else f"{example_id}\t{source}"
+
+
 def _keys(table: pa.Table) -> list[str]:
-    return [f"{i}\t{s}" for i, s in zip(table["id"].to_pylist(), table["source"].to_pylist())]
+    if "sample" in table.column_names:
+        return [_key(i, s, j, True) for i, s, j in zip(*(table[c].to_pylist() for c in ("id", "source", "sample")))]
+    return [_key(i, s, 0, False) for i, s in zip(table["id"].to_pylist(), table["source"].to_pylist())]
 
 
 def _mean(values: list[float]) -> float:

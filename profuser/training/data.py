@@ -2,9 +2,12 @@
 and micro-batches padded into the tensors a ``Loss`` reads.
 
 Every example is addressed by a global row number (the modes' files laid end to end). A phase's
-order is a fresh permutation per epoch drawn from ``(seed, phase index, epoch)`` only, so it is the
-same on every rank, for every world size and after a resume: the trainer needs nothing but
-``(phase, step)`` to know which examples come next.
+order is the curriculum's ``order_examples`` per epoch (by default a fresh permutation) given an rng seeded
+by ``(seed, phase index, epoch)`` only, so it is the same on every rank, for every world size and
+after a resume: the trainer needs nothing but ``(phase, step)`` to know which examples come next.
+
+Extra columns a loss asks for (``Loss.needs``): ``source`` and ``category`` are read from the file
+(the build stage writes them only for such a loss), ``example_id`` and ``mode`` are known anyway.
 
 Memory stays flat however many examples there are: a file is read one chunk at a time (an Arrow
 IPC record batch, one example each as the build stage writes them; or a parquet row group), never
@@ -32,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from pyarrow import ipc
 
-from ..components import MODES, CurriculumInput, Phase
+from ..components import LOSS_NEEDS, MODES, Curriculum, CurriculumInput, Phase, PhaseExamples
 from ..errors import DataError, ProfuserError
 
 IGNORE = -100
@@ -46,6 +49,10 @@ SCHEMA = pa.schema([  # the columns the trainer reads, in the types it reads the
     ("gt_length", pa.int32()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+# optional columns, read only when a loss needs them: category at the teacher rows' positions
+EXTRA_SCHEMA = pa.schema([("source", pa.string()), ("category", pa.list_(pa.int8()))])
+FILE_NEEDS = tuple(EXTRA_SCHEMA.names)  # the needs that come from the file
+NO_CATEGORY = -1
 CACHED_CHUNKS = 8  # decoded chunks kept (parquet row groups of hand-written files hold many rows)
 
 
@@ -53,7 +60,7 @@ class _Chunks:
     """A file of examples read one chunk at a time: an Arrow IPC file's record batches (the build
     stage's ``examples.arrow``) or a parquet file's row groups."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, extra: tuple[str, ...] = ()):
         self.path = path
         if not path.is_file():
             raise DataError("examples file not found (run the build stage first)", where=str(path))
@@ -73,6 +80,12 @@ class _Chunks:
         missing = [c for c in COLUMNS if c not in schema.names]
         if missing:
             raise DataError(f"missing column(s) {', '.join(missing)} (see docs/architecture.md)", where=str(path))
+        lacking = [c for c in extra if c not in schema.names]
+        if lacking:
+            raise DataError(f"the loss needs column(s) {', '.join(lacking)}, which this examples file lacks (the build "
+                            "stage writes them when the recipe's loss declares them in needs)", where=str(path))
+        self.columns = COLUMNS + tuple(extra)
+        self._schema = pa.schema([*SCHEMA, *(EXTRA_SCHEMA.field(c) for c in extra)])
         self._fields = [schema.get_field_index(c) for c in COLUMNS]
         if sizes is None:  # IPC: rows per record batch from the batches' headers (ids only decoded)
             ids_only = ipc.open_file(pa.OSFile(str(path), "r"), options=ipc.IpcReadOptions(included_fields=[self._fields[0]]))
@@ -87,7 +100,7 @@ class _Chunks:
 
     def _cast(self, table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
         try:
-            return table.select(list(columns)).cast(pa.schema([SCHEMA.field(c) for c in columns]))
+            return table.select(list(columns)).cast(pa.schema([self._schema.field(c) for c in columns]))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise DataError(f"unexpected column types: {exc}", where=str(self.path)) from None
 
@@ -97,10 +110,10 @@ class _Chunks:
             self._cache.move_to_end(chunk)
             return self._cache[chunk]
         if self._parquet is not None:
-            table = self._parquet.read_row_group(chunk, columns=list(COLUMNS))
+            table = self._parquet.read_row_group(chunk, columns=list(self.columns))
         else:
             table = pa.Table.from_batches([self._ipc.get_batch(chunk)])
-        table = self._cache[chunk] = self._cast(table, COLUMNS)
+        table = self._cache[chunk] = self._cast(table, self.columns)
         if len(self._cache) > CACHED_CHUNKS:
             self._cache.popitem(last=False)
         return table
@@ -120,7 +133,11 @@ class _Chunks:
 class ExampleSet:
     """The examples of every mode, addressed by global row number; rows are read when collated."""
 
-    def __init__(self, files: dict[str, _Chunks], max_length: int):
+    def __init__(self, files: dict[str, _Chunks], max_length: int, needs: frozenset[str] = frozenset()):
+        unknown = sorted(set(needs) - set(LOSS_NEEDS))
+        if unknown:
+            raise ProfuserError(f"unknown loss needs {', '.join(unknown)} (valid: {', '.join(LOSS_NEEDS)})")
+        self.needs = frozenset(needs)
         self.modes = [m for m in MODES if m in files] + [m for m in files if m not in MODES]
         self.files = {m: files[m] for m in self.modes}
         self.max_length = max_length
@@ -141,17 +158,19 @@ class ExampleSet:
             self.trainable[m] = np.concatenate(trainable) if trainable else np.zeros(0, bool)
 
     @classmethod
-    def load(cls, paths: dict[str, str | Path], max_length: int) -> ExampleSet:
-        """``paths``: mode -> ``examples.arrow`` (or a parquet file with the same columns)."""
-        files = {mode: _Chunks(Path(path)) for mode, path in paths.items()}
+    def load(cls, paths: dict[str, str | Path], max_length: int, needs: frozenset[str] = frozenset()) -> ExampleSet:
+        """``paths``: mode -> ``examples.arrow`` (or a parquet file with the same columns);
+        ``needs``: the loss's (``Loss.needs``), the extra entries ``collate`` adds."""
+        extra = tuple(c for c in FILE_NEEDS if c in needs)
+        files = {mode: _Chunks(Path(path), extra) for mode, path in paths.items()}
         if not files:
             raise ProfuserError("no examples to train on: the train stage needs build/inference and/or build/training")
-        return cls(files, max_length)
+        return cls(files, max_length, needs)
 
     def __len__(self) -> int:
         return sum(f.num_rows for f in self.files.values())
 
-    def curriculum_input(self, target_reward: dict[str, float] | None = None) -> CurriculumInput:
+    def curriculum_input(self, target_reward: dict[str, float] | None = None, **batching: int) -> CurriculumInput:
         """Ids of every mode (first seen first) and their GT length; the training mode's length wins,
         as its response is the GT itself."""
         ids: dict[str, None] = {}
@@ -161,7 +180,7 @@ class ExampleSet:
                 gt_length.setdefault(i, int(n))
         for mode in self.modes:
             ids.update(dict.fromkeys(self.ids[mode].to_pylist()))
-        return CurriculumInput(ids=list(ids), gt_length=gt_length, target_reward=target_reward)
+        return CurriculumInput(ids=list(ids), gt_length=gt_length, target_reward=target_reward, **batching)
 
     def rows(self, mode: str, ids: list[str] | None = None) -> np.ndarray:
         """Global rows of ``mode`` (all, or those whose id is in ``ids``) that have a label to train on."""
@@ -182,6 +201,22 @@ class ExampleSet:
         mode, i = self.locate(int(row))
         return self.ids[mode][i].as_py()
 
+    def describe(self, rows: np.ndarray) -> tuple[list[str], list[str], list[int]]:
+        """Id, mode and GT length of each global row (vectorised per mode: a phase may hold many)."""
+        ids: list = [None] * len(rows)
+        modes: list = [None] * len(rows)
+        lengths = np.zeros(len(rows), dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        for mode in self.modes:
+            start = self.offsets[mode]
+            at = np.flatnonzero((rows >= start) & (rows < start + self.files[mode].num_rows))
+            local = rows[at] - start
+            for j, i in zip(at.tolist(), self.ids[mode].take(pa.array(local)).to_pylist()):
+                ids[j] = i
+                modes[j] = mode
+            lengths[at] = self.gt_length[mode][local]
+        return ids, modes, lengths.tolist()
+
     def _take(self, located: list[tuple[str, int]]) -> pa.Table:
         """The rows (mode, local row), in this order, read chunk by chunk."""
         parts, order = [], []
@@ -201,7 +236,7 @@ class ExampleSet:
         Tensors (b examples, T positions, k teacher slots), indexed like ``input_ids`` (unshifted):
         input_ids, attention_mask, labels [b, T] int64; teacher_ids [b, T, k] int64; teacher_logits
         [b, T, k] float32 (-inf unused); teacher_mask [b, T] bool; weight [b] float32. Also ``ids``
-        and ``modes`` (lists) for logging."""
+        and ``modes`` (lists) for logging, and what the loss needs (``LOSS_NEEDS``)."""
         located = [self.locate(int(r)) for r in rows]
         table = self._take(located)
 
@@ -215,6 +250,15 @@ class ExampleSet:
         teacher_logits = _pad3(table.column("teacher_logits"), t, -np.inf, np.float32, position)
         attention_mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int64)  # [b, T]
         assert input_ids.shape == (b, t) and teacher_ids.shape[:2] == (b, t)
+        extra: dict = {}
+        if "example_id" in self.needs:
+            extra["example_id"] = table.column("id").to_pylist()
+        if "mode" in self.needs:
+            extra["mode"] = [m for m, _ in located]
+        if "source" in self.needs:
+            extra["source"] = table.column("source").to_pylist()
+        if "category" in self.needs:  # stored like the teacher rows, so it goes to the same positions
+            extra["category"] = torch.from_numpy(_pad2(table.column("category"), t, NO_CATEGORY, np.int64, position))
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
@@ -225,6 +269,7 @@ class ExampleSet:
             "weight": torch.as_tensor(weights, dtype=torch.float32),
             "ids": table.column("id").to_pylist(),
             "modes": [m for m, _ in located],
+            **extra,
         }
 
 
@@ -307,31 +352,75 @@ class PhasePlan:
     index: int
     phase: Phase
     rows: np.ndarray  # [n] global rows (a row twice if two parts name it)
-    weights: np.ndarray  # [n] the part's mode weight
+    weights: np.ndarray  # [n] the part's mode weight times the example's own (PhasePart.example_weights)
     samples: int  # round(epochs * n): examples drawn in the phase
     steps: int  # ceil(samples / global batch)
+    examples: PhaseExamples | None = None  # what the curriculum's ``order`` sees
 
-    def order(self, seed: int, global_batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The phase's ``steps * global_batch`` (row, weight) draws: one seeded permutation per
-        epoch, the last epoch cut short for fractional epochs, and the last batch filled up with
-        the phase's first draws so that every step (and every rank) gets a full batch."""
+    def order(self, seed: int, global_batch: int, curriculum: Curriculum | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The phase's ``steps * global_batch`` (row, weight) draws: the curriculum's order of each
+        epoch (default: a seeded permutation), the last epoch cut short for fractional epochs, and
+        the last batch filled up with the phase's first draws so that every step (and every rank)
+        gets a full batch."""
         n = len(self.rows)
-        perms = [np.random.default_rng([seed, self.index, epoch]).permutation(n) for epoch in range(math.ceil(self.samples / n))]
-        idx = np.concatenate(perms)[: self.samples]
+        orders = []
+        for epoch in range(math.ceil(self.samples / n)):
+            rng = np.random.default_rng([seed, self.index, epoch])
+            if curriculum is None or self.examples is None:
+                orders.append(rng.permutation(n))
+            else:
+                orders.append(_checked_order(curriculum, self.examples, rng, epoch))
+        idx = np.concatenate(orders)[: self.samples]
         idx = np.resize(idx, self.steps * global_batch)  # np.resize repeats from the start
         return self.rows[idx], self.weights[idx]
 
 
-def plan_phases(phases: list[Phase], data: ExampleSet, global_batch: int) -> list[PhasePlan]:
+def _checked_order(curriculum: Curriculum, examples: PhaseExamples, rng: np.random.Generator, epoch: int) -> np.ndarray:
+    n = len(examples.ids)
+    where = f"curriculum {curriculum.name or type(curriculum).__name__}, phase {examples.phase.name!r}, epoch {epoch}"
+    try:
+        order = np.asarray(curriculum.order_examples(examples, rng, epoch))
+    except ProfuserError:
+        raise
+    except Exception as exc:  # a plugin's bug must name the plugin, not end in a traceback
+        raise ProfuserError(f"order_examples() failed: {type(exc).__name__}: {exc}", where=where) from exc
+    if order.shape != (n,) or not np.issubdtype(order.dtype, np.integer) or not np.array_equal(np.sort(order), np.arange(n)):
+        raise ProfuserError(f"order_examples() must return a permutation of range({n}) (each row once), got "
+                            f"{order.shape[0] if order.ndim == 1 else order.shape} value(s)", where=where)
+    return order.astype(np.int64)
+
+
+def plan_phases(phases: list[Phase], data: ExampleSet, global_batch: int, *, micro_batch_size: int | None = None,
+                world_size: int = 1) -> list[PhasePlan]:
     plans = []
     for index, phase in enumerate(phases):
         rows, weights = [], []
         for part in phase.parts:
             found = data.rows(part.mode, part.ids)
             rows.append(found)
-            weights.append(np.full(len(found), part.weight, dtype=np.float32))
+            weight = np.full(len(found), part.weight, dtype=np.float32)
+            if part.example_weights:
+                weight *= _example_weights(part.example_weights, data.describe(found)[0], phase.name)
+            weights.append(weight)
         rows_ = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        weights_ = np.concatenate(weights) if weights else np.zeros(0, np.float32)
         samples = round(phase.epochs * len(rows_)) if len(rows_) else 0
-        plans.append(PhasePlan(index, phase, rows_, np.concatenate(weights) if weights else np.zeros(0, np.float32),
-                               samples, math.ceil(samples / global_batch)))
+        ids, modes, lengths = data.describe(rows_)
+        examples = PhaseExamples(
+            phase=phase, index=index, ids=ids, modes=modes, weights=weights_.tolist(), gt_length=lengths,
+            batch_size=global_batch,
+            micro_batch_size=micro_batch_size or global_batch, world_size=world_size)
+        plans.append(PhasePlan(index, phase, rows_, weights_, samples, math.ceil(samples / global_batch), examples))
     return plans
+
+
+def _example_weights(by_id: dict[str, float], ids: list[str], phase: str) -> np.ndarray:
+    """[n] the factor of each id (1 where absent); a negative or non-finite factor is an error."""
+    out = np.ones(len(ids), dtype=np.float32)
+    for j, i in enumerate(ids):
+        w = by_id.get(i, 1.0)
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise ProfuserError(f"phase {phase!r}: example weight of {i!r} is {w!r} (a finite number >= 0 needed)",
+                                where="curriculum")
+        out[j] = w
+    return out

@@ -3,7 +3,8 @@
     train(model, examples, loss, curriculum, spec, out_dir)  ->  summary dict
 
 1. The backend (``parallel.py``): accelerate for one process, DDP and FSDP; DeepSpeed for ZeRO.
-2. Data: each mode's examples.arrow (read per example, ``data.py``); the curriculum's phases become per-phase seeded orders of
+2. Data: each mode's examples.arrow (read per example, ``data.py``); the curriculum's phases become per-phase seeded orders
+   (``Curriculum.order_examples`` per epoch) of
    ``steps * batch_size`` examples (``data.py``). Rank r takes a contiguous 1/world share of each
    global batch, split into micro-batches; gradient accumulation fills the global batch.
 3. Model, AdamW (= Adam at the default weight decay 0), one warm-up + decay schedule spanning the
@@ -96,9 +97,11 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # --- 2. data and phases ----------------------------------------------------------------------
-    data = ExampleSet.load(examples, spec.max_length)
-    phases = curriculum.phases(data.curriculum_input(target_reward))
-    plans = plan_phases(phases, data, spec.batch_size)
+    needs = frozenset(getattr(loss, "needs", ()))  # the extra batch entries the loss reads
+    data = ExampleSet.load(examples, spec.max_length, needs)
+    batching = {"batch_size": spec.batch_size, "micro_batch_size": spec.micro_batch_size, "world_size": world}
+    phases = curriculum.phases(data.curriculum_input(target_reward, **batching))
+    plans = plan_phases(phases, data, spec.batch_size, micro_batch_size=spec.micro_batch_size, world_size=world)
     total_steps = sum(p.steps for p in plans)
     if total_steps == 0:
         raise ProfuserError(f"nothing to train: the phases of {curriculum.name!r} select no example with a label "
@@ -165,7 +168,7 @@ def train(
     for plan in plans:
         if step >= bounds[plan.index + 1]:
             continue  # finished before the resume
-        rows, weights = plan.order(spec.seed, spec.batch_size)  # [steps * batch_size], same on every rank
+        rows, weights = plan.order(spec.seed, spec.batch_size, curriculum)  # [steps * batch_size], same on every rank
         for phase_step in range(step - bounds[plan.index], plan.steps):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -182,7 +185,8 @@ def train(
             sums: dict[str, float] = defaultdict(float)
             tokens = 0
             for batch, count in zip(batches, labelled):
-                tensors = {k: v.to(backend.device) for k, v in batch.items() if torch.is_tensor(v)}
+                tensors = {k: v.to(backend.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                           if torch.is_tensor(v) or k in needs}  # lists (ids, modes, sources) only when needed
 
                 def forward_loss(m, tensors=tensors, beta=plan.phase.beta):
                     logits = m(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits  # [b, T, V]
