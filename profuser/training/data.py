@@ -385,8 +385,10 @@ def _checked_order(curriculum: Curriculum, examples: PhaseExamples, rng: np.rand
     except Exception as exc:  # a plugin's bug must name the plugin, not end in a traceback
         raise ProfuserError(f"order_examples() failed: {type(exc).__name__}: {exc}", where=where) from exc
     if order.shape != (n,) or not np.issubdtype(order.dtype, np.integer) or not np.array_equal(np.sort(order), np.arange(n)):
+        flat = order.reshape(-1)
+        valid = np.unique(flat[(flat >= 0) & (flat < n)]) if np.issubdtype(order.dtype, np.integer) else ()
         raise ProfuserError(f"order_examples() must return a permutation of range({n}) (each row once), got "
-                            f"{order.shape[0] if order.ndim == 1 else order.shape} value(s)", where=where)
+                            f"{flat.size} value(s), {len(valid)} distinct row(s)", where=where)
     return order.astype(np.int64)
 
 

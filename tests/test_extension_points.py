@@ -1,0 +1,155 @@
+"""Issue 13's extension points: a curriculum's in-phase order and per-example weights, a loss's
+extra batch entries, and n candidates per source through the evaluators."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from test_trainer import small_spec, write_examples
+
+from profuser import hookimpl
+from profuser.components import Candidates, Curriculum, CurriculumInput, Loss, Phase, PhaseExamples, PhasePart
+from profuser.errors import PluginError, ProfuserError
+from profuser.losses import sft_loss
+from profuser.plugins import Engine
+from profuser.training import train
+from profuser.training.data import ExampleSet, plan_phases
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    return {"inference": write_examples(root / "inference" / "examples.parquet", "inference", 8, seed=1, prefix="i"),
+            "training": write_examples(root / "training" / "examples.parquet", "training", 8, seed=2, prefix="t")}
+
+
+class ByLength(Curriculum):
+    """One phase over both modes; each epoch in GT-length order (longest first), and the shortest
+    half of the training examples weighted 3x."""
+
+    name = "by_length"
+    seen: ClassVar[list[PhaseExamples]] = []
+
+    def phases(self, data: CurriculumInput) -> list[Phase]:
+        ranked = sorted(data.ids, key=lambda i: (data.gt_length[i], i))
+        short = {i: 3.0 for i in [i for i in ranked if i.startswith("t")][:4]}
+        return [Phase("all", 2.0, [PhasePart("inference"), PhasePart("training", 0.5, example_weights=short)])]
+
+    def order_examples(self, examples: PhaseExamples, rng, epoch):
+        type(self).seen.append(examples)
+        return sorted(range(len(examples.ids)), key=lambda j: (-examples.gt_length[j], examples.ids[j]))
+
+
+def test_a_custom_order_is_honoured_exactly_and_sees_the_batching(examples):
+    data = ExampleSet.load(examples, max_length=64)
+    curriculum = ByLength()
+    phases = curriculum.phases(data.curriculum_input(batch_size=4, micro_batch_size=2, world_size=2))
+    [plan] = plan_phases(phases, data, 4, micro_batch_size=2, world_size=2)
+    rows, weights = plan.order(seed=0, global_batch=4, curriculum=curriculum)
+    seen = ByLength.seen[-1]
+    assert (seen.batch_size, seen.micro_batch_size, seen.world_size, seen.phase.name) == (4, 2, 2, "all")
+    expected = sorted(range(16), key=lambda j: (-seen.gt_length[j], seen.ids[j]))
+    assert [data.example_id(r) for r in rows] == [seen.ids[j] for j in expected] * 2  # both epochs, that order
+    assert seen.gt_length == [data.describe(np.array([r]))[2][0] for r in plan.rows]
+    assert sorted(weights[:16].tolist()) == sorted(seen.weights) and {*seen.modes} == {"inference", "training"}
+
+
+def test_the_default_order_is_the_old_seeded_permutation(examples):
+    data = ExampleSet.load(examples, max_length=64)
+    progressive = Engine(entrypoints=False).registry.build("curricula", "progressive")
+    for plan in plan_phases(progressive.phases(data.curriculum_input()), data, 3):
+        n = len(plan.rows)
+        old = np.concatenate([np.random.default_rng([5, plan.index, e]).permutation(n) for e in range(-(-plan.samples // n))])
+        old = np.resize(old[: plan.samples], plan.steps * 3)
+        for curriculum in (None, progressive):
+            rows, weights = plan.order(5, 3, curriculum)
+            assert (rows == plan.rows[old]).all() and (weights == plan.weights[old]).all()
+
+
+class Broken(ByLength):
+    def order_examples(self, examples, rng, epoch):
+        return [0] * len(examples.ids)
+
+
+def test_an_order_that_is_not_a_permutation_is_one_line(examples):
+    data = ExampleSet.load(examples, max_length=64)
+    [plan] = plan_phases(Broken().phases(data.curriculum_input()), data, 4)
+    with pytest.raises(ProfuserError) as err:
+        plan.order(0, 4, Broken())
+    assert err.value.lines() == [("curriculum by_length, phase 'all', epoch 0: order_examples() must return a "
+                                  "permutation of range(16) (each row once), got 16 value(s), 1 distinct row(s)")]
+
+
+def test_example_weights_multiply_the_part_weight_and_bad_ones_are_refused(examples):
+    data = ExampleSet.load(examples, max_length=64)
+    phase = Phase("p", 1.0, [PhasePart("training", 0.5, example_weights={"t1": 4.0, "t2": 0.0})])
+    [plan] = plan_phases([phase], data, 4)
+    by_id = dict(zip(plan.examples.ids, plan.weights.tolist()))
+    assert by_id["t1"] == 2.0 and by_id["t2"] == 0.0 and by_id["t3"] == 0.5
+    bad = Phase("p", 1.0, [PhasePart("training", 1.0, example_weights={"t1": float("nan")})])
+    with pytest.raises(ProfuserError, match="example weight of 't1' is nan"):
+        plan_phases([bad], data, 4)
+
+
+class Recording(Loss):
+    """SFT that records what each batch held."""
+
+    name = "recording"
+    needs = frozenset({"example_id", "mode"})
+    batches: ClassVar[list[dict]] = []
+
+    def __call__(self, logits, batch, *, beta=None):
+        type(self).batches.append({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in batch.items()})
+        return sft_loss(logits, batch)
+
+
+def test_per_example_weights_and_needed_entries_reach_the_loss(tmp_path, tiny_llama_dir, examples):
+    Recording.batches.clear()
+    train(str(tiny_llama_dir), examples, Recording(), ByLength(), small_spec(), tmp_path, device="cpu")
+    assert Recording.batches
+    for batch in Recording.batches:
+        assert set(batch) >= {"example_id", "mode", "weight"} and "source" not in batch and "category" not in batch
+        for i, mode, w in zip(batch["example_id"], batch["mode"], batch["weight"]):
+            assert mode == ("training" if i.startswith("t") else "inference")
+            data = ByLength.seen[-1]
+            assert w == pytest.approx(data.weights[data.ids.index(i)])
+    weights = {w for b in Recording.batches for w in b["weight"]}
+    assert {1.0, 0.5, 1.5} <= weights  # inference 1; training 0.5, and 0.5 x 3 for the shortest
+
+
+def test_a_loss_needing_an_unknown_column_is_refused_naming_the_plugin():
+    class Greedy(Loss):
+        name = "greedy"
+        needs = frozenset({"source", "teacher_entropy"})
+
+        def __call__(self, logits, batch, *, beta=None):
+            raise AssertionError
+
+    class Plugin:
+        @hookimpl
+        def profuser_register_losses(self, register):
+            register(Greedy)
+
+    with pytest.raises(PluginError) as err:
+        Engine(entrypoints=False, extra_plugins=[("greedy-plugin", Plugin())])
+    [line] = err.value.lines()
+    assert "greedy-plugin" in line and "'teacher_entropy'" in line and "example_id" in line
+
+
+def test_best_of_n_in_rm_vote_and_reference():
+    registry = Engine(entrypoints=False).registry
+    ex = Candidates(id="x", reference="the answer is 42", responses={"a": "no idea", "b": "maybe 7"},
+                    samples={"a": ["no idea", "the answer is 42"], "b": ["maybe 7", "seven"]},
+                    scores={"rm1": {"a": 0.0, "b": 1.0}, "rm2": {"a": 0.0, "b": 1.0}},
+                    sample_scores={"rm1": {"a": [0.0, 3.0], "b": [1.0, 0.5]}, "rm2": {"a": [0.0, 2.0], "b": [1.0, 0.2]}})
+    [vote] = registry.build("evaluators", "rm_vote").select([ex])
+    assert (vote.chosen, vote.sample, vote.detail["sample"]) == ("a", 1, {"a": 1, "b": 0})
+    assert vote.detail["rm_scores"] == {"rm1": {"a": 3.0, "b": 1.0}, "rm2": {"a": 2.0, "b": 1.0}}
+    # n = 1 (no samples): as before, sample 0
+    one = Candidates(id="y", reference="r", responses={"a": "x", "b": "y"}, scores={"rm1": {"a": 0.0, "b": 1.0}})
+    [choice] = registry.build("evaluators", "rm_vote").select([one])
+    assert (choice.chosen, choice.sample, "sample" in choice.detail) == ("b", 0, False)
+    [ref] = registry.build("evaluators", "reference", {"bertscore_weight": 0}).select([ex])
+    assert (ref.chosen, ref.sample, ref.detail["sample"]) == ("a", 1, {"a": 1, "b": 0})
