@@ -18,6 +18,7 @@ from profuser.testing import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "profuser-warmup-curriculum"
+ANSWER_AWARE = REPO / "docs" / "examples" / "profuser-answer-aware"
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +65,17 @@ def test_a_bad_override_is_one_line(root, path):
     assert line.startswith(f"tiny_recipe: {path}: ")
 
 
-def test_the_example_package_runs_its_own_end_to_end_test(tmp_path):
-    """docs/examples/profuser-warmup-curriculum, installed, passes its tests: its curriculum
-    trains a tiny_recipe through every phase, discovered through its entry point."""
+@pytest.mark.parametrize(("example", "passed"), [(EXAMPLE, 2), (ANSWER_AWARE, 4)], ids=lambda x: getattr(x, "name", x))
+def test_the_example_package_runs_its_own_end_to_end_test(tmp_path, example, passed):
+    """docs/examples/profuser-warmup-curriculum and profuser-answer-aware (meta, n samples per
+    prompt, in-phase order, a loss needing the mode), installed, pass their tests: a tiny_recipe
+    trains with their components, discovered through their entry points."""
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(EXAMPLE)], check=True)
+                    "--target", str(site), str(example)], check=True)
     env = {**os.environ, "PYTHONPATH": str(site), "PROFUSER_DISABLE_ENTRYPOINTS": ""}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                           "--basetemp", str(tmp_path / "pytest"), str(EXAMPLE / "tests")],
+                           "--basetemp", str(tmp_path / "pytest"), str(example / "tests")],
                           check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "2 passed" in done.stdout
+    assert f"{passed} passed" in done.stdout
