@@ -289,3 +289,45 @@ def test_deepspeed_resume_verifies_signatures_and_matches_a_straight_run(tmp_pat
     (ckpt / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(pickle.dumps(Payload(tmp_path / "pwned")))
     out = launch("resume", tmp_path / "tampered")
     assert "does not match its signature: not loaded" in out and not (tmp_path / "pwned").exists()
+
+
+# --- 2. two runs of one recipe on one runs dir at once; 11. a corrupt artifact in --dry-run ---------
+
+
+def test_two_runs_of_one_recipe_at_once_compute_each_stage_once_and_a_corrupt_one_is_reported(tmp_path):
+    import subprocess
+    import sys
+
+    from profuser.testing import tiny_recipe
+
+    recipe, runs = tiny_recipe(tmp_path), tmp_path / "runs"
+    env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
+    cmd = [str(Path(sys.executable).parent / "profuser"), "run", str(recipe), "--runs-dir", str(runs)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert not any("Traceback" in err for _, err in outs)
+    record = json.loads((runs / "runs" / "tiny" / "run.json").read_text())
+    stages = [s["id"] for s in record["stages"]]
+    for stage in stages:  # computed by one run, reused by the other (after waiting for it, or later)
+        done = [out for out, _ in outs if f"[done]   {stage} in " in out]
+        cached = [out for out, _ in outs if f"[cached] {stage}\n" in out]
+        assert len(done) == 1 and len(cached) == 1, stage
+    assert any("[wait]" in out for out, _ in outs)  # started together: one waited for the other
+    assert len(list((runs / "store").glob("*/*/manifest.json"))) == len(stages)
+    assert not list((runs / "store").glob("*/*.partial"))
+
+    # a corrupted artifact: --dry-run counts it as to run (and moves nothing), the run says it recomputes it
+    select = next(Path(s["path"]) for s in record["stages"] if s["id"] == "select/training")
+    table = next(select.glob("*.parquet"))
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    table.write_bytes(bytes(data))
+    plan = subprocess.run([*cmd, "--dry-run", "--json"], env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert [s["id"] for s in json.loads(plan.stdout)["stages"] if not s["cached"]] == ["select/training"]
+    assert select.is_dir()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True).stdout
+    corrupt = [line for line in again.splitlines() if line.startswith("[corrupt]")]
+    assert len(corrupt) == 1 and str(select) in corrupt[0] and "does not match its checksum" in corrupt[0], again
+    assert "[done]   select/training in " in again and again.count("[done]") == 1  # its dependents' keys did not change
+    assert len(list(select.parent.glob(f"{select.name}.corrupt-*"))) == 1
