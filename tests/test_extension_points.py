@@ -3,6 +3,7 @@ extra batch entries, and n candidates per source through the evaluators."""
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 import numpy as np
@@ -153,3 +154,73 @@ def test_best_of_n_in_rm_vote_and_reference():
     assert (choice.chosen, choice.sample, "sample" in choice.detail) == ("b", 0, False)
     [ref] = registry.build("evaluators", "reference", {"bertscore_weight": 0}).select([ex])
     assert (ref.chosen, ref.sample, ref.detail["sample"]) == ("a", 1, {"a": 1, "b": 0})
+
+
+class EveryColumn(Loss):
+    """fuse_kl that records the extra entries it asked for."""
+
+    name = "every_column"
+    needs = frozenset({"example_id", "mode", "source", "category"})
+    batches: ClassVar[list[dict]] = []
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        from profuser_plugins.losses.fuse_kl import FuseKL
+
+        self._kl = FuseKL()
+
+    def __call__(self, logits, batch, *, beta=None):
+        type(self).batches.append({k: batch[k] for k in self.needs})
+        return self._kl(logits, batch, beta=beta)
+
+
+class EveryColumnPlugin:
+    @hookimpl
+    def profuser_register_losses(self, register):
+        register(EveryColumn)
+
+
+def test_two_samples_per_prompt_and_every_loss_column_through_a_whole_run(tmp_path):
+    """n: 2 with rm_vote: both samples generated, scored and voted on; the chosen sample is the one
+    teacher-forced and trained on; build writes source and category for a loss that needs them."""
+    import pyarrow.parquet as pq
+    from pyarrow import ipc
+
+    from profuser.alignment import CATEGORIES
+    from profuser.pipeline import Runner
+    from profuser.recipe import load_recipe
+    from profuser.runtime import Runtime
+    from profuser.testing import tiny_recipe
+
+    engine = Engine(entrypoints=False, extra_plugins=[("every-column", EveryColumnPlugin())])
+    path = tiny_recipe(tmp_path, {"inference_mode.generator.params.n": 2, "loss.name": "every_column"})
+    recipe = load_recipe(path, registry=engine.registry)
+    runner = Runner(recipe, engine, Runtime(runs_dir=tmp_path / "runs", device="cpu", progress=False), echo=lambda _: None)
+    EveryColumn.batches.clear()
+    runner.run()
+    store = tmp_path / "runs" / "store"
+    out = {s.id: store / s.kind / runner.keys[s.id] for s in runner.stages}
+
+    generated = pq.read_table(out["generate/gemma"] / "generations.parquet").to_pylist()
+    assert all(len(g["responses"]) == 2 and g["response"] == g["responses"][0] for g in generated)
+    scores = pq.read_table(out["score/judge"] / "scores.parquet").to_pylist()
+    assert all(len(s["sample_scores"]) == 2 and s["score"] == s["sample_scores"][0] for s in scores)
+    selection = pq.read_table(out["select/inference"] / "selection.parquet").to_pylist()
+    samples = {(g["id"], src): g["responses"] for src in ("llama", "gemma")
+               for g in pq.read_table(out[f"generate/{src}"] / "generations.parquet").to_pylist()}
+    trained = {}
+    for src in ("llama", "gemma"):
+        for row in pq.read_table(out[f"align/inference/{src}"] / "aligned.parquet", columns=["id", "response"]).to_pylist():
+            trained[row["id"]] = row["response"]
+    for row in selection:  # the won sample is what the source was teacher-forced on
+        assert trained[row["id"]] == samples[(row["id"], row["chosen"])][row["sample"]]
+        assert json.loads(row["detail"])["sample"][row["chosen"]] == row["sample"]
+    assert [s.config["columns"] for s in runner.stages if s.kind == "build"] == [["category", "source"]] * 2
+    built = ipc.open_file(str(out["build/inference"] / "examples.arrow")).read_all()
+    assert {"source", "category"} <= set(built.column_names)
+    assert {r["id"]: r["chosen"] for r in selection} == dict(zip(built["id"].to_pylist(), built["source"].to_pylist()))
+    assert EveryColumn.batches
+    for batch in EveryColumn.batches:
+        assert set(batch["source"]) <= {"llama", "gemma"} and set(batch["mode"]) <= {"inference", "training"}
+        assert batch["category"].min() >= -1 and batch["category"].max() < len(CATEGORIES)
+        assert (batch["category"] >= 0).any() and len(batch["example_id"]) == len(batch["source"])
