@@ -342,6 +342,26 @@ def test_generate_stage_closes_its_generator(tmp_path, tiny_llama_dir, monkeypat
     assert len(closed) == 1  # the engine is shut down when the stage ends (vLLM keeps GPU memory otherwise)
 
 
+def test_n_samples_per_prompt_each_seeded_sample_0_as_with_one(tiny_llama_dir):
+    spec = ModelSpec(ref=str(tiny_llama_dir))
+    one = gen(max_new_tokens=6, temperature=1.0, batch_size=2).generate(spec, PROMPTS[:3], seed=7)
+    g = gen(max_new_tokens=6, temperature=1.0, batch_size=2, n=3)
+    three = g.generate(spec, PROMPTS[:3], seed=7)
+    assert [len(s) for s in three] == [3, 3, 3] and [s[0] for s in three] == one
+    assert any(len(set(s)) > 1 for s in three)  # each sample has its own seed
+    assert g.generate(spec, PROMPTS[:3], seed=7) == three and g.last_stats["samples"] == 3
+
+
+def test_generate_stage_rejects_n_samples_of_the_wrong_shape(tmp_path, tiny_llama_dir, monkeypatch):
+    from profuser.errors import ProfuserError
+
+    monkeypatch.setattr(HFGenerator, "generate", lambda self, model, prompts, *, seed: [["x"]] * len(prompts))
+    ctx = stage_ctx(tmp_path, tiny_llama_dir)
+    ctx.stage.config["generator"]["params"]["n"] = 2
+    with pytest.raises(ProfuserError, match="n is 2: must return a list of 2 responses for each of the 5 prompts"):
+        generate_stage.run(ctx)
+
+
 def test_generate_stage_rejects_a_generator_that_drops_prompts(tmp_path, tiny_llama_dir, monkeypatch):
     from profuser.errors import ProfuserError
 
