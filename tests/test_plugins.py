@@ -229,7 +229,7 @@ def test_builtin_evaluators_needs_are_valid():
 @pytest.mark.parametrize("mode, need", [(m, n) for m in NEEDS for n in NEEDS[m]])
 def test_every_valid_need_is_filled_by_the_select_stage(tmp_path, monkeypatch, mode, need):
     """NEEDS is what the select stage really provides: an evaluator needing only ``need`` sees it."""
-    from profuser.components import Candidates, Choice, Record, SourceNLL
+    from profuser.components import Candidates, Choice, Record
     from profuser.data import write_records
     from profuser.stages import select
 
@@ -259,7 +259,8 @@ def test_every_valid_need_is_filled_by_the_select_stage(tmp_path, monkeypatch, m
     pq.write_table(pa.table({"id": ["x1", "x1"], "source": ["a", "b"], "score": [0.5, 0.25]}), scored / "scores.parquet")
     inputs["score/rm"] = scored
     # the whole reference is covered ("hi": 2 bytes), so no per-token NLL is read from a store
-    monkeypatch.setattr(select, "_nll_table", lambda path: {"x1": SourceNLL(nll_sum=1.0, n_tokens=2, n_bytes=2)})
+    monkeypatch.setattr(select, "_nll_table", lambda path: pa.table({"id": ["x1"], "nll_sum": [1.0], "n_tokens": [2],
+                                                                      "n_bytes": [2]}))
     config = {"mode": mode, "evaluator": {"name": "probe", "params": {}}, "sources": ["a", "b"], "reward_models": ["rm"]}
     ctx = types.SimpleNamespace(config=config, inputs=inputs, out=tmp_path,
                                 build=lambda kind, ref: engine.registry.build(kind, ref["name"], ref["params"]))

@@ -13,89 +13,146 @@ Every ``Candidates`` carries the example's ``meta`` (dataset metadata). Where th
 n > 1 samples per prompt, ``samples`` and ``sample_scores`` hold them all (``responses`` and
 ``scores``: sample 0) and ``selection.parquet`` gets a ``sample`` column: which of the chosen
 source's samples won (the inference-mode logits stage teacher-forces that one). With one sample
-per prompt the file is exactly as before."""
+per prompt the file is exactly as before.
+
+Memory does not grow with the data (beyond compact per-example columns: the NLL and score tables
+as Arrow, ~100 bytes per example and source): the data file and the generations (in data order)
+are streamed, and the evaluator's ``select`` is called on ``CHUNK_EXAMPLES`` examples at a time,
+each chunk's ``Candidates`` built with only what its ``needs`` ask for; an evaluator that declares
+``whole_set = True`` gets every example in one call instead."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..components import Candidates, SourceNLL
-from ..data import read_records
 from ..errors import ProfuserError
-from .generate import read_samples
+from .align import iter_chunks, iter_records
 
 VERSION = "2"  # 2: rm_scores column; Min-CE compares truncated responses on the common prefix
+CHUNK_EXAMPLES = 1024  # examples per evaluator call (unless it declares whole_set)
+RECORD_FIELDS = ["id", "system", "instruction", "response", "meta"]
 
 
 def run(ctx) -> dict:
     cfg = ctx.config
+    name = cfg["evaluator"]["name"]
     evaluator = ctx.build("evaluators", cfg["evaluator"])
     sources: list[str] = cfg["sources"]
-    records = read_records(ctx.inputs["data"] / "train.parquet")
-    candidates = {r.id: Candidates(id=r.id, reference=r.response, system=r.system, instruction=r.instruction,
-                                   meta=dict(r.meta)) for r in records}
-
-    if "nll" in evaluator.needs:
-        for source in sources:
-            for example_id, nll in _nll_table(ctx.inputs[f"logits/{source}"]).items():
-                if example_id in candidates:
-                    candidates[example_id].nll[source] = nll
-        _add_token_nll(ctx, sources, candidates)
-    multi = False  # some source has n > 1 samples per prompt
-    if "responses" in evaluator.needs or "scores" in evaluator.needs:
-        for source in sources:
-            for example_id, samples in read_samples(ctx.inputs[f"generate/{source}"] / "generations.parquet").items():
-                if example_id in candidates:
-                    candidates[example_id].responses[source] = samples[0]
-                    candidates[example_id].samples[source] = samples
-                    multi |= len(samples) > 1
-    if "scores" in evaluator.needs:
+    needs = evaluator.needs
+    nll = {s: _nll_table(ctx.inputs[f"logits/{s}"]) for s in sources} if "nll" in needs else {}
+    readers: dict = {}  # source -> LogitsReader, opened for the first truncated example
+    generations = ({s: _Generations(ctx.inputs[f"generate/{s}"] / "generations.parquet") for s in sources}
+                   if "responses" in needs or "scores" in needs else {})
+    multi = any(g.multi for g in generations.values())  # n > 1 samples per prompt: a sample column
+    scores = {}
+    if "scores" in needs:
         for rm in cfg["reward_models"]:
             path = ctx.inputs[f"score/{rm}"] / "scores.parquet"
             listed = "sample_scores" in pq.read_schema(path).names
-            table = pq.read_table(path, columns=["id", "source", "score", *(["sample_scores"] if listed else [])])
-            per_sample = table["sample_scores"].to_pylist() if listed else [[x] for x in table["score"].to_pylist()]
-            for example_id, source, score, each in zip(*(table[c].to_pylist() for c in ("id", "source", "score")),
-                                                        per_sample):
-                if example_id in candidates:
-                    candidates[example_id].scores.setdefault(rm, {})[source] = score
-                    candidates[example_id].sample_scores.setdefault(rm, {})[source] = each
-
-    examples = list(candidates.values())
-    choices = evaluator.select(examples)
-    if len(choices) != len(examples):
-        raise ProfuserError(f"returned {len(choices)} choices for {len(examples)} examples", where=f"evaluator {cfg['evaluator']['name']}")
-    for e, c in zip(examples, choices):
-        count = len(e.samples.get(c.chosen) or [None])
-        if not isinstance(c.sample, int) or not 0 <= c.sample < count:
-            raise ProfuserError(f"example {e.id!r}: chose sample {c.sample!r} of source {c.chosen!r}, which has {count}",
-                                where=f"evaluator {cfg['evaluator']['name']}")
-    columns = {
-        "id": [e.id for e in examples],
-        "chosen": [c.chosen for c in choices],
-        "scores": [json.dumps(c.scores) for c in choices],
-        "detail": [json.dumps(c.detail, default=str) for c in choices],
-    }
-    if multi:
-        columns["sample"] = pa.array([c.sample for c in choices], pa.int32())
-    if "scores" in evaluator.needs and cfg["reward_models"]:
+            scores[rm] = pq.read_table(path, columns=["id", "source", "score", *(["sample_scores"] if listed else [])])
+    order: list[str] = []  # rm_scores: the strongest reward model first, then the recipe's order
+    if "scores" in needs and cfg["reward_models"]:
         strongest = getattr(evaluator.params, "strongest", None)
         order = [strongest] if strongest in cfg["reward_models"] else []
         order += [rm for rm in cfg["reward_models"] if rm not in order]
-        columns["rm_scores"] = [json.dumps({rm: e.scores[rm] for rm in order if rm in e.scores}) for e in examples]
-    pq.write_table(pa.table(columns), ctx.out / "selection.parquet")
-    wins = Counter(c.chosen for c in choices)
-    metrics = {"examples": len(examples), "win_share": {s: wins.get(s, 0) / max(len(examples), 1) for s in sources}}
-    if "nll" in evaluator.needs:  # examples compared on a common prefix because a source was truncated
-        metrics["truncated"] = sum(1 for c in choices if c.detail.get("truncated"))
+
+    fields = [("id", pa.string()), ("chosen", pa.string()), ("scores", pa.string()), ("detail", pa.string())]
+    fields += [("sample", pa.int32())] if multi else []
+    fields += [("rm_scores", pa.string())] if order else []
+    schema = pa.schema(fields)
+    wins: Counter = Counter()
+    examples = truncated = 0
+    chunk_size = sys.maxsize if getattr(evaluator, "whole_set", False) else CHUNK_EXAMPLES
+    records = iter_records(ctx.inputs["data"] / "train.parquet", RECORD_FIELDS)
+    with pq.ParquetWriter(ctx.out / "selection.parquet", schema) as sink:
+        for chunk in iter_chunks(records, chunk_size):
+            candidates = {r["id"]: Candidates(id=r["id"], reference=r["response"], system=r["system"] or "",
+                                              instruction=r["instruction"], meta=json.loads(r["meta"]) if r["meta"] else {})
+                          for r in chunk}
+            for source, table in nll.items():
+                for row in _rows_of(table, candidates):
+                    candidates[row["id"]].nll[source] = SourceNLL(nll_sum=row["nll_sum"], n_tokens=row["n_tokens"],
+                                                                  n_bytes=row["n_bytes"])
+            if nll:
+                _add_token_nll(ctx, sources, candidates, readers)
+            for source, follower in generations.items():
+                for example_id, candidate in candidates.items():
+                    samples = follower.get(example_id)
+                    if samples is not None:
+                        candidate.responses[source] = samples[0]
+                        candidate.samples[source] = samples
+            for rm, table in scores.items():
+                for row in _rows_of(table, candidates):
+                    candidate = candidates[row["id"]]
+                    candidate.scores.setdefault(rm, {})[row["source"]] = row["score"]
+                    candidate.sample_scores.setdefault(rm, {})[row["source"]] = row.get("sample_scores", [row["score"]])
+            batch = list(candidates.values())
+            choices = evaluator.select(batch)
+            if len(choices) != len(batch):
+                raise ProfuserError(f"returned {len(choices)} choices for {len(batch)} examples", where=f"evaluator {name}")
+            for e, c in zip(batch, choices):
+                count = len(e.samples.get(c.chosen) or [None])
+                if not isinstance(c.sample, int) or not 0 <= c.sample < count:
+                    raise ProfuserError(f"example {e.id!r}: chose sample {c.sample!r} of source {c.chosen!r}, which has "
+                                        f"{count}", where=f"evaluator {name}")
+            columns = {
+                "id": [e.id for e in batch],
+                "chosen": [c.chosen for c in choices],
+                "scores": [json.dumps(c.scores) for c in choices],
+                "detail": [json.dumps(c.detail, default=str) for c in choices],
+            }
+            if multi:
+                columns["sample"] = [c.sample for c in choices]
+            if order:
+                columns["rm_scores"] = [json.dumps({rm: e.scores[rm] for rm in order if rm in e.scores}) for e in batch]
+            sink.write_table(pa.table(columns, schema=schema))
+            examples += len(batch)
+            wins.update(c.chosen for c in choices)
+            truncated += sum(1 for c in choices if c.detail.get("truncated"))
+    metrics = {"examples": examples, "win_share": {s: wins.get(s, 0) / max(examples, 1) for s in sources}}
+    if "nll" in needs:  # examples compared on a common prefix because a source was truncated
+        metrics["truncated"] = truncated
     return metrics
 
 
-def _add_token_nll(ctx, sources: list[str], candidates: dict[str, Candidates]) -> None:
+def _rows_of(table: pa.Table, candidates: dict) -> list[dict]:
+    """The rows of ``table`` whose id is one of ``candidates``' (in the table's order)."""
+    return table.filter(pc.is_in(table["id"], value_set=pa.array(list(candidates), pa.string()))).to_pylist()
+
+
+class _Generations:
+    """One source's ``generations.parquet`` read forward alongside the data (the generate stage
+    writes one row per record in data order); ``get(id)`` -> every sample of that example, or None.
+    A file in another order is held whole from the first row out of place on."""
+
+    def __init__(self, path):
+        self.multi = "responses" in pq.read_schema(path).names
+        self._column = "responses" if self.multi else "response"
+        self._rows = iter_records(path, ["id", self._column])
+        self._pending = next(self._rows, None)
+        self._rest: dict[str, list[str]] | None = None
+
+    def _samples(self, row: dict) -> list[str]:
+        return row[self._column] if self.multi else [row[self._column]]
+
+    def get(self, example_id: str) -> list[str] | None:
+        if self._rest is None:
+            if self._pending is not None and self._pending["id"] == example_id:
+                row, self._pending = self._pending, next(self._rows, None)
+                return self._samples(row)
+            self._rest = {row["id"]: self._samples(row) for row in ([self._pending] if self._pending else [])}
+            self._rest.update((row["id"], self._samples(row)) for row in self._rows)
+        return self._rest.pop(example_id, None)
+
+
+def _add_token_nll(ctx, sources: list[str], candidates: dict[str, Candidates], readers: dict) -> None:
     """Per-token NLLs and token ends of every source, for the examples some source's tokens cover
     only partly (few: only those are read from the stores)."""
     from ..logits_store import LogitsReader
@@ -105,7 +162,9 @@ def _add_token_nll(ctx, sources: list[str], candidates: dict[str, Candidates]) -
     if not partial:
         return
     for source in sources:
-        reader = LogitsReader(ctx.inputs[f"logits/{source}"])
+        if source not in readers:
+            readers[source] = LogitsReader(ctx.inputs[f"logits/{source}"])
+        reader = readers[source]
         for example in partial:
             nll = example.nll.get(source)
             if nll is None or example.id not in reader:
@@ -115,7 +174,7 @@ def _add_token_nll(ctx, sources: list[str], candidates: dict[str, Candidates]) -
             nll.token_ends = stored.offsets[:, 1].astype(int).tolist()
 
 
-def _nll_table(path) -> dict[str, SourceNLL]:
+def _nll_table(path) -> pa.Table:
     from ..logits_store import LogitsReader
 
-    return LogitsReader(path).nll_table()
+    return LogitsReader(path).nll_arrow()
