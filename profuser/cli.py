@@ -450,9 +450,13 @@ def _collect(store, *, everything: bool, dry_run: bool, as_json: bool) -> None:
         print(json.dumps({"dry_run": dry_run, "bytes": freed, "items": rows}, indent=2))
         return
     verb = "would remove" if dry_run else "removed"
+    locks = [i for i in removed if i.what == "lock"]  # one per key ever computed: one line for all
     for item in items:
-        action = f"kept ({item.kept})" if item.kept else verb
-        console.print(Text(f"{action}: {item.what} {item.path} ({_human(item.bytes)})"), soft_wrap=True)
+        if item.kept or item.what != "lock":
+            action = f"kept ({item.kept})" if item.kept else verb
+            console.print(Text(f"{action}: {item.what} {item.path} ({_human(item.bytes)})"), soft_wrap=True)
+    if locks:
+        console.print(Text(f"{verb}: {len(locks)} free lock/holder file(s) in {locks[0].path.parent}"), soft_wrap=True)
     console.print(f"{verb} {len(removed)} item(s), {_human(freed)}; kept {len(items) - len(removed)}")
 
 

@@ -285,7 +285,7 @@ def collect_garbage(store: ArtifactStore, *, everything: bool = False, dry_run: 
                 if (kind, key) in held:
                     kept = "a live run holds it"
                 elif what == "partial" and not everything and any(p.is_file() for p in path.rglob("*")):
-                    kept = "resumable: a killed run's state (--all removes it)"
+                    kept = "resumable: a killed run's state; --all removes it"
                 else:
                     kept = ""
                 remove(Garbage(path, what, size, kept), kind, key)
