@@ -413,12 +413,15 @@ class AlignmentCounts:
 @dataclass
 class Teacher:
     """The teacher on n target tokens: ``ids`` [n, k] int32 target ids, ``logits`` [n, k] float32
-    raw logits (-inf = unused slot), ``mask`` [n] bool, ``category`` [n] int8."""
+    raw logits (-inf = unused slot), ``mask`` [n] bool, ``category`` [n] int8, ``logz`` [n] float32
+    the log-partition of those raw logits (the source's over its whole vocabulary; 0 for a one-hot
+    row, NaN without a teacher), so ``logits - logz`` are log-probabilities."""
 
     ids: np.ndarray
     logits: np.ndarray
     mask: np.ndarray
     category: np.ndarray
+    logz: np.ndarray | None = None
 
 
 def project(target_ids: np.ndarray, source_ids: np.ndarray, topk_ids: np.ndarray, topk_logits: np.ndarray,
@@ -464,11 +467,13 @@ def project(target_ids: np.ndarray, source_ids: np.ndarray, topk_ids: np.ndarray
     out_ids[:, 0] = target_ids
     out_logits[:, 0] = 0.0
     mask = np.ones(n, dtype=bool)
+    out_logz = np.zeros(n, dtype=np.float32)  # a one-hot at logit 0 has log-partition 0
     if params.fallback == "mask":
         off = cat == FALLBACK
         mask[off] = False
         out_logits[off, 0] = -np.inf
         out_ids[off, 0] = 0
+        out_logz[off] = np.nan
 
     rows = np.flatnonzero(anchored)
     if len(rows):
@@ -484,7 +489,8 @@ def project(target_ids: np.ndarray, source_ids: np.ndarray, topk_ids: np.ndarray
         ids_r, logits_r = _merge_topk(all_ids, all_logits, k, max(vmap.target_size, int(target_ids.max()) + 1))
         out_ids[rows] = ids_r
         out_logits[rows] = logits_r
-    return Teacher(out_ids, out_logits, mask, cat)
+        out_logz[rows] = np.asarray(logz, dtype=np.float32)[a]
+    return Teacher(out_ids, out_logits, mask, cat, out_logz)
 
 
 def _merge_topk(ids: np.ndarray, logits: np.ndarray, k: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:

@@ -214,11 +214,13 @@ NEEDS: dict[Mode, dict[str, str]] = {
 class AdvantageEvaluator(Component):
     """Picks the advantaged source per example. ``mode`` says which mode's candidates it reads;
     ``needs`` which fields of ``Candidates`` it reads (``NEEDS[mode]`` lists the valid values):
-    the pipeline plans, and the select stage reads, only what is needed."""
+    the pipeline plans, and the select stage reads, only what is needed. The select stage calls
+    ``select`` on chunks of examples (bounded memory), unless ``whole_set`` asks for all at once."""
 
     kind = "evaluators"
     mode: ClassVar[Mode] = "training"
     needs: ClassVar[frozenset[str]] = frozenset({"nll"})
+    whole_set: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, examples: list[Candidates]) -> list[Choice]:
@@ -265,6 +267,8 @@ LOSS_NEEDS: dict[str, str] = {
               "(the advantaged source)",
     "category": "``batch['category']``: [B, T] int64, the alignment category code of each position "
                 "(``profuser.alignment.CATEGORIES``; -1 where no label)",
+    "teacher_logz": "``batch['teacher_logz']``: [B, T] float32, the log-partition of the teacher's raw logits "
+                    "at each position (``teacher_logits - teacher_logz`` are log-probabilities; NaN where none)",
 }
 
 

@@ -138,13 +138,15 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     loss = registry.get("losses", recipe.loss.name).cls
     for mode in modes:
         for src in recipe.sources:
-            stages.append(Stage(f"align/{mode}/{src.key}", "align",
-                                {"mode": mode, "aligner": ref(recipe.aligner), "target": target, "source": src.identity(),
-                                 "source_key": src.key, "max_length": recipe.train.max_length},
+            align_config = {"mode": mode, "aligner": ref(recipe.aligner), "target": target, "source": src.identity(),
+                            "source_key": src.key, "max_length": recipe.train.max_length}
+            if "teacher_logz" in loss.needs:  # only then: other keys stay as they were
+                align_config["columns"] = ["teacher_logz"]
+            stages.append(Stage(f"align/{mode}/{src.key}", "align", align_config,
                                 {"logits": f"logits/{mode}/{src.key}", "select": f"select/{mode}", "data": "data"},
                                 [("aligners", recipe.aligner.name)]))
         build_config = {"mode": mode, "target": target, "max_length": recipe.train.max_length, "sources": source_keys}
-        if columns := sorted(set(loss.needs) & {"source", "category"}):  # only then: other keys stay as they were
+        if columns := sorted(set(loss.needs) & {"source", "category", "teacher_logz"}):  # only then: keys as before
             build_config["columns"] = columns
         stages.append(Stage(f"build/{mode}", "build", build_config,
                             {"data": "data", "select": f"select/{mode}",

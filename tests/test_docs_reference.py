@@ -128,7 +128,7 @@ def test_loss_needs_match_what_collate_provides(tmp_path):
     table = pa.table({
         "id": ["a"], "input_ids": [[5, 6, 7]], "labels": [[-100, 6, 7]], "teacher_ids": [[[1], [2]]],
         "teacher_logits": [[[0.0], [0.0]]], "teacher_mask": [[True, True]], "gt_length": [2],
-        "source": ["src"], "category": [[0, 4]],
+        "source": ["src"], "category": [[0, 4]], "teacher_logz": [[1.5, 0.0]],
     }).cast(pa.schema([*SCHEMA, *EXTRA_SCHEMA]))
     pq.write_table(table, tmp_path / "examples.parquet")
     plain = ExampleSet.load({"training": tmp_path / "examples.parquet"}, max_length=8)
@@ -137,3 +137,5 @@ def test_loss_needs_match_what_collate_provides(tmp_path):
     batch = full.collate(np.array([0]), np.array([1.0]), pad_id=0)
     assert batch["example_id"] == ["a"] and batch["mode"] == ["training"] and batch["source"] == ["src"]
     assert batch["category"].dtype == torch.int64 and batch["category"].tolist() == [[-1, 0, 4]]
+    assert batch["teacher_logz"].dtype == torch.float32 and batch["teacher_logz"][0, 1:].tolist() == [1.5, 0.0]
+    assert batch["teacher_logz"][0, 0].isnan()

@@ -160,7 +160,7 @@ class EveryColumn(Loss):
     """fuse_kl that records the extra entries it asked for."""
 
     name = "every_column"
-    needs = frozenset({"example_id", "mode", "source", "category"})
+    needs = frozenset({"example_id", "mode", "source", "category", "teacher_logz"})
     batches: ClassVar[list[dict]] = []
 
     def __init__(self, params=None):
@@ -170,7 +170,8 @@ class EveryColumn(Loss):
         self._kl = FuseKL()
 
     def __call__(self, logits, batch, *, beta=None):
-        type(self).batches.append({k: batch[k] for k in self.needs})
+        type(self).batches.append({**{k: batch[k] for k in self.needs},
+                                   **{k: batch[k] for k in ("teacher_logits", "teacher_mask", "labels")}})
         return self._kl(logits, batch, beta=beta)
 
 
@@ -182,7 +183,8 @@ class EveryColumnPlugin:
 
 def test_two_samples_per_prompt_and_every_loss_column_through_a_whole_run(tmp_path):
     """n: 2 with rm_vote: both samples generated, scored and voted on; the chosen sample is the one
-    teacher-forced and trained on; build writes source and category for a loss that needs them."""
+    teacher-forced and trained on; align / build write source, category and the teacher's
+    log-partition for a loss that needs them."""
     import pyarrow.parquet as pq
     from pyarrow import ipc
 
@@ -215,7 +217,8 @@ def test_two_samples_per_prompt_and_every_loss_column_through_a_whole_run(tmp_pa
     for row in selection:  # the won sample is what the source was teacher-forced on
         assert trained[row["id"]] == samples[(row["id"], row["chosen"])][row["sample"]]
         assert json.loads(row["detail"])["sample"][row["chosen"]] == row["sample"]
-    assert [s.config["columns"] for s in runner.stages if s.kind == "build"] == [["category", "source"]] * 2
+    assert [s.config["columns"] for s in runner.stages if s.kind == "build"] == [["category", "source", "teacher_logz"]] * 2
+    assert {tuple(s.config["columns"]) for s in runner.stages if s.kind == "align"} == {("teacher_logz",)}
     built = ipc.open_file(str(out["build/inference"] / "examples.arrow")).read_all()
     assert {"source", "category"} <= set(built.column_names)
     assert {r["id"]: r["chosen"] for r in selection} == dict(zip(built["id"].to_pylist(), built["source"].to_pylist()))
@@ -224,3 +227,9 @@ def test_two_samples_per_prompt_and_every_loss_column_through_a_whole_run(tmp_pa
         assert set(batch["source"]) <= {"llama", "gemma"} and set(batch["mode"]) <= {"inference", "training"}
         assert batch["category"].min() >= -1 and batch["category"].max() < len(CATEGORIES)
         assert (batch["category"] >= 0).any() and len(batch["example_id"]) == len(batch["source"])
+        logz, teacher = batch["teacher_logz"], batch["teacher_mask"]
+        assert logz[teacher].isfinite().all() and logz[~teacher].isnan().all()
+        logp = batch["teacher_logits"] - logz[..., None]  # the source's own log-probabilities
+        assert (logp[teacher].nan_to_num(neginf=-1.0) <= 1e-4).all()
+        # a top-k's mass is at most 1 (one-hot rows exactly 1)
+        assert (logp[teacher].exp().sum(-1) <= 1 + 1e-3).all()

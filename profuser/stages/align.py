@@ -15,7 +15,9 @@ Writes ``aligned.parquet``, one row per example in data order (what lets ``build
 sources' files in one sequential pass): ``id``, ``response``, ``target_ids`` [n] (the
 target's response tokens), ``teacher_ids`` [n][k], ``teacher_logits`` [n][k] (raw, -inf unused),
 ``teacher_mask`` [n], ``category`` [n] (int8 codes of ``alignment.CATEGORIES``), and
-``report.json``: the category shares and the aligner's speed (target tokens per second).
+``report.json``: the category shares and the aligner's speed (target tokens per second). With
+``columns: [teacher_logz]`` in its config (a loss that needs it) also ``teacher_logz`` [n], the
+teacher logits' log-partition (``alignment.Teacher.logz``).
 """
 
 from __future__ import annotations
@@ -156,7 +158,9 @@ def run(ctx) -> dict:
         source_tokens += ex.n_tokens
         return {"id": example_id, "response": ex.response, "target_ids": target_ids, "teacher": teacher}
 
-    with pq.ParquetWriter(ctx.out / "aligned.parquet", ALIGNED_SCHEMA) as sink:
+    with_logz = "teacher_logz" in cfg.get("columns", ())  # only for a loss that needs it: else as before
+    schema = ALIGNED_SCHEMA.append(pa.field("teacher_logz", pa.list_(pa.float32()))) if with_logz else ALIGNED_SCHEMA
+    with pq.ParquetWriter(ctx.out / "aligned.parquet", schema) as sink:
         def flush() -> None:
             if rows:
                 sink.write_table(pa.Table.from_arrays([
@@ -167,7 +171,8 @@ def run(ctx) -> dict:
                     list_column([r["teacher"].logits for r in rows], pa.float32()),
                     list_column([r["teacher"].mask for r in rows], pa.bool_()),
                     list_column([r["teacher"].category for r in rows], pa.int8()),
-                ], schema=ALIGNED_SCHEMA))
+                    *([list_column([r["teacher"].logz for r in rows], pa.float32())] if with_logz else []),
+                ], schema=schema))
                 rows.clear()
 
         for example_id in ids:

@@ -10,8 +10,9 @@ teacher on, and writes ``examples.arrow`` as docs/architecture.md specifies: ``i
 the trainer's ``collate`` puts them back at their positions), ``gt_length`` (target tokens of the
 ground-truth response alone: the length the curricula sort by, the same in both modes).
 With ``columns`` in its config (the extra columns the recipe's loss needs, ``Loss.needs``) it also
-writes ``source`` (the chosen source's key) and/or ``category`` [n] (the alignment category code
-of each labelled position, int8); without, the file is exactly as before.
+writes ``source`` (the chosen source's key), ``category`` [n] (the alignment category code of
+each labelled position, int8) and/or ``teacher_logz`` [n] (the teacher logits' log-partition,
+float32, which its align stages then write); without, the file is exactly as before.
 
 One pass, flat memory: the data file and every source's ``aligned.parquet`` (in data order too)
 are streamed side by side; only the selection's id -> source map is held. The output is an Arrow
@@ -55,6 +56,8 @@ class _Aligned:
             target_ids = batch.column("target_ids").flatten().to_numpy(zero_copy_only=False)  # [tokens]
             mask = batch.column("teacher_mask").flatten().to_numpy(zero_copy_only=False).astype(bool)
             category = batch.column("category").flatten().to_numpy(zero_copy_only=False).astype(np.int8)
+            logz = (batch.column("teacher_logz").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+                    if "teacher_logz" in batch.schema.names else None)
             inner = batch.column("teacher_ids").flatten()  # [tokens] lists of k
             ids = inner.flatten().to_numpy(zero_copy_only=False)
             logits = batch.column("teacher_logits").flatten().flatten().to_numpy(zero_copy_only=False)
@@ -66,7 +69,8 @@ class _Aligned:
                 k = (last - first) // n if n else 0
                 yield {"id": example_id, "response": response, "target_ids": target_ids[a:b],
                        "teacher_ids": ids[first:last].reshape(n, k), "teacher_logits": logits[first:last].reshape(n, k),
-                       "teacher_mask": mask[a:b], "category": category[a:b]}
+                       "teacher_mask": mask[a:b], "category": category[a:b],
+                       "teacher_logz": logz[a:b] if logz is not None else None}
 
     def next(self, example_id: str) -> dict:
         row = self._pending
@@ -142,6 +146,11 @@ def run(ctx) -> dict:
             labels[:start] = -100  # the labelled positions are start..L-1, where the teacher rows go
             gt_length = len(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
             columns = {"source": pa.array([chosen], pa.string()), "category": list_column([row["category"]], pa.int8())}
+            if "teacher_logz" in extra:
+                if row["teacher_logz"] is None:
+                    raise ArtifactError(f"align/{mode}/{chosen} has no teacher_logz column (its config lacks "
+                                        "columns: [teacher_logz])", where=where)
+                columns["teacher_logz"] = list_column([row["teacher_logz"]], pa.float32())
             sink.write_batch(pa.RecordBatch.from_arrays([
                 pa.array([example_id], pa.string()),
                 pa.array([mode], pa.string()),

@@ -6,8 +6,9 @@ order is the curriculum's ``order_examples`` per epoch (by default a fresh permu
 by ``(seed, phase index, epoch)`` only, so it is the same on every rank, for every world size and
 after a resume: the trainer needs nothing but ``(phase, step)`` to know which examples come next.
 
-Extra columns a loss asks for (``Loss.needs``): ``source`` and ``category`` are read from the file
-(the build stage writes them only for such a loss), ``example_id`` and ``mode`` are known anyway.
+Extra columns a loss asks for (``Loss.needs``): ``source``, ``category`` and ``teacher_logz`` are
+read from the file (the build stage writes them only for such a loss), ``example_id`` and ``mode``
+are known anyway.
 
 Memory stays flat however many examples there are: a file is read one chunk at a time (an Arrow
 IPC record batch, one example each as the build stage writes them; or a parquet row group), never
@@ -50,7 +51,8 @@ SCHEMA = pa.schema([  # the columns the trainer reads, in the types it reads the
 ])
 COLUMNS = tuple(SCHEMA.names)
 # optional columns, read only when a loss needs them: category at the teacher rows' positions
-EXTRA_SCHEMA = pa.schema([("source", pa.string()), ("category", pa.list_(pa.int8()))])
+EXTRA_SCHEMA = pa.schema([("source", pa.string()), ("category", pa.list_(pa.int8())),
+                          ("teacher_logz", pa.list_(pa.float32()))])
 FILE_NEEDS = tuple(EXTRA_SCHEMA.names)  # the needs that come from the file
 NO_CATEGORY = -1
 CACHED_CHUNKS = 8  # decoded chunks kept (parquet row groups of hand-written files hold many rows)
@@ -259,6 +261,8 @@ class ExampleSet:
             extra["source"] = table.column("source").to_pylist()
         if "category" in self.needs:  # stored like the teacher rows, so it goes to the same positions
             extra["category"] = torch.from_numpy(_pad2(table.column("category"), t, NO_CATEGORY, np.int64, position))
+        if "teacher_logz" in self.needs:
+            extra["teacher_logz"] = torch.from_numpy(_pad2(table.column("teacher_logz"), t, np.nan, np.float32, position))
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
