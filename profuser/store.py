@@ -8,6 +8,8 @@ Layout under the runs directory::
                                    training checkpoints), then renamed into place
     store/.locks/<kind>-<key>.lock one computation of a key at a time across processes (an OS
                                    file lock: a dead holder's lock is free again)
+    store/<kind>/<key>.corrupt-*   a corrupt artifact moved aside; ``collect_garbage`` (``profuser
+                                   runs --gc``) removes these, trash and what kills left
 
 ``manifest.json`` is written last and lists every file with its size and SHA-256: an artifact
 without one, or whose files disagree with it, is partial or corrupt and is never read.
