@@ -24,7 +24,7 @@ from . import __version__
 from .components import MODES
 from .errors import ProfuserError, RecipeError
 from .plugins import Engine
-from .recipe import Recipe
+from .recipe import Recipe, TrainSpec
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
 
@@ -157,7 +157,7 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
         train_deps["select/inference"] = "select/inference"
     stages.append(Stage("train", "train",
                         {"target": target, "target_key": recipe.target.key, "loss": ref(recipe.loss),
-                         "curriculum": ref(recipe.curriculum), "train": recipe.train.model_dump(), "recipe_name": recipe.name,
+                         "curriculum": ref(recipe.curriculum), "train": recipe.train.model_dump(exclude=TrainSpec.NOT_HASHED), "recipe_name": recipe.name,
                          "sources": source_keys, "card_recipe": card_recipe(recipe)},
                         train_deps, [("losses", recipe.loss.name), ("curricula", recipe.curriculum.name)]))
 
@@ -177,7 +177,7 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
 def card_recipe(recipe: Recipe) -> str:
     """The recipe as the fused model's card shows it: what made the model, without how the run
     executed (runtime), its cost estimate or its evaluation (other stages read those)."""
-    return _dump_yaml(recipe, exclude={"runtime", "estimate", "evaluate"})
+    return _dump_yaml(recipe, exclude={"runtime": True, "estimate": True, "evaluate": True, "train": set(TrainSpec.NOT_HASHED)})
 
 
 def _data_fingerprint(path: Any) -> dict[str, str]:

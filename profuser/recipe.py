@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_serializer, model_validator
@@ -135,6 +135,30 @@ class InferenceModeSpec(StrictModel):
         return _distinct_labels(value, "reward models")
 
 
+# accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS) -> the package each needs;
+# listed here so that validating a recipe imports neither accelerate nor torch
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKER_NAMES = tuple(TRACKER_PACKAGES)
+
+
+def missing_trackers(report_to: list[str]) -> list[tuple[int, str]]:
+    """(index, message) for each tracker of ``report_to`` whose package is not installed."""
+    import importlib.util
+
+    return [(i, f"{name} is not installed: pip install {TRACKER_PACKAGES[name]} (or remove it from train.report_to)")
+            for i, name in enumerate(report_to)
+            if name in TRACKER_PACKAGES and importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+
+
+class PushSpec(StrictModel):
+    """Where ``profuser run`` pushes the fused model when it ends (``profuser push`` does it by hand)."""
+
+    repo: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$",
+                      description="Hub repository id, user/name or org/name")
+    private: bool = False
+
+
 class TrainSpec(StrictModel):
     lr: float = Field(default=1.5e-5, gt=0)
     batch_size: int = Field(default=128, gt=0, description="global batch (gradient accumulation fills it)")
@@ -152,6 +176,21 @@ class TrainSpec(StrictModel):
     distributed: Literal["none", "ddp", "deepspeed", "fsdp"] = "none"
     deepspeed_config: str | None = None
     seed: int = 42
+    report_to: list[Literal[TRACKER_NAMES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (accelerate's) that get metrics.jsonl's scalars; [] for metrics.jsonl only")
+    push_to_hub: PushSpec | None = Field(default=None, description="push the model to the Hub when `profuser run` ends")
+
+    # where a run reports and publishes, not what it trains: no cache key or model card holds these
+    NOT_HASHED: ClassVar[frozenset[str]] = frozenset({"report_to", "push_to_hub"})
+
+    @field_validator("report_to")
+    @classmethod
+    def _distinct_trackers(cls, value: list[str]):
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"trackers listed twice: {', '.join(repeated)}")
+        return value
 
 
 class VLLMEvaluateSpec(StrictModel):
@@ -421,6 +460,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base)
     problems += _missing_models(recipe)
+    # explicitly listed only: the default TensorBoard is skipped with a note when it is not installed
+    if "report_to" in recipe.train.model_fields_set:
+        problems += [(f"train.report_to.{i}", m) for i, m in missing_trackers(recipe.train.report_to)]
     _absolutise_paths(recipe, base)
     if problems:
         raise RecipeError(problems, file=file)
