@@ -15,6 +15,7 @@ from profuser.pipeline import Runner, Runtime, Stage
 from profuser.plugins import Engine
 from profuser.recipe import Recipe, load_raw
 from profuser.runtime import Runtime as RuntimeClass
+from profuser.testing import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def _manifest(result):
     return json.loads((Path(result.path) / "manifest.json").read_text())
 
 
-def test_tiny_pipeline_artifacts_are_the_same_with_isolated_stages(tiny_llama_dir, tiny_gemma_dir, tmp_path):
+def test_tiny_pipeline_artifacts_are_the_same_with_isolated_stages(tmp_path):
     """Every stage of both modes on tiny heterogeneous models, each model stage in a worker: the
     artifacts are those of an in-process run, file for file."""
     import json
@@ -106,8 +107,7 @@ def test_tiny_pipeline_artifacts_are_the_same_with_isolated_stages(tiny_llama_di
 
     from profuser.cli import app
 
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(TINY.format(llama=tiny_llama_dir, gemma=tiny_gemma_dir))
+    recipe = tiny_recipe(tmp_path)
     for isolate, runs in (("true", "isolated"), ("false", "inline")):
         result = CliRunner().invoke(app, ["run", str(recipe), "--runs-dir", str(tmp_path / runs),
                                           "-o", f"runtime.isolate_stages={isolate}"])
@@ -144,28 +144,9 @@ def artifact_contents(path: Path) -> dict[str, object]:
             contents[rel] = file.read_bytes()
     return contents
 
-TINY = """
-name: tiny
-target: {{ref: {llama}, label: llama}}
-sources:
-  - {{ref: {llama}, label: llama}}
-  - {{ref: {gemma}, label: gemma}}
-data:
-  source: {{name: builtin_tasks, params: {{n: 10, seed: 0}}}}
-  heldout: 3
-distill: {{top_k: 4, batch_size: 4, max_length: 384}}
-inference_mode:
-  generator: {{name: hf, params: {{max_new_tokens: 8, batch_size: 4}}}}
-  reward_models:
-    - {{name: judge, label: judge-a, params: {{model: {llama}, rubric: "Q: {{instruction}} A: {{response}} Good?"}}}}
-  evaluator: {{name: rm_vote}}
-train: {{lr: 1.0e-3, batch_size: 4, micro_batch_size: 2, max_length: 384}}
-evaluate: {{tasks: [profuser_heldout], batch_size: 4}}
-"""
-
 
 @pytest.mark.slow
-def test_a_two_process_launch_with_isolated_stages(tiny_llama_dir, tiny_gemma_dir, tmp_path):
+def test_a_two_process_launch_with_isolated_stages(tmp_path):
     """``torchrun --nproc_per_node 2`` with stage workers: each rank's model stages run in that
     rank's worker (the ranks' shards, DDP training over both workers), then one process reuses it all."""
     import json
@@ -173,8 +154,7 @@ def test_a_two_process_launch_with_isolated_stages(tiny_llama_dir, tiny_gemma_di
     import subprocess
     import sys
 
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(TINY.format(llama=tiny_llama_dir, gemma=tiny_gemma_dir))
+    recipe = tiny_recipe(tmp_path)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     runs = tmp_path / "runs"
     env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1"}
