@@ -104,6 +104,18 @@ def test_example_package_is_discovered_through_its_entry_point(tmp_path):
     assert "warmup" not in {row["plugin"] for row in json.loads(out)}
 
 
+def test_the_answer_aware_example_package_registers_its_three_components(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(EXAMPLE.parent / "profuser-answer-aware")], check=True)
+    env = {**os.environ, "PYTHONPATH": str(target), "PROFUSER_DISABLE_ENTRYPOINTS": ""}
+    out = subprocess.run([sys.executable, "-m", "profuser.cli", "plugins", "--json"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    row = {row["plugin"]: row for row in json.loads(out)}["answer_aware"]
+    assert row["builtin"] is False and row["version"] == "0.1.0"
+    assert set(row["components"]) == {"evaluators:answer_aware", "curricula:length_batches", "losses:mode_scaled_kl"}
+
+
 # --- profuser components: any text, in full ------------------------------------------------------
 
 
