@@ -76,7 +76,7 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as JSON.")] = False,
 ):
     """Run a recipe: every stage, reusing what is cached; a killed run resumes where it stopped."""
-    from .pipeline import Runner
+    from .pipeline import Runner, rank_and_world
     from .plugins import get_engine
     from .recipe import load_recipe
 
@@ -97,6 +97,12 @@ def run(
 
     for line in run_result_lines(runner.run_dir, results, recipe_obj):
         console.print(line, highlight=False, markup=False)
+    target = recipe_obj.train.push_to_hub
+    if target and any(r.kind == "train" for r in results) and rank_and_world()[0] == 0:  # train.push_to_hub
+        from .hub import push as push_run
+
+        pushed = push_run(runner.run_dir, target.repo, private=target.private)
+        console.print(f"pushed to {pushed['url']}", highlight=False, markup=False)
 
 
 def _print_plan(plan: dict) -> None:
@@ -361,6 +367,32 @@ def report(
     if not (run_dir / "run.json").exists():
         raise ProfuserError(f"no run.json in {run_dir} (run the recipe first)", where=str(run))
     console.print(write_run_report(run_dir, out))
+
+
+@app.command()
+@friendly
+def push(
+    run: Annotated[Path, typer.Argument(help="A run directory (RUNS/runs/NAME) or a recipe name.")],
+    repo: Annotated[str, typer.Option(help="Hub repository id: user/name or org/name (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the folder it would upload; upload nothing.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Where to write the folder (default with --dry-run: RUN/hub).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    as_json: JsonFlag = False,
+):
+    """Push a run's fused model to the Hugging Face Hub, with a Hub model card (sources, reward
+    models, data, evaluation, loss curve, recipe) and the chat template it was trained with."""
+    from .hub import find_run
+    from .hub import push as push_run
+
+    record = push_run(find_run(run, runs_dir), repo, private=private, dry_run=dry_run, out=out)
+    if as_json:
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    elif record["uploaded"]:
+        console.print(f"pushed {len(record['files'])} files to {record['url']}", highlight=False, markup=False)
+    else:
+        console.print(f"dry run: {len(record['files'])} files for {repo} in {record['folder']}: "
+                      f"{', '.join(record['files'])}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command(name="eval")

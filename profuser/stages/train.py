@@ -6,7 +6,9 @@ rank examples by the target's own reward (``rm_split``), ``select/inference/sele
 and reward models scored it). Checkpoints live under
 the stage's partial directory, which survives a kill, so a re-run resumes mid-phase; the finished
 artifact keeps ``model/`` (save_pretrained + tokenizer + README.md card with the recipe and
-lineage), ``metrics.jsonl`` and ``tb/``.
+lineage; the tokenizer keeps the chat template it was trained with), ``metrics.jsonl`` and ``tb/``
+(``train.report_to``: the trackers, from the run's recipe, not the key: a cached training is not
+logged again).
 """
 
 from __future__ import annotations
@@ -42,11 +44,15 @@ def run(ctx) -> dict:
         "recipe": cfg["card_recipe"],  # in the config, so in the key: a shared key never embeds another recipe
         "lineage": lineage,
     }
+    # the trackers are in no key (TrainSpec.NOT_HASHED): they come from this run's recipe
+    spec = TrainSpec(**cfg["train"], **{f: getattr(ctx.recipe.train, f) for f in TrainSpec.NOT_HASHED
+                                        if f in ctx.recipe.train.model_fields_set})
     summary = train(
         cfg["target"], examples, ctx.build("losses", cfg["loss"]), ctx.build("curricula", cfg["curriculum"]),
-        TrainSpec(**cfg["train"]), ctx.out,
+        spec, ctx.out,
         target_reward=target_reward, callbacks=[ctx.log_metrics], card=card,
         device=ctx.runtime.device, cache_dir=ctx.runtime.cache_dir, progress=ctx.runtime.progress,
+        run_name=cfg["recipe_name"],
     )
     return {key: summary[key] for key in ("steps", "final_loss", "tokens", "seconds", "world_size", "backend", "phases", "resumed_from")}
 

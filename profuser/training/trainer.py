@@ -16,12 +16,13 @@
    beta)`` + backward, each weighted by its share of the global batch's labelled tokens (so the
    step's loss is the mean over all of them, whatever the split into micro-batches and ranks);
    clipping at ``max_grad_norm``; one optimizer step; metrics (token-weighted means) go to
-   metrics.jsonl, TensorBoard and the callbacks; checkpoints every ``checkpoint_every`` steps and
+   metrics.jsonl, the trackers of ``train.report_to`` (accelerate's; TensorBoard in ``tb/`` by
+   default) and the callbacks; checkpoints every ``checkpoint_every`` steps and
    at each phase's end.
    Guard: a non-finite loss or gradient norm (the pre-clip norm, measured even without clipping)
    skips the step's update; past ``train.max_bad_steps`` such steps (default 0) the run stops with a
    ``TrainingError`` naming the step and phase, and the last good checkpoint stays (nothing is saved).
-6. The final model: save_pretrained + tokenizer + README.md model card, then ``summary.json``
+6. The final model: save_pretrained + tokenizer (with the chat template it was trained with) + README.md model card, then ``summary.json``
    (written atomically: marks training complete), and only then are the checkpoints removed; a re-run
    that finds ``summary.json`` returns it without training (a kill before the stage is sealed loses
    nothing).
@@ -30,6 +31,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -42,14 +44,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..chat import template_for
 from ..components import Curriculum, Loss
 from ..errors import ProfuserError
-from ..recipe import ModelSpec, TrainSpec
+from ..recipe import TRACKER_PACKAGES, ModelSpec, TrainSpec, missing_trackers
 from ..store import atomic_write_json, atomic_write_text
 from .card import model_card
 from .data import IGNORE, ExampleSet, plan_phases
 from .parallel import make_backend
 
+log = logging.getLogger(__name__)
 Callback = Callable[[int, dict], None]  # (global step, metrics), main process only
 BatchHook = Callable[[int, list], None]  # (global step, this rank's example ids), every rank
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: marks it complete
@@ -76,11 +80,13 @@ def train(
     cache_dir: Path | None = None,
     progress: bool = False,
     keep_checkpoints: bool = False,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (a ModelSpec, its dict, or a model reference) on ``examples`` (mode ->
     examples.arrow) through the phases of ``curriculum``; write ``out_dir/model``,
     ``metrics.jsonl`` and ``tb/``. Re-running with the same arguments resumes from the last
-    checkpoint. ``card``: ``title``, ``recipe`` (YAML text) and ``lineage`` for the model card."""
+    checkpoint. ``card``: ``title``, ``recipe`` (YAML text) and ``lineage`` for the model card.
+    ``run_name``: the trackers' project (wandb project, MLflow experiment); default the model's key."""
     from transformers import get_scheduler, set_seed
 
     from ..models import as_spec, load_model
@@ -88,6 +94,7 @@ def train(
     out_dir = Path(out_dir)
     spec = spec if isinstance(spec, TrainSpec) else TrainSpec(**spec)
     model = as_spec(model)
+    tracker_names = trackers_to_start(spec)  # a missing tracker package stops us before anything loads
 
     # --- 1. backend ------------------------------------------------------------------------------
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
@@ -150,16 +157,14 @@ def train(
     resumed_from = step
 
     metrics_path = out_dir / "metrics.jsonl"
-    writer = None
+    trackers: list = []
     last: dict[str, Any] = {}  # the latest step's metrics
     if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
         _truncate_metrics(metrics_path, step)  # drop steps logged after the checkpoint we resume from
         if step and metrics_path.is_file():  # killed after the last step: the summary still has a loss
             lines = metrics_path.read_text(encoding="utf-8").splitlines()
             last = json.loads(lines[-1]) if lines else {}
-        writer = SummaryWriter(str(out_dir / "tb"), purge_step=step + 1 if step else None)
+        trackers = start_trackers(tracker_names, spec, out_dir, step, run_name=run_name or model.key)
     callbacks = list(callbacks)
     tokens_total, started = 0, time.time()
     bar = _progress(total_steps, step, enabled=progress and is_main)
@@ -231,9 +236,10 @@ def train(
             if is_main:
                 with open(metrics_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(last) + "\n")
-                for key, value in last.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        writer.add_scalar(f"train/{key}", value, step)
+                scalars = {f"train/{key}": value for key, value in last.items()
+                           if isinstance(value, (int, float)) and key != "step"}
+                for tracker in trackers:
+                    tracker.log(scalars, step=step)
                 bar.update(1)
                 bar.set_postfix(phase=plan.phase.name, loss=f"{means['loss']:.4f}")
                 for callback in callbacks:
@@ -255,12 +261,16 @@ def train(
         unwrapped = backend.unwrap()
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+        # the template the examples were encoded with (build: chat.template_for): a base model trained
+        # with the fallback keeps it, so it chats the same after reload
+        tokenizer.chat_template = template_for(tokenizer)  # load_model applied the recipe's override
         tokenizer.save_pretrained(model_dir)
         card = card or {}
         atomic_write_text(model_dir / "README.md", model_card(
             title=card.get("title") or f"{model.key} fused with profuser", base_model=model.ref, summary=summary,
             recipe_yaml=card.get("recipe"), lineage=card.get("lineage")))
-        writer.close()
+        for tracker in trackers:
+            tracker.finish()
         # the completion record first: a kill from here on leaves a finished training to return
         atomic_write_json(out_dir / SUMMARY_FILE, {**summary, "fingerprint": fingerprint})
         if not keep_checkpoints:
@@ -270,6 +280,47 @@ def train(
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+
+def trackers_to_start(spec: TrainSpec) -> list[str]:
+    """``spec.report_to``, or ProfuserError naming the first tracker whose package is missing; the
+    default TensorBoard, when not installed, is left out (metrics.jsonl is always written)."""
+    missing = missing_trackers(spec.report_to)
+    if missing and "report_to" not in spec.model_fields_set:
+        log.info("tensorboard is not installed: the training metrics go to metrics.jsonl only")
+        return []
+    if missing:
+        index, message = missing[0]
+        raise ProfuserError(message, where=f"train.report_to.{index}")
+    return list(spec.report_to)
+
+
+def start_trackers(names: list[str], spec: TrainSpec, out_dir: Path, step: int, *, run_name: str) -> list:
+    """Started accelerate trackers (main process only): what ``Accelerator(log_with=names)
+    .init_trackers`` builds, without an Accelerator (the DeepSpeed backend has none). TensorBoard
+    writes ``out_dir/tb`` and, on resume, purges the steps after ``step``."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    config = {key: value if isinstance(value, (bool, int, float, str)) or value is None else json.dumps(value)
+              for key, value in spec.model_dump(exclude=TrainSpec.NOT_HASHED).items()}
+    trackers = []
+    for name in names:
+        if name == "tensorboard":  # tb/ itself (no run subfolder), as before; its hparams would add files
+            tracker = LOGGER_TYPE_TO_CLASS[name]("", str(out_dir / "tb"), purge_step=step + 1 if step else None)
+        elif LOGGER_TYPE_TO_CLASS[name].requires_logging_directory:
+            tracker = LOGGER_TYPE_TO_CLASS[name](run_name, str(out_dir / "tracking"))
+        else:
+            tracker = LOGGER_TYPE_TO_CLASS[name](run_name)
+        tracker.main_process_only = False  # the caller is the main process; skips accelerate's PartialState
+        try:
+            tracker.start()
+            if name != "tensorboard":
+                tracker.store_init_configuration(config)
+        except Exception as exc:  # noqa: BLE001  (a tracker's own failure: login, server, bad settings)
+            raise ProfuserError(f"{name} ({TRACKER_PACKAGES[name]}) failed to start: {type(exc).__name__}: {exc}",
+                                where="train.report_to") from None
+        trackers.append(tracker)
+    return trackers
 
 
 def save_checkpoint(backend, root: Path, step: int, fingerprint: dict, *, bad_steps: int = 0) -> Path:
