@@ -22,7 +22,6 @@ from .tasks import (
     HELDOUT_BPB_TASK,
     HELDOUT_TASK,
     KNOWN_TASKS,
-    lm_eval_tasks_dir,
     local_data_config,
     primary_metric,
     stock_yaml_path,
@@ -272,20 +271,23 @@ def _uses_chat(task: str, obj, tokenizer, apply_chat_template: bool | None) -> b
 
 
 @functools.cache
-def _stock_index() -> dict:
-    from lm_eval.tasks._index import TaskIndex
+def _stock_manager():
+    from lm_eval.tasks import TaskManager
 
-    return TaskIndex.build([lm_eval_tasks_dir()])  # seconds: every YAML lm-eval ships
+    return TaskManager(include_defaults=True)  # seconds: indexes every YAML lm-eval ships
 
 
 def _index_yaml(task: str) -> Path | None:
-    """The stock config of a single task from lm-eval's full index (None for groups/tags/unknown)."""
-    from lm_eval.tasks._index import Kind
-
-    entry = _stock_index().get(task)
-    if entry is None or entry.kind != Kind.TASK or entry.yaml_path is None:
+    """The stock config of a single YAML task from lm-eval's index (None for groups, tags, Python
+    tasks and unknown names), through TaskManager's public ``all_subtasks`` / ``task_index``."""
+    manager = _stock_manager()
+    if task in manager.all_groups or task in manager.all_tags or task not in manager.all_subtasks:
         return None
-    return Path(entry.yaml_path)
+    entry = manager.task_index.get(task)
+    path = getattr(entry, "yaml_path", None)
+    if path is None or (getattr(entry, "cfg", None) or {}).get("class") is not None:
+        return None
+    return Path(path)
 
 
 def _load(manager, task: str):

@@ -116,11 +116,30 @@ def stock_yaml_path(task: str) -> Path | None:
     return path
 
 
-def read_stock_config(path: Path) -> dict[str, Any]:
-    """The task config with its includes merged (``!function`` references left unresolved)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    return load_yaml(path, resolve_func=False, recursive=True)
+def read_stock_config(path: Path, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The task config with its ``include:``s merged as lm-eval merges them (each included file in
+    order, then the file's own keys win; a relative include is relative to the file), its
+    ``!function`` references kept as :class:`Function` strings and never imported. Our own reader:
+    lm-eval's YAML loader is private API."""
+    path = Path(path).expanduser().resolve()
+    if path in _stack:
+        raise ProfuserError("the task config includes itself", where=" -> ".join(str(p) for p in (*_stack, path)))
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader plus !function
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProfuserError(f"cannot read the lm-eval task config: {exc}", where=str(path)) from None
+    if not isinstance(config, dict):
+        raise ProfuserError("an lm-eval task config is a mapping", where=str(path))
+    includes = config.pop("include", None)
+    if includes is None:
+        return config
+    merged: dict[str, Any] = {}
+    for include in includes if isinstance(includes, list) else [includes]:
+        base = read_stock_config(path.parent / include, (*_stack, path))  # an absolute include stays as is
+        base.pop("task_list", None)  # names the included file's own tasks (lm-eval drops it too)
+        merged.update(base)
+    merged.update(config)
+    return merged
 
 
 # --- local data -----------------------------------------------------------------------------------
@@ -206,7 +225,12 @@ class _Dumper(yaml.SafeDumper):
     pass
 
 
+class _Loader(yaml.SafeLoader):
+    pass
+
+
 _Dumper.add_representer(Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+_Loader.add_constructor("!function", lambda loader, node: Function(loader.construct_scalar(node)))
 
 
 def write_task_yaml(directory: Path, task: str, config: dict[str, Any]) -> Path:
