@@ -48,3 +48,17 @@ class ModelError(ProfuserError):
 
 class ArtifactError(ProfuserError):
     """A stored artifact is missing, partial or corrupt."""
+
+
+def import_extra(module: str, extra: str, *, what: str, where: str | None = None):
+    """``import module``, or ProfuserError naming the extra that installs it: optional packages
+    are imported where they are used, so a bare install runs everything else."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name is not None and module.split(".")[0] != exc.name.split(".")[0]:
+            raise  # the package is there but one of its own imports fails: not a missing extra
+        raise ProfuserError(f"{what} needs {module.split('.')[0]}, which is not installed: "
+                            f"pip install 'profuser[{extra}]'", where=where) from None
