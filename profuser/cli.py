@@ -360,13 +360,21 @@ def report(
     runs_dir: RunsDir = Path("runs"),
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN/report).")] = None,
 ):
-    """A single run's summary: stage timings and cache hits, advantage shares, alignment, curves, scores."""
-    from .report import write_run_report
+    """A single run's summary: stage timings and cache hits, advantage shares, alignment, curves, scores.
+    Written as markdown to report.md; printed for the terminal's width (COLUMNS), tables too wide
+    for it as one key/value block per row."""
+    import shutil
+
+    from .report import terminal_text, write_run_report
 
     run_dir = run if (run / "run.json").exists() else runs_dir / "runs" / str(run)
     if not (run_dir / "run.json").exists():
         raise ProfuserError(f"no run.json in {run_dir} (run the recipe first)", where=str(run))
-    console.print(write_run_report(run_dir, out))
+    out_dir = out or run_dir / "report"
+    width = shutil.get_terminal_size((100, 24)).columns  # COLUMNS first, then the terminal
+    # pre-wrapped: rich must not wrap again (soft_wrap) nor read [..] as markup
+    console.print(terminal_text(write_run_report(run_dir, out), width, base=out_dir), soft_wrap=True,
+                  markup=False, highlight=False)
 
 
 @app.command()

@@ -16,7 +16,8 @@ Entries of the same variant (several seeds) are aggregated to mean ± sample std
 ``reference`` and decides what is bold: only a mean that is significantly best against every other
 row. Markdown shows percentages for 0-1 scores (as the paper does) and bits per byte as they are;
 CSV and JSON keep lm-eval's values. Plots are drawn on bare
-matplotlib Figures (the Agg canvas): no display, no global backend change.
+matplotlib Figures (the Agg canvas): no display, no global backend change; without matplotlib
+(``pip install 'profuser[plots]'``) the reports are written without them and say so.
 
 ``write_run_report(run_dir)`` summarises one ``runs/runs/<recipe>/`` from its ``run.json``: stage
 timings and cache hits, advantage shares, alignment quality, the training curve, scores.
@@ -25,15 +26,18 @@ timings and cache hits, advantage shares, alignment quality, the training curve,
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import re
 import statistics
+import textwrap
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
+from .errors import ArtifactError, import_extra
 from .evaluation.stats import bootstrap_mean_ci, paired_delta, pooled
 from .evaluation.tasks import PAPER_TASKS, is_fraction, lower_is_better, task_title
 
@@ -43,11 +47,18 @@ __all__ = [
     "run_result_lines",
     "summarise_variants",
     "task_order",
+    "terminal_text",
     "write_comparison",
     "write_run_report",
 ]
 
 AVERAGE = "average"
+PLOTS_MISSING = "Plots: not drawn, matplotlib is not installed (pip install 'profuser[plots]')."
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the ``plots`` extra) is installed; reports leave their PNGs out otherwise."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 # --- aggregation ----------------------------------------------------------------------------------
@@ -318,7 +329,7 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
     written["csv"] = _write_csv(out_dir / "comparison.csv", variants, tasks)
 
     plots: list[tuple[str, Path]] = []
-    if any(v[AVERAGE] is not None or any(s is not None for s in v["scores"].values()) for v in variants):
+    if can_plot() and any(v[AVERAGE] is not None or any(s is not None for s in v["scores"].values()) for v in variants):
         written["scores_png"] = plot_scores(variants, tasks, out_dir / "scores.png", reference=ref)
         plots.append(("Scores per benchmark", written["scores_png"]))
     curves = {}
@@ -326,7 +337,7 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
         path = entry.get("metrics_path")
         if path and Path(path).is_file():
             curves.setdefault(str(entry["variant"]), []).append(read_metrics(path))
-    if curves:
+    if curves and can_plot():
         written["loss_png"] = plot_loss_curves(curves, out_dir / "loss.png")
         plots.append(("Training loss", written["loss_png"]))
     shares_md = _comparison_shares(entries, out_dir, written)
@@ -354,6 +365,8 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
         md += ["## Advantage shares", "", shares_md, ""]
     if plots:
         md += ["## Plots", ""] + [f"![{name}]({path.name})" for name, path in plots] + [""]
+    elif not can_plot():
+        md += [PLOTS_MISSING, ""]
     written["md"] = out_dir / "comparison.md"
     written["md"].write_text("\n".join(md), encoding="utf-8")
     return written
@@ -413,9 +426,11 @@ def _comparison_shares(entries: list[dict], out_dir: Path, written: dict[str, Pa
     for i, (key, variants) in enumerate(distinct.items()):
         shares = advantage_shares(dict(key))
         name = "advantage_shares.png" if len(distinct) == 1 else f"advantage_shares_{i + 1}.png"
-        written[name.removesuffix(".png")] = plot_advantage_shares(shares, out_dir / name)
         rows = [{k: (f"{100 * v:.1f}%" if isinstance(v, float) else v) for k, v in row.items()} for row in shares_table(shares)]
-        parts += [f"Selection of {', '.join(variants)}:", "", markdown_table(rows), "", f"![advantage shares]({name})", ""]
+        parts += [f"Selection of {', '.join(variants)}:", "", markdown_table(rows), ""]
+        if can_plot():
+            written[name.removesuffix(".png")] = plot_advantage_shares(shares, out_dir / name)
+            parts += [f"![advantage shares]({name})", ""]
     return "\n".join(parts).rstrip()
 
 
@@ -423,7 +438,7 @@ def _comparison_shares(entries: list[dict], out_dir: Path, written: dict[str, Pa
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    Figure = import_extra("matplotlib.figure", "plots", what="plotting").Figure
 
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots()
@@ -442,7 +457,7 @@ def plot_scores(variants: list[dict], tasks: list[str], out_png: str | Path, *, 
     panels: each variant's difference to it with the paired 95% interval, and the zero line."""
     columns = tasks or [AVERAGE]
     rows = 2 if reference else 1
-    from matplotlib.figure import Figure
+    Figure = import_extra("matplotlib.figure", "plots", what="plotting").Figure
 
     n = max(len(variants), 1)
     fig = Figure(figsize=(max(4.0, 0.45 * n + 1.5) * len(columns), 3.4 * rows))
@@ -618,7 +633,7 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
              "metrics": _scalar_metrics(s.get("metrics") or {}) or None,
              "artifact": str(dirs[s["id"]]) if dirs[s["id"]] else "missing"} for s in stages]
     md += ["## Stages", "", _plain_table(rows), ""]
-    if stages:
+    if stages and can_plot():
         plot_stage_times(stages, out_dir / "stage_times.png")
         md += ["![stage times](stage_times.png)", ""]
 
@@ -639,8 +654,9 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
                  + (", chat template" if c.get("chat_template") else "") for t, c in config.items()]
         if notes:
             md += ["In %. " + "; ".join(notes) + ".", ""]
-        plot_scores(summarise_variants(evals, tasks), tasks, out_dir / "scores.png")
-        md += ["![scores](scores.png)", ""]
+        if can_plot():
+            plot_scores(summarise_variants(evals, tasks), tasks, out_dir / "scores.png")
+            md += ["![scores](scores.png)", ""]
 
     # advantage shares
     selections = {s["id"].removeprefix("select/"): dirs[s["id"]] / "selection.parquet" for s in stages
@@ -653,9 +669,11 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
         else:
             shares = advantage_shares(selections)
             table = [{k: (f"{100 * v:.1f}%" if isinstance(v, float) else v) for k, v in row.items()} for row in shares_table(shares)]
-            plot_advantage_shares(shares, out_dir / "advantage_shares.png")
             md += ["## Advantage shares", "", "Share of examples each source wins, per mode.", "",
-                   markdown_table(table), "", "![advantage shares](advantage_shares.png)", ""]
+                   markdown_table(table), ""]
+            if can_plot():
+                plot_advantage_shares(shares, out_dir / "advantage_shares.png")
+                md += ["![advantage shares](advantage_shares.png)", ""]
 
     # alignment quality
     aligns = []
@@ -682,12 +700,75 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
                           "first loss": f"{losses[0]:.4f}" if losses else None,
                           "last loss": f"{losses[-1]:.4f}" if losses else None,
                           "min loss": f"{min(losses):.4f}" if losses else None})
-        plot_loss_curves({summary.get("recipe", "run"): [rows]}, out_dir / "loss.png")
-        md += ["## Training", "", _plain_table(table), "", "![training loss](loss.png)", ""]
+        md += ["## Training", "", _plain_table(table), ""]
+        if can_plot():
+            plot_loss_curves({summary.get("recipe", "run"): [rows]}, out_dir / "loss.png")
+            md += ["![training loss](loss.png)", ""]
+
+    if stages and not can_plot():
+        md += [PLOTS_MISSING, ""]
 
     text = "\n".join(md)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     return text
+
+
+# --- the terminal --------------------------------------------------------------------------------
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a markdown table row (``\\|`` is a pipe inside a cell)."""
+    inner = line.strip()[1:-1] if line.strip().endswith("|") else line.strip()[1:]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def _wrap(text: str, width: int, indent: str = "", hang: str = "") -> list[str]:
+    return textwrap.wrap(text, width=max(width, len(hang) + 20), initial_indent=indent, subsequent_indent=hang,
+                         break_long_words=True, break_on_hyphens=False) or [indent.rstrip()]
+
+
+def _table_lines(rows: list[list[str]], width: int) -> list[str]:
+    """Aligned columns when they fit in ``width``; else one block per row: its first cell, then
+    ``column  value`` lines (long values wrap under themselves, never cell by cell)."""
+    header, body = rows[0], rows[1:]
+    widths = [max(len(r[i]) if i < len(r) else 0 for r in rows) for i in range(len(header))]
+    if sum(widths) + 2 * (len(widths) - 1) <= width:
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+    key_width = min(max(len(h) for h in header[1:]), width // 3) if len(header) > 1 else 0
+    out: list[str] = []
+    for row in body:
+        out.append(f"{header[0]}: {row[0]}" if header[0] else row[0])
+        for key, value in zip(header[1:], row[1:]):
+            hang = " " * (2 + key_width + 2)
+            out += _wrap(value, width, indent=f"  {key.ljust(key_width)}  ", hang=hang)
+    return out
+
+
+def terminal_text(markdown: str, width: int, base: str | Path | None = None) -> str:
+    """A report's markdown for a terminal ``width`` columns wide: tables aligned, or key/value blocks
+    when too wide (``profuser report`` at 80 columns); long lines wrapped at spaces; images as their
+    path (under ``base``). The file keeps the markdown."""
+    lines = markdown.splitlines()
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].lstrip().startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                block.append(lines[i])
+                i += 1
+            rows = [_cells(row) for row in block if not re.fullmatch(r"\|?[\s|:-]+\|?", row.strip())]
+            out += _table_lines(rows, width)
+            continue
+        line = lines[i]
+        i += 1
+        image = re.fullmatch(r"!\[(.*)\]\((.*)\)", line.strip())
+        if image:
+            line = f"{image.group(1)}: {Path(base) / image.group(2) if base else image.group(2)}"
+        out += _wrap(line, width, hang="  " if line.startswith("- ") else "") if len(line) > width else [line]
+    return "\n".join(out)
 
 
 # --- the end of `profuser run` --------------------------------------------------------------------

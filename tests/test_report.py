@@ -274,3 +274,53 @@ def test_lower_is_better_direction():
     assert table[0] == "| Model | Held-out bpb ↓ | Δ Held-out bpb ↓ vs a [95% CI] | Held-out | Δ Held-out vs a [95% CI] | Average |"
     assert table[2] == "| a (reference) | 1.200 |  | 50.00 |  | 50.00 |"
     assert table[3] == "| b | **0.900** | -0.290 [-0.294, -0.285] † | 50.00 | – | 50.00 |"
+
+
+# --- the terminal ---------------------------------------------------------------------------------
+
+
+def _report_cli(run_dir: Path, columns: int) -> str:
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(run_dir)], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_report_reads_at_80_columns(tmp_path):
+    run_dir = fabricate_run(tmp_path)
+    out = _report_cli(run_dir, 80)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert not [line for line in lines if line.lstrip().startswith("|")]  # no markdown table rows
+    # the stage table is too wide: one block per stage, each value whole on its key's line
+    i = lines.index("stage: align/training/llama")
+    assert lines[i + 1:i + 5] == ["  status    ran", "  seconds   1.0", "  key       k-align", "  metrics   –"]
+    # a path longer than the line continues under itself
+    artifact = [lines[i + 5]] + [line for line in lines[i + 6:i + 9] if line.startswith(" " * 12)]
+    assert artifact[0].startswith("  artifact  ") and "".join(a[12:] for a in artifact) == \
+        str(tmp_path / "store" / "align" / "k-align")
+    # narrow tables stay tables, aligned
+    assert "fused  20.00  50.00     35.00" in lines and "llama   75.0%" in lines
+    assert f"scores: {run_dir / 'report' / 'scores.png'}" in out.replace("\n", "")  # wrapped: a long path
+    # the file keeps the markdown
+    assert "| data | cached | 0.0 | k-data | train=90, heldout=10 |" in (run_dir / "report" / "report.md").read_text()
+    # wide enough: the stage table is a table
+    wide = _report_cli(run_dir, 200).splitlines()
+    assert next(line for line in wide if line.startswith("stage ")).split() == \
+        ["stage", "status", "seconds", "key", "metrics", "artifact"]
+    assert "stage: data" not in wide
+
+
+def test_terminal_text_wraps_long_values_under_themselves():
+    from profuser.report import terminal_text
+
+    md = "| stage | metrics |\n| --- | --- |\n| x | " + ", ".join(f"m{i}=0.{i}" for i in range(30)) + " |\n" \
+         "| y \\| z | a |\n\n- " + "word " * 40
+    lines = terminal_text(md, 60).splitlines()
+    assert max(map(len, lines)) <= 60
+    assert lines[0] == "stage: x" and lines[1].startswith("  metrics  m0=0.0, m1=0.1,")
+    assert lines[2].startswith("           m") and "stage: y | z" in lines  # wrapped under the value; \| a pipe
+    assert lines[-1].startswith("  word")  # a long list item hangs under its text
