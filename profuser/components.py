@@ -309,12 +309,26 @@ class PhasePart:
     example_weights: dict[str, float] | None = None
 
 
+@dataclass(frozen=True)
+class Trainable:
+    """Which parameters train in a phase, by position so that one recipe fits any depth:
+    ``embeddings`` the input embeddings (and an output head tied to them); ``blocks`` the
+    transformer blocks i with round(start * n) <= i < round(end * n), n the depth; ``rest``
+    everything else (final norm, untied output head, position embeddings)."""
+
+    embeddings: bool = True
+    blocks: tuple[float, float] = (0.0, 1.0)
+    rest: bool = True
+
+
 @dataclass
 class Phase:
     name: str
     epochs: float
     parts: list[PhasePart]
     beta: float | None = None  # KL weight in this phase (None: the loss's own)
+    # the parameters that train (None: all); frozen ones get no gradient and no optimizer state
+    trainable: Trainable | None = None
 
 
 @dataclass
