@@ -569,3 +569,23 @@ def test_orca_best_example_recipe_runs_until_data(tmp_path):
                                       "-o", f"data.source.params.path={csv}"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"error {csv}: not JSON: the file looks like CSV" in result.output
+
+
+def test_stage_progress_on_a_terminal_only(engine, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    rows = [{"id": f"r{i}", "question": f"Q{i}", "response": f"A{i}"} for i in range(30)]
+    source = {"name": "file", "params": {"path": str(write_jsonl(tmp_path / "d.jsonl", rows))}}
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run_stage(engine, tmp_path / "tty", source=source)
+    assert "data: " in terminal.getvalue() and "30row" in terminal.getvalue().replace(" ", "")
+    piped = io.StringIO()  # not a terminal (a pipe, a file, --json captured): no bar
+    monkeypatch.setattr(sys, "stderr", piped)
+    run_stage(engine, tmp_path / "pipe", source=source)
+    assert piped.getvalue() == "" and capsys.readouterr().out == ""

@@ -110,6 +110,8 @@ def iter_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def run(ctx) -> dict:
+    from tqdm.auto import tqdm
+
     from ..chat import encode_chat
     from ..logits_store import LogitsReader
     from ..models import load_tokenizer
@@ -180,6 +182,8 @@ def run(ctx) -> dict:
                 raise ArtifactError(f"example {example_id!r} was won by {source_key!r} but is not in its logits store",
                                     where=where)
         won = set(ids)
+        # on stderr, and only on a terminal (disable=None): stdout and every --json stay clean
+        bar = tqdm(total=len(ids), unit="ex", desc=where, disable=(not ctx.runtime.progress) or None, mininterval=1.0)
         for chunk in iter_chunks(iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction"]),
                                  CHUNK_RECORDS):
             todo = []
@@ -193,11 +197,13 @@ def run(ctx) -> dict:
             done: dict[str, dict] = {}
             for record in sorted(todo, key=lambda r: reader.position(r["id"])):
                 done[record["id"]] = align_one(record)
+                bar.update()
             for record in todo:
                 rows.append(done.pop(record["id"]))
                 if len(rows) >= ROWS_PER_GROUP:
                     flush()
         flush()
+        bar.close()
     if won:
         missing = next(i for i in ids if i in won)
         raise DataError(f"example {missing!r} is selected but not in the data", where=where)

@@ -20,7 +20,11 @@ def run(ctx) -> dict:
     source.data_seed = cfg["seed"]  # sources that draw among alternatives (orca_best samples) use it
     records: list[Record] = []
     bad: list[BadRow] = []
-    for item in source.records():
+    from tqdm.auto import tqdm
+
+    # on stderr, and only on a terminal (disable=None): stdout and every --json stay clean
+    for item in tqdm(source.records(), unit="row", desc=ctx.stage.id, disable=(not ctx.runtime.progress) or None,
+                     mininterval=1.0):
         (bad if isinstance(item, BadRow) else records).append(item)
     rows_read = len(records) + len(bad)
     if bad and cfg["on_bad_row"] == "fail":
