@@ -116,7 +116,11 @@ def run(ctx) -> dict:
     k_seen: set[int] = set()
     options = ipc.IpcWriteOptions(compression=COMPRESSION)
     with ipc.new_file(str(ctx.out / EXAMPLES_FILE), schema, options=options) as sink:
-        for record in iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction", "response"]):
+        from tqdm.auto import tqdm  # progress on stderr, only on a terminal: --json stays clean
+
+        records = iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction", "response"])
+        for record in tqdm(records, unit="ex", desc=ctx.stage.id, disable=(not ctx.runtime.progress) or None,
+                           mininterval=1.0):
             example_id = record["id"]
             chosen = chosen_by_id.pop(example_id, None)
             if chosen is None:

@@ -71,6 +71,10 @@ def run(ctx) -> dict:
     examples = truncated = 0
     chunk_size = sys.maxsize if getattr(evaluator, "whole_set", False) else CHUNK_EXAMPLES
     records = iter_records(ctx.inputs["data"] / "train.parquet", RECORD_FIELDS)
+    from tqdm.auto import tqdm  # progress on stderr, only on a terminal: --json stays clean
+
+    progress = getattr(getattr(ctx, "runtime", None), "progress", False)  # a bare test context has no runtime
+    records = tqdm(records, unit="ex", desc="select", disable=(not progress) or None, mininterval=1.0)
     with pq.ParquetWriter(ctx.out / "selection.parquet", schema) as sink:
         for chunk in iter_chunks(records, chunk_size):
             candidates = {r["id"]: Candidates(id=r["id"], reference=r["response"], system=r["system"] or "",
