@@ -10,6 +10,9 @@ and alignment stay those of the recipe's own ``seed`` and are computed once for 
 seed reruns ``train`` and ``evaluate/fused`` and nothing else; the baselines (target, sources) are
 evaluated once. The spread over seeds is then the spread of training, the quantity a variant's
 method decides.
+
+A recipe's ``merges:`` (mergekit baselines, the paper's Table 3) are rows like the baselines:
+``<label> (merge)``, evaluated once with the recipe's evaluate block.
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ def run_comparison(recipes: list[Path], runtime: Runtime, *, overrides: list[str
             for r in results:
                 label = r.id.removeprefix("evaluate/")
                 if r.kind == "evaluate" and label != "fused" and label not in baselines:
-                    baselines[label] = {"variant": f"{label} (source)", "recipe": None, "seed": None,
+                    merged = label.startswith("merge/")  # evaluate/merge/<label>: a merge baseline
+                    variant = f"{label.removeprefix('merge/')} (merge)" if merged else f"{label} (source)"
+                    baselines[label] = {"variant": variant, "recipe": None, "seed": None,
                                         "scores": _scores(Path(r.path)), "baseline": True,
                                         "per_example_path": _per_example(Path(r.path))}
     return {
