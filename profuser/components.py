@@ -269,6 +269,11 @@ LOSS_NEEDS: dict[str, str] = {
                 "(``profuser.alignment.CATEGORIES``; -1 where no label)",
     "teacher_logz": "``batch['teacher_logz']``: [B, T] float32, the log-partition of the teacher's raw logits "
                     "at each position (``teacher_logits - teacher_logz`` are log-probabilities; NaN where none)",
+    "all_teachers": "``batch['all_teacher_ids']`` / ``['all_teacher_logits']`` [B, T, S, k] and "
+                    "``['all_teacher_mask']`` [B, T, S]: every source's aligned top-k on the same response, "
+                    "sources in recipe order; ``['all_teacher_scores']`` [B, S] float32, the evaluator's score of "
+                    "each source for the example (NaN where none). Not yet written by the build stage: a recipe "
+                    "whose loss needs it is refused (docs/summary-variant.md)",
 }
 
 
