@@ -139,3 +139,24 @@ def test_a_checkpoint_from_other_trainable_sets_is_refused(tmp_path, tiny_llama_
     with pytest.raises(ProfuserError, match="other phases"):
         train(str(tiny_llama_dir), examples, registry.build("losses", "fuse_kl"), curriculum,
               small_spec(weight_decay=0.1), tmp_path, device="cpu")
+
+
+def test_a_whole_tiny_run_trains_layer_by_layer_and_plans_the_schedules_modes(tmp_path):
+    import json
+
+    from profuser.pipeline import Runner, Runtime, plan
+    from profuser.recipe import load_recipe
+    from profuser.testing import tiny_recipe
+
+    engine = Engine(entrypoints=False)
+    only_training = tiny_recipe(tmp_path / "t", {"curriculum.name": "layerwise",
+                                                 "curriculum.params.schedule": {"name": "training_only"}})
+    kinds = {s.id for s in plan(load_recipe(only_training, registry=engine.registry), engine)}
+    assert "build/training" in kinds and "build/inference" not in kinds  # the schedule's modes only
+    path = tiny_recipe(tmp_path, {"curriculum.name": "layerwise", "curriculum.params.first_blocks": 0.5})
+    runner = Runner(load_recipe(path, registry=engine.registry), engine,
+                    Runtime(runs_dir=tmp_path / "runs", device="cpu", progress=False), echo=lambda _: None)
+    runner.run()
+    summary = json.loads((tmp_path / "runs" / "store" / "train" / runner.keys["train"] / "summary.json").read_text())
+    assert [(p["name"], p.get("trainable")) for p in summary["phases"]] == [
+        ("shallow/inference", {"embeddings": True, "blocks": [0.0, 0.5], "rest": False}), ("deep/co-fusion", None)]
