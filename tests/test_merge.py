@@ -56,11 +56,17 @@ def _tensors(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-def _run(path: Path, tmp_path: Path, until: str) -> dict:
-    runner = Runner(load_recipe(path), get_engine(), Runtime(runs_dir=tmp_path / "runs", device="cpu", progress=False,
-                                                             cache_dir=tmp_path / "cache"),
+def _run(path: Path, tmp_path: Path, until: str, lines: list | None = None) -> dict:
+    recipe = load_recipe(path)
+    runner = Runner(recipe, get_engine(), Runtime(runs_dir=tmp_path / "runs", device="cpu", progress=False,
+                                                  cache_dir=tmp_path / "cache"),
                     until=until, echo=lambda _: None)
-    return {r.id: r for r in runner.run()}
+    results = runner.run()
+    if lines is not None:  # what profuser run prints at the end
+        from profuser.report import run_result_lines
+
+        lines += run_result_lines(runner.run_dir, results, recipe)
+    return {r.id: r for r in results}
 
 
 @needs_mergekit
@@ -68,7 +74,8 @@ def test_linear_is_the_mean_slerp_runs_and_the_merges_evaluate(pair, tmp_path, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     a, b = pair
     merges = [_linear(a, b), _slerp(a, b, 0.5), _slerp(a, b, 0.0, label="slerp-t0")]
-    results = _run(_recipe(tmp_path, merges), tmp_path, "evaluate/merge")
+    printed: list[str] = []
+    results = _run(_recipe(tmp_path, merges), tmp_path, "evaluate/merge", printed)
     assert sorted(results) == ["data", "evaluate/merge/linear", "evaluate/merge/slerp", "evaluate/merge/slerp-t0",
                                "merge/linear", "merge/slerp", "merge/slerp-t0"]  # nothing of the fusion ran
     ta, tb = _tensors(a), _tensors(b)
@@ -84,6 +91,7 @@ def test_linear_is_the_mean_slerp_runs_and_the_merges_evaluate(pair, tmp_path, m
     for label in ("linear", "slerp"):
         scores = json.loads((Path(results[f"evaluate/merge/{label}"].path) / "results.json").read_text())
         assert scores["label"] == f"{label} (merge)" and scores["primary"]["profuser_heldout"] is not None
+        assert any(line.strip().startswith(f"{label} (merge) ") for line in printed), printed
 
 
 @needs_mergekit
@@ -175,3 +183,25 @@ def test_without_mergekit_the_merge_stage_names_the_extra(pair, tmp_path, monkey
         _run(path, tmp_path, "merge")
     assert info.value.lines() == [("merge/linear: a merge baseline needs mergekit, which is not installed: "
                                   "pip install 'profuser[merge]'")]
+
+
+@needs_mergekit
+def test_compare_shows_the_merge_beside_the_fused_model(pair, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    a, b = pair
+    path = _recipe(tmp_path, [_linear(a, b, label="avg")])
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(path), "--reference", "avg", "--out", str(out),
+                                      "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "comparison.json").read_text())
+    rows = {v["variant"]: v for v in data["variants"]}
+    assert set(rows) == {"avg (merge)", "tiny"} and data["reference"] == "avg (merge)"  # --reference by its label
+    assert rows["avg (merge)"]["baseline"] and not rows["tiny"]["baseline"]
+    assert "delta" in rows["tiny"]["tasks"]["profuser_heldout"]  # paired with the merge, example by example
+    assert "avg (merge)" in (out / "comparison.md").read_text()
