@@ -112,7 +112,7 @@ def resolve_reference(variants: list[dict], reference: str | None) -> str | None
         return None
     names = [v["variant"] for v in variants]
     for name in names:
-        if reference in (name, name.removesuffix(" (source)")):
+        if reference in (name, name.removesuffix(" (source)"), name.removesuffix(" (merge)")):
             return name
     raise ArtifactError(f"no variant named {reference!r} to compare against (variants: {', '.join(names)})",
                         where="--reference")
@@ -793,7 +793,10 @@ def run_result_lines(run_dir: str | Path, results: list, recipe=None) -> list[st
         if path is not None and path.is_file():
             primary = json.loads(path.read_text(encoding="utf-8")).get("primary") or {}
             label = r.id.removeprefix("evaluate/")
-            role = "fused" if label == "fused" else ", ".join(roles.get(label, [])) or "baseline"
+            if label.startswith("merge/"):  # a merge baseline (recipe merges:)
+                label, role = label.removeprefix("merge/"), "merge"
+            else:
+                role = "fused" if label == "fused" else ", ".join(roles.get(label, [])) or "baseline"
             evals.append((label if label == "fused" else f"{label} ({role})", primary))
     evals.sort(key=lambda e: e[0] != "fused")  # the fused model first
     if evals:
