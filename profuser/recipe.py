@@ -63,6 +63,15 @@ class ModelSpec(StrictModel):
     trust_remote_code: bool = False
     max_length: int | None = Field(default=None, gt=0)
     chat_template: str | None = None  # jinja text, or a path to a .jinja file
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        default=None, description="transformers' attention kernel (from_pretrained); null: its own choice")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.attn_implementation is None:  # unset: dumps (and hashes) as before the field
+            data.pop("attn_implementation", None)
+        return data
 
     @property
     def key(self) -> str:
@@ -159,6 +168,19 @@ class PushSpec(StrictModel):
     private: bool = False
 
 
+class PeftSpec(StrictModel):
+    """LoRA through peft (``train.peft``): only the adapter trains; ``model/`` gets the adapter and,
+    with ``merge``, the merged plain model (the adapter then in ``model/adapter/``)."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(default=8, gt=0, description="rank of the update")
+    alpha: float = Field(default=16, gt=0, description="scale: the update is multiplied by alpha / r")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="module names (suffixes) to adapt; all-linear: every linear layer but the head")
+    merge: bool = Field(default=False, description="also save the merged model (base + adapter) as model/")
+
+
 class TrainSpec(StrictModel):
     lr: float = Field(default=1.5e-5, gt=0)
     batch_size: int = Field(default=128, gt=0, description="global batch (gradient accumulation fills it)")
@@ -180,9 +202,17 @@ class TrainSpec(StrictModel):
         default_factory=lambda: ["tensorboard"],
         description="experiment trackers (accelerate's) that get metrics.jsonl's scalars; [] for metrics.jsonl only")
     push_to_hub: PushSpec | None = Field(default=None, description="push the model to the Hub when `profuser run` ends")
+    peft: PeftSpec | None = Field(default=None, description="train a LoRA adapter instead of every weight")
 
     # where a run reports and publishes, not what it trains: no cache key or model card holds these
     NOT_HASHED: ClassVar[frozenset[str]] = frozenset({"report_to", "push_to_hub"})
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.peft is None:  # full fine-tuning dumps (and hashes) as before the field
+            data.pop("peft", None)
+        return data
 
     @field_validator("report_to")
     @classmethod
@@ -463,6 +493,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     # explicitly listed only: the default TensorBoard is skipped with a note when it is not installed
     if "report_to" in recipe.train.model_fields_set:
         problems += [(f"train.report_to.{i}", m) for i, m in missing_trackers(recipe.train.report_to)]
+    peft = recipe.train.peft
+    if peft is not None and not peft.merge and recipe.evaluate.tasks and recipe.evaluate.backend == "vllm":
+        problems.append(("train.peft.merge", ("evaluate.backend vllm loads the fused model's folder itself: it needs "
+                                              "the merged model (merge: true), not the adapter alone")))
     _absolutise_paths(recipe, base)
     if problems:
         raise RecipeError(problems, file=file)

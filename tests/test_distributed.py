@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import read_metrics, write_examples
+from test_trainer import eval_loss, read_metrics, write_examples
 
 from profuser.errors import ProfuserError
 from profuser.plugins import Engine
 from profuser.recipe import TrainSpec
 from profuser.training import train
-from profuser.training.parallel import fill_deepspeed_config, make_backend
+from profuser.training.parallel import _autos, fill_deepspeed_config, fill_schedule, make_backend
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
@@ -125,8 +125,81 @@ def test_deepspeed_configs_validate_with_the_recipe_batch(config, stage):
         assert ds.zero_config.gather_16bit_weights_on_model_save  # save_pretrained needs the gathered weights
     with pytest.raises(ProfuserError, match="train_batch_size is 16"):
         fill_deepspeed_config({**filled, "train_batch_size": 16}, spec, world_size=1)
-    with pytest.raises(ProfuserError, match="leave optimizer"):
-        fill_deepspeed_config({**filled, "optimizer": {"type": "AdamW"}}, spec, world_size=1)
+    with pytest.raises(ProfuserError, match="optimizer.type is 'SGD'"):
+        fill_deepspeed_config({**filled, "optimizer": {"type": "SGD"}}, spec, world_size=1)
+
+
+# --- HF's stock configs ----------------------------------------------------------------------------
+# as the transformers DeepSpeed docs give them (ZeRO-2 and ZeRO-3 examples: "auto" wherever the
+# Trainer fills in its arguments; DeepSpeed's own AdamW and WarmupLR; optimizer and params offloaded)
+
+HF_COMMON = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                 "warmup_num_steps": "auto"}},
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "steps_per_print": 2000,
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "wall_clock_breakdown": False,
+}
+HF_ZERO2 = {**HF_COMMON, "zero_optimization": {
+    "stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}, "allgather_partitions": True,
+    "allgather_bucket_size": 2e8, "overlap_comm": True, "reduce_scatter": True, "reduce_bucket_size": 2e8,
+    "contiguous_gradients": True}}
+HF_ZERO3 = {**HF_COMMON, "zero_optimization": {
+    "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+    "offload_param": {"device": "cpu", "pin_memory": True}, "overlap_comm": True, "contiguous_gradients": True,
+    "sub_group_size": 1e9, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+    "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
+    "stage3_gather_16bit_weights_on_model_save": True}}
+HF_CONFIGS = {"zero2": HF_ZERO2, "zero3": HF_ZERO3}
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_hf_stock_configs_are_filled_from_the_recipe(name):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    spec = TrainSpec(batch_size=8, micro_batch_size=2, lr=3e-4, weight_decay=0.01, scheduler="constant",
+                     max_grad_norm=0.5, precision="bf16")
+    filled = fill_schedule(fill_deepspeed_config(HF_CONFIGS[name], spec, world_size=1), spec, 3, 40, where=name)
+    assert _autos(filled) == []  # every "auto" has a value
+    ds = DeepSpeedConfig(filled)
+    assert (ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (8, 2, 4)
+    assert ds.gradient_clipping == 0.5 and filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
+    assert filled["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-4, "warmup_num_steps": 3}
+    # a scheduler of another shape than train.scheduler, or a value the recipe contradicts: named
+    with pytest.raises(ProfuserError, match="WarmupLR decays 'constant' but train.scheduler is 'cosine'") as info:
+        fill_deepspeed_config(HF_CONFIGS[name], spec.model_copy(update={"scheduler": "cosine"}), world_size=2, where=name)
+    assert info.value.where == f"{name}: scheduler.type"
+    stated = {**HF_CONFIGS[name], "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    with pytest.raises(ProfuserError, match="lr is 0.001 but the recipe's train section gives 0.0003") as info:
+        fill_deepspeed_config(stated, spec, world_size=2, where=name)
+    assert info.value.where == f"{name}: optimizer.params.lr"
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_hf_stock_configs_train_on_two_cpu_processes(tmp_path, tiny_llama_dir, examples, name):
+    # DeepSpeed's CPU Adam (the offloaded optimizer) is compiled on its first use (~1 min), then cached
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(HF_CONFIGS[name]))
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    summary = launch(launcher, tmp_path / "out", tiny_llama_dir, examples, "distributed=deepspeed",
+                     f"deepspeed_config={config}", "scheduler=constant", "report_to=[]")
+    assert summary["backend"] == f"deepspeed-{name}" and summary["world_size"] == 2
+    metrics = read_metrics(tmp_path / "out")
+    # DeepSpeed's WarmupLR: from 0 up to train.lr over the warm-up steps (ceil(0.1 x 10) = 1, which
+    # DeepSpeed raises to its minimum of 2), then flat; train.scheduler's cosine would decay
+    lrs = [m["lr"] for m in metrics]
+    assert lrs[:2] == [0.0, 0.0] and lrs[2:] == pytest.approx([TRAIN["lr"]] * (len(lrs) - 2)), lrs
+    # it learned: the saved model (gathered from the shards under ZeRO-3) fits the examples better
+    registry = Engine(entrypoints=False).registry
+    before, after = eval_loss(tiny_llama_dir, examples, registry), eval_loss(tmp_path / "out" / "model", examples, registry)
+    assert after < before - 0.5, (before, after)
 
 
 def test_accelerate_configs_parse_into_the_launch_environment(monkeypatch):
@@ -175,3 +248,26 @@ def test_bf16_on_a_gpu(tmp_path, tiny_llama_dir, examples):
     summary = train(str(tiny_llama_dir), examples, registry.build("losses", "fuse_kl"), registry.build("curricula", "progressive"),
                     TrainSpec(**{**TRAIN, "precision": "bf16", "gradient_checkpointing": True}), tmp_path, device="cuda")
     assert summary["backend"] == "single" and all(torch.isfinite(torch.tensor(m["loss"])) for m in read_metrics(tmp_path))
+
+
+def test_lora_under_zero3_on_two_cpu_processes_saves_adapter_and_merged_model(tmp_path, tiny_llama_dir, examples):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from profuser.models import load_model
+
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    summary = launch(launcher, tmp_path, tiny_llama_dir, examples, "distributed=deepspeed",
+                     f"deepspeed_config={CONFIGS / 'zero3.json'}", "report_to=[]",
+                     "peft={r: 4, alpha: 8, target_modules: [q_proj, v_proj], merge: true}")
+    assert summary["backend"] == "deepspeed-zero3" and summary["world_size"] == 2
+    adapter = load_file(tmp_path / "model" / "adapter" / "adapter_model.safetensors")  # gathered from the shards
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in adapter.items())  # B starts at 0: it trained
+    # the merged model (rank 0 loaded the base plainly after training) equals base + adapter
+    merged, _ = load_model(str(tmp_path / "model"))
+    base, _ = load_model(str(tiny_llama_dir))
+    unmerged = PeftModel.from_pretrained(base, str(tmp_path / "model" / "adapter")).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, unmerged(ids).logits, atol=1e-4)  # [1, 6, V]

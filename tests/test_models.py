@@ -302,3 +302,22 @@ def test_builtin_ref_resolves_through_the_plugin_into_the_cache(tiny_plugin_engi
     with pytest.raises(ModelError, match="plugin tiny-plugin failed to resolve it: RuntimeError: disk on fire") as err:
         load_model("builtin:broken", cache_dir=tmp_path)
     assert err.value.where == "builtin:broken"
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_attn_implementation_reaches_from_pretrained_and_keeps_the_logits(tiny_llama_dir, kernel):
+    model, _ = load_model({"ref": str(tiny_llama_dir), "attn_implementation": kernel})
+    assert model.config._attn_implementation == kernel
+    default, _ = load_model(str(tiny_llama_dir))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, default(ids).logits, atol=1e-5)  # [1, 5, V]
+
+
+def test_flash_attention_on_the_cpu_is_one_line(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match="flash_attention_2 needs a CUDA GPU") as info:
+        load_model({"ref": str(tiny_llama_dir), "attn_implementation": "flash_attention_2"})
+    assert info.value.where == str(tiny_llama_dir)
+    with pytest.raises(Exception, match="attn_implementation"):
+        ModelSpec(ref="x", attn_implementation="flash")  # not one of eager, sdpa, flash_attention_2

@@ -5,7 +5,9 @@ A reference (``ModelSpec.ref``) is one of:
 - ``builtin:NAME``: a model a plugin registers (``profuser_register_models``); its ``resolve``
   returns a local directory, building and caching it the first time;
 - a ``.gguf`` file, or a directory/hub id with ``gguf_file``: dequantised once into the cache;
-- a local directory written by ``save_pretrained``;
+- a local directory written by ``save_pretrained``, or a LoRA adapter directory that training
+  wrote (``train.peft``; ``adapter_config.json`` + ``base_model.json``, no weights): ``load_model``
+  loads its base model and merges the adapter into it, so a caller always gets a plain model;
 - anything else is a Hugging Face hub id (``revision`` applies; remote code only with
   ``trust_remote_code: true``).
 """
@@ -59,11 +61,34 @@ def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None) -> Path:
     if ref.endswith(".gguf"):
         return gguf_dir(path, cache_dir, ref=ref)
     if path.is_dir() or path.is_file() or _looks_local(ref):
+        if is_adapter_dir(path):  # its tokenizer is here; load_model merges it into its base
+            return path
         problem = local_model_problem(spec, need=("config",))  # weights and tokenizer: checked by their loaders
         if problem:
             raise ModelError(problem, where=ref)
         return path
     return _hub_snapshot(spec)
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained
+BASE_MODEL_FILE = "base_model.json"  # the base ModelSpec an adapter directory was trained on (profuser's)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A LoRA adapter without merged weights (what training writes with ``train.peft.merge: false``)."""
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(path: Path) -> ModelSpec:
+    """The base model of an adapter directory."""
+    import json
+
+    try:
+        return ModelSpec.model_validate(json.loads((path / BASE_MODEL_FILE).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ModelError(f"a LoRA adapter without {BASE_MODEL_FILE}: its base model is unknown", where=str(path)) from None
+    except Exception as exc:  # noqa: BLE001 - damaged JSON or an invalid spec
+        raise ModelError(f"unreadable {BASE_MODEL_FILE}: {exc}", where=str(path)) from None
 
 
 # what a save_pretrained directory must hold; weights as safetensors only (pickles are never loaded)
@@ -91,6 +116,9 @@ def local_model_problem(spec: SpecLike, need: tuple[str, ...] = ("config", "weig
                 ".gguf file)")
     if not path.is_dir():
         return f"model directory not found: {path}"
+    if is_adapter_dir(path):  # the base model brings config and weights
+        return _incomplete(path, tuple(n for n in need if n == "tokenizer")) or (
+            None if (path / BASE_MODEL_FILE).is_file() else f"{path} is a LoRA adapter without {BASE_MODEL_FILE}")
     return _incomplete(path, need)
 
 
@@ -190,7 +218,7 @@ def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, _path: Path
         tokenizer.chat_template = _read_chat_template(spec.chat_template, spec.ref)
     if spec.max_length:
         tokenizer.model_max_length = spec.max_length
-    elif tokenizer.model_max_length >= _NO_LIMIT:
+    elif tokenizer.model_max_length >= _NO_LIMIT and (path / "config.json").is_file():  # an adapter has none
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
         context = getattr(config.get_text_config(), "max_position_embeddings", None)
         if context:
@@ -203,25 +231,38 @@ def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, _path: Path
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
 
 
+def check_attention(spec: ModelSpec, *, cpu: bool) -> None:
+    """One line instead of transformers' failure deep in the first forward: flash attention needs CUDA."""
+    if spec.attn_implementation == "flash_attention_2" and cpu:
+        raise ModelError("attn_implementation flash_attention_2 needs a CUDA GPU and this run is on the CPU; "
+                         "use sdpa or eager", where=spec.ref)
+
+
 def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = None):
     """``(model, tokenizer)``: the causal LM in the spec's dtype on ``device`` (``"auto"``: CUDA
-    when available), in eval mode, and ``load_tokenizer``'s tokenizer."""
+    when available), in eval mode, and ``load_tokenizer``'s tokenizer. A LoRA adapter directory
+    loads its base model with the adapter merged in (the spec's dtype and attention apply)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = as_spec(spec)
     path = resolve_model(spec, cache_dir=cache_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the model may be placed on a GPU later (the trainer loads on the CPU): refuse only without one
+    check_attention(spec, cpu=not torch.cuda.is_available())
+    if is_adapter_dir(path):
+        return _load_adapter(spec, path, device=device, cache_dir=cache_dir)
     problem = _incomplete(path, ("weights", "tokenizer"))
     if problem:
         raise ModelError(problem, where=spec.ref)
     tokenizer = load_tokenizer(spec, _path=path)
     dtype = _DTYPES[spec.dtype]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-            trust_remote_code=spec.trust_remote_code, use_safetensors=True,
+            trust_remote_code=spec.trust_remote_code, use_safetensors=True, **extra,
         )
         model.to(device)
     except Exception as exc:  # noqa: BLE001
@@ -233,3 +274,28 @@ def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = 
             f"{model.config.get_text_config().vocab_size}", where=spec.ref,
         )
     return model, tokenizer
+
+
+def _load_adapter(spec: ModelSpec, path: Path, *, device: str, cache_dir: Path | None):
+    """The adapter's base model (its own ref; this spec's dtype and attention) with the adapter
+    merged in, and the adapter directory's tokenizer (the chat template training used)."""
+    overrides = {"dtype": spec.dtype}
+    if spec.attn_implementation:
+        overrides["attn_implementation"] = spec.attn_implementation
+    base = adapter_base(path).model_copy(update=overrides)
+    return merge_adapter(base, path, device=device, cache_dir=cache_dir, where=spec.ref), load_tokenizer(spec, _path=path)
+
+
+def merge_adapter(base: ModelSpec, adapter: Path, *, device: str = "cpu", cache_dir: Path | None = None,
+                  where: str | None = None):
+    """``base`` loaded with the LoRA adapter in ``adapter`` merged into its weights: a plain model."""
+    from ..errors import import_extra
+
+    PeftModel = import_extra("peft", "peft", what="a LoRA adapter", where=where or str(adapter)).PeftModel
+    model, _ = load_model(base, device=device, cache_dir=cache_dir)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    except Exception as exc:  # noqa: BLE001 - a damaged or mismatched adapter
+        raise ModelError(f"cannot apply the LoRA adapter to {base.ref}: {type(exc).__name__}: {exc}",
+                         where=where or str(adapter)) from None
+    return model.eval()

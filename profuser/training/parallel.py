@@ -88,16 +88,19 @@ class AccelerateBackend:
         self.accum = accumulation_steps(spec, self.accelerator.num_processes)
         self.accelerator.gradient_accumulation_steps = self.accum
         self.max_grad_norm = spec.max_grad_norm
+        self.adapter_only = spec.peft is not None  # LoRA: checkpoints hold the trainable adapter, not the frozen base
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         self.name = {"no": "single", "multi_cpu": "ddp", "multi_gpu": "ddp"}.get(kind, kind)
 
-    def prepare(self, model, optimizer, scheduler):
+    def prepare(self, model, optimizer, make_scheduler, **_schedule):
+        """``make_scheduler(optimizer)`` builds the schedule (``_schedule``: what a DeepSpeed config's
+        "auto" values would need; unused here)."""
         # the scheduler stays ours: a prepared one steps num_processes times per optimizer step
+        self.scheduler = make_scheduler(optimizer)  # checkpointed as JSON by save(), not registered (accelerate pickles it)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.scheduler = scheduler  # checkpointed as JSON by save(), not registered (accelerate pickles it)
         return self.model
 
     def micro_step(self, loss_fn, share: float):
@@ -142,9 +145,14 @@ class AccelerateBackend:
         if self._fsdp:  # sharded model and optimizer: accelerate's FSDP utilities (read back weights_only)
             self.accelerator.save_state(str(path))
         elif self.is_main:  # DDP replicas are identical: one copy
-            from safetensors.torch import save_model
+            from safetensors.torch import save_file, save_model
 
-            save_model(self.accelerator.unwrap_model(self.model), str(path / MODEL_FILE))
+            model = self.accelerator.unwrap_model(self.model)
+            if self.adapter_only:
+                save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                          str(path / MODEL_FILE))
+            else:
+                save_model(model, str(path / MODEL_FILE))
             torch.save(self.optimizer.state_dict(), path / OPTIMIZER_FILE)
         if self.is_main:
             state = {"scheduler": self.scheduler.state_dict()}
@@ -159,9 +167,13 @@ class AccelerateBackend:
         if self._fsdp:
             self.accelerator.load_state(str(path))
         else:
-            from safetensors.torch import load_model
+            from safetensors.torch import load_file, load_model
 
-            load_model(self.accelerator.unwrap_model(self.model), str(path / MODEL_FILE), device=str(self.device))
+            model = self.accelerator.unwrap_model(self.model)
+            if self.adapter_only:
+                _load_adapter_params(model, load_file(str(path / MODEL_FILE), device=str(self.device)), path / MODEL_FILE)
+            else:
+                load_model(model, str(path / MODEL_FILE), device=str(self.device))
             try:
                 state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - the restricted unpickler refused it, or it is damaged
@@ -180,8 +192,24 @@ class AccelerateBackend:
     def unwrap(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def finish(self) -> None:
+        """Training is over (nothing to release here)."""
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def _load_adapter_params(model, tensors: dict, where: Path) -> None:
+    """A LoRA checkpoint's tensors into exactly the model's trainable parameters."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != trainable:
+        odd = sorted(set(tensors) ^ trainable)
+        raise ProfuserError(f"the checkpoint's adapter does not match the model's ({len(odd)} parameters differ, e.g. "
+                            f"{odd[0]}); delete it to start over", where=str(where))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in tensors:
+                param.copy_(tensors[name])
 
 
 class DeepSpeedBackend:
@@ -202,6 +230,7 @@ class DeepSpeedBackend:
                                 "before its gradient norm is known (leave it 0: a bad step stops the run)",
                                 where="train.max_bad_steps")
         self.accum = accumulation_steps(spec, self.world_size)
+        self.spec, self.where = spec, config_path
         self.config = fill_deepspeed_config(config, spec, self.world_size, where=config_path)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         accel = deepspeed.get_accelerator()
@@ -216,12 +245,22 @@ class DeepSpeedBackend:
 
             self._hf_ds_config = HfDeepSpeedConfig(self.config)
 
-    def prepare(self, model, optimizer, scheduler):
+    def prepare(self, model, optimizer, make_scheduler, *, warmup_steps: int, total_steps: int):
+        """The config's ``optimizer`` / ``scheduler`` blocks, when it has them, are DeepSpeed's to
+        build (their "auto" values filled from the recipe); otherwise ours are used."""
         import deepspeed
 
+        self.config = fill_schedule(self.config, self.spec, warmup_steps, total_steps, where=self.where)
+        left = _autos(self.config)
+        if left:  # DeepSpeed would fail on the string deep inside initialize
+            raise ProfuserError(f"{left[0]} is \"auto\" but profuser has no value for it; set it", where=self.where)
+        kwargs: dict[str, Any] = {"optimizer": optimizer}
+        if "optimizer" in self.config:  # DeepSpeed's own (fused or CPU Adam) over the trainable parameters
+            kwargs = {"model_parameters": [p for p in model.parameters() if p.requires_grad]}
+        if "scheduler" not in self.config:  # ours, bound to whichever optimizer DeepSpeed ends up with
+            kwargs["lr_scheduler"] = make_scheduler if "optimizer" in self.config else make_scheduler(optimizer)
         # DeepSpeed owns accumulation, clipping, mixed precision and steps the scheduler
-        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, config=self.config, **kwargs)
         return self.model
 
     def micro_step(self, loss_fn, share: float):
@@ -270,16 +309,31 @@ class DeepSpeedBackend:
     def unwrap(self):
         return self.model.module
 
+    def finish(self) -> None:
+        """After the final gather: from_pretrained stops building models partitioned (ZeRO-3), so the
+        main process alone can load one (a LoRA merge) without waiting for the other ranks."""
+        if self.zero_stage == 3:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            self._hf_ds_config = None
+            unset_hf_deepspeed_config()
+
     def barrier(self) -> None:
         torch.distributed.barrier()
 
 
+# DeepSpeed's defaults for the size-dependent ZeRO settings HF's Trainer derives from hidden_size
+ZERO_AUTO = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
+             "stage3_param_persistence_threshold": 100_000, "stage3_gather_16bit_weights_on_model_save": True}
+# a scheduler block's type -> the train.scheduler whose shape it has (checked against the recipe)
+DS_SCHEDULERS = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}
+
+
 def fill_deepspeed_config(config: dict, spec: TrainSpec, world_size: int, *, where: str = "deepspeed config") -> dict:
-    """The recipe's batch sizes, precision and clipping in place of "auto" (and checked where set)."""
+    """The recipe's batch sizes, precision, clipping and optimizer settings in place of "auto" (and
+    checked where set), as HF's Trainer fills its stock configs. A scheduler block is filled later
+    (``fill_schedule``: it needs the step count)."""
     config = json.loads(json.dumps(config))
-    if "optimizer" in config or "scheduler" in config:
-        raise ProfuserError("leave optimizer and scheduler out of the DeepSpeed config: the trainer builds them "
-                            "from the recipe's train section", where=where)
     accum = accumulation_steps(spec, world_size)
     wanted = {
         "train_batch_size": spec.batch_size,
@@ -297,7 +351,66 @@ def fill_deepspeed_config(config: dict, spec: TrainSpec, world_size: int, *, whe
         section = config.setdefault(precision, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = spec.precision == precision
+    zero = config.get("zero_optimization", {})
+    for key, value in ZERO_AUTO.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if "optimizer" in config:
+        block = config["optimizer"]
+        if str(block.get("type", "")).lower() not in ("adam", "adamw"):
+            raise ProfuserError(f"optimizer.type is {block.get('type')!r}: the recipe's training is AdamW (type AdamW or "
+                                "Adam), or leave the block out", where=f"{where}: optimizer.type")
+        params = block.setdefault("params", {})
+        # AdamW as the trainer builds it: torch's defaults for betas and eps; Adam with decoupled decay
+        _fill(params, {"lr": spec.lr, "weight_decay": spec.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
+              f"{where}: optimizer.params", checked=("lr", "weight_decay"))
+    if "scheduler" in config:
+        kind = config["scheduler"].get("type")
+        if kind not in DS_SCHEDULERS:
+            raise ProfuserError(f"scheduler.type is {kind!r}: one of {', '.join(DS_SCHEDULERS)}, or leave the block out "
+                                "(train.scheduler is used)", where=f"{where}: scheduler.type")
+        if DS_SCHEDULERS[kind] != spec.scheduler:
+            raise ProfuserError(f"scheduler.type {kind} decays {DS_SCHEDULERS[kind]!r} but train.scheduler is "
+                                f"{spec.scheduler!r}: make them agree, or leave the block out", where=f"{where}: scheduler.type")
     return config
+
+
+def fill_schedule(config: dict, spec: TrainSpec, warmup_steps: int, total_steps: int, *, where: str) -> dict:
+    """A scheduler block's "auto" values: warm-up from 0 to ``train.lr`` over the recipe's warm-up
+    steps, over all the steps of all phases."""
+    if "scheduler" not in config:
+        return config
+    config = json.loads(json.dumps(config))
+    params = config["scheduler"].setdefault("params", {})
+    wanted = {"warmup_min_lr": 0.0, "warmup_max_lr": spec.lr, "warmup_num_steps": warmup_steps}
+    if config["scheduler"]["type"] != "WarmupLR":
+        wanted["total_num_steps"] = total_steps
+    if config["scheduler"]["type"] == "WarmupCosineLR":  # ratios of the peak rate rather than rates
+        wanted = {"warmup_min_ratio": 0.0, "cos_min_ratio": 0.0, "warmup_num_steps": warmup_steps,
+                  "total_num_steps": total_steps}
+    _fill(params, wanted, f"{where}: scheduler.params", checked=tuple(wanted))
+    return config
+
+
+def _autos(config: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of the "auto" values left in a config."""
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += _autos(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(prefix + key)
+    return found
+
+
+def _fill(params: dict, wanted: dict, where: str, *, checked: tuple[str, ...]) -> None:
+    """``wanted`` in place of "auto" (or where absent); a ``checked`` key set to another value is refused."""
+    for key, value in wanted.items():
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+        elif key in checked and params[key] != value:
+            raise ProfuserError(f"{key} is {params[key]} but the recipe's train section gives {value}; set it to \"auto\"",
+                                where=f"{where}.{key}")
 
 
 # --- checkpoint state without pickles ---------------------------------------------------------------

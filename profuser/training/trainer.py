@@ -90,14 +90,18 @@ def train(
     from transformers import get_scheduler, set_seed
 
     from ..models import as_spec, load_model
+    from ..models.loading import check_attention
 
     out_dir = Path(out_dir)
     spec = spec if isinstance(spec, TrainSpec) else TrainSpec(**spec)
     model = as_spec(model)
     tracker_names = trackers_to_start(spec)  # a missing tracker package stops us before anything loads
+    if spec.peft is not None:
+        _require_peft()
 
     # --- 1. backend ------------------------------------------------------------------------------
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    check_attention(model, cpu=cpu)
     backend = make_backend(spec, cpu=cpu)
     rank, world, is_main = backend.rank, backend.world_size, backend.is_main
     if is_main:
@@ -131,12 +135,26 @@ def train(
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.peft is not None:
+        if any(p.phase.trainable is not None for p in plans):  # the curriculum would unfreeze the base
+            raise ProfuserError(f"train.peft cannot be combined with the per-phase trainable parameters of curriculum "
+                                f"{curriculum.name!r}", where="train.peft")
+        with torch.random.fork_rng(devices=[]):  # the adapter's init from the seed, the same on every rank and run
+            torch.manual_seed(spec.seed)
+            net = with_lora(net, spec.peft, model)
     net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    # LoRA: only the adapter's parameters get optimizer state (the base is frozen)
+    params = [p for p in net.parameters() if p.requires_grad] if spec.peft is not None else net.parameters()
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     warmup = math.ceil(spec.warmup_ratio * total_steps)
     schedule = "constant_with_warmup" if spec.scheduler == "constant" else spec.scheduler
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    backend.prepare(net, optimizer, scheduler)  # wraps (DDP/FSDP/ZeRO) and places the model
+
+    def make_scheduler(opt):  # the backend binds it (DeepSpeed's optimizer, when its config has one)
+        return get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    # wraps (DDP/FSDP/ZeRO) and places the model; a DeepSpeed config's optimizer/scheduler blocks replace ours
+    backend.prepare(net, optimizer, make_scheduler, warmup_steps=warmup, total_steps=total_steps)
+    scheduler = backend.scheduler
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # --- 4. resume ---------------------------------------------------------------------------------
@@ -249,6 +267,7 @@ def train(
     bar.close()
     backend.barrier()
     state_dict = backend.full_state_dict()  # gathered (FSDP, ZeRO-3) before the main process saves
+    backend.finish()  # ZeRO-3's partitioned loading off: a LoRA merge loads the base plainly
     summary = {
         "steps": total_steps, "world_size": world, "backend": backend.name, "resumed_from": resumed_from,
         "final_loss": last.get("loss"), "tokens": tokens_total, "seconds": time.time() - started,
@@ -260,7 +279,10 @@ def train(
         model_dir = out_dir / "model"
         unwrapped = backend.unwrap()
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+        if spec.peft is None:
+            unwrapped.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+        else:
+            save_lora(unwrapped, state_dict, model, spec.peft, model_dir, cache_dir=cache_dir)
         # the template the examples were encoded with (build: chat.template_for): a base model trained
         # with the fallback keeps it, so it chats the same after reload
         tokenizer.chat_template = template_for(tokenizer)  # load_model applied the recipe's override
@@ -321,6 +343,51 @@ def start_trackers(names: list[str], spec: TrainSpec, out_dir: Path, step: int, 
                                 where="train.report_to") from None
         trackers.append(tracker)
     return trackers
+
+
+def _require_peft() -> None:
+    from ..errors import import_extra
+
+    import_extra("peft", "peft", what="train.peft (LoRA)", where="train.peft")
+
+
+def with_lora(net: torch.nn.Module, peft_spec, model: ModelSpec) -> torch.nn.Module:
+    """``net`` wrapped by peft with a fresh LoRA adapter (only its parameters require grad).
+    The adapter's config names the base by its hub id when it has one, else its local path."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..models.loading import _looks_local
+
+    config = LoraConfig(r=peft_spec.r, lora_alpha=peft_spec.alpha, lora_dropout=peft_spec.dropout,
+                        target_modules=peft_spec.target_modules, task_type="CAUSAL_LM")
+    try:
+        net = get_peft_model(net, config)
+    except ValueError as exc:  # target modules that match nothing, or layers LoRA cannot adapt
+        raise ProfuserError(f"cannot add LoRA to {model.ref}: {exc}".split("\n")[0],
+                            where="train.peft.target_modules") from None
+    if not (model.ref.startswith("builtin:") or model.gguf_file or _looks_local(model.ref)):
+        net.peft_config["default"].base_model_name_or_path = model.ref
+    return net
+
+
+ADAPTER_DIR = "adapter"  # model/adapter/ beside merged weights: see save_lora
+
+
+def save_lora(unwrapped, state_dict: dict | None, model: ModelSpec, peft_spec, model_dir: Path, *,
+              cache_dir: Path | None) -> None:
+    """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``, peft's save_pretrained)
+    and ``base_model.json`` (the base ModelSpec, so ``load_model`` rebuilds base + adapter) into
+    ``model_dir``; with ``merge``, the merged plain model into ``model_dir`` and the adapter into
+    ``model_dir/adapter``: transformers applies an ``adapter_config.json`` it finds beside full
+    weights on top of them, which would add the update twice."""
+    from ..models.loading import BASE_MODEL_FILE, merge_adapter
+
+    adapter_dir = model_dir / ADAPTER_DIR if peft_spec.merge else model_dir
+    unwrapped.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
+    atomic_write_json(adapter_dir / BASE_MODEL_FILE, model.identity())
+    if peft_spec.merge:
+        merged = merge_adapter(model, adapter_dir, device="cpu", cache_dir=cache_dir)
+        merged.save_pretrained(model_dir, safe_serialization=True)
 
 
 def save_checkpoint(backend, root: Path, step: int, fingerprint: dict, *, bad_steps: int = 0) -> Path:
