@@ -28,7 +28,7 @@ from .recipe import Recipe, TrainSpec
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
 
-STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate")
+STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate", "merge")
 # the stages that load a model: run in a worker process when the runtime isolates stages (a stage
 # module may say otherwise with LOADS_MODEL = True / False)
 MODEL_STAGE_KINDS = frozenset({"generate", "score", "logits", "train", "evaluate"})
@@ -84,7 +84,8 @@ class StageContext:
 def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     """The stages of a recipe, upstream first."""
     registry = engine.registry
-    curriculum = registry.get("curricula", recipe.curriculum.name).cls
+    # an instance: a curriculum that composes another (layerwise) takes that one's modes
+    curriculum = registry.build("curricula", recipe.curriculum.name, recipe.curriculum.params)
     modes = [m for m in MODES if m in curriculum.modes]
     target = recipe.target.identity()
     source_keys = [s.key for s in recipe.sources]
@@ -92,6 +93,10 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     data_config = {"data": recipe.data.model_dump(), "files": _data_fingerprint(recipe.data.source.params.get("path"))}
     stages: list[Stage] = [Stage("data", "data", data_config, components=[("datasets", recipe.data.source.name)])]
     distill = recipe.distill.model_dump()
+    if recipe.merges:  # merge baselines need nothing upstream: first, so bad models stop the run early
+        from .stages.merge import stage_config
+
+        stages += [Stage(f"merge/{m.key}", "merge", stage_config(m, recipe.seed)) for m in recipe.merges]
 
     if "inference" in modes:
         im = recipe.inference_mode
@@ -136,6 +141,10 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                             [("evaluators", tm.evaluator.name)]))
 
     loss = registry.get("losses", recipe.loss.name).cls
+    if "all_teachers" in loss.needs:  # align and build keep only the advantaged source's teacher
+        raise RecipeError([("loss.name", (f"{recipe.loss.name!r} needs every source's teacher on each example "
+                                          "(all_teachers), which the align and build stages do not store yet "
+                                          "(docs/summary-variant.md)"))])
     for mode in modes:
         for src in recipe.sources:
             align_config = {"mode": mode, "aligner": ref(recipe.aligner), "target": target, "source": src.identity(),
@@ -171,13 +180,18 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                 stages.append(Stage(f"evaluate/{key}", "evaluate",
                                     {"model": spec.identity(), "label": key, "evaluate": evaluation},
                                     {"data": "data"}))
+        for m in recipe.merges:  # evaluated whatever evaluate.baselines says: the recipe asks for them
+            stages.append(Stage(f"evaluate/merge/{m.key}", "evaluate",
+                                {"model": None, "label": f"{m.key} (merge)", "evaluate": evaluation},
+                                {"model": f"merge/{m.key}", "data": "data"}))
     return stages
 
 
 def card_recipe(recipe: Recipe) -> str:
     """The recipe as the fused model's card shows it: what made the model, without how the run
     executed (runtime), its cost estimate or its evaluation (other stages read those)."""
-    return _dump_yaml(recipe, exclude={"runtime": True, "estimate": True, "evaluate": True, "train": set(TrainSpec.NOT_HASHED)})
+    return _dump_yaml(recipe, exclude={"runtime": True, "estimate": True, "evaluate": True, "merges": True,
+                                       "train": set(TrainSpec.NOT_HASHED)})
 
 
 def _data_fingerprint(path: Any) -> dict[str, str]:

@@ -253,6 +253,33 @@ class EvaluateSpec(StrictModel):
         return data
 
 
+# mergekit's methods a merge baseline may use (Table 3: slerp, ties, dare_ties)
+MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+
+
+class MergeModelSpec(ModelSpec):
+    """A model a merge takes in, with mergekit's per-model ``parameters`` (weight, density, ...)."""
+
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergeSpec(StrictModel):
+    """A merge baseline (``profuser.stages.merge``): same-architecture, same-tokenizer models merged
+    by mergekit, evaluated beside the fused model. Checked by ``merge_problems`` at validate time."""
+
+    method: Literal[MERGE_METHODS]  # type: ignore[valid-type]
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$",
+                                description="its stage and row name (default: the method)")
+    models: list[MergeModelSpec] = Field(min_length=1)
+    base_model: ModelSpec | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict, description="mergekit's method-wide parameters (t, ...)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def key(self) -> str:
+        return self.label or self.method
+
+
 class RuntimeSpec(StrictModel):
     """How the run executes, never what it computes: part of no cache key."""
 
@@ -308,11 +335,24 @@ class Recipe(StrictModel):
     evaluate: EvaluateSpec = EvaluateSpec()
     runtime: RuntimeSpec = RuntimeSpec()
     estimate: EstimateSpec = EstimateSpec()
+    merges: list[MergeSpec] = Field(default_factory=list, description="merge baselines evaluated beside the fused model")
 
     @field_validator("sources")
     @classmethod
     def _distinct_sources(cls, value: list[ModelSpec]):
         return _distinct_labels(value, "source models")
+
+    @field_validator("merges")
+    @classmethod
+    def _distinct_merges(cls, value: list[MergeSpec]):
+        return _distinct_labels(value, "merges")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if not self.merges:  # recipes without merges dump (and hash) as they did before the field
+            data.pop("merges", None)
+        return data
 
     @field_validator("name")
     @classmethod
@@ -490,6 +530,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base)
     problems += _missing_models(recipe)
+    if recipe.merges:  # architectures, tokenizers and parameters (nothing is loaded)
+        from .stages.merge import merge_problems
+
+        problems += merge_problems(recipe.merges)
     # explicitly listed only: the default TensorBoard is skipped with a note when it is not installed
     if "report_to" in recipe.train.model_fields_set:
         problems += [(f"train.report_to.{i}", m) for i, m in missing_trackers(recipe.train.report_to)]

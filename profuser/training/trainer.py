@@ -37,6 +37,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..chat import template_for
-from ..components import Curriculum, Loss
+from ..components import Curriculum, Loss, Trainable
 from ..errors import ProfuserError
 from ..recipe import TRACKER_PACKAGES, ModelSpec, TrainSpec, missing_trackers
 from ..store import atomic_write_json, atomic_write_text
@@ -118,7 +119,9 @@ def train(
         raise ProfuserError(f"nothing to train: the phases of {curriculum.name!r} select no example with a label "
                             f"within max_length={spec.max_length}")
     bounds = np.cumsum([0] + [p.steps for p in plans])  # global step where each phase starts
-    fingerprint = {"phases": [[p.phase.name, p.steps] for p in plans], "batch_size": spec.batch_size, "seed": spec.seed}
+    # a phase's trainable set joins its entry only when set, so other runs' checkpoints still match
+    fingerprint = {"phases": [[p.phase.name, p.steps] + ([_as_json(p.phase.trainable)] if p.phase.trainable else [])
+                              for p in plans], "batch_size": spec.batch_size, "seed": spec.seed}
     done = _completed(out_dir, fingerprint)
     if done is not None:  # trained and saved, but the stage was not sealed: nothing to redo
         return done
@@ -155,6 +158,10 @@ def train(
     # wraps (DDP/FSDP/ZeRO) and places the model; a DeepSpeed config's optimizer/scheduler blocks replace ours
     backend.prepare(net, optimizer, make_scheduler, warmup_steps=warmup, total_steps=total_steps)
     scheduler = backend.scheduler
+    layered = any(p.phase.trainable is not None for p in plans)
+    if layered and backend.name not in ("single", "ddp"):
+        raise ProfuserError(f"per-phase trainable parameters (curriculum {curriculum.name!r}) need one process or DDP; "
+                            f"the {backend.name} backend shards parameters and optimizer state", where="train.distributed")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # --- 4. resume ---------------------------------------------------------------------------------
@@ -192,6 +199,8 @@ def train(
         if step >= bounds[plan.index + 1]:
             continue  # finished before the resume
         rows, weights = plan.order(spec.seed, spec.batch_size, curriculum)  # [steps * batch_size], same on every rank
+        if layered:  # also on a resume mid-phase: the same freezing, the same optimizer state
+            set_trainable(backend, plan.phase.trainable)
         for phase_step in range(step - bounds[plan.index], plan.steps):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
@@ -273,8 +282,11 @@ def train(
         "final_loss": last.get("loss"), "tokens": tokens_total, "seconds": time.time() - started,
         "bad_steps": bad_steps,
         "phases": [{"name": p.phase.name, "epochs": p.phase.epochs, "beta": p.phase.beta, "examples": len(p.rows),
-                    "samples": p.samples, "steps": p.steps} for p in plans],
+                    "samples": p.samples, "steps": p.steps,
+                    **({"trainable": _as_json(p.phase.trainable)} if p.phase.trainable else {})} for p in plans],
     }
+    if layered:
+        set_trainable(backend, None)  # the saved model's parameters all require grad again
     if is_main:
         model_dir = out_dir / "model"
         unwrapped = backend.unwrap()
@@ -321,8 +333,10 @@ def start_trackers(names: list[str], spec: TrainSpec, out_dir: Path, step: int, 
     """Started accelerate trackers (main process only): what ``Accelerator(log_with=names)
     .init_trackers`` builds, without an Accelerator (the DeepSpeed backend has none). TensorBoard
     writes ``out_dir/tb`` and, on resume, purges the steps after ``step``."""
+    from accelerate import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+    PartialState()  # the trackers log through accelerate's logger, which needs its state (set up by then, or now)
     config = {key: value if isinstance(value, (bool, int, float, str)) or value is None else json.dumps(value)
               for key, value in spec.model_dump(exclude=TrainSpec.NOT_HASHED).items()}
     trackers = []
@@ -343,6 +357,71 @@ def start_trackers(names: list[str], spec: TrainSpec, out_dir: Path, step: int, 
                                 where="train.report_to") from None
         trackers.append(tracker)
     return trackers
+
+
+def _as_json(trainable: Trainable) -> dict:
+    return {**asdict(trainable), "blocks": list(trainable.blocks)}  # as it reads back from a checkpoint
+
+
+def transformer_blocks(model: torch.nn.Module) -> tuple[str, int]:
+    """The name and length of the model's list of transformer blocks: the ModuleList holding the
+    most parameters (``model.layers`` of Llama-likes, ``transformer.h`` of GPT-2)."""
+    best, best_size, depth = "", 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module):
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size, depth = name, size, len(module)
+    if not depth:
+        raise ProfuserError(f"{type(model).__name__} has no list of transformer blocks to train layer by layer",
+                            where="curriculum")
+    return best, depth
+
+
+def trainable_mask(model: torch.nn.Module, trainable: Trainable | None) -> dict[str, bool]:
+    """Parameter name -> whether it trains under ``trainable`` (None: all)."""
+    names = [name for name, _ in model.named_parameters()]
+    if trainable is None:
+        return dict.fromkeys(names, True)
+    blocks, depth = transformer_blocks(model)
+    lo, hi = (math.floor(f * depth + 0.5) for f in trainable.blocks)  # half up: the same on any Python
+    embedded = {id(p) for p in model.get_input_embeddings().parameters()}
+    mask = {}
+    for name, param in model.named_parameters():
+        if id(param) in embedded:
+            mask[name] = trainable.embeddings
+        elif name.startswith(blocks + "."):
+            mask[name] = lo <= int(name[len(blocks) + 1:].split(".")[0]) < hi
+        else:
+            mask[name] = trainable.rest
+    return mask
+
+
+def set_trainable(backend, trainable: Trainable | None) -> None:
+    """Freeze the parameters ``trainable`` leaves out (requires_grad False) and drop their optimizer
+    state (it is rebuilt from zero if they train again, as when a phase starts them); DDP is
+    rewrapped when the set changes, since its reducer waits for every parameter that required grad."""
+    model = backend.unwrap()
+    mask = trainable_mask(model, trainable)
+    optimizer = getattr(backend.optimizer, "optimizer", backend.optimizer)  # inside accelerate's wrapper
+    changed = False
+    for name, param in model.named_parameters():
+        if param.requires_grad != mask[name]:
+            param.requires_grad_(mask[name])
+            changed = True
+        if not mask[name]:
+            param.grad = None
+            optimizer.state.pop(param, None)
+    if changed and backend.name == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        accelerator, old = backend.accelerator, backend.model
+        kwargs = accelerator.ddp_handler.to_kwargs() if accelerator.ddp_handler is not None else {}
+        ids = [accelerator.local_process_index] if backend.device.type == "cuda" else None
+        backend.model = DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None, **kwargs)
+        # accelerate keeps the wrapper it made: the old reducer's hooks must go with it
+        accelerator._models = [backend.model if m is old else m for m in accelerator._models]
+        del old
 
 
 def _require_peft() -> None:
