@@ -234,9 +234,9 @@ def _setup_data(root: Path) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from profuser.artifacts import iter_chunks
     from profuser.components import Record
     from profuser.data import write_records
-    from profuser.stages.align import iter_chunks
     from profuser.stages.logits import PROMPT_CHUNK
 
     cfg = json.loads((root / "config.json").read_text())
@@ -269,8 +269,8 @@ def _setup_inference_logits(root: Path) -> dict:
     """Each source's store of the responses it won in ``select/inference``."""
     import pyarrow.parquet as pq
 
+    from profuser.artifacts import iter_chunks
     from profuser.data import read_records
-    from profuser.stages.align import iter_chunks
     from profuser.stages.logits import PROMPT_CHUNK
 
     cfg = json.loads((root / "config.json").read_text())

@@ -169,7 +169,9 @@ class ChatEncoding:
     @property
     def labels(self) -> list[int]:
         """``input_ids`` with -100 on prompt tokens (the trainer shifts)."""
-        return [-100] * self.response_start + self.input_ids[self.response_start:]
+        from .artifacts import IGNORE_INDEX
+
+        return [IGNORE_INDEX] * self.response_start + self.input_ids[self.response_start:]
 
 
 def template_for(tokenizer, chat_template: str | None = None) -> str:
@@ -308,3 +310,9 @@ def encode_chat(
     ids = ids[:max_length]
     rel = rel[: len(ids) - response_start]
     return ChatEncoding(ids, response_start, rel.astype(np.int32), truncated)
+
+
+def target_max_length(tokenizer, max_length: int) -> int:
+    """The recipe's max length, capped by the target's context (align and build must agree)."""
+    limit = getattr(tokenizer, "model_max_length", None) or max_length
+    return min(max_length, int(limit))

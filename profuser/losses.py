@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from profuser.artifacts import IGNORE_INDEX
 from profuser.components import Loss
 from profuser.teacher import teacher_logprobs
 
@@ -39,7 +40,7 @@ __all__ = [
     "reverse_kl_divergence", "sft_loss", "sparse_logits", "xlogy_sum",
 ]
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the labels the loss skips
 # The kernel works on segments: runs of rows with a label (a response), at most ~64M logits each
 # (256 MiB float32, bounds the float32 temporaries of float16/bfloat16 logits). Prompt rows are
 # skipped, except gaps shorter than ~4M logits, which are cheaper to compute than to cut out:

@@ -12,6 +12,7 @@ import torch
 from profuser_plugins.generators.hf import HFGenerator
 from profuser_plugins.generators.vllm import VLLMGenerator
 
+from profuser.artifacts import run_shards
 from profuser.components import Prompt, Record
 from profuser.data import write_records
 from profuser.errors import ModelError
@@ -423,9 +424,9 @@ def test_run_shards_splits_by_rank_and_rank0_joins(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert generate_stage.run_shards(tmp_path, keys, 2, compute, split=False) is None and computed == []  # rank 0 does all
-    assert generate_stage.run_shards(tmp_path, keys, 2, compute) is None and computed == [1, 3]
+    assert run_shards(tmp_path, keys, 2, compute, split=False) is None and computed == []  # rank 0 does all
+    assert run_shards(tmp_path, keys, 2, compute) is None and computed == [1, 3]
     monkeypatch.setenv("RANK", "0")
-    results = generate_stage.run_shards(tmp_path, keys, 2, compute, poll=0.01)
+    results = run_shards(tmp_path, keys, 2, compute, poll=0.01)
     assert computed == [1, 3, 0, 2]
     assert [s["shard"] for _, s in results] == [0, 1, 2, 3] and [i for t, _ in results for i in t["id"].to_pylist()] == keys

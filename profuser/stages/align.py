@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -33,15 +31,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..alignment import AlignmentCounts, ProjectionParams, project, vocab_map
+from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, list_column
+from ..chat import target_max_length
 from ..components import Tokenized
 from ..errors import ArtifactError, DataError, ProfuserError
 
 VERSION = "2"  # 2: rows in data order (1: in the logits store's order)
 ROWS_PER_GROUP = 256  # examples per parquet row group: bounds the memory of a write
-# data records per pass, the logits stage's chunk (``logits.PROMPT_CHUNK``): its stores are sorted
-# by length within such chunks, so a chunk's examples lie in a few consecutive record batches
-CHUNK_RECORDS = 512
-T = TypeVar("T")
 
 ALIGNED_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -54,59 +50,9 @@ ALIGNED_SCHEMA = pa.schema([
 ])
 
 
-def list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
-    """A list<T> column from [n_i] arrays, or list<list<T>> from [n_i, k] arrays."""
-    nested = bool(arrays) and arrays[0].ndim == 2
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-    outer = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=outer[1:])
-    if not arrays:
-        values = pa.array([], type=value_type)
-    else:
-        values = pa.array(np.concatenate([a.reshape(-1) for a in arrays]), type=value_type)
-    if nested:
-        k = arrays[0].shape[1]
-        inner = np.arange(0, int(lengths.sum()) * k + 1, k, dtype=np.int32)
-        values = pa.ListArray.from_arrays(pa.array(inner), values)
-    return pa.ListArray.from_arrays(pa.array(outer), values)
-
-
-def target_max_length(tokenizer, max_length: int) -> int:
-    """The recipe's max length, capped by the target's context (align and build must agree)."""
-    limit = getattr(tokenizer, "model_max_length", None) or max_length
-    return min(max_length, int(limit))
-
-
 def won_ids(select_dir, source_key: str) -> list[str]:
     table = pq.read_table(select_dir / "selection.parquet", columns=["id", "chosen"])
     return table["id"].filter(pc.equal(table["chosen"], source_key)).to_pylist()
-
-
-def iter_records(path, columns: list[str], batch_rows: int = 1024) -> Iterator[dict]:
-    """The rows of a parquet file (``columns`` of them) as dicts, streamed: buffered reads of a
-    few pages at a time, so a file of one large row group (as the data stage writes) is never
-    held whole (pre-buffering, pyarrow's default, reads whole column chunks: 100k records of
-    2 kB held 0.36 GB peak with it, 0.15 GB without, the same as 10k)."""
-    try:
-        source = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"unreadable: {exc}", where=str(path)) from None
-    missing = [c for c in columns if c not in source.schema_arrow.names]
-    if missing:
-        raise DataError(f"missing column(s) {', '.join(missing)}", where=str(path))
-    for batch in source.iter_batches(batch_size=batch_rows, columns=columns):
-        yield from batch.to_pylist()
-
-
-def iter_chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    chunk: list[T] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def run(ctx) -> dict:

@@ -28,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import ipc
 
+from ..artifacts import IGNORE_INDEX, iter_records, list_column
+from ..chat import target_max_length
 from ..errors import ArtifactError, DataError, ProfuserError
 from ..training.data import EXTRA_SCHEMA
 from ..training.data import SCHEMA as TRAINER_SCHEMA
-from .align import iter_records, list_column, target_max_length
 
 VERSION = "2"  # 2: examples.arrow, teacher rows at labelled positions only (1: examples.parquet, a row per position)
 EXAMPLES_FILE = "examples.arrow"
@@ -147,7 +148,7 @@ def run(ctx) -> dict:
                 raise ArtifactError(f"example {example_id!r}: teachers of different top-k ({sorted(k_seen)}) in one build",
                                     where=where)
             labels = input_ids.copy()
-            labels[:start] = -100  # the labelled positions are start..L-1, where the teacher rows go
+            labels[:start] = IGNORE_INDEX  # the labelled positions are start..L-1, where the teacher rows go
             gt_length = len(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
             columns = {"source": pa.array([chosen], pa.string()), "category": list_column([row["category"]], pa.int8())}
             if "teacher_logz" in extra:

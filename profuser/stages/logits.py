@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records
 from ..errors import DataError, ModelError, ProfuserError
 from ..logits_store import LogitsWriter
-from ..pipeline import rank_and_world, wait_until
+from ..runtime import rank_and_world, wait_until
 from ..recipe import DistillSpec, ModelSpec
-from .align import CHUNK_RECORDS, iter_chunks, iter_records
 
 VERSION = "1"
 DISTRIBUTED = True  # every rank of a multi-process launch takes a slice (see above)

@@ -18,10 +18,10 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..artifacts import finish, read_samples, run_shards, table_stats
 from ..components import Judged
 from ..data import read_records
 from ..errors import ArtifactError, ProfuserError
-from .generate import finish, read_samples, run_shards, table_stats
 
 VERSION = "1"
 DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)

@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..artifacts import iter_chunks, iter_records
 from ..components import Candidates, SourceNLL
 from ..errors import ProfuserError
-from .align import iter_chunks, iter_records
 
 VERSION = "2"  # 2: rm_scores column; Min-CE compares truncated responses on the common prefix
 CHUNK_EXAMPLES = 1024  # examples per evaluator call (unless it declares whole_set)

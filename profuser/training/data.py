@@ -36,10 +36,11 @@ import pyarrow.parquet as pq
 import torch
 from pyarrow import ipc
 
+from ..artifacts import IGNORE_INDEX
 from ..components import LOSS_NEEDS, MODES, Curriculum, CurriculumInput, Phase, PhaseExamples
 from ..errors import DataError, ProfuserError
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX
 SCHEMA = pa.schema([  # the columns the trainer reads, in the types it reads them as
     ("id", pa.string()),
     ("input_ids", pa.list_(pa.int32())),  # [L]
