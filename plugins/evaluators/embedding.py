@@ -17,6 +17,7 @@ is an error naming the example.
 
 from __future__ import annotations
 
+from profuser_plugins.evaluators.reference import candidate_texts
 from pydantic import Field
 
 from profuser import hookimpl
@@ -73,17 +74,7 @@ class EmbeddingSimilarity(AdvantageEvaluator):
         return out
 
     def select(self, examples: list[Candidates]) -> list[Choice]:
-        pairs: list[tuple[int, str, int]] = []  # (example index, source, sample)
-        hyps: list[str] = []
-        for i, ex in enumerate(examples):
-            if not ex.responses:
-                raise ProfuserError("no source responses to compare with the reference", where=f"example {ex.id}")
-            if not ex.reference.strip():
-                raise ProfuserError("the reference (GT) response is empty", where=f"example {ex.id}")
-            for source in ex.responses:
-                for j, text in enumerate(ex.samples.get(source) or [ex.responses[source]]):
-                    pairs.append((i, source, j))
-                    hyps.append(text)
+        pairs, hyps = candidate_texts(examples)
         sims = self.similarities(hyps, [examples[i].reference for i, _, _ in pairs])  # one batched call
         totals: list[dict[str, float]] = [{} for _ in examples]
         best_sample: list[dict[str, int]] = [{} for _ in examples]

@@ -30,6 +30,23 @@ def _packaged_minilm() -> str:
     return str(packaged.get_model_path())
 
 
+def candidate_texts(examples: list[Candidates]) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """Every (example index, source, sample) with its text, flattened for one batched scoring call;
+    an example without responses or with an empty reference is one line naming it."""
+    pairs: list[tuple[int, str, int]] = []  # (example index, source, sample)
+    hyps: list[str] = []
+    for i, ex in enumerate(examples):
+        if not ex.responses:
+            raise ProfuserError("no source responses to compare with the reference", where=f"example {ex.id}")
+        if not ex.reference.strip():
+            raise ProfuserError("the reference (GT) response is empty", where=f"example {ex.id}")
+        for source in ex.responses:
+            for j, text in enumerate(ex.samples.get(source) or [ex.responses[source]]):
+                pairs.append((i, source, j))
+                hyps.append(text)
+    return pairs, hyps
+
+
 class ReferenceScore(AdvantageEvaluator):
     name = "reference"
     aliases = ("reference_score",)
@@ -100,17 +117,7 @@ class ReferenceScore(AdvantageEvaluator):
     # --- selection ------------------------------------------------------------------------------
 
     def select(self, examples: list[Candidates]) -> list[Choice]:
-        pairs: list[tuple[int, str, int]] = []  # (example index, source, sample)
-        hyps: list[str] = []
-        for i, ex in enumerate(examples):
-            if not ex.responses:
-                raise ProfuserError("no source responses to compare with the reference", where=f"example {ex.id}")
-            if not ex.reference.strip():
-                raise ProfuserError("the reference (GT) response is empty", where=f"example {ex.id}")
-            for source in ex.responses:
-                for j, text in enumerate(ex.samples.get(source) or [ex.responses[source]]):
-                    pairs.append((i, source, j))
-                    hyps.append(text)
+        pairs, hyps = candidate_texts(examples)
         refs = [examples[i].reference for i, _, _ in pairs]
         # one batched call for every (example, source); no model at all when its weight is 0
         bert = self.bertscore(hyps, refs) if self.params.bertscore_weight else [0.0] * len(hyps)
