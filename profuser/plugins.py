@@ -12,6 +12,7 @@ import difflib
 import importlib
 import os
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -113,23 +114,21 @@ def _check_needs(cls: type, name: str, plugin: str) -> None:
     valid = NEEDS.get(cls.mode)
     if valid is None:
         raise PluginError(f"evaluator {name!r} has mode {cls.mode!r}; modes: {', '.join(NEEDS)}", where=f"plugin {plugin}")
-    needs = cls.needs
-    if isinstance(needs, str) or not all(isinstance(n, str) for n in needs):
-        raise PluginError(f"evaluator {name!r}: needs must be a set of names, not {needs!r}", where=f"plugin {plugin}")
-    unknown = sorted(set(needs) - set(valid))
-    if unknown:
-        raise PluginError(f"evaluator {name!r} needs {', '.join(map(repr, unknown))}, which the {cls.mode} mode does not "
-                          f"provide (valid: {', '.join(valid)})", where=f"plugin {plugin}")
+    _check_names(f"evaluator {name!r}", cls.needs, valid, f"the {cls.mode} mode", plugin)
 
 
 def _check_loss_needs(cls: type, name: str, plugin: str) -> None:
-    needs = cls.needs
+    _check_names(f"loss {name!r}", cls.needs, LOSS_NEEDS, "the trainer", plugin)
+
+
+def _check_names(component: str, needs: Any, valid: Iterable[str], provider: str, plugin: str) -> None:
+    """A component's ``needs``: a set of names, each one its provider supplies (one line otherwise)."""
     if isinstance(needs, str) or not all(isinstance(n, str) for n in needs):
-        raise PluginError(f"loss {name!r}: needs must be a set of names, not {needs!r}", where=f"plugin {plugin}")
-    unknown = sorted(set(needs) - set(LOSS_NEEDS))
+        raise PluginError(f"{component}: needs must be a set of names, not {needs!r}", where=f"plugin {plugin}")
+    unknown = sorted(set(needs) - set(valid))
     if unknown:
-        raise PluginError(f"loss {name!r} needs {', '.join(map(repr, unknown))}, which the trainer does not provide "
-                          f"(valid: {', '.join(LOSS_NEEDS)})", where=f"plugin {plugin}")
+        raise PluginError(f"{component} needs {', '.join(map(repr, unknown))}, which {provider} does not "
+                          f"provide (valid: {', '.join(valid)})", where=f"plugin {plugin}")
 
 
 def params_problems(model: type[BaseModel], data: dict[str, Any]) -> list[tuple[str, str]]:
