@@ -14,9 +14,9 @@ from profuser.recipe import apply_overrides, deep_merge, load_raw, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-# recipes/examples/ point at the team's ../shared data, which a user's clone does not have
+# some recipes/examples/ point at the team's ../shared data, which a user's clone does not have
 RECIPES = sorted(str(p) for p in (REPO / "recipes").rglob("*.yaml")
-                 if "configs" not in p.parts and ("examples" not in p.parts or SHARED_DATA.is_dir()))
+                 if "configs" not in p.parts and ("shared/data" not in p.read_text() or SHARED_DATA.is_dir()))
 
 
 def write(path: Path, text: str) -> Path:

@@ -154,7 +154,7 @@ def test_a_two_process_launch_with_isolated_stages(tmp_path):
     import subprocess
     import sys
 
-    recipe = tiny_recipe(tmp_path)
+    recipe = tiny_recipe(tmp_path, {"train.micro_batch_size": 2})  # a global batch of 4 over 2 ranks
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     runs = tmp_path / "runs"
     env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1"}
