@@ -35,6 +35,23 @@ def tiny_gemma_dir(tmp_path_factory):
     return tiny_model_dir("gemma", tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="module")
+def registry():
+    from profuser.plugins import Engine
+
+    return Engine(entrypoints=False).registry
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """Built examples of both modes for the trainer's tests (tests/test_trainer.py's writer)."""
+    from test_trainer import write_examples
+
+    root = tmp_path_factory.mktemp("examples")
+    return {"inference": write_examples(root / "inference" / "examples.parquet", "inference", 8, seed=1),
+            "training": write_examples(root / "training" / "examples.parquet", "training", 8, seed=2)}
+
+
 @pytest.fixture
 def launch_ranks():
     """``launch(argv)`` runs ``argv`` as the ranks of a multi-process launch (RANK and WORLD_SIZE

@@ -231,25 +231,6 @@ def test_fsdp_on_cpu_is_refused_not_silently_replaced_by_ddp():
         make_backend(TrainSpec(distributed="fsdp", batch_size=4, micro_batch_size=1), cpu=True)
 
 
-@pytest.mark.gpu
-def test_fsdp_on_gpus(tmp_path, tiny_llama_dir, examples, single):
-    n = torch.cuda.device_count()
-    launcher = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", str(n),
-                "--mixed_precision", "no", "--main_process_port", str(free_port())]
-    summary = launch(launcher, tmp_path, tiny_llama_dir, examples, "distributed=fsdp")
-    assert summary["backend"] == "fsdp" and summary["world_size"] == n
-    if n == 2:
-        assert_matches_single(tmp_path, single)
-
-
-@pytest.mark.gpu
-def test_bf16_on_a_gpu(tmp_path, tiny_llama_dir, examples):
-    registry = Engine(entrypoints=False).registry
-    summary = train(str(tiny_llama_dir), examples, registry.build("losses", "fuse_kl"), registry.build("curricula", "progressive"),
-                    TrainSpec(**{**TRAIN, "precision": "bf16", "gradient_checkpointing": True}), tmp_path, device="cuda")
-    assert summary["backend"] == "single" and all(torch.isfinite(torch.tensor(m["loss"])) for m in read_metrics(tmp_path))
-
-
 def test_lora_under_zero3_on_two_cpu_processes_saves_adapter_and_merged_model(tmp_path, tiny_llama_dir, examples):
     from peft import PeftModel
     from safetensors.torch import load_file

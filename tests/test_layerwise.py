@@ -6,25 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import small_spec, write_examples
+from test_trainer import small_spec
 
 from profuser.components import CurriculumInput, Trainable
 from profuser.errors import ProfuserError
 from profuser.plugins import Engine
 from profuser.training import train
 from profuser.training.trainer import trainable_mask
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return Engine(entrypoints=False).registry
-
-
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("examples")
-    return {"inference": write_examples(root / "inference" / "examples.parquet", "inference", 8, seed=1),
-            "training": write_examples(root / "training" / "examples.parquet", "training", 8, seed=2)}
 
 
 def phases_of(registry, **params):

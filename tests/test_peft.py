@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import Killed, read_metrics, write_examples
+from test_trainer import Killed, read_metrics
 
 from profuser.errors import ProfuserError
 from profuser.models import load_model
 from profuser.models.loading import local_model_problem
-from profuser.plugins import Engine
 from profuser.recipe import ModelSpec, TrainSpec
 from profuser.training import train
 from profuser.training.data import ExampleSet
@@ -24,18 +23,6 @@ from profuser.training.data import ExampleSet
 pytest.importorskip("peft")
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return Engine(entrypoints=False).registry
-
-
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("examples")
-    return {"inference": write_examples(root / "inference.parquet", "inference", 8, seed=1),
-            "training": write_examples(root / "training.parquet", "training", 8, seed=2)}
 
 
 def spec(**kw) -> TrainSpec:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_trainer import read_metrics, small_spec, write_examples
+from test_trainer import read_metrics, small_spec
 
 from profuser.errors import ProfuserError, RecipeError
 from profuser.plugins import Engine
@@ -20,18 +20,6 @@ from profuser.training import train
 
 class Killed(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return Engine(entrypoints=False).registry
-
-
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("examples")
-    return {"inference": write_examples(root / "inference.parquet", "inference", 8, seed=1),
-            "training": write_examples(root / "training.parquet", "training", 8, seed=2)}
 
 
 def run(model_dir, examples, registry, out, spec=None, **kw):

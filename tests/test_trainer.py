@@ -50,18 +50,6 @@ def write_examples(path: Path, mode: str, n: int, *, vocab: int = 400, seed: int
     return path
 
 
-@pytest.fixture(scope="module")
-def registry():
-    return Engine(entrypoints=False).registry
-
-
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("examples")
-    return {"inference": write_examples(root / "inference" / "examples.parquet", "inference", 8, seed=1),
-            "training": write_examples(root / "training" / "examples.parquet", "training", 8, seed=2)}
-
-
 def small_spec(**kw) -> TrainSpec:
     return TrainSpec(**{"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "warmup_ratio": 0.1, "checkpoint_every": 2, **kw})
 
