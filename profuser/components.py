@@ -82,6 +82,12 @@ class DatasetSource(Component):
     def records(self) -> Iterable[Record | BadRow]:
         """See the class docstring."""
 
+    def fingerprint(self) -> dict[str, str]:
+        """What ``records`` reads that the params do not pin, as ``{name: content hash}`` (a local
+        file's SHA-256): the data stage's cache key holds it, so editing such data in place reruns
+        the stage. ``{}`` (the default) when the params say it all."""
+        return {}
+
 
 # --- models -------------------------------------------------------------------------------------
 

@@ -295,7 +295,7 @@ def run_stage(engine, out: Path, **data) -> dict:
 
     spec = DataSpec(**data).model_dump()
     ctx = StageContext(stage=Stage("data", "data", {"data": spec}), inputs={}, out=out, runtime=Runtime(),
-                       engine=engine, recipe=None)
+                       engine=engine)
     out.mkdir(parents=True, exist_ok=True)
     return stage.run(ctx)
 
@@ -332,6 +332,33 @@ def test_stage_sample_and_builtin(engine, tmp_path):
     assert (metrics["records"], metrics["train"], metrics["heldout"]) == (30, 15, 5)
     held = read_records(tmp_path / "b" / "heldout.parquet")
     assert all(extract_answer(r.response) == r.meta["answer"] for r in held)
+
+
+def test_file_fingerprint_follows_the_content_not_the_file(engine, tmp_path):
+    import hashlib
+    import os
+    import shutil
+
+    path = write_jsonl(tmp_path / "d.jsonl", ORCA)
+    source = engine.registry.build("datasets", "file", {"path": str(path)})
+    first = source.fingerprint()
+    assert first == {"d.jsonl": hashlib.sha256(path.read_bytes()).hexdigest()}  # the data stage's key, as before
+    os.utime(path, ns=(1, 1))  # touched: the same content
+    assert source.fingerprint() == first
+    moved = tmp_path / "elsewhere" / "d.jsonl"
+    moved.parent.mkdir()
+    shutil.move(path, moved)
+    assert engine.registry.build("datasets", "file", {"path": str(moved)}).fingerprint() == first
+    write_jsonl(moved, [dict(ORCA[0], response="5"), ORCA[1]])  # edited in place
+    assert engine.registry.build("datasets", "file", {"path": str(moved)}).fingerprint() != first
+
+    folder = tmp_path / "folder"
+    (folder / "train").mkdir(parents=True)
+    write_jsonl(folder / "train" / "a.jsonl", ORCA)
+    write_jsonl(folder / "b.jsonl", ORCA[:1])
+    hashes = engine.registry.build("datasets", "file", {"path": str(folder)}).fingerprint()
+    assert sorted(hashes) == ["b.jsonl", "train/a.jsonl"]  # by path under the folder
+    assert engine.registry.build("datasets", "builtin_tasks", {"n": 5}).fingerprint() == {}  # the base's default
 
 
 # --- recipes and the real files -----------------------------------------------------------------
@@ -546,14 +573,14 @@ def test_parquet_with_invalid_utf8_strings(engine, tmp_path):
 # --- the example recipe, through the CLI --------------------------------------------------------
 
 
-def test_orca_best_example_recipe_runs_until_data(tmp_path):
+def test_orca_best_example_recipe_runs_until_data(tmp_path, engine):
     from typer.testing import CliRunner
 
     from profuser.cli import app
     from profuser.recipe import load_recipe
 
     recipe = RECIPES / "examples" / "orca-best.yaml"
-    assert load_recipe(recipe).data.source.params["format"] == "orca_best"
+    assert load_recipe(recipe, registry=engine.registry).data.source.params["format"] == "orca_best"
     runs = tmp_path / "runs"
     result = CliRunner().invoke(app, ["run", str(recipe), "--until", "data", "--runs-dir", str(runs)])
     assert result.exit_code == 0, result.output

@@ -8,6 +8,7 @@ from pathlib import Path
 from profuser import hookimpl
 from profuser.components import BadRow, DatasetSource, Record
 from profuser.data import RowFormatParams, data_files, read_rows, rows_to_records
+from profuser.store import file_sha256
 
 
 class FileDataset(DatasetSource):
@@ -22,6 +23,15 @@ class FileDataset(DatasetSource):
         split: str | None = None
 
     data_seed = 0  # the data stage sets the recipe's data.seed: orca_best draws a cluster's sample with it
+
+    def fingerprint(self) -> dict[str, str]:
+        """The SHA-256 of the file, or of every file under the directory by relative path: editing
+        the data in place reruns the data stage, while moving or touching it does not."""
+        root = Path(self.params.path).expanduser()
+        if not root.exists():  # records() names the missing path
+            return {}
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        return {str(f.relative_to(root) if f != root else f.name): file_sha256(f) for f in files}
 
     def records(self) -> Iterator[Record | BadRow]:
         for file in data_files(Path(self.params.path).expanduser(), self.params.split):
