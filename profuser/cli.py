@@ -80,8 +80,9 @@ def run(
     from .plugins import get_engine
     from .recipe import load_recipe
 
-    recipe_obj = load_recipe(recipe, override)
-    runner = Runner(recipe_obj, get_engine(), _runtime(runs_dir, device, recipe), force=force, until=until,
+    engine = get_engine()
+    recipe_obj = load_recipe(recipe, override, registry=engine.registry)
+    runner = Runner(recipe_obj, engine, _runtime(runs_dir, device, recipe), force=force, until=until,
                     echo=lambda line: console.print(line, highlight=False, markup=False))
     if dry_run:
         from .estimate import estimate_plan
@@ -149,11 +150,12 @@ def validate(
     from .plugins import get_engine
     from .recipe import load_recipe
 
+    engine = get_engine()
     failed = 0
     for path in recipes:
         try:
-            recipe = load_recipe(path, override)
-            plan(recipe, get_engine())
+            recipe = load_recipe(path, override, registry=engine.registry)
+            plan(recipe, engine)
         except RecipeError as exc:
             if exc.file is None:
                 exc.file = str(path)
@@ -314,6 +316,7 @@ def compare(
         _compare_dry_run(recipes, override, runs_dir, device, as_json)
         return
     from .compare import run_comparison
+    from .plugins import get_engine
     from .report import write_comparison
 
     try:
@@ -322,7 +325,7 @@ def compare(
         raise ProfuserError(f"seeds must be comma-separated integers, got {seeds!r}", where="--seeds") from None
     if len(set(seed_list)) != len(seed_list):
         raise ProfuserError(f"a seed is listed twice: {seeds}", where="--seeds")
-    result = run_comparison(recipes, _runtime(runs_dir, device), overrides=override, seeds=seed_list,
+    result = run_comparison(recipes, get_engine(), _runtime(runs_dir, device), overrides=override, seeds=seed_list,
                             echo=lambda line: console.print(line, highlight=False, markup=False))
     fused = [e for e in result["entries"] if not e.get("baseline")]
     written = write_comparison(result["entries"], out, reference=reference or (fused[0]["variant"] if fused else None))
@@ -340,7 +343,9 @@ def _compare_dry_run(recipes: list[Path], override: list[str], runs_dir: Path, d
     from .plugins import get_engine
     from .recipe import load_recipe
 
-    runners = [Runner(load_recipe(path, override), get_engine(), _runtime(runs_dir, device, path)) for path in recipes]
+    engine = get_engine()
+    runners = [Runner(load_recipe(path, override, registry=engine.registry), engine, _runtime(runs_dir, device, path))
+               for path in recipes]
     suite = estimate_suite(runners)
     if as_json:
         print(json.dumps(suite, indent=2, ensure_ascii=False))
@@ -424,8 +429,10 @@ def eval_(
     from .recipe import ModelSpec
 
     runtime = _runtime(Path("runs"), device)
+    from .plugins import get_engine
+
     loaded, tokenizer = load_model(ModelSpec(ref=model, trust_remote_code=trust_remote_code),
-                                   device=runtime.torch_device(), cache_dir=runtime.cache_dir)
+                                   device=runtime.torch_device(), cache_dir=runtime.cache_dir, engine=get_engine())
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     results = evaluate_model(loaded, tokenizer, task_list, limit=limit, data_dir=data_dir, heldout_path=heldout,
                              num_fewshot={t: num_fewshot for t in task_list} if num_fewshot is not None else None,
@@ -458,15 +465,16 @@ def align(
     from .plugins import get_engine
     from .recipe import ModelSpec
 
+    registry = get_engine().registry
     if data is not None:
         if not data.exists():
             raise ProfuserError("file not found", where=str(data))
-        records = get_engine().registry.build("datasets", "file", {"path": str(data)}).records()
+        records = registry.build("datasets", "file", {"path": str(data)}).records()
     else:  # the built-in tasks' responses, so the command works offline with no file at hand
-        records = get_engine().registry.build("datasets", "builtin_tasks", {"n": 200}).records()
+        records = registry.build("datasets", "builtin_tasks", {"n": 200}).records()
     texts = [r.response for r in records if hasattr(r, "response")][:limit]
     cache = os.environ.get("PROFUSER_CACHE")
-    result = align_report(ModelSpec(ref=source), ModelSpec(ref=target), texts, aligner,
+    result = align_report(ModelSpec(ref=source), ModelSpec(ref=target), texts, aligner, engine=get_engine(),
                           cache_dir=Path(cache) if cache else None)
     if as_json:
         console.print_json(json.dumps(result, default=str))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .pipeline import Runner, Runtime
-from .plugins import get_engine
+from .plugins import Engine
 from .recipe import load_recipe
 
 
@@ -41,17 +41,17 @@ def seed_overrides(seed: int | None) -> list[str]:
     return [] if seed is None else [f"train.seed={seed}"]
 
 
-def run_comparison(recipes: list[Path], runtime: Runtime, *, overrides: list[str] = (), seeds: list[int] = (),
-                   echo=print) -> dict:
-    """Run every recipe (each seed), then return the comparison entries and the suite timing."""
-    engine = get_engine()
+def run_comparison(recipes: list[Path], engine: Engine, runtime: Runtime, *, overrides: list[str] = (),
+                   seeds: list[int] = (), echo=print) -> dict:
+    """Run every recipe (each seed) with ``engine``'s plugins, then return the comparison entries and
+    the suite timing."""
     entries: list[dict] = []
     baselines: dict[str, dict] = {}
     ran_once: dict[str, float] = {}  # stage key -> seconds, over the whole suite
     started = time.time()
     for path in recipes:
         for seed in seeds or [None]:
-            recipe = load_recipe(path, [*overrides, *seed_overrides(seed)])
+            recipe = load_recipe(path, [*overrides, *seed_overrides(seed)], registry=engine.registry)
             t0 = time.time()
             echo(f"== {recipe.name}" + (f" (seed {seed})" if seed is not None else ""))
             results = Runner(recipe, engine, runtime, echo=echo).run()

@@ -8,10 +8,14 @@ model before anything heavy happens.
 from __future__ import annotations
 
 import copy
+import functools
 import re
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
+import pydantic
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_serializer, model_validator
 
@@ -41,6 +45,15 @@ class NamedComponentRef(ComponentRef):
     @property
     def key(self) -> str:
         return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Marks a recipe field that names a component of ``kind``: ``Annotated[ComponentRef, Slot(kind)]``
+    (or a list of refs). The field's default ref, if any, is the component a recipe gets when it names
+    none; ``component_fields`` finds every slot by walking the models' fields."""
+
+    kind: str
 
 
 def _distinct_labels(items: list, what: str) -> list:
@@ -86,7 +99,7 @@ class ModelSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
-    source: ComponentRef
+    source: Annotated[ComponentRef, Slot("datasets")]
     sample: int | None = Field(default=None, gt=0, description="keep N examples, drawn with `seed`")
     dedup: bool = True
     heldout: float | int = Field(default=0.1, ge=0, description="held-out share (<1) or count (>=1)")
@@ -102,24 +115,33 @@ class DistillSpec(StrictModel):
     max_length: int = Field(default=2048, gt=0)
 
 
-# The components a recipe gets when it names none. `-o loss.params.beta=0.1` on a recipe without a
-# `loss:` block tunes this default rather than asking for a name.
-DEFAULT_COMPONENTS = {
-    "training_mode.evaluator": "min_ce",
-    "inference_mode.generator": "hf",
-    "inference_mode.evaluator": "rm_vote",
-    "aligner": "offsets",
-    "loss": "fuse_kl",
-    "curriculum": "progressive",
-}
-
-
-def _default(path: str) -> ComponentRef:
-    return ComponentRef(name=DEFAULT_COMPONENTS[path])
+@functools.cache
+def component_fields(model: type[pydantic.BaseModel] | None = None, prefix: str = "") -> tuple[tuple[str, str, str | None, bool], ...]:
+    """``(path, kind, default name, is a list)`` of every component field of ``model`` (default: the
+    Recipe), nested models included, in field order. Models inside lists are not walked: a list of
+    components is itself the slot (``inference_mode.reward_models``)."""
+    model = model or Recipe
+    found: list[tuple[str, str, str | None, bool]] = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        slot = next((m for m in info.metadata if isinstance(m, Slot)), None)
+        if slot is not None:
+            default = info.default.name if isinstance(info.default, ComponentRef) else None
+            found.append((path, slot.kind, default, get_origin(info.annotation) is list))
+        else:  # a nested model, or an optional one (its refs count only when it is set)
+            union = get_origin(info.annotation) in (Union, types.UnionType)
+            inner = [a for a in get_args(info.annotation) if a is not type(None)] if union else [info.annotation]
+            if len(inner) == 1 and isinstance(inner[0], type) and issubclass(inner[0], pydantic.BaseModel):
+                found += component_fields(inner[0], f"{path}.")
+    return tuple(found)
 
 
 def _fill_default_names(data: Any) -> Any:
-    for path, name in DEFAULT_COMPONENTS.items():
+    """A component block without ``name:`` gets the default's: ``-o loss.params.beta=0.1`` on a
+    recipe without a ``loss:`` block tunes the default rather than asking for a name."""
+    for path, _, name, _ in component_fields():
+        if name is None:
+            continue
         *parents, last = path.split(".")
         node = data
         for part in parents:
@@ -130,13 +152,13 @@ def _fill_default_names(data: Any) -> Any:
 
 
 class TrainingModeSpec(StrictModel):
-    evaluator: ComponentRef = _default("training_mode.evaluator")
+    evaluator: Annotated[ComponentRef, Slot("evaluators")] = ComponentRef(name="min_ce")
 
 
 class InferenceModeSpec(StrictModel):
-    generator: ComponentRef = _default("inference_mode.generator")
-    reward_models: list[NamedComponentRef] = Field(default_factory=list)
-    evaluator: ComponentRef = _default("inference_mode.evaluator")
+    generator: Annotated[ComponentRef, Slot("generators")] = ComponentRef(name="hf")
+    reward_models: Annotated[list[NamedComponentRef], Slot("reward_models")] = Field(default_factory=list)
+    evaluator: Annotated[ComponentRef, Slot("evaluators")] = ComponentRef(name="rm_vote")
 
     @field_validator("reward_models")
     @classmethod
@@ -304,18 +326,6 @@ class EstimateSpec(StrictModel):
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
-COMPONENT_PATHS = [  # where a recipe names components, and their kind
-    ("data.source", "datasets"),
-    ("training_mode.evaluator", "evaluators"),
-    ("inference_mode.generator", "generators"),
-    ("inference_mode.reward_models", "reward_models"),
-    ("inference_mode.evaluator", "evaluators"),
-    ("aligner", "aligners"),
-    ("loss", "losses"),
-    ("curriculum", "curricula"),
-]
-
-
 class Recipe(StrictModel):
     """A whole fusion run. See recipes/profuser.yaml for the annotated default."""
 
@@ -328,9 +338,9 @@ class Recipe(StrictModel):
     distill: DistillSpec = DistillSpec()
     training_mode: TrainingModeSpec = TrainingModeSpec()
     inference_mode: InferenceModeSpec = InferenceModeSpec()
-    aligner: ComponentRef = _default("aligner")
-    loss: ComponentRef = _default("loss")
-    curriculum: ComponentRef = _default("curriculum")
+    aligner: Annotated[ComponentRef, Slot("aligners")] = ComponentRef(name="offsets")
+    loss: Annotated[ComponentRef, Slot("losses")] = ComponentRef(name="fuse_kl")
+    curriculum: Annotated[ComponentRef, Slot("curricula")] = ComponentRef(name="progressive")
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     runtime: RuntimeSpec = RuntimeSpec()
@@ -366,11 +376,13 @@ class Recipe(StrictModel):
     def component_refs(self) -> list[tuple[str, str, ComponentRef]]:
         """(recipe path, kind, ref) of every component the recipe names."""
         refs = []
-        for path, kind in COMPONENT_PATHS:
+        for path, kind, _, many in component_fields(type(self)):
             node: Any = self
             for part in path.split("."):
-                node = getattr(node, part)
-            refs += [(f"{path}.{i}", kind, n) for i, n in enumerate(node)] if isinstance(node, list) else [(path, kind, node)]
+                node = getattr(node, part, None)
+            if node is None:  # under an optional block the recipe leaves out
+                continue
+            refs += [(f"{path}.{i}", kind, n) for i, n in enumerate(node)] if many else [(path, kind, node)]
         return refs
 
 
@@ -485,7 +497,7 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
 def _raw_refs(data: dict) -> list[tuple[str, str, ComponentRef]]:
     """The well-formed component references of a recipe mapping that failed validation elsewhere."""
     refs = []
-    for path, kind in COMPONENT_PATHS:
+    for path, kind, _, _ in component_fields():
         node: Any = data
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -512,15 +524,12 @@ def validate_components(refs: list[tuple[str, str, ComponentRef]], registry) -> 
     return problems
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), *, registry=None) -> Recipe:
-    """Load, merge, override and validate a recipe. Raises ``RecipeError`` listing every problem."""
+def load_recipe(path: str | Path, overrides: list[str] = (), *, registry) -> Recipe:
+    """Load, merge, override and validate a recipe against ``registry`` (an ``Engine``'s: the one
+    whose plugins will run it). Raises ``RecipeError`` listing every problem."""
     file = str(path)
     data = _fill_default_names(apply_overrides(load_raw(path), list(overrides)))
     data.setdefault("name", Path(path).stem)
-    if registry is None:
-        from .plugins import get_engine
-
-        registry = get_engine().registry
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:  # report the components' problems too: every problem at once

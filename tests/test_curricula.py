@@ -207,7 +207,7 @@ def test_length_split_partitions_by_length(registry, lengths, fraction):
     ("csft", "curriculum.params.beta"),
     ("rm_split", "curriculum.params.first_beta, curriculum.params.second_beta"),
 ])
-def test_a_loss_beta_that_the_curriculum_overrides_is_refused(tmp_path, curriculum, fields):
+def test_a_loss_beta_that_the_curriculum_overrides_is_refused(tmp_path, curriculum, fields, registry):
     """Every built-in curriculum sets β per phase, so ``loss.params.beta`` would do nothing."""
     from profuser.errors import RecipeError
     from profuser.recipe import load_recipe
@@ -216,7 +216,7 @@ def test_a_loss_beta_that_the_curriculum_overrides_is_refused(tmp_path, curricul
     path.write_text(f"name: r\ntarget: {{ref: builtin:x}}\nsources: [{{ref: builtin:x}}]\ndata: {{source: builtin_tasks}}\n"
                     f"curriculum: {curriculum}\nloss: {{name: fuse_kl, params: {{beta: 0.3, temperature: 2.0}}}}\n")
     with pytest.raises(RecipeError) as err:
-        load_recipe(path)
+        load_recipe(path, registry=registry)
     lines = err.value.lines()
     assert len(lines) == 1 and "loss.params.beta" in lines[0] and fields in lines[0], lines
-    assert load_recipe(path, ["loss.params={temperature: 2.0}"]).loss.params == {"temperature": 2.0}
+    assert load_recipe(path, ["loss.params={temperature: 2.0}"], registry=registry).loss.params == {"temperature": 2.0}

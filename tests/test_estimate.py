@@ -18,7 +18,7 @@ PAPER = ROOT / "recipes" / "paper" / "profuser-7b.yaml"
 
 
 def runner_for(path, tmp_path, overrides=()):
-    return Runner(load_recipe(path, list(overrides)), get_engine(), Runtime(runs_dir=tmp_path, progress=False))
+    return Runner(load_recipe(path, list(overrides), registry=get_engine().registry), get_engine(), Runtime(runs_dir=tmp_path, progress=False))
 
 
 def test_model_sizes():
@@ -30,11 +30,11 @@ def test_model_sizes():
 
 
 def test_throughput_arithmetic_and_overrides(tmp_path):
-    recipe = load_recipe(PAPER)
+    recipe = load_recipe(PAPER, registry=get_engine().registry)
     rates = throughputs(recipe, 7e9)
     assert rates["forward"] == pytest.approx(PEAK_BF16_FLOPS["A100-80GB"] * 0.40 / (2 * 7e9))
     assert rates["train"] == pytest.approx(PEAK_BF16_FLOPS["A100-80GB"] * 0.35 / (8 * 7e9))
-    h100 = throughputs(load_recipe(PAPER, ["estimate.gpu=H100-80GB"]), 7e9)
+    h100 = throughputs(load_recipe(PAPER, ["estimate.gpu=H100-80GB"], registry=get_engine().registry), 7e9)
     assert h100["train"] > 3 * rates["train"]
     base = {s["id"]: s for s in estimate_plan(runner_for(PAPER, tmp_path))["stages"]}
     slower = {s["id"]: s for s in estimate_plan(runner_for(PAPER, tmp_path, ["estimate.throughput.train=1000"]))["stages"]}
@@ -44,8 +44,8 @@ def test_throughput_arithmetic_and_overrides(tmp_path):
 
 def test_estimate_block_is_in_no_cache_key():
     engine = get_engine()
-    keys = stage_keys(plan(load_recipe(PAPER), engine), engine)
-    other = stage_keys(plan(load_recipe(PAPER, ["estimate.response_tokens=999", "estimate.gpus=64"]), engine), engine)
+    keys = stage_keys(plan(load_recipe(PAPER, registry=get_engine().registry), engine), engine)
+    other = stage_keys(plan(load_recipe(PAPER, ["estimate.response_tokens=999", "estimate.gpus=64"], registry=get_engine().registry), engine), engine)
     assert keys == other
 
 

@@ -132,8 +132,8 @@ def test_an_unknown_run_is_one_line(tmp_path):
     assert result.exit_code == 1 and "no finished run 'nothing'" in result.output
 
 
-def test_the_card_of_the_default_recipe_names_hub_models(tmp_path):
-    recipe = load_recipe(RECIPES / "profuser.yaml")
+def test_the_card_of_the_default_recipe_names_hub_models(tmp_path, registry):
+    recipe = load_recipe(RECIPES / "profuser.yaml", registry=registry)
     evals = [{"variant": "profuser", "scores": {"profuser_heldout": 0.0625}, "fused": True,
               "config": {"profuser_heldout": {"primary_metric": "exact_match,answer"}}},
              {"variant": "smollm2", "scores": {"profuser_heldout": 0.0}, "config": {}}]

@@ -46,7 +46,7 @@ def _slerp(a: Path, b: Path, t: float, label: str = "slerp") -> dict:
 
 def _problems(path: Path) -> list[str]:
     with pytest.raises(RecipeError) as info:
-        load_recipe(path)
+        load_recipe(path, registry=get_engine().registry)
     return info.value.lines()
 
 
@@ -57,7 +57,7 @@ def _tensors(folder: Path) -> dict:
 
 
 def _run(path: Path, tmp_path: Path, until: str, lines: list | None = None) -> dict:
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, registry=get_engine().registry)
     runner = Runner(recipe, get_engine(), Runtime(runs_dir=tmp_path / "runs", device="cpu", progress=False,
                                                   cache_dir=tmp_path / "cache"),
                     until=until, echo=lambda _: None)
@@ -163,8 +163,8 @@ def test_method_settings_are_checked_at_validate_time(pair, tmp_path):
 def test_merges_change_no_other_stage_key(pair, tmp_path):
     a, b = pair
     engine = get_engine()
-    plain = load_recipe(tiny_recipe(tmp_path))  # the same folder: the same model and data paths
-    merged = load_recipe(_recipe(tmp_path, [_linear(a, b)]))
+    plain = load_recipe(tiny_recipe(tmp_path), registry=engine.registry)  # the same folder: the same model and data paths
+    merged = load_recipe(_recipe(tmp_path, [_linear(a, b)]), registry=engine.registry)
     before = stage_keys(plan(plain, engine), engine)
     after = stage_keys(plan(merged, engine), engine)
     assert {k: v for k, v in after.items() if "merge" not in k} == before
@@ -177,7 +177,7 @@ def test_without_mergekit_the_merge_stage_names_the_extra(pair, tmp_path, monkey
 
     a, b = pair
     path = _recipe(tmp_path, [_linear(a, b)])
-    load_recipe(path)  # validating needs no mergekit
+    load_recipe(path, registry=get_engine().registry)  # validating needs no mergekit
     monkeypatch.setitem(sys.modules, "mergekit", None)  # not installed
     with pytest.raises(ProfuserError) as info:
         _run(path, tmp_path, "merge")

@@ -46,8 +46,8 @@ def test_each_extends_the_paper_recipe_and_says_how_to_launch(path):
         assert load_raw(path) and "extends: profuser-7b.yaml" in text
 
 
-def test_paper_settings_are_pinned():
-    r = load_recipe(PAPER / "profuser-7b.yaml")
+def test_paper_settings_are_pinned(registry):
+    r = load_recipe(PAPER / "profuser-7b.yaml", registry=registry)
     assert [s.chat_template for s in r.sources] == ["vicuna_v1.1", "llama2_chat", "mpt_chatml"]
     assert r.target.chat_template == "vicuna_v1.1" and all(s.chat_template in CHAT_FORMATS for s in r.sources)
     assert r.data.source.params["format"] == "orca_best" and r.data.source.params["name"] == "shahules786/orca-best"
@@ -59,15 +59,15 @@ def test_paper_settings_are_pinned():
     assert r.train.distributed == "deepspeed" and r.train.precision == "bf16"
 
 
-def test_analysis_recipes():
-    ref = load_recipe(PAPER / "reference-score.yaml")
+def test_analysis_recipes(registry):
+    ref = load_recipe(PAPER / "reference-score.yaml", registry=registry)
     assert ref.inference_mode.evaluator.name == "reference" and not ref.inference_mode.reward_models
     assert ref.inference_mode.evaluator.params["bertscore_model"] == "microsoft/deberta-v2-xlarge"  # the paper's footnote 4
-    single = load_recipe(PAPER / "single-rm.yaml")
+    single = load_recipe(PAPER / "single-rm.yaml", registry=registry)
     assert [rm.key for rm in single.inference_mode.reward_models] == ["fsfairx-llama3-rm"]
     for name, other in (("one-source-llama2.yaml", "llama2-7b-chat"), ("one-source-mpt.yaml", "mpt-7b-8k-chat")):
-        assert [s.key for s in load_recipe(PAPER / name).sources] == ["vicuna-7b", other]
-    curricula = {p.stem: load_recipe(p).curriculum.name for p in RECIPES}
+        assert [s.key for s in load_recipe(PAPER / name, registry=registry).sources] == ["vicuna-7b", other]
+    curricula = {p.stem: load_recipe(p, registry=registry).curriculum.name for p in RECIPES}
     assert {curricula[k] for k in ("csft", "fuse", "simulfuse", "reversefuse", "length-split", "rm-split")} == {
         "sft_only", "training_only", "simultaneous", "reverse", "length_split", "rm_split"}
 

@@ -157,7 +157,7 @@ def test_unset_peft_and_attention_leave_dumps_and_keys_as_they_were():
     assert TrainSpec(**TrainSpec(peft=LORA).model_dump()) == TrainSpec(peft=LORA)  # round trip (stage configs)
 
 
-def test_recipes_take_peft_and_attention_and_refuse_an_unmerged_adapter_for_vllm(tmp_path):
+def test_recipes_take_peft_and_attention_and_refuse_an_unmerged_adapter_for_vllm(tmp_path, registry):
     from profuser.errors import RecipeError
     from profuser.recipe import load_recipe
 
@@ -165,14 +165,14 @@ def test_recipes_take_peft_and_attention_and_refuse_an_unmerged_adapter_for_vllm
     path.write_text("name: r\ntarget: {ref: some/target, attn_implementation: sdpa}\nsources: [{ref: other/source}]\n"
                     "data: {source: {name: builtin_tasks, params: {n: 10}}, heldout: 2}\n"
                     "train: {peft: {r: 4, target_modules: [q_proj]}}\nevaluate: {tasks: [gsm8k]}\n")
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, registry=registry)
     assert recipe.train.peft.r == 4 and recipe.train.peft.target_modules == ["q_proj"]
     assert recipe.target.attn_implementation == "sdpa"
     with pytest.raises(RecipeError, match="train.peft.merge: evaluate.backend vllm"):
-        load_recipe(path, ["evaluate.backend=vllm"])
-    assert load_recipe(path, ["evaluate.backend=vllm", "train.peft.merge=true"]).train.peft.merge
+        load_recipe(path, ["evaluate.backend=vllm"], registry=registry)
+    assert load_recipe(path, ["evaluate.backend=vllm", "train.peft.merge=true"], registry=registry).train.peft.merge
     with pytest.raises(RecipeError, match="train.peft.method"):
-        load_recipe(path, ["train.peft.method=qlora"])
+        load_recipe(path, ["train.peft.method=qlora"], registry=registry)
 
 
 def test_a_whole_tiny_run_with_lora_evaluates_the_adapter(tmp_path, monkeypatch):

@@ -162,26 +162,26 @@ def _keys(recipe, engine):
 
 def test_cache_keys_change_exactly_where_a_stage_reads(engine):
     path = REPO / "recipes" / "profuser.yaml"
-    base = _keys(load_recipe(path), engine)
+    base = _keys(load_recipe(path, registry=engine.registry), engine)
     # the loss is read by train only
-    changed = _keys(load_recipe(path, ["loss.params.temperature=1.5"]), engine)
+    changed = _keys(load_recipe(path, ["loss.params.temperature=1.5"], registry=engine.registry), engine)
     assert {k for k in base if base[k] != changed[k]} == {"train", "evaluate/fused"}
     # a runtime-like change of the top-k reaches every logits stage and everything downstream of them
-    changed = _keys(load_recipe(path, ["distill.top_k=5"]), engine)
+    changed = _keys(load_recipe(path, ["distill.top_k=5"], registry=engine.registry), engine)
     diff = {k for k in base if base[k] != changed[k]}
     assert "data" not in diff and not any(k.startswith(("generate/", "score/")) for k in diff)
     assert {"logits/training/gemma3", "select/training", "align/training/gemma3", "build/training", "train"} <= diff
     assert "select/inference" not in diff
     # one more reward model: only its own score stage is new; the others keep their keys
-    changed = _keys(load_recipe(path, ["inference_mode.reward_models.1.label=judge-clear"]), engine)
+    changed = _keys(load_recipe(path, ["inference_mode.reward_models.1.label=judge-clear"], registry=engine.registry), engine)
     assert changed["score/judge-correct"] == base["score/judge-correct"]
     assert all(changed[f"generate/{s}"] == base[f"generate/{s}"] for s in ("smollm2", "gemma3"))
 
 
 def test_ablations_share_every_stage_before_train(engine):
-    base = _keys(load_recipe(REPO / "recipes" / "profuser.yaml"), engine)
+    base = _keys(load_recipe(REPO / "recipes" / "profuser.yaml", registry=engine.registry), engine)
     for name in ("simulfuse", "reversefuse", "length-split"):
-        other = _keys(load_recipe(REPO / "recipes" / "ablations" / f"{name}.yaml"), engine)
+        other = _keys(load_recipe(REPO / "recipes" / "ablations" / f"{name}.yaml", registry=engine.registry), engine)
         shared = {k for k in base if k in other and not k.startswith(("train", "evaluate/fused"))}
         assert shared and all(base[k] == other[k] for k in shared), name
         assert base["train"] != other["train"]

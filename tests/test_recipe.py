@@ -6,11 +6,23 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Annotated
 
 import pytest
+from pydantic import Field
 
+from profuser.components import StrictModel
 from profuser.errors import RecipeError
-from profuser.recipe import apply_overrides, deep_merge, load_raw, load_recipe
+from profuser.recipe import (
+    ComponentRef,
+    Recipe,
+    Slot,
+    apply_overrides,
+    component_fields,
+    deep_merge,
+    load_raw,
+    load_recipe,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -35,13 +47,13 @@ def base(tmp_path):
     """)
 
 
-def test_extends_deep_merges_and_overrides_win(tmp_path, base):
+def test_extends_deep_merges_and_overrides_win(tmp_path, base, registry):
     child = write(tmp_path / "child.yaml", """
         extends: base.yaml
         name: child
         train: {batch_size: 4}
     """)
-    recipe = load_recipe(child, ["train.lr=3e-5", "sources.1.label=src2", "data.source.params.n=12"])
+    recipe = load_recipe(child, ["train.lr=3e-5", "sources.1.label=src2", "data.source.params.n=12"], registry=registry)
     assert recipe.name == "child"
     assert recipe.train.batch_size == 4 and recipe.train.lr == 3e-5  # merged, then overridden
     assert [s.key for s in recipe.sources] == ["target", "src2"]
@@ -62,20 +74,20 @@ def test_circular_extends(tmp_path):
         load_raw(tmp_path / "a.yaml")
 
 
-def test_schema_problems_are_listed_with_their_paths(tmp_path, base):
+def test_schema_problems_are_listed_with_their_paths(tmp_path, base, registry):
     bad = write(tmp_path / "bad.yaml", """
         extends: base.yaml
         seed: many
         train: {learning_rate: 1.0}
     """)
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_recipe(bad, registry=registry)
     problems = dict(err.value.problems)
     assert problems["train.learning_rate"] == "unknown field"
     assert "seed" in problems
 
 
-def test_component_problems_are_listed_with_their_paths(tmp_path, base):
+def test_component_problems_are_listed_with_their_paths(tmp_path, base, registry):
     bad = write(tmp_path / "bad.yaml", """
         extends: base.yaml
         curriculum: progresive
@@ -83,55 +95,55 @@ def test_component_problems_are_listed_with_their_paths(tmp_path, base):
         training_mode: {evaluator: {name: min_ce, params: {reduction: median}}}
     """)
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_recipe(bad, registry=registry)
     problems = dict(err.value.problems)
     assert "did you mean 'progressive'" in problems["curriculum.name"]
     assert "loss.params.beta" in problems
     assert "training_mode.evaluator.params.reduction" in problems
 
 
-def test_missing_data_file_is_named(tmp_path, base):
+def test_missing_data_file_is_named(tmp_path, base, registry):
     bad = write(tmp_path / "nofile.yaml", """
         extends: base.yaml
         data: {source: {name: file, params: {path: nowhere.jsonl}}}
     """)
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_recipe(bad, registry=registry)
     assert dict(err.value.problems)["data.source.params.path"] == "file not found: nowhere.jsonl"
 
 
-def test_relative_data_path_resolves_against_the_recipe(tmp_path, base):
+def test_relative_data_path_resolves_against_the_recipe(tmp_path, base, registry):
     (tmp_path / "rows.jsonl").write_text('{"question": "q", "response": "r"}\n')
     recipe = load_recipe(write(tmp_path / "rel.yaml", """
         extends: base.yaml
         data: {source: {name: file, params: {path: rows.jsonl}}}
-    """))
+    """), registry=registry)
     assert recipe.data.source.params["path"] == str(tmp_path / "rows.jsonl")
 
 
-def test_invalid_yaml_names_the_line(tmp_path):
+def test_invalid_yaml_names_the_line(tmp_path, registry):
     bad = write(tmp_path / "broken.yaml", "name: x\ntarget: [unclosed\n")
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_recipe(bad, registry=registry)
     assert "invalid YAML" in err.value.lines()[0] and "line" in err.value.lines()[0]
 
 
 def test_cli_validate_prints_path_lines_without_traceback(tmp_path, base):
     bad = write(tmp_path / "bad.yaml", "extends: base.yaml\ncurriculum: progresive\nseed: many\n")
-    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", str(bad)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", str(bad)], capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "curriculum.name" in proc.stderr and "seed" in proc.stderr and "did you mean" in proc.stderr
 
 
 def test_shipped_recipes_validate():
-    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", *RECIPES], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", *RECIPES], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ok ") == len(RECIPES) >= 11  # profuser, 6 ablations, 3 analyses, paper
 
 
-def test_override_of_a_default_component_tunes_it(tmp_path, base):
-    recipe = load_recipe(base, ["loss.params.temperature=1.5", "curriculum.params.first_epochs=2"])
+def test_override_of_a_default_component_tunes_it(tmp_path, base, registry):
+    recipe = load_recipe(base, ["loss.params.temperature=1.5", "curriculum.params.first_epochs=2"], registry=registry)
     assert recipe.loss.name == "fuse_kl" and recipe.loss.params == {"temperature": 1.5}
     assert recipe.curriculum.name == "progressive" and recipe.curriculum.params == {"first_epochs": 2}
 
@@ -144,21 +156,21 @@ def test_override_of_a_default_component_tunes_it(tmp_path, base):
     ("[base.yaml, 3]", ("extends.1", "must be a recipe file path, not 3 (int)")),
     ("{a: 1}", ("extends", "must be a recipe file or a list of them (paths relative to this file), not {'a': 1} (dict)")),
 ])
-def test_extends_that_is_not_file_paths_is_one_clear_line(tmp_path, base, extends, problem):
+def test_extends_that_is_not_file_paths_is_one_clear_line(tmp_path, base, extends, problem, registry):
     with pytest.raises(RecipeError) as err:
-        load_recipe(write(tmp_path / "bad.yaml", f"extends: {extends}\n"))
+        load_recipe(write(tmp_path / "bad.yaml", f"extends: {extends}\n"), registry=registry)
     assert err.value.problems == [problem]
 
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".", "a b", ""])
-def test_a_recipe_name_must_be_a_plain_file_name(tmp_path, base, name):
+def test_a_recipe_name_must_be_a_plain_file_name(tmp_path, base, name, registry):
     with pytest.raises(RecipeError) as err:
-        load_recipe(write(tmp_path / "bad.yaml", f"extends: base.yaml\nname: {name!r}\n"))
+        load_recipe(write(tmp_path / "bad.yaml", f"extends: base.yaml\nname: {name!r}\n"), registry=registry)
     assert [path for path, _ in err.value.problems] == ["name"]
-    assert load_recipe(write(tmp_path / "ok.yaml", "extends: base.yaml\nname: v1.2_run-3\n")).name == "v1.2_run-3"
+    assert load_recipe(write(tmp_path / "ok.yaml", "extends: base.yaml\nname: v1.2_run-3\n"), registry=registry).name == "v1.2_run-3"
 
 
-def test_local_model_refs_must_exist_and_be_complete(tmp_path, base, tiny_llama_dir):
+def test_local_model_refs_must_exist_and_be_complete(tmp_path, base, tiny_llama_dir, registry):
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()
     (incomplete / "config.json").write_text("{}")
@@ -169,7 +181,7 @@ def test_local_model_refs_must_exist_and_be_complete(tmp_path, base, tiny_llama_
         sources: [{{ref: {tiny_llama_dir}}}, {{ref: {tmp_path}/missing}}, {{ref: {incomplete}}}, {{ref: {tmp_path}/weights.bin}}]
     """)
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_recipe(bad, registry=registry)
     problems = dict(err.value.problems)
     assert sorted(problems) == ["sources.1.ref", "sources.2.ref", "sources.3.ref"]  # the tiny model is complete
     assert problems["sources.1.ref"] == f"model directory not found: {tmp_path}/missing"
@@ -178,6 +190,46 @@ def test_local_model_refs_must_exist_and_be_complete(tmp_path, base, tiny_llama_
     assert "is a file, not a model directory" in problems["sources.3.ref"]
     # the same lines from `--dry-run`, before any stage
     proc = subprocess.run([sys.executable, "-m", "profuser.cli", "run", str(bad), "--dry-run", "--runs-dir", str(tmp_path / "runs")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("error ") == 3
     assert not (tmp_path / "runs").exists()
+
+
+class Judge(StrictModel):
+    scorer: Annotated[ComponentRef, Slot("reward_models")] = ComponentRef(name="judge")
+
+
+class ExtendedRecipe(Recipe):
+    """A recipe with component fields added: nested, optional, and a list."""
+
+    judge: Judge = Judge()
+    second_judge: Judge | None = None
+    extra_losses: Annotated[list[ComponentRef], Slot("losses")] = Field(default_factory=list)
+
+
+def test_component_fields_are_walked_from_the_models_fields():
+    assert component_fields() == (
+        ("data.source", "datasets", None, False),
+        ("training_mode.evaluator", "evaluators", "min_ce", False),
+        ("inference_mode.generator", "generators", "hf", False),
+        ("inference_mode.reward_models", "reward_models", None, True),
+        ("inference_mode.evaluator", "evaluators", "rm_vote", False),
+        ("aligner", "aligners", "offsets", False),
+        ("loss", "losses", "fuse_kl", False),
+        ("curriculum", "curricula", "progressive", False),
+    )
+    assert component_fields(ExtendedRecipe) == (*component_fields(), ("judge.scorer", "reward_models", "judge", False),
+                                                ("second_judge.scorer", "reward_models", "judge", False),
+                                                ("extra_losses", "losses", None, True))
+    recipe = ExtendedRecipe(name="x", target={"ref": "a/b"}, sources=[{"ref": "a/b"}],
+                            data={"source": "builtin_tasks"}, extra_losses=["sft", "fuse_kl"])
+    refs = [(path, kind, ref.name) for path, kind, ref in recipe.component_refs()]
+    assert refs[-3:] == [("judge.scorer", "reward_models", "judge"), ("extra_losses.0", "losses", "sft"),
+                         ("extra_losses.1", "losses", "fuse_kl")]  # the unset optional block names none
+
+
+def test_a_default_components_params_alone_keep_its_name(tmp_path, base, registry):
+    recipe = load_recipe(base, ["training_mode.evaluator.params={}", "inference_mode.generator.params.max_new_tokens=8"],
+                         registry=registry)
+    assert recipe.training_mode.evaluator.name == "min_ce" and recipe.inference_mode.generator.name == "hf"
+    assert recipe.inference_mode.generator.params == {"max_new_tokens": 8}

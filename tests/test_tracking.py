@@ -86,17 +86,17 @@ def hide(monkeypatch, *packages: str) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name in packages else real(name, *a, **k))
 
 
-def test_a_missing_tracker_is_one_line_at_validate_time(tmp_path, monkeypatch):
+def test_a_missing_tracker_is_one_line_at_validate_time(tmp_path, monkeypatch, registry):
     hide(monkeypatch, "wandb")
     path = tiny_recipe(tmp_path, **{"train.report_to": ["tensorboard", "wandb"]})
     with pytest.raises(RecipeError) as info:
-        load_recipe(path)
+        load_recipe(path, registry=registry)
     assert info.value.lines() == [(f"{path}: train.report_to.1: wandb is not installed: pip install wandb "
                                   "(or remove it from train.report_to)")]
     with pytest.raises(RecipeError, match="train.report_to.0: Input should be 'tensorboard'"):
-        load_recipe(tiny_recipe(tmp_path, **{"train.report_to": ["tensorbord"]}))
+        load_recipe(tiny_recipe(tmp_path, **{"train.report_to": ["tensorbord"]}), registry=registry)
     with pytest.raises(RecipeError, match="trackers listed twice: tensorboard"):
-        load_recipe(tiny_recipe(tmp_path, **{"train.report_to": ["tensorboard", "tensorboard"]}))
+        load_recipe(tiny_recipe(tmp_path, **{"train.report_to": ["tensorboard", "tensorboard"]}), registry=registry)
 
 
 def test_a_missing_tracker_stops_training_before_the_model_loads(tmp_path, examples, registry, monkeypatch):

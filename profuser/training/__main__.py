@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ProfuserError
-from ..plugins import get_engine
+from ..plugins import Engine
 from ..recipe import TrainSpec
 from .trainer import train
 
@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        registry = Engine().registry  # this entry point is an edge: its one engine, built here
         model = json.loads(args.model) if args.model.lstrip().startswith("{") else args.model
         examples = dict(item.split("=", 1) for item in args.examples)
         train_fields = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.train)}
-        registry = get_engine().registry
         loss = registry.build("losses", args.loss, json.loads(args.loss_params))
         curriculum = registry.build("curricula", args.curriculum, json.loads(args.curriculum_params))
         target_reward = json.loads(args.target_reward.read_text()) if args.target_reward else None
