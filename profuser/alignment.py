@@ -534,19 +534,19 @@ def dataset_responses(path: Path) -> list[str]:
 
 
 def align_report(source_spec: Any, target_spec: Any, texts: Iterable[str] | str | Path, aligner_name: str = "offsets",
-                 *, cache_dir: str | Path | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
+                 *, engine: Any, cache_dir: str | Path | None = None, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Align ``texts`` (strings, or a dataset file whose responses are used) between two models'
     tokenizers and report speed and category shares. ``tokens_per_second`` counts target tokens
-    over the aligner's own time (tokenisation excluded, reported apart)."""
+    over the aligner's own time (tokenisation excluded, reported apart). ``engine``
+    (``profuser.plugins.Engine``) builds the aligner and resolves ``builtin:`` models."""
     from .models import load_tokenizer
-    from .plugins import get_engine
 
     if isinstance(texts, (str, Path)):
         texts = dataset_responses(Path(texts))
     texts = list(texts)
-    aligner = get_engine().registry.build("aligners", aligner_name, params or {})
-    source_tok = load_tokenizer(source_spec, cache_dir=cache_dir)
-    target_tok = load_tokenizer(target_spec, cache_dir=cache_dir)
+    aligner = engine.registry.build("aligners", aligner_name, params or {})
+    source_tok = load_tokenizer(source_spec, cache_dir=cache_dir, engine=engine)
+    target_tok = load_tokenizer(target_spec, cache_dir=cache_dir, engine=engine)
     vmap = vocab_map(source_tok, target_tok, cache_dir=cache_dir)
     t0 = time.perf_counter()
     pairs = [(tokenize(target_tok, t), tokenize(source_tok, t)) for t in texts]

@@ -1,5 +1,6 @@
 """Artifact I/O that several stages share: streamed reads of parquet files, list columns, atomic
-table writes with their stats, shards split across the ranks of a launch, and the ignore index.
+table writes with their stats, shards split across the ranks of a launch, selection reads, and
+the ignore index.
 
 Stages import from here, never from each other.
 """
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -149,3 +151,39 @@ def read_samples(path: Path, ids: list[str] | None = None) -> dict[str, list[str
     table = pq.read_table(path, columns=["id", column])
     values = table[column].to_pylist()
     return dict(zip(table["id"].to_pylist(), values if column == "responses" else [[v] for v in values]))
+
+
+SELECTION_FILE = "selection.parquet"  # what a select stage writes
+
+
+@dataclass(frozen=True)
+class Selected:
+    """One example's row of a ``selection.parquet``."""
+
+    chosen: str  # the advantaged source's key
+    sample: int = 0  # which of its samples won (n > 1 samples per prompt; else 0)
+    # with ``scores=True`` (JSON decoded; None where the file has no such column):
+    scores: dict[str, Any] | None = None  # the evaluator's own scores per source
+    detail: dict[str, Any] | None = None
+    rm_scores: dict[str, dict[str, float]] | None = None  # {rm: {source: raw score}}, strongest first
+
+
+def read_selection(path: Path, *, scores: bool = False) -> dict[str, Selected]:
+    """id -> ``Selected`` of a select stage's artifact (its directory, or the file itself), in the
+    file's order (the data's). The score columns are read and decoded only with ``scores``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SELECTION_FILE
+    if not path.is_file():
+        raise DataError("selection file not found", where=str(path))
+    names = pq.read_schema(path).names
+    columns = ["id", "chosen", *(c for c in ("sample", *(("scores", "detail", "rm_scores") if scores else ()))
+                                 if c in names)]
+    table = pq.read_table(path, columns=columns)
+    ids, chosen = table["id"].to_pylist(), table["chosen"].to_pylist()
+    samples = table["sample"].to_pylist() if "sample" in names else [0] * len(ids)
+    decoded = {c: [json.loads(v or "{}") for v in table[c].to_pylist()] if c in columns else [None] * len(ids)
+               for c in ("scores", "detail", "rm_scores")}
+    del table
+    return {i: Selected(c, j, s, d, r) for i, c, j, s, d, r in
+            zip(ids, chosen, samples, decoded["scores"], decoded["detail"], decoded["rm_scores"])}

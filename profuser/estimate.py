@@ -241,7 +241,7 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
         if stage.kind == "data":
             rows.append(_row(stage, cached, disk_gb=_gb((n + sizes.heldout) * (p + r) * TEXT_BYTES_PER_TOKEN)))
         elif stage.kind == "generate":
-            spec = cfg["model"]
+            spec = cfg.model
             params, _ = model_size(spec["ref"])
             gen = recipe.inference_mode.generator
             cls = engine.registry.get("generators", gen.name).cls
@@ -259,21 +259,21 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
                              gpus=used, gpu_memory_gb=_gb(memory), disk_gb=_gb(n * g * TEXT_BYTES_PER_TOKEN),
                              note=f"{n:,} prompts x {g:.0f} new tokens (prefill not counted)"))
         elif stage.kind == "score":
-            rm = cfg["reward_model"]
-            ref = rm["params"].get("model")
+            rm = cfg.reward_model
+            ref = rm.params.get("model")
             params, vocab = model_size(ref)
-            cls = engine.registry.get("reward_models", rm["name"]).cls
-            batch = int(rm["params"].get("batch_size", 8))
-            length = min(p + g, int(rm["params"].get("max_length", 2048)))
+            cls = engine.registry.get("reward_models", rm.name).cls
+            batch = int(rm.params.get("batch_size", 8))
+            length = min(p + g, int(rm.params.get("max_length", 2048)))
             memory = (params or 0) * 2 + _activation_bytes(params, batch, length)
             rows.append(_row(stage, cached, tokens=round(n * n_sources * length), throughput=throughputs(recipe, params)["forward"],
                              throughput_source=THROUGHPUT_SOURCES["forward"], gpus=gpus if getattr(cls, "data_parallel", True) else 1,
                              gpu_memory_gb=_gb(memory), disk_gb=0.0,
                              note=f"{n:,} x {n_sources} answers scored" + ("" if params else "; model size unknown")))
         elif stage.kind == "logits":
-            spec = cfg["model"]
+            spec = cfg.model
             params, vocab = model_size(spec["ref"])
-            inference = cfg["mode"] == "inference"
+            inference = cfg.mode == "inference"
             count = n / n_sources if inference else n  # inference mode: only the examples this source won
             response = g if inference else r
             length = min(p + response, distill.max_length)
@@ -285,12 +285,12 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
                              disk_gb=_gb(count * response * BYTES_PER_TOKEN),
                              note=f"{count:,.0f} examples" + (" (its share of the wins, ≈ 1/sources)" if inference else "")))
         elif stage.kind == "align":
-            inference = cfg["mode"] == "inference"
+            inference = cfg.mode == "inference"
             count = n / n_sources
             rows.append(_row(stage, cached, disk_gb=_gb(count * (g if inference else r) * BUILD_BYTES_PER_TOKEN),
                              note="CPU"))
         elif stage.kind == "build":
-            response = g if cfg["mode"] == "inference" else r
+            response = g if cfg.mode == "inference" else r
             rows.append(_row(stage, cached, disk_gb=_gb(n * min(p + response, recipe.train.max_length) * BUILD_BYTES_PER_TOKEN),
                              note="CPU"))
         elif stage.kind == "select":
@@ -353,7 +353,7 @@ def _train_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
 
 def _evaluate_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
     recipe = runner.recipe
-    spec = stage.config["model"] or recipe.target.identity()
+    spec = stage.config.model or recipe.target.identity()
     params, _ = model_size(spec["ref"])
     rates = throughputs(recipe, params)
     seconds, tokens, unknown = 0.0, 0, []

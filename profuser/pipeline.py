@@ -26,6 +26,7 @@ from .errors import ProfuserError, RecipeError
 from .plugins import Engine
 from .recipe import Recipe, TrainSpec
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
+from .stages import StageConfig
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
 
 STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate", "merge")
@@ -38,13 +39,23 @@ MODEL_STAGE_KINDS = frozenset({"generate", "score", "logits", "train", "evaluate
 class Stage:
     id: str  # e.g. "logits/training/gemma3-270m"
     kind: str  # one of STAGE_KINDS: the module profuser.stages.<kind> runs it
-    config: dict[str, Any]  # the recipe slice the stage reads: exactly what is hashed
-    deps: dict[str, str] = field(default_factory=dict)  # role -> upstream stage id
+    # what the stage reads: its module's ``Config`` (a mapping given is validated into it; a module
+    # without one, a test's or plugin's own stage, keeps its mapping), hashed into the key
+    config: StageConfig | dict[str, Any]
+    deps: dict[str, str] = field(default_factory=dict)  # input role -> upstream stage id
     components: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) it builds
     module: str = ""  # the module with run() and VERSION; default profuser.stages.<kind>
 
+    def __post_init__(self):
+        if isinstance(self.config, dict) and (config_cls := getattr(self.code(), "Config", None)) is not None:
+            self.config = config_cls.model_validate(self.config)
+
     def code(self):
         return importlib.import_module(self.module or f"profuser.stages.{self.kind}")
+
+    def hashed_config(self) -> dict[str, Any]:
+        """The config as its cache key and manifest hold it."""
+        return self.config.hashed() if isinstance(self.config, StageConfig) else self.config
 
 
 @dataclass
@@ -52,24 +63,23 @@ class StageContext:
     """What a stage function gets. It writes its files under ``out`` and returns its metrics."""
 
     stage: Stage
-    inputs: dict[str, Path]  # role -> finished artifact directory of an upstream stage
+    inputs: dict[str, Path]  # input role -> finished artifact directory of an upstream stage
     out: Path  # the partial directory; sealed and renamed when the stage returns
     runtime: Runtime
     engine: Engine
-    recipe: Recipe
     # where log_metrics goes besides this process's observers (a stage worker forwards to the runner)
     metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
 
     @property
-    def config(self) -> dict[str, Any]:
+    def config(self) -> Any:
         return self.stage.config
 
-    def build(self, kind: str, ref: dict[str, Any]):
-        """Instantiate the component a config entry names (``{"name": ..., "params": {...}}``),
-        with this run's runtime attached (device, cache dir, progress: never part of a key)."""
-        component = self.engine.registry.build(kind, ref["name"], ref.get("params") or {})
-        component.runtime = self.runtime
-        return component
+    def build(self, kind: str, ref: Any):
+        """Instantiate the component a config names (a ``Ref``, or ``{"name": ..., "params": {...}}``)
+        with this run's runtime (device, cache dir, progress, the engine: never part of a key)."""
+        name, params = (ref["name"], ref.get("params")) if isinstance(ref, dict) else (ref.name, ref.params)
+        runtime = self.runtime if self.runtime.engine is self.engine else replace(self.runtime, engine=self.engine)
+        return self.engine.registry.build(kind, name, params or {}, runtime=runtime)
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         if self.metrics_sink is not None:
@@ -82,21 +92,21 @@ class StageContext:
 
 
 def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
-    """The stages of a recipe, upstream first."""
+    """The stages of a recipe, upstream first. Each stage's config is its module's ``Config``;
+    each input role is named by the consuming module (``build.align_role(k)``)."""
+    # here, not at the top: importing the pipeline stays light (build imports the trainer, torch)
+    from .stages import Ref, align, build, data, evaluate, generate, logits, merge, score, select, train
+
     registry = engine.registry
     # an instance: a curriculum that composes another (layerwise) takes that one's modes
     curriculum = registry.build("curricula", recipe.curriculum.name, recipe.curriculum.params)
     modes = [m for m in MODES if m in curriculum.modes]
     target = recipe.target.identity()
     source_keys = [s.key for s in recipe.sources]
-    ref = lambda r: r.model_dump(exclude={"label"})
-    data_config = {"data": recipe.data.model_dump(), "files": _data_fingerprint(recipe.data.source.params.get("path"))}
-    stages: list[Stage] = [Stage("data", "data", data_config, components=[("datasets", recipe.data.source.name)])]
-    distill = recipe.distill.model_dump()
+    stages: list[Stage] = [Stage("data", "data", data.Config(data=recipe.data, files=_data_fingerprint(recipe.data.source.params.get("path"))),
+                                 components=[("datasets", recipe.data.source.name)])]
     if recipe.merges:  # merge baselines need nothing upstream: first, so bad models stop the run early
-        from .stages.merge import stage_config
-
-        stages += [Stage(f"merge/{m.key}", "merge", stage_config(m, recipe.seed)) for m in recipe.merges]
+        stages += [Stage(f"merge/{m.key}", "merge", merge.stage_config(m, recipe.seed)) for m in recipe.merges]
 
     if "inference" in modes:
         im = recipe.inference_mode
@@ -105,26 +115,28 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
             raise RecipeError([("inference_mode.evaluator.name", f"{im.evaluator.name!r} evaluates the {evaluator.mode} mode")])
         for src in recipe.sources:
             stages.append(Stage(f"generate/{src.key}", "generate",
-                                {"model": src.identity(), "generator": ref(im.generator), "seed": recipe.seed},
-                                {"data": "data"}, [("generators", im.generator.name)]))
-        generated = {f"generate/{k}": f"generate/{k}" for k in source_keys}
-        select_deps = {"data": "data", **generated}
-        if "scores" in evaluator.needs:
+                                generate.Config(model=src.identity(), generator=Ref.of(im.generator), seed=recipe.seed),
+                                {generate.DATA: "data"}, [("generators", im.generator.name)]))
+        uses_scores = "scores" in evaluator.needs
+        select_deps = {select.DATA: "data", **{select.generations_role(k): f"generate/{k}" for k in source_keys}}
+        if uses_scores:
             if not im.reward_models:
                 raise RecipeError([("inference_mode.reward_models",
                                     f"the evaluator {im.evaluator.name!r} needs at least one reward model")])
             for rm in im.reward_models:
-                stages.append(Stage(f"score/{rm.key}", "score", {"reward_model": ref(rm), "sources": source_keys},
-                                    {"data": "data", **generated}, [("reward_models", rm.name)]))
-                select_deps[f"score/{rm.key}"] = f"score/{rm.key}"
+                stages.append(Stage(f"score/{rm.key}", "score", score.Config(reward_model=Ref.of(rm), sources=source_keys),
+                                    {score.DATA: "data", **{score.generations_role(k): f"generate/{k}" for k in source_keys}},
+                                    [("reward_models", rm.name)]))
+                select_deps[select.scores_role(rm.key)] = f"score/{rm.key}"
         stages.append(Stage("select/inference", "select",
-                            {"mode": "inference", "evaluator": ref(im.evaluator), "sources": source_keys,
-                             "reward_models": [rm.key for rm in im.reward_models] if "scores" in evaluator.needs else []},
+                            select.Config(mode="inference", evaluator=Ref.of(im.evaluator), sources=source_keys,
+                                          reward_models=[rm.key for rm in im.reward_models] if uses_scores else []),
                             select_deps, [("evaluators", im.evaluator.name)]))
         for src in recipe.sources:
             stages.append(Stage(f"logits/inference/{src.key}", "logits",
-                                {"mode": "inference", "model": src.identity(), "source": src.key, "distill": distill},
-                                {"data": "data", "generate": f"generate/{src.key}", "select": "select/inference"}))
+                                logits.Config(mode="inference", model=src.identity(), source=src.key, distill=recipe.distill),
+                                {logits.DATA: "data", logits.GENERATIONS: f"generate/{src.key}",
+                                 logits.SELECTION: "select/inference"}))
 
     if "training" in modes:
         tm = recipe.training_mode
@@ -133,11 +145,11 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
             raise RecipeError([("training_mode.evaluator.name", f"{tm.evaluator.name!r} evaluates the {evaluator.mode} mode")])
         for src in recipe.sources:
             stages.append(Stage(f"logits/training/{src.key}", "logits",
-                                {"mode": "training", "model": src.identity(), "source": src.key, "distill": distill},
-                                {"data": "data"}))
+                                logits.Config(mode="training", model=src.identity(), source=src.key, distill=recipe.distill),
+                                {logits.DATA: "data"}))
         stages.append(Stage("select/training", "select",
-                            {"mode": "training", "evaluator": ref(tm.evaluator), "sources": source_keys, "reward_models": []},
-                            {"data": "data", **{f"logits/{k}": f"logits/training/{k}" for k in source_keys}},
+                            select.Config(mode="training", evaluator=Ref.of(tm.evaluator), sources=source_keys, reward_models=[]),
+                            {select.DATA: "data", **{select.logits_role(k): f"logits/training/{k}" for k in source_keys}},
                             [("evaluators", tm.evaluator.name)]))
 
     loss = registry.get("losses", recipe.loss.name).cls
@@ -147,43 +159,41 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                                           "(docs/summary-variant.md)"))])
     for mode in modes:
         for src in recipe.sources:
-            align_config = {"mode": mode, "aligner": ref(recipe.aligner), "target": target, "source": src.identity(),
-                            "source_key": src.key, "max_length": recipe.train.max_length}
-            if "teacher_logz" in loss.needs:  # only then: other keys stay as they were
-                align_config["columns"] = ["teacher_logz"]
-            stages.append(Stage(f"align/{mode}/{src.key}", "align", align_config,
-                                {"logits": f"logits/{mode}/{src.key}", "select": f"select/{mode}", "data": "data"},
+            stages.append(Stage(f"align/{mode}/{src.key}", "align",
+                                align.Config(mode=mode, aligner=Ref.of(recipe.aligner), target=target, source=src.identity(),
+                                             source_key=src.key, max_length=recipe.train.max_length,
+                                             columns=sorted(set(loss.needs) & set(align.EXTRA_COLUMNS))),
+                                {align.LOGITS: f"logits/{mode}/{src.key}", align.SELECTION: f"select/{mode}", align.DATA: "data"},
                                 [("aligners", recipe.aligner.name)]))
-        build_config = {"mode": mode, "target": target, "max_length": recipe.train.max_length, "sources": source_keys}
-        if columns := sorted(set(loss.needs) & {"source", "category", "teacher_logz"}):  # only then: keys as before
-            build_config["columns"] = columns
-        stages.append(Stage(f"build/{mode}", "build", build_config,
-                            {"data": "data", "select": f"select/{mode}",
-                             **{f"align/{k}": f"align/{mode}/{k}" for k in source_keys}}))
+        stages.append(Stage(f"build/{mode}", "build",
+                            build.Config(mode=mode, target=target, max_length=recipe.train.max_length, sources=source_keys,
+                                         columns=sorted(set(loss.needs) & set(build.EXTRA_COLUMNS))),
+                            {build.DATA: "data", build.SELECTION: f"select/{mode}",
+                             **{build.align_role(k): f"align/{mode}/{k}" for k in source_keys}}))
 
-    train_deps = {f"build/{m}": f"build/{m}" for m in modes}
+    train_deps = {train.build_role(m): f"build/{m}" for m in modes}
     if "inference" in modes:
-        train_deps["select/inference"] = "select/inference"
+        train_deps[train.SELECTION] = "select/inference"
     stages.append(Stage("train", "train",
-                        {"target": target, "target_key": recipe.target.key, "loss": ref(recipe.loss),
-                         "curriculum": ref(recipe.curriculum), "train": recipe.train.model_dump(exclude=TrainSpec.NOT_HASHED), "recipe_name": recipe.name,
-                         "sources": source_keys, "card_recipe": card_recipe(recipe)},
+                        train.Config(target=target, target_key=recipe.target.key, loss=Ref.of(recipe.loss),
+                                     curriculum=Ref.of(recipe.curriculum), train=recipe.train, recipe_name=recipe.name,
+                                     sources=source_keys, card_recipe=card_recipe(recipe)),
                         train_deps, [("losses", recipe.loss.name), ("curricula", recipe.curriculum.name)]))
 
     if recipe.evaluate.tasks:
-        evaluation = recipe.evaluate.model_dump(exclude={"baselines"})
-        stages.append(Stage("evaluate/fused", "evaluate", {"model": None, "label": "fused", "evaluate": evaluation},
-                            {"model": "train", "data": "data"}))
+        stages.append(Stage("evaluate/fused", "evaluate",
+                            evaluate.Config(model=None, label="fused", evaluate=recipe.evaluate),
+                            {evaluate.MODEL: "train", evaluate.DATA: "data"}))
         if recipe.evaluate.baselines:
             baselines = {recipe.target.key: recipe.target, **{s.key: s for s in recipe.sources}}
             for key, spec in baselines.items():
                 stages.append(Stage(f"evaluate/{key}", "evaluate",
-                                    {"model": spec.identity(), "label": key, "evaluate": evaluation},
-                                    {"data": "data"}))
+                                    evaluate.Config(model=spec.identity(), label=key, evaluate=recipe.evaluate),
+                                    {evaluate.DATA: "data"}))
         for m in recipe.merges:  # evaluated whatever evaluate.baselines says: the recipe asks for them
             stages.append(Stage(f"evaluate/merge/{m.key}", "evaluate",
-                                {"model": None, "label": f"{m.key} (merge)", "evaluate": evaluation},
-                                {"model": f"merge/{m.key}", "data": "data"}))
+                                evaluate.Config(model=None, label=f"{m.key} (merge)", evaluate=recipe.evaluate),
+                                {evaluate.MODEL: f"merge/{m.key}", evaluate.DATA: "data"}))
     return stages
 
 
@@ -216,7 +226,7 @@ def stage_keys(stages: list[Stage], engine: Engine) -> dict[str, str]:
             versions[f"{kind}:{name}"] = f"{info.cls.__module__}.{info.cls.__qualname__}@{engine.plugins[info.plugin].version}"
         keys[stage.id] = stable_hash({
             "kind": stage.kind,
-            "config": stage.config,
+            "config": stage.hashed_config(),
             "deps": {role: keys[dep] for role, dep in sorted(stage.deps.items())},
             "versions": versions,
         })[:20]
@@ -270,7 +280,7 @@ class Runner:
         self.engine = engine
         if runtime.isolate_stages == "auto" and recipe.runtime.isolate_stages != "auto":
             runtime = replace(runtime, isolate_stages=recipe.runtime.isolate_stages)  # the recipe asks
-        self.runtime = runtime
+        self.runtime = replace(runtime, engine=engine)  # components resolve builtin: models with it
         self.store = ArtifactStore(runtime.runs_dir, on_corrupt=lambda path, why: echo(
             f"[corrupt] {path}: {why}; moved aside, it will be recomputed"))
         self.stages = stages if stages is not None else plan(recipe, engine)
@@ -364,9 +374,9 @@ class Runner:
             def forward(step: int, metrics: dict[str, Any]) -> None:
                 self.engine.hook.profuser_metrics_logged(stage_id=stage.id, step=step, metrics=metrics)
 
-            metrics = run_stage_in_worker(stage, inputs, out, self.runtime, self.recipe, self.engine, forward)
+            metrics = run_stage_in_worker(stage, inputs, out, self.runtime, self.engine, forward)
         else:
-            ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine, recipe=self.recipe)
+            ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine)
             try:
                 metrics = stage.code().run(ctx) or {}
             finally:
@@ -387,7 +397,7 @@ class Runner:
             shutil.rmtree(checkins)
         artifact: Artifact = self.store.commit(stage.kind, key, {
             "stage_id": stage.id,
-            "config": stage.config,
+            "config": stage.hashed_config(),
             "inputs": {role: results[dep].key for role, dep in stage.deps.items()},
             "seconds": seconds,
             "metrics": metrics,

@@ -35,6 +35,7 @@ class ComponentInfo:
     cls: type[Component]
     plugin: str
     aliases: tuple[str, ...] = ()
+    registry: Registry | None = field(default=None, repr=False, compare=False)  # the one it is in
 
     def params_schema(self) -> dict[str, Any]:
         return self.cls.Params.model_json_schema()
@@ -42,7 +43,7 @@ class ComponentInfo:
     def params_problems(self, params: dict[str, Any]) -> list[tuple[str, str]]:
         """``(dotted.field, message)`` for each problem of ``params`` under this component's
         ``Params``; an unknown field gets the closest known one."""
-        return params_problems(self.cls.Params, params)
+        return params_problems(self.cls.Params, params, context=validation_context(self.registry))
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Registry:
                     f"{kind} name {label!r} is registered by both plugin {owner.plugin!r} and plugin {plugin!r}",
                     where=f"plugin {plugin}",
                 )
-        info = ComponentInfo(kind=kind, name=name, cls=cls, plugin=plugin, aliases=aliases)
+        info = ComponentInfo(kind=kind, name=name, cls=cls, plugin=plugin, aliases=aliases, registry=self)
         self._by_kind[kind][name] = info
         for alias in aliases:
             self._aliases[kind][alias] = name
@@ -106,8 +107,23 @@ class Registry:
             raise PluginError(message)
         return info
 
-    def build(self, kind: str, name: str, params: dict[str, Any] | None = None) -> Component:
-        return self.get(kind, name).cls(params or {})
+    def build(self, kind: str, name: str, params: dict[str, Any] | BaseModel | None = None, *, runtime: Any = None) -> Component:
+        """An instance of the component ``name`` with ``params``, validated with this registry in
+        the validation context (``validation_context``: a component composing another finds it
+        here), and ``runtime`` (``profuser.runtime.Runtime``) as its ``runtime`` attribute from
+        the start, so that its ``__init__`` may read it too; any ``__init__(self, params)`` works."""
+        cls = self.get(kind, name).cls
+        params = cls.Params.model_validate(params or {}, context=validation_context(self))
+        component = cls.__new__(cls)
+        component.runtime = runtime
+        component.__init__(params)
+        return component
+
+
+def validation_context(registry: Registry | None) -> dict[str, Any]:
+    """The pydantic validation context of a component's ``Params``: ``{"registry": registry}``
+    (a validator reads it as ``info.context["registry"]``)."""
+    return {"registry": registry} if registry is not None else {}
 
 
 def _check_needs(cls: type, name: str, plugin: str) -> None:
@@ -131,11 +147,11 @@ def _check_names(component: str, needs: Any, valid: Iterable[str], provider: str
                           f"provide (valid: {', '.join(valid)})", where=f"plugin {plugin}")
 
 
-def params_problems(model: type[BaseModel], data: dict[str, Any]) -> list[tuple[str, str]]:
-    """Validate ``data`` with ``model``: ``(dotted.path, message)`` per problem, "unknown field;
-    did you mean X?" when a known field of that (possibly nested) model is close."""
+def params_problems(model: type[BaseModel], data: dict[str, Any], context: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """Validate ``data`` with ``model`` (and ``context``): ``(dotted.path, message)`` per problem,
+    "unknown field; did you mean X?" when a known field of that (possibly nested) model is close."""
     try:
-        model.model_validate(data)
+        model.model_validate(data, context=context)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

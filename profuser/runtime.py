@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +25,12 @@ class Runtime:
     # run each stage that loads a model in its own spawned process (profuser.workers): "auto" = when
     # CUDA is visible, so that whatever a library leaks on the GPU is gone before the next stage
     isolate_stages: IsolateStages = "auto"
+    # the plugin engine whose registry resolves ``builtin:`` models (load_model's engine=); set by
+    # the runner, never pickled: a stage worker attaches the engine it rebuilt
+    engine: Any = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "engine"}
 
     def torch_device(self) -> str:
         if self.device != "auto":
@@ -54,7 +60,8 @@ def cuda_visible() -> bool:
 
 
 def runtime_of(component) -> Runtime:
-    """The runtime a stage attached to a component, or the defaults when used on its own."""
+    """The runtime a component was built with (``Registry.build(..., runtime=)``), or the
+    defaults when it was made on its own."""
     return getattr(component, "runtime", None) or Runtime()
 
 

@@ -29,13 +29,13 @@ from .errors import ProfuserError
 Metrics = dict[str, Any]
 
 
-def run_stage_in_worker(stage, inputs: dict[str, Path], out: Path, runtime, recipe, engine,
+def run_stage_in_worker(stage, inputs: dict[str, Path], out: Path, runtime, engine,
                         on_metrics: Callable[[int, Metrics], None]) -> Metrics:
     """Run ``stage`` in a fresh spawned process and return its metrics (or raise its error)."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    payload = {"stage": stage, "inputs": inputs, "out": out, "runtime": runtime, "recipe": recipe,
-               "engine": engine_spec(engine)}
+    # the stage (its typed Config), paths and the runtime pickle; the engine is rebuilt from its spec
+    payload = {"stage": stage, "inputs": inputs, "out": out, "runtime": runtime, "engine": engine_spec(engine)}
     process = context.Process(target=_worker_main, args=(payload, sender), name=f"profuser-{stage.id}", daemon=False)
     process.start()
     sender.close()  # the child holds the only writing end: EOF here means it is gone
@@ -82,13 +82,15 @@ def _describe_exit(code: int | None) -> str:
 
 
 def _worker_main(payload: dict, sender) -> None:
+    from dataclasses import replace
+
     from .pipeline import StageContext
 
     try:
         engine = rebuild_engine(payload["engine"])
         stage = payload["stage"]
-        ctx = StageContext(stage=stage, inputs=payload["inputs"], out=payload["out"], runtime=payload["runtime"],
-                           engine=engine, recipe=payload["recipe"],
+        ctx = StageContext(stage=stage, inputs=payload["inputs"], out=payload["out"],
+                           runtime=replace(payload["runtime"], engine=engine), engine=engine,
                            metrics_sink=lambda step, metrics: sender.send(("metrics", step, metrics)))
         metrics = stage.code().run(ctx) or {}
         sender.send(("done", metrics))

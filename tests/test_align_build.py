@@ -87,7 +87,7 @@ def context(setup, kind, stage_id, config, inputs, out_name) -> StageContext:
     out.mkdir()
     return StageContext(stage=Stage(stage_id, kind, config, {}), inputs=inputs, out=out,
                         runtime=Runtime(progress=False, device="cpu", cache_dir=setup["tmp"] / "cache"),
-                        engine=setup["engine"], recipe=None)
+                        engine=setup["engine"])
 
 
 def run_align(setup, source, logits, *, mode="training", aligner="offsets", max_length=MAX_LENGTH, params=None):
@@ -219,12 +219,12 @@ def test_align_report_on_texts_and_on_a_dataset_file(tmp_path, tiny_llama_dir, t
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps({"instruction": r.instruction, "input": "", "output": r.response})
                               for r in RECORDS), encoding="utf-8")
-    report = align_report(gemma, llama, path, "offsets", cache_dir=tmp_path / "cache")
+    report = align_report(gemma, llama, path, "offsets", engine=Engine(entrypoints=False), cache_dir=tmp_path / "cache")
     assert report["texts"] == len(RECORDS) and report["tokens_per_second"] > 0
     shares = ("exact_share", "one_to_many_share", "many_to_one_share", "soft_share", "fallback_share")
     assert sum(report[k] for k in shares) == pytest.approx(1.0)
     assert 0.3 < report["exact_share"] < 1.0
-    same = align_report(llama, llama, [r.response for r in RECORDS], "dtw", cache_dir=tmp_path / "cache")
+    same = align_report(llama, llama, [r.response for r in RECORDS], "dtw", engine=Engine(entrypoints=False), cache_dir=tmp_path / "cache")
     assert same["exact_share"] == 1.0 and same["target_tokens"] == same["source_tokens"]
 
 

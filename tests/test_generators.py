@@ -306,7 +306,7 @@ def stage_ctx(tmp_path, model_dir, out_name="out"):
     out.mkdir(exist_ok=True)
     stage = Stage("generate/tiny", "generate", config, {"data": "data"})
     return StageContext(stage=stage, inputs={"data": data}, out=out, runtime=Runtime(device="cpu", progress=False),
-                        engine=get_engine(), recipe=None)
+                        engine=get_engine())
 
 
 def test_generate_stage_writes_generations_and_resumes_by_shard(tmp_path, tiny_llama_dir, monkeypatch):

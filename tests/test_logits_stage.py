@@ -42,7 +42,7 @@ def make_ctx(tmp_path, model_dir, *, mode="training", source="src", records=RECO
     return StageContext(stage=Stage(f"logits/{mode}/{source}", "logits", config, {"data": "data"}),
                         inputs={"data": data, **(inputs or {})}, out=out,
                         runtime=Runtime(progress=False, device="cpu", cache_dir=tmp_path / "cache"),
-                        engine=get_engine(), recipe=None)
+                        engine=get_engine())
 
 
 def direct(model, tokenizer, record_or_pair, max_length=256):

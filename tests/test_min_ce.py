@@ -155,7 +155,7 @@ def test_the_select_stage_reads_token_nlls_of_truncated_examples_and_counts_them
     out.mkdir()
     config = {"mode": "training", "evaluator": {"name": "min_ce", "params": {}}, "sources": ["short", "long"], "reward_models": []}
     ctx = StageContext(stage=Stage("select/training", "select", config), inputs=inputs, out=out,
-                       runtime=Runtime(progress=False), engine=get_engine(), recipe=None)
+                       runtime=Runtime(progress=False), engine=get_engine())
     metrics = select.run(ctx)
     assert metrics["truncated"] == 1
     table = pq.read_table(out / "selection.parquet").to_pydict()

@@ -299,7 +299,7 @@ def test_score_stage_scores_every_source(tmp_path, tiny_llama_dir, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     ctx = StageContext(stage=Stage("score/judge", "score", config, {"data": "data"}), inputs=inputs, out=out,
-                       runtime=runtime(), engine=get_engine(), recipe=None)
+                       runtime=runtime(), engine=get_engine())
     metrics = score_stage.run(ctx)
     table = pq.read_table(out / "scores.parquet")
     assert table.column_names == ["id", "source", "score"]
@@ -331,7 +331,7 @@ def test_score_stage_names_a_source_without_generations(tmp_path):
     pq.write_table(pa.table({"id": ["e0"], "response": ["r"]}), gen / "generations.parquet")
     config = {"reward_model": {"name": "judge", "params": {}}, "sources": ["mpt"]}
     ctx = StageContext(stage=Stage("score/judge", "score", config), inputs={"data": data, "generate/mpt": gen},
-                       out=tmp_path, runtime=runtime(), engine=get_engine(), recipe=None)
+                       out=tmp_path, runtime=runtime(), engine=get_engine())
     with pytest.raises(ProfuserError, match="no generation for 1 example") as err:
         score_stage.run(ctx)
     assert "source mpt" in err.value.where

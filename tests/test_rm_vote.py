@@ -122,7 +122,7 @@ def test_select_stage_votes_over_score_artifacts(tmp_path):
     out = tmp_path / "select"
     out.mkdir()
     ctx = StageContext(stage=Stage("select/inference", "select", config), inputs=inputs, out=out,
-                       runtime=Runtime(progress=False), engine=get_engine(), recipe=None)
+                       runtime=Runtime(progress=False), engine=get_engine())
     select.run(ctx)
     table = pq.read_table(out / "selection.parquet")
     assert table["chosen"].to_pylist() == ["a", "b", "b"]

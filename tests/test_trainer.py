@@ -267,7 +267,7 @@ def test_train_stage_reads_builds_and_target_rewards_and_logs_through_the_hooks(
     out = tmp_path / "store" / "train" / "key-train.partial"
     out.mkdir(parents=True)
     ctx = StageContext(stage=Stage("train", "train", config, {k: k for k in inputs}), inputs=inputs, out=out,
-                       runtime=Runtime(runs_dir=tmp_path, device="cpu", progress=False), engine=engine, recipe=recipe)
+                       runtime=Runtime(runs_dir=tmp_path, device="cpu", progress=False), engine=engine)
     metrics = train_stage.run(ctx)
 
     assert [p["name"] for p in metrics["phases"]] == ["easy/inference", "easy/co-fusion", "hard/inference", "hard/co-fusion"]

@@ -172,7 +172,7 @@ def test_select_training_picks_the_source_whose_store_has_the_lowest_nll(tmp_pat
         inputs[role] = tmp_path / dep
     out = tmp_path / "out"
     out.mkdir()
-    ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=Runtime(progress=False), engine=engine, recipe=recipe)
+    ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=Runtime(progress=False), engine=engine)
     metrics = select.run(ctx)
     table = pq.read_table(out / "selection.parquet").to_pydict()
     assert dict(zip(table["id"], table["chosen"])) == {"e0": "llama", "e1": "gemma", "e2": "llama"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from profuser import hookimpl
 from profuser.components import Curriculum, CurriculumInput, Phase, PhaseExamples, StrictModel, Trainable
@@ -28,13 +28,11 @@ class ScheduleRef(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict, description="that curriculum's params")
 
 
-def _inner(ref: ScheduleRef) -> Curriculum:
-    from profuser.plugins import get_engine
-
-    info = get_engine().registry.get("curricula", ref.name)
-    if issubclass(info.cls, Layerwise):
+def _inner(ref: ScheduleRef, registry) -> Curriculum:
+    """The schedule, built by the registry that builds the layerwise curriculum."""
+    if issubclass(registry.get("curricula", ref.name).cls, Layerwise):
         raise ValueError("schedule: a layerwise curriculum cannot schedule another")  # noqa: TRY004  (pydantic reports ValueError)
-    return info.cls(ref.params)
+    return registry.build("curricula", ref.name, ref.params)
 
 
 class Layerwise(Curriculum):
@@ -49,18 +47,23 @@ class Layerwise(Curriculum):
         first_share: float = Field(default=1 / 3, gt=0, lt=1,
                                    description="share of the schedule's epochs in the shallow stage")
         then: Literal["all", "rest"] = Field(default="all", description="what trains after: everything, or the rest only")
+        _schedule: Curriculum | None = PrivateAttr(default=None)  # built while validating
 
         @model_validator(mode="after")
-        def _schedule_valid(self):
+        def _schedule_valid(self, info: ValidationInfo):
+            registry = (info.context or {}).get("registry")
+            if registry is None:  # the registry's validation context names the curricula
+                raise ValueError("schedule: build layerwise through a registry (Registry.build), which resolves "
+                                 "the schedule's name")
             try:
-                _inner(self.schedule)
+                self._schedule = _inner(self.schedule, registry)
             except ProfuserError as exc:  # an unknown name, or params the schedule refuses
                 raise ValueError(f"schedule: {exc}") from None
             return self
 
     def __init__(self, params=None):
         super().__init__(params)
-        self.schedule = _inner(self.params.schedule)
+        self.schedule = self.params._schedule
         self.modes = self.schedule.modes  # the build artifacts are the schedule's
 
     def stages(self) -> tuple[Trainable, Trainable | None]:

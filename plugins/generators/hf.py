@@ -49,7 +49,7 @@ class HFGenerator(Generator):
         key = stable_hash([spec.identity(), device])
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # free the previous model before loading the next
-            model, tokenizer = load_model(spec, device=device, cache_dir=runtime.cache_dir)
+            model, tokenizer = load_model(spec, device=device, cache_dir=runtime.cache_dir, engine=runtime.engine)
             model.eval()
             self._loaded = (key, model, tokenizer)
         return self._loaded[1], self._loaded[2]

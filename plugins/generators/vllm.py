@@ -283,12 +283,12 @@ class VLLMGenerator(Generator):
         from profuser.store import stable_hash
 
         runtime = runtime_of(self)
-        tokenizer = load_tokenizer(spec, cache_dir=runtime.cache_dir)
+        tokenizer = load_tokenizer(spec, cache_dir=runtime.cache_dir, engine=runtime.engine)
         key = stable_hash(spec.identity())
         if self._key == key:
             return tokenizer
         self.close()
-        path = resolve_model(spec, cache_dir=runtime.cache_dir)  # a local directory (hub snapshot, GGUF, builtin)
+        path = resolve_model(spec, cache_dir=runtime.cache_dir, engine=runtime.engine)  # a local directory (hub snapshot, GGUF, builtin)
         p = self.params
         llm_kwargs = {"model": str(path), "tokenizer": str(path), "dtype": spec.dtype,
                       "trust_remote_code": spec.trust_remote_code, "tensor_parallel_size": p.tensor_parallel_size,

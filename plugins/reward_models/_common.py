@@ -44,7 +44,8 @@ def resolve(params: RMParams, component, *, trust_remote_code: bool = False):
     from profuser.recipe import ModelSpec
 
     spec = ModelSpec(ref=params.model, revision=params.revision, trust_remote_code=trust_remote_code)
-    return resolve_model(spec, cache_dir=runtime_of(component).cache_dir)
+    runtime = runtime_of(component)
+    return resolve_model(spec, cache_dir=runtime.cache_dir, engine=runtime.engine)
 
 
 def where(component) -> str:

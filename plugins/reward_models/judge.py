@@ -89,7 +89,8 @@ class JudgeRM(RewardModel):
             runtime = runtime_of(self)
             spec = ModelSpec(ref=p.model, revision=p.revision, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
                              chat_template=p.chat_template)
-            model, tokenizer = load_model(spec, device=runtime.torch_device(), cache_dir=runtime.cache_dir)
+            model, tokenizer = load_model(spec, device=runtime.torch_device(), cache_dir=runtime.cache_dir,
+                                          engine=runtime.engine)
             yes, no = word_variants(tokenizer, p.yes), word_variants(tokenizer, p.no)
             if not yes or not no or set(yes) & set(no):
                 raise ModelError(f"the verdict words {p.yes!r} and {p.no!r} need distinct first tokens in its "

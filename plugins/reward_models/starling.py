@@ -119,7 +119,7 @@ class StarlingRM(RewardModel):
             raise ModelError(f"checkpoint directory not found: {directory}", where=where(self))
         state, head = read_value_head_checkpoint(directory, where(self))
         source = directory if (directory / "config.json").is_file() else resolve_model(
-            ModelSpec(ref=p.backbone, revision=p.revision), cache_dir=runtime.cache_dir)
+            ModelSpec(ref=p.backbone, revision=p.revision), cache_dir=runtime.cache_dir, engine=runtime.engine)
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
         # the card pads with UNK and reads the value before the first pad

@@ -44,13 +44,15 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf") or Path(ref).expanduser().exists()
 
 
-def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None) -> Path:
+def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None, engine: Any = None) -> Path:
     """A local ``save_pretrained`` directory for the spec (built and cached for GGUF and builtins;
-    downloaded to the hub cache for hub ids)."""
+    downloaded to the hub cache for hub ids). A ``builtin:`` ref is looked up in ``engine``'s
+    registry (``profuser.plugins.Engine``: the plugins that register models); without one it is
+    refused in one line naming the ref."""
     spec = as_spec(spec)
     ref = spec.ref
     if ref.startswith("builtin:"):
-        return _resolve_builtin(ref, cache_dir)
+        return _resolve_builtin(ref, cache_dir, engine)
     path = Path(ref).expanduser()
     if spec.gguf_file:
         if path.is_dir():
@@ -133,13 +135,15 @@ def _incomplete(path: Path, need: tuple[str, ...]) -> str | None:
     return f"{path} is not a complete model directory: no {', no '.join(missing)}" if missing else None
 
 
-def _resolve_builtin(ref: str, cache_dir: Path | None) -> Path:
-    from ..plugins import get_engine
+def _resolve_builtin(ref: str, cache_dir: Path | None, engine: Any) -> Path:
     from .cache import default_cache_dir
 
+    if engine is None:
+        raise ModelError("a builtin: model is resolved by the plugins that register it: pass the plugin engine "
+                         "(engine=profuser.plugins.Engine())", where=ref)
     name = ref.removeprefix("builtin:")
     try:
-        info = get_engine().registry.get("models", name)
+        info = engine.registry.get("models", name)
     except ProfuserError as exc:  # unknown name: the registry's message has the "did you mean"
         raise ModelError(exc.message, where=ref) from None
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -197,14 +201,15 @@ def _read_chat_template(value: str, ref: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, _path: Path | None = None):
+def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, engine: Any = None, _path: Path | None = None):
     """The model's fast tokenizer, with the spec's ``chat_template`` override applied and its
     ``max_length`` as ``model_max_length`` (else the model's context length when the tokenizer
-    knows none). A missing pad token becomes the EOS token (batching needs one)."""
+    knows none). A missing pad token becomes the EOS token (batching needs one). ``engine``
+    resolves ``builtin:`` refs (``resolve_model``)."""
     from transformers import AutoConfig, AutoTokenizer
 
     spec = as_spec(spec)
-    path = _path or resolve_model(spec, cache_dir=cache_dir)
+    path = _path or resolve_model(spec, cache_dir=cache_dir, engine=engine)
     problem = _incomplete(path, ("tokenizer",))  # else transformers may make one up from the config
     if problem:
         raise ModelError(problem, where=spec.ref)
@@ -238,21 +243,22 @@ def check_attention(spec: ModelSpec, *, cpu: bool) -> None:
                          "use sdpa or eager", where=spec.ref)
 
 
-def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = None):
+def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = None, engine: Any = None):
     """``(model, tokenizer)``: the causal LM in the spec's dtype on ``device`` (``"auto"``: CUDA
     when available), in eval mode, and ``load_tokenizer``'s tokenizer. A LoRA adapter directory
-    loads its base model with the adapter merged in (the spec's dtype and attention apply)."""
+    loads its base model with the adapter merged in (the spec's dtype and attention apply).
+    ``engine`` resolves ``builtin:`` refs, the adapter's base's too (``resolve_model``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     spec = as_spec(spec)
-    path = resolve_model(spec, cache_dir=cache_dir)
+    path = resolve_model(spec, cache_dir=cache_dir, engine=engine)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # the model may be placed on a GPU later (the trainer loads on the CPU): refuse only without one
     check_attention(spec, cpu=not torch.cuda.is_available())
     if is_adapter_dir(path):
-        return _load_adapter(spec, path, device=device, cache_dir=cache_dir)
+        return _load_adapter(spec, path, device=device, cache_dir=cache_dir, engine=engine)
     problem = _incomplete(path, ("weights", "tokenizer"))
     if problem:
         raise ModelError(problem, where=spec.ref)
@@ -276,23 +282,24 @@ def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = 
     return model, tokenizer
 
 
-def _load_adapter(spec: ModelSpec, path: Path, *, device: str, cache_dir: Path | None):
+def _load_adapter(spec: ModelSpec, path: Path, *, device: str, cache_dir: Path | None, engine: Any):
     """The adapter's base model (its own ref; this spec's dtype and attention) with the adapter
     merged in, and the adapter directory's tokenizer (the chat template training used)."""
     overrides = {"dtype": spec.dtype}
     if spec.attn_implementation:
         overrides["attn_implementation"] = spec.attn_implementation
     base = adapter_base(path).model_copy(update=overrides)
-    return merge_adapter(base, path, device=device, cache_dir=cache_dir, where=spec.ref), load_tokenizer(spec, _path=path)
+    return (merge_adapter(base, path, device=device, cache_dir=cache_dir, where=spec.ref, engine=engine),
+            load_tokenizer(spec, _path=path))
 
 
 def merge_adapter(base: ModelSpec, adapter: Path, *, device: str = "cpu", cache_dir: Path | None = None,
-                  where: str | None = None):
+                  where: str | None = None, engine: Any = None):
     """``base`` loaded with the LoRA adapter in ``adapter`` merged into its weights: a plain model."""
     from ..errors import import_extra
 
     PeftModel = import_extra("peft", "peft", what="a LoRA adapter", where=where or str(adapter)).PeftModel
-    model, _ = load_model(base, device=device, cache_dir=cache_dir)
+    model, _ = load_model(base, device=device, cache_dir=cache_dir, engine=engine)
     try:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except Exception as exc:  # noqa: BLE001 - a damaged or mismatched adapter

@@ -27,14 +27,15 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field, model_serializer
 
 from ..alignment import AlignmentCounts, ProjectionParams, project, vocab_map
-from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, list_column
+from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, list_column, read_selection
 from ..chat import target_max_length
-from ..components import Tokenized
+from ..components import Mode, Tokenized
 from ..errors import ArtifactError, DataError, ProfuserError
+from . import ModelIdentity, Ref, StageConfig
 
 VERSION = "2"  # 2: rows in data order (1: in the logits store's order)
 ROWS_PER_GROUP = 256  # examples per parquet row group: bounds the memory of a write
@@ -50,9 +51,31 @@ ALIGNED_SCHEMA = pa.schema([
 ])
 
 
+# input roles: the source's logits store, the selection of this mode, the data stage
+LOGITS, SELECTION, DATA = "logits", "select", "data"
+EXTRA_COLUMNS = ("teacher_logz",)  # what a loss may ask this stage for (Loss.needs)
+
+
+class Config(StageConfig):
+    mode: Mode
+    aligner: Ref
+    target: ModelIdentity
+    source: ModelIdentity
+    source_key: str
+    max_length: int  # train.max_length: the target's truncation, as build's
+    columns: list[str] = Field(default_factory=list)  # extra columns (EXTRA_COLUMNS) the loss needs; hashed only when any
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if not self.columns:  # no extra column: the key is what it was before the field
+            data.pop("columns", None)
+        return data
+
+
 def won_ids(select_dir, source_key: str) -> list[str]:
-    table = pq.read_table(select_dir / "selection.parquet", columns=["id", "chosen"])
-    return table["id"].filter(pc.equal(table["chosen"], source_key)).to_pylist()
+    """The ids this source won, in the selection's (data) order."""
+    return [i for i, s in read_selection(select_dir).items() if s.chosen == source_key]
 
 
 def run(ctx) -> dict:
@@ -63,18 +86,18 @@ def run(ctx) -> dict:
     from ..models import load_tokenizer
 
     cfg = ctx.config
-    mode, source_key = cfg["mode"], cfg["source_key"]
+    mode, source_key = cfg.mode, cfg.source_key
     where = ctx.stage.id
-    aligner = ctx.build("aligners", cfg["aligner"])
+    aligner = ctx.build("aligners", cfg.aligner)
     params = aligner.params if isinstance(aligner.params, ProjectionParams) else ProjectionParams()
     cache_dir = ctx.runtime.cache_dir
-    target_tok = load_tokenizer(cfg["target"], cache_dir=cache_dir)
-    source_tok = load_tokenizer(cfg["source"], cache_dir=cache_dir)
+    target_tok = load_tokenizer(cfg.target, cache_dir=cache_dir, engine=ctx.engine)
+    source_tok = load_tokenizer(cfg.source, cache_dir=cache_dir, engine=ctx.engine)
     vmap = vocab_map(source_tok, target_tok, cache_dir=cache_dir)
-    max_length = target_max_length(target_tok, cfg["max_length"])
+    max_length = target_max_length(target_tok, cfg.max_length)
 
-    ids = won_ids(ctx.inputs["select"], source_key)
-    reader = LogitsReader(ctx.inputs["logits"])
+    ids = won_ids(ctx.inputs[SELECTION], source_key)
+    reader = LogitsReader(ctx.inputs[LOGITS])
     counts = AlignmentCounts()
     align_seconds = 0.0
     source_tokens = 0
@@ -97,7 +120,7 @@ def run(ctx) -> dict:
         try:
             starts, ends = aligner.align(target, source)
         except Exception as exc:  # an aligner's failure must name the example it failed on
-            raise ProfuserError(f"example {example_id!r}: aligner {cfg['aligner']['name']!r} failed: "
+            raise ProfuserError(f"example {example_id!r}: aligner {cfg.aligner.name!r} failed: "
                                 f"{type(exc).__name__}: {exc}", where=where) from exc
         align_seconds += time.perf_counter() - t0
         teacher = project(target_ids, ex.token_ids, ex.topk_ids, ex.topk_logits, ex.logz, ex.nll, starts, ends,
@@ -106,7 +129,7 @@ def run(ctx) -> dict:
         source_tokens += ex.n_tokens
         return {"id": example_id, "response": ex.response, "target_ids": target_ids, "teacher": teacher}
 
-    with_logz = "teacher_logz" in cfg.get("columns", ())  # only for a loss that needs it: else as before
+    with_logz = "teacher_logz" in cfg.columns  # only for a loss that needs it: else as before
     schema = ALIGNED_SCHEMA.append(pa.field("teacher_logz", pa.list_(pa.float32()))) if with_logz else ALIGNED_SCHEMA
     with pq.ParquetWriter(ctx.out / "aligned.parquet", schema) as sink:
         def flush() -> None:
@@ -130,7 +153,7 @@ def run(ctx) -> dict:
         won = set(ids)
         # on stderr, and only on a terminal (disable=None): stdout and every --json stay clean
         bar = tqdm(total=len(ids), unit="ex", desc=where, disable=(not ctx.runtime.progress) or None, mininterval=1.0)
-        for chunk in iter_chunks(iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction"]),
+        for chunk in iter_chunks(iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction"]),
                                  CHUNK_RECORDS):
             todo = []
             for record in chunk:
@@ -158,7 +181,7 @@ def run(ctx) -> dict:
     report = {
         "mode": mode,
         "source": source_key,
-        "aligner": cfg["aligner"]["name"],
+        "aligner": cfg.aligner.name,
         "projection": params.model_dump(),
         "examples": len(ids),
         "target_tokens": counts.tokens,

@@ -27,18 +27,43 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import ipc
+from pydantic import Field, model_serializer
 
-from ..artifacts import IGNORE_INDEX, iter_records, list_column
+from ..artifacts import IGNORE_INDEX, iter_records, list_column, read_selection
 from ..chat import target_max_length
+from ..components import Mode
 from ..errors import ArtifactError, DataError, ProfuserError
 from ..training.data import EXTRA_SCHEMA
 from ..training.data import SCHEMA as TRAINER_SCHEMA
+from . import ModelIdentity, StageConfig
 
 VERSION = "2"  # 2: examples.arrow, teacher rows at labelled positions only (1: examples.parquet, a row per position)
 EXAMPLES_FILE = "examples.arrow"
 COMPRESSION = "zstd"
 
 EXAMPLES_SCHEMA = TRAINER_SCHEMA.insert(1, pa.field("mode", pa.string()))  # what the trainer reads, + the mode
+EXTRA_COLUMNS = tuple(EXTRA_SCHEMA.names)  # what a loss may ask this stage for (Loss.needs)
+DATA, SELECTION = "data", "select"  # input roles: the data stage, the selection of this mode
+
+
+def align_role(source: str) -> str:
+    """The input role of one source's align stage (of this build's mode)."""
+    return f"align/{source}"
+
+
+class Config(StageConfig):
+    mode: Mode
+    target: ModelIdentity
+    max_length: int  # train.max_length: the target's truncation, as align's
+    sources: list[str]  # source keys: one align stage each
+    columns: list[str] = Field(default_factory=list)  # extra columns (EXTRA_SCHEMA's) the loss needs; hashed only when any
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if not self.columns:  # no extra column: the key is what it was before the field
+            data.pop("columns", None)
+        return data
 
 
 class _Aligned:
@@ -92,22 +117,18 @@ def run(ctx) -> dict:
     from ..models import load_tokenizer
 
     cfg = ctx.config
-    mode = cfg["mode"]
+    mode = cfg.mode
     where = ctx.stage.id
-    if mode not in ("training", "inference"):
-        raise ProfuserError(f"unknown mode {mode!r} (inference or training)", where=where)
-    tokenizer = load_tokenizer(cfg["target"], cache_dir=ctx.runtime.cache_dir)
-    max_length = target_max_length(tokenizer, cfg["max_length"])
-    selection = pq.read_table(ctx.inputs["select"] / "selection.parquet", columns=["id", "chosen"])
-    chosen_by_id = dict(zip(selection["id"].to_pylist(), selection["chosen"].to_pylist()))
-    del selection
+    tokenizer = load_tokenizer(cfg.target, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
+    max_length = target_max_length(tokenizer, cfg.max_length)
+    chosen_by_id = {i: s.chosen for i, s in read_selection(ctx.inputs[SELECTION]).items()}
     for example_id, chosen in chosen_by_id.items():
-        if chosen not in cfg["sources"]:
+        if chosen not in cfg.sources:
             raise ProfuserError(f"example {example_id!r}: the chosen source {chosen!r} is not among the sources "
-                                f"({', '.join(cfg['sources'])})", where=where)
-    aligned = {s: _Aligned(ctx.inputs[f"align/{s}"], s, where) for s in cfg["sources"]}
-    extra = [c for c in EXTRA_SCHEMA.names if c in cfg.get("columns", ())]  # only what the loss needs
-    unknown = sorted(set(cfg.get("columns", ())) - set(extra))
+                                f"({', '.join(cfg.sources)})", where=where)
+    aligned = {s: _Aligned(ctx.inputs[align_role(s)], s, where) for s in cfg.sources}
+    extra = [c for c in EXTRA_SCHEMA.names if c in cfg.columns]  # only what the loss needs
+    unknown = sorted(set(cfg.columns) - set(extra))
     if unknown:
         raise ProfuserError(f"unknown column(s) {', '.join(unknown)} (build writes {', '.join(EXTRA_SCHEMA.names)})",
                             where=where)
@@ -119,7 +140,7 @@ def run(ctx) -> dict:
     with ipc.new_file(str(ctx.out / EXAMPLES_FILE), schema, options=options) as sink:
         from tqdm.auto import tqdm  # progress on stderr, only on a terminal: --json stays clean
 
-        records = iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction", "response"])
+        records = iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction", "response"])
         for record in tqdm(records, unit="ex", desc=ctx.stage.id, disable=(not ctx.runtime.progress) or None,
                            mininterval=1.0):
             example_id = record["id"]

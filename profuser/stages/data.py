@@ -5,19 +5,28 @@ from __future__ import annotations
 
 from collections import Counter
 
+from pydantic import Field
+
 from ..components import BadRow, Record
 from ..data import dedup, sample, split, unique_ids, write_records
 from ..errors import DataError
+from ..recipe import DataSpec
 from ..store import atomic_write_json
+from . import StageConfig
 
 VERSION = "1"
 SHOW_BAD_ROWS = 10  # how many bad rows a failing run lists
 
 
+class Config(StageConfig):
+    data: DataSpec
+    files: dict[str, str] = Field(default_factory=dict)  # content hashes of a local data file or folder: editing it in place re-runs
+
+
 def run(ctx) -> dict:
-    cfg = ctx.config["data"]
-    source = ctx.build("datasets", cfg["source"])
-    source.data_seed = cfg["seed"]  # sources that draw among alternatives (orca_best samples) use it
+    cfg = ctx.config.data
+    source = ctx.build("datasets", cfg.source)
+    source.data_seed = cfg.seed  # sources that draw among alternatives (orca_best samples) use it
     records: list[Record] = []
     bad: list[BadRow] = []
     from tqdm.auto import tqdm
@@ -27,20 +36,20 @@ def run(ctx) -> dict:
                      mininterval=1.0):
         (bad if isinstance(item, BadRow) else records).append(item)
     rows_read = len(records) + len(bad)
-    if bad and cfg["on_bad_row"] == "fail":
+    if bad and cfg.on_bad_row == "fail":
         shown = "\n".join(f"  {b.where}: {b.message}" for b in bad[:SHOW_BAD_ROWS])
         more = f"\n  ... and {len(bad) - SHOW_BAD_ROWS} more" if len(bad) > SHOW_BAD_ROWS else ""
         raise DataError(f"{len(bad)} of {rows_read} rows are unusable (set data.on_bad_row: skip to skip "
-                        f"and count them):\n{shown}{more}", where=f"data source {cfg['source']['name']}")
+                        f"and count them):\n{shown}{more}", where=f"data source {cfg.source.name}")
     duplicates = 0
-    if cfg["dedup"]:
+    if cfg.dedup:
         records, duplicates = dedup(records)
     records, renamed = unique_ids(records)
     if not records:
         raise DataError(f"no usable records ({rows_read} rows read, {len(bad)} bad, {duplicates} duplicates)",
-                        where=f"data source {cfg['source']['name']}")
-    kept = sample(records, cfg["sample"], cfg["seed"])
-    train, heldout = split(kept, cfg["heldout"], cfg["seed"])
+                        where=f"data source {cfg.source.name}")
+    kept = sample(records, cfg.sample, cfg.seed)
+    train, heldout = split(kept, cfg.heldout, cfg.seed)
 
     write_records(ctx.out / "train.parquet", train)
     write_records(ctx.out / "heldout.parquet", heldout)
@@ -55,7 +64,7 @@ def run(ctx) -> dict:
     }
     stats = {
         **metrics,
-        "source": cfg["source"],
+        "source": cfg.source.model_dump(),
         "bad_rows": [{"where": b.where, "message": b.message} for b in bad[:100]],
         "tasks": {name: dict(Counter(r.meta.get("task") for r in part if "task" in r.meta))
                   for name, part in (("train", train), ("heldout", heldout))},

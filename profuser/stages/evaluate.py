@@ -18,16 +18,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, ClassVar
 
 from ..errors import ArtifactError
 from ..evaluation import evaluate_model
 from ..evaluation.heldout import heldout_ids
 from ..evaluation.tasks import HELDOUT_TASKS, lower_is_better
 from ..models import load_model
-from ..recipe import ModelSpec
+from ..recipe import EvaluateSpec, ModelSpec
 from ..store import atomic_write_json
+from . import ModelIdentity, StageConfig
 
 VERSION = "2"  # 2: per_example.parquet; average leaves out lower-is-better tasks
+MODEL, DATA = "model", "data"  # input roles: the artifact with model/ (train, merge), the data stage
+
+
+class Config(StageConfig):
+    model: ModelIdentity | None  # None: the model/ folder of input MODEL
+    label: str
+    evaluate: EvaluateSpec
+
+    # evaluate.baselines decides which evaluate stages the planner makes, not what one computes
+    NOT_HASHED: ClassVar[dict[str, Any]] = {"evaluate": {"baselines"}}
 
 
 def average(primary: dict[str, float | None]) -> float | None:
@@ -59,38 +71,38 @@ def per_example_rows(samples: dict[str, list[dict]], config: dict[str, dict], he
 
 def run(ctx) -> dict:
     cfg = ctx.config
-    ev = cfg["evaluate"]
-    if cfg.get("model") is None:
-        if "model" not in ctx.inputs:
-            raise ArtifactError("the fused model's evaluation needs the train artifact as input 'model'", where=ctx.stage.id)
-        model_dir = Path(ctx.inputs["model"]) / "model"
+    ev = cfg.evaluate
+    if cfg.model is None:
+        if MODEL not in ctx.inputs:
+            raise ArtifactError(f"the fused model's evaluation needs the train artifact as input {MODEL!r}",
+                                where=ctx.stage.id)
+        model_dir = Path(ctx.inputs[MODEL]) / "model"
         if not model_dir.is_dir():
-            raise ArtifactError("the train artifact has no model/ folder", where=str(ctx.inputs["model"]))
-        spec = ModelSpec(ref=str(model_dir), label=cfg["label"])
+            raise ArtifactError("the train artifact has no model/ folder", where=str(ctx.inputs[MODEL]))
+        spec = ModelSpec(ref=str(model_dir), label=cfg.label)
     else:
-        spec = ModelSpec(**cfg["model"], label=cfg["label"])
+        spec = ModelSpec(**cfg.model, label=cfg.label)
     device = ctx.runtime.torch_device()
-    backend = ev.get("backend", "hf")
-    if backend == "vllm":  # vLLM loads the model directory itself
+    if ev.backend == "vllm":  # vLLM loads the model directory itself
         from ..models import load_tokenizer, resolve_model
 
-        model = resolve_model(spec, cache_dir=ctx.runtime.cache_dir)
-        tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir)
+        model = resolve_model(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
+        tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
     else:
-        model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir)
-    heldout = Path(ctx.inputs["data"]) / "heldout.parquet" if "data" in ctx.inputs else None
+        model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
+    heldout = Path(ctx.inputs[DATA]) / "heldout.parquet" if DATA in ctx.inputs else None
 
     out = evaluate_model(
-        model, tokenizer, list(ev["tasks"]), limit=ev.get("limit"), num_fewshot=ev.get("num_fewshot") or {},
-        data_dir=ev.get("data_dir"), heldout_path=heldout, batch_size=ev.get("batch_size", 8), device=device,
-        max_gen_toks=ev.get("max_gen_toks"), log_samples=True,
-        backend=backend, vllm_args={**(ev.get("vllm") or {}), "dtype": spec.dtype}
-        if backend == "vllm" else None,
+        model, tokenizer, list(ev.tasks), limit=ev.limit, num_fewshot=ev.num_fewshot,
+        data_dir=ev.data_dir, heldout_path=heldout, batch_size=ev.batch_size, device=device,
+        max_gen_toks=ev.max_gen_toks, log_samples=True,
+        backend=ev.backend, vllm_args={**ev.vllm.model_dump(), "dtype": spec.dtype}
+        if ev.backend == "vllm" else None,
     )
     primary = out["_primary"]
-    tasks = {task: out[task] for task in ev["tasks"]}
+    tasks = {task: out[task] for task in ev.tasks}
     results = {
-        "label": cfg["label"],
+        "label": cfg.label,
         "model": spec.ref,
         "tasks": tasks,
         "primary": primary,

@@ -26,11 +26,19 @@ from ..artifacts import finish, run_shards, table_stats
 from ..components import Prompt
 from ..data import read_records
 from ..errors import ProfuserError
+from . import ModelIdentity, Ref, StageConfig
 
 VERSION = "1"  # n > 1 (the responses column) comes only from a params n, which is in the key
 DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
 SHARD_SIZE = 32  # prompts per shard, unless the generator says otherwise (``shard_size``)
 OUTPUT = "generations.parquet"
+DATA = "data"  # input role: the data stage
+
+
+class Config(StageConfig):
+    model: ModelIdentity  # the source
+    generator: Ref
+    seed: int
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -50,15 +58,15 @@ def run(ctx) -> dict:
     from ..models import as_spec, load_tokenizer
 
     cfg = ctx.config
-    spec = as_spec(cfg["model"])
-    records = read_records(ctx.inputs["data"] / "train.parquet")
+    spec = as_spec(cfg.model)
+    records = read_records(ctx.inputs[DATA] / "train.parquet")
     ids = [r.id for r in records]
     final = ctx.out / OUTPUT
     if final.is_file() and pq.read_table(final, columns=["id"])["id"].to_pylist() == ids:
         return table_stats(final)  # finished before a kill that came ahead of the commit
 
-    generator = ctx.build("generators", cfg["generator"])
-    tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir)
+    generator = ctx.build("generators", cfg.generator)
+    tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
     prompts = [Prompt(r.id, r.system, r.instruction) for r in records]
     shard_size = int(getattr(generator, "shard_size", SHARD_SIZE))
 
@@ -67,9 +75,9 @@ def run(ctx) -> dict:
     def compute(index: int, rows: slice):
         chunk = prompts[rows]
         started = time.perf_counter()
-        responses = generator.generate(spec, chunk, seed=shard_seed(cfg["seed"], index))
+        responses = generator.generate(spec, chunk, seed=shard_seed(cfg.seed, index))
         seconds = time.perf_counter() - started
-        where = f"generator {cfg['generator']['name']} on {spec.key}"
+        where = f"generator {cfg.generator.name} on {spec.key}"
         if n == 1 and (len(responses) != len(chunk) or not all(isinstance(r, str) for r in responses)):
             raise ProfuserError(f"returned {len(responses)} responses for {len(chunk)} prompts (shard {index})", where=where)
         if n > 1 and (len(responses) != len(chunk) or not all(

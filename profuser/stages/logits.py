@@ -30,11 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records
+from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, read_selection
+from ..components import Mode
 from ..errors import DataError, ModelError, ProfuserError
 from ..logits_store import LogitsWriter
-from ..runtime import rank_and_world, wait_until
 from ..recipe import DistillSpec, ModelSpec
+from ..runtime import rank_and_world, wait_until
+from . import ModelIdentity, StageConfig
 
 VERSION = "1"
 DISTRIBUTED = True  # every rank of a multi-process launch takes a slice (see above)
@@ -46,6 +48,15 @@ CHUNK = 128
 # data records read at once: their items are sorted by length (less padding) and teacher-forced,
 # then dropped, so memory does not grow with the data; ``align`` reads the store in the same chunks
 PROMPT_CHUNK = CHUNK_RECORDS
+# input roles: the data stage; in inference mode also the source's generate stage and the selection
+DATA, GENERATIONS, SELECTION = "data", "generate", "select"
+
+
+class Config(StageConfig):
+    mode: Mode
+    model: ModelIdentity  # the source
+    source: str  # its key
+    distill: DistillSpec
 
 
 @dataclass
@@ -72,18 +83,15 @@ def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
     where = f"stage logits/{mode}/{source}"
     if mode not in ("training", "inference"):
         raise ProfuserError(f"unknown mode {mode!r} (inference or training)", where=where)
-    records = iter_records(ctx.inputs["data"] / "train.parquet", ["id", "system", "instruction", "response"])
+    records = iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction", "response"])
     if mode == "training":
         for chunk in iter_chunks(records, PROMPT_CHUNK):
             yield [Item(r["id"], r["system"] or "", r["instruction"], r["response"]) for r in chunk]
         return
-    chosen = ctx.inputs["select"] / "selection.parquet"
-    multi = "sample" in pq.read_schema(chosen).names  # n > 1 samples per prompt: the won one is teacher-forced
-    selection = pq.read_table(chosen, columns=["id", "chosen", *(["sample"] if multi else [])])
-    won = {i: j for i, c, j in zip(selection["id"].to_pylist(), selection["chosen"].to_pylist(),
-                                   selection["sample"].to_pylist() if multi else [0] * selection.num_rows) if c == source}
-    del selection
-    path = ctx.inputs["generate"] / "generations.parquet"
+    # n > 1 samples per prompt: the won one is teacher-forced
+    won = {i: s.sample for i, s in read_selection(ctx.inputs[SELECTION]).items() if s.chosen == source}
+    path = ctx.inputs[GENERATIONS] / "generations.parquet"
+    multi = "responses" in pq.read_schema(path).names
     # the generate stage writes one row per record in data order: read them side by side
     generations = iter_records(path, ["id", "responses" if multi else "response"])
     pending = next(generations, None)
@@ -185,9 +193,9 @@ def run(ctx) -> dict:
     from ..models import load_model
 
     cfg = ctx.config
-    mode, source = cfg["mode"], cfg["source"]
-    spec = ModelSpec(**cfg["model"])
-    distill = DistillSpec(**cfg["distill"])
+    mode, source = cfg.mode, cfg.source
+    spec = ModelSpec(**cfg.model)
+    distill = cfg.distill
 
     rank, world = rank_and_world()
     writer = LogitsWriter(ctx.out, distill.top_k, model=source, part=f"-r{rank}" if world > 1 else "")
@@ -209,7 +217,7 @@ def run(ctx) -> dict:
                 continue
             if model is None:
                 t_load = time.time()
-                model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir)
+                model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
                 load_seconds = time.time() - t_load
                 # the model's context (or the recipe's model max_length) caps the distill length
                 max_length = min(distill.max_length, tokenizer.model_max_length or distill.max_length)

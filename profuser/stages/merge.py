@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import ProfuserError, import_extra
 from ..recipe import MergeSpec, ModelSpec
 from ..store import atomic_write_json
+from . import ModelIdentity, StageConfig
 
 VERSION = "1"
 LOADS_MODEL = True  # mergekit holds tensors of every model: a worker process when stages are isolated
@@ -59,11 +60,26 @@ def _identity(spec: ModelSpec) -> dict[str, Any]:
     return spec.model_dump(exclude={"label", "parameters"})
 
 
-def stage_config(merge: MergeSpec, seed: int) -> dict[str, Any]:
-    """What the merge stage hashes: the models' identities and the merge settings, not labels."""
-    return {"method": merge.method, "models": [{"model": _identity(m), "parameters": m.parameters} for m in merge.models],
-            "base_model": _identity(merge.base_model) if merge.base_model else None,
-            "parameters": merge.parameters, "dtype": merge.dtype, "seed": seed}
+class MergeModel(StageConfig):
+    model: ModelIdentity
+    parameters: dict[str, Any]  # mergekit's per-model parameters
+
+
+class Config(StageConfig):
+    """The models' identities and the merge settings, not labels."""
+
+    method: str
+    models: list[MergeModel]
+    base_model: ModelIdentity | None
+    parameters: dict[str, Any]
+    dtype: str
+    seed: int
+
+
+def stage_config(merge: MergeSpec, seed: int) -> Config:
+    return Config(method=merge.method, models=[MergeModel(model=_identity(m), parameters=m.parameters) for m in merge.models],
+                  base_model=_identity(merge.base_model) if merge.base_model else None,
+                  parameters=merge.parameters, dtype=merge.dtype, seed=seed)
 
 
 # --- validation (no mergekit, no torch) -----------------------------------------------------------
@@ -200,13 +216,13 @@ def run(ctx) -> dict:
 
     def local(identity: dict[str, Any]) -> Path:
         spec = as_spec(identity)
-        path = resolve_model(spec, cache_dir=ctx.runtime.cache_dir)
+        path = resolve_model(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
         if not _has_safetensors(path):
             raise ProfuserError(f"{path} has no model.safetensors (pickled weights are never loaded)", where=spec.ref)
         return path
 
-    models = [(f"models.{j}", local(m["model"]), m["parameters"]) for j, m in enumerate(cfg["models"])]
-    base = local(cfg["base_model"]) if cfg["base_model"] else None
+    models = [(f"models.{j}", local(m.model), m.parameters) for j, m in enumerate(cfg.models)]
+    base = local(cfg.base_model) if cfg.base_model else None
     dirs = ([("base_model", base)] if base else []) + [(path, folder) for path, folder, _ in models]
     problems = compatibility_problems(dirs)
     if problems:
@@ -214,29 +230,29 @@ def run(ctx) -> dict:
         raise ProfuserError(f"{path}: {message}", where=where)
 
     merge_config = MergeConfiguration.model_validate({
-        "merge_method": cfg["method"],
+        "merge_method": cfg.method,
         "models": [{"model": str(folder), **({"parameters": params} if params else {})} for _, folder, params in models],
         "base_model": str(base) if base else None,
-        "parameters": cfg["parameters"] or None,
-        "dtype": cfg["dtype"],
+        "parameters": cfg.parameters or None,
+        "dtype": cfg.dtype,
     })
     options = MergeOptions(cuda=False, lazy_unpickle=False, copy_tokenizer=True, safe_serialization=True, quiet=True,
-                           trust_remote_code=any(m["model"].get("trust_remote_code") for m in cfg["models"]),
-                           random_seed=cfg["seed"])
+                           trust_remote_code=any(m.model.get("trust_remote_code") for m in cfg.models),
+                           random_seed=cfg.seed)
     out = ctx.out / "model"
     with _own_rng():
         try:
             run_merge(merge_config, str(out), options)
         except (RuntimeError, ValueError, KeyError) as exc:  # mergekit's refusals: one line naming the merge
             raise ProfuserError(f"mergekit failed: {type(exc).__name__}: {exc}", where=where) from None
-    tokenizer_spec = as_spec(cfg["base_model"] or cfg["models"][0]["model"])
+    tokenizer_spec = as_spec(cfg.base_model or cfg.models[0].model)
     if tokenizer_spec.chat_template:  # the recipe's template override, kept by the merged tokenizer
         from ..models import load_tokenizer
 
         load_tokenizer(ModelSpec(ref=str(out), chat_template=tokenizer_spec.chat_template)).save_pretrained(out)
     atomic_write_json(ctx.out / "merge.json", {
-        "method": cfg["method"], "models": [m["model"]["ref"] for m in cfg["models"]],
-        "base_model": cfg["base_model"]["ref"] if cfg["base_model"] else None,
+        "method": cfg.method, "models": [m.model["ref"] for m in cfg.models],
+        "base_model": cfg.base_model["ref"] if cfg.base_model else None,
         "mergekit_config": merge_config.model_dump(mode="json", exclude_none=True)})
     tensors = 0
     from safetensors import safe_open

@@ -22,23 +22,35 @@ from ..artifacts import finish, read_samples, run_shards, table_stats
 from ..components import Judged
 from ..data import read_records
 from ..errors import ArtifactError, ProfuserError
+from . import Ref, StageConfig
 
 VERSION = "1"
 DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
 SHARD_SIZE = 256  # items (example × source) per shard
 OUTPUT = "scores.parquet"
+DATA = "data"  # input role: the data stage
+
+
+def generations_role(source: str) -> str:
+    """The input role of one source's generate stage."""
+    return f"generate/{source}"
+
+
+class Config(StageConfig):
+    reward_model: Ref
+    sources: list[str]  # source keys, in the recipe's order
 
 
 def run(ctx) -> dict:
     cfg = ctx.config
-    sources: list[str] = cfg["sources"]
-    rm_name = cfg["reward_model"]["name"]
-    records = read_records(ctx.inputs["data"] / "train.parquet")
+    sources = cfg.sources
+    rm_name = cfg.reward_model.name
+    records = read_records(ctx.inputs[DATA] / "train.parquet")
 
     keys: list[tuple[str, str, int]] = []  # (id, source, sample), item order
     items: list[Judged] = []
     for source in sources:
-        path = ctx.inputs[f"generate/{source}"] / "generations.parquet"
+        path = ctx.inputs[generations_role(source)] / "generations.parquet"
         if not path.is_file():
             raise ArtifactError("generations.parquet not found", where=str(path.parent))
         samples = read_samples(path)
@@ -57,7 +69,7 @@ def run(ctx) -> dict:
     if final.is_file() and _keys(pq.read_table(final, columns=["id", "source"])) == pairs:
         return table_stats(final)  # finished before a kill that came ahead of the commit
 
-    rm = ctx.build("reward_models", cfg["reward_model"])
+    rm = ctx.build("reward_models", cfg.reward_model)
 
     def compute(index: int, rows: slice):
         started = time.perf_counter()

@@ -32,36 +32,60 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..artifacts import iter_chunks, iter_records
-from ..components import Candidates, SourceNLL
+from ..components import Candidates, Mode, SourceNLL
 from ..errors import ProfuserError
+from . import Ref, StageConfig
 
 VERSION = "2"  # 2: rm_scores column; Min-CE compares truncated responses on the common prefix
 CHUNK_EXAMPLES = 1024  # examples per evaluator call (unless it declares whole_set)
 RECORD_FIELDS = ["id", "system", "instruction", "response", "meta"]
+DATA = "data"  # input role: the data stage
+
+
+def logits_role(source: str) -> str:
+    """The input role of one source's logits store (training mode: its NLLs)."""
+    return f"logits/{source}"
+
+
+def generations_role(source: str) -> str:
+    """The input role of one source's generate stage (inference mode: its responses)."""
+    return f"generate/{source}"
+
+
+def scores_role(reward_model: str) -> str:
+    """The input role of one reward model's score stage."""
+    return f"score/{reward_model}"
+
+
+class Config(StageConfig):
+    mode: Mode
+    evaluator: Ref
+    sources: list[str]  # source keys, in the recipe's order (the candidates)
+    reward_models: list[str]  # reward model keys whose scores it reads ([] unless the evaluator needs scores)
 
 
 def run(ctx) -> dict:
     cfg = ctx.config
-    name = cfg["evaluator"]["name"]
-    evaluator = ctx.build("evaluators", cfg["evaluator"])
-    sources: list[str] = cfg["sources"]
+    name = cfg.evaluator.name
+    evaluator = ctx.build("evaluators", cfg.evaluator)
+    sources = cfg.sources
     needs = evaluator.needs
-    nll = {s: _nll_table(ctx.inputs[f"logits/{s}"]) for s in sources} if "nll" in needs else {}
+    nll = {s: _nll_table(ctx.inputs[logits_role(s)]) for s in sources} if "nll" in needs else {}
     readers: dict = {}  # source -> LogitsReader, opened for the first truncated example
-    generations = ({s: _Generations(ctx.inputs[f"generate/{s}"] / "generations.parquet") for s in sources}
+    generations = ({s: _Generations(ctx.inputs[generations_role(s)] / "generations.parquet") for s in sources}
                    if "responses" in needs or "scores" in needs else {})
     multi = any(g.multi for g in generations.values())  # n > 1 samples per prompt: a sample column
     scores = {}
     if "scores" in needs:
-        for rm in cfg["reward_models"]:
-            path = ctx.inputs[f"score/{rm}"] / "scores.parquet"
+        for rm in cfg.reward_models:
+            path = ctx.inputs[scores_role(rm)] / "scores.parquet"
             listed = "sample_scores" in pq.read_schema(path).names
             scores[rm] = pq.read_table(path, columns=["id", "source", "score", *(["sample_scores"] if listed else [])])
     order: list[str] = []  # rm_scores: the strongest reward model first, then the recipe's order
-    if "scores" in needs and cfg["reward_models"]:
+    if "scores" in needs and cfg.reward_models:
         strongest = getattr(evaluator.params, "strongest", None)
-        order = [strongest] if strongest in cfg["reward_models"] else []
-        order += [rm for rm in cfg["reward_models"] if rm not in order]
+        order = [strongest] if strongest in cfg.reward_models else []
+        order += [rm for rm in cfg.reward_models if rm not in order]
 
     fields = [("id", pa.string()), ("chosen", pa.string()), ("scores", pa.string()), ("detail", pa.string())]
     fields += [("sample", pa.int32())] if multi else []
@@ -70,7 +94,7 @@ def run(ctx) -> dict:
     wins: Counter = Counter()
     examples = truncated = 0
     chunk_size = sys.maxsize if getattr(evaluator, "whole_set", False) else CHUNK_EXAMPLES
-    records = iter_records(ctx.inputs["data"] / "train.parquet", RECORD_FIELDS)
+    records = iter_records(ctx.inputs[DATA] / "train.parquet", RECORD_FIELDS)
     from tqdm.auto import tqdm  # progress on stderr, only on a terminal: --json stays clean
 
     progress = getattr(getattr(ctx, "runtime", None), "progress", False)  # a bare test context has no runtime
@@ -167,7 +191,7 @@ def _add_token_nll(ctx, sources: list[str], candidates: dict[str, Candidates], r
         return
     for source in sources:
         if source not in readers:
-            readers[source] = LogitsReader(ctx.inputs[f"logits/{source}"])
+            readers[source] = LogitsReader(ctx.inputs[logits_role(source)])
         reader = readers[source]
         for example in partial:
             nll = example.nll.get(source)

@@ -13,46 +13,63 @@ logged again).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any, ClassVar
 
-import pyarrow.parquet as pq
-
+from ..artifacts import SELECTION_FILE, read_selection
 from ..components import MODES
-from ..errors import DataError
 from ..recipe import TrainSpec
-from ..training import train
+from . import ModelIdentity, Ref, StageConfig
 
 VERSION = "3"  # 2: loss normalised over the global batch's labelled tokens; 3: rm_split by reward scores, SimulFuse w1 = 0.1
 DISTRIBUTED = True  # every rank of a torchrun/accelerate launch trains; the runner lets rank 0 seal it
+SELECTION = "select/inference"  # input role: the inference-mode selection (the target's rewards), when planned
+
+
+def build_role(mode: str) -> str:
+    """The input role of one mode's build stage."""
+    return f"build/{mode}"
+
+
+class Config(StageConfig):
+    target: ModelIdentity
+    target_key: str
+    loss: Ref
+    curriculum: Ref
+    train: TrainSpec
+    recipe_name: str
+    sources: list[str]  # source keys
+    card_recipe: str  # the recipe text of the model card: hashed, so a shared key never embeds another recipe
+
+    # where a run reports and publishes (trackers, the Hub), not what it trains: read, never hashed
+    NOT_HASHED: ClassVar[dict[str, Any]] = {"train": set(TrainSpec.NOT_HASHED)}
 
 
 def run(ctx) -> dict:
+    from ..training import train
+
     cfg = ctx.config
-    examples = {mode: ctx.inputs[f"build/{mode}"] / "examples.arrow" for mode in MODES if f"build/{mode}" in ctx.inputs}
-    selection = ctx.inputs.get("select/inference")
-    target_reward = read_target_reward(selection / "selection.parquet", cfg["target_key"]) if selection else None
+    examples = {mode: ctx.inputs[build_role(mode)] / "examples.arrow" for mode in MODES if build_role(mode) in ctx.inputs}
+    selection = ctx.inputs.get(SELECTION)
+    target_reward = read_target_reward(selection / SELECTION_FILE, cfg.target_key) if selection else None
     lineage = {
-        "recipe": cfg["recipe_name"],
-        "target": {"key": cfg["target_key"], **cfg["target"]},
-        "sources": cfg["sources"],
+        "recipe": cfg.recipe_name,
+        "target": {"key": cfg.target_key, **cfg.target},
+        "sources": cfg.sources,
         "stages": {"train": ctx.out.name.removesuffix(".partial"),
                    **{role: path.name for role, path in sorted(ctx.inputs.items())}},  # cache keys
     }
     card = {
-        "title": f"{cfg['target_key']} fused by profuser ({cfg['recipe_name']})",
-        "recipe": cfg["card_recipe"],  # in the config, so in the key: a shared key never embeds another recipe
+        "title": f"{cfg.target_key} fused by profuser ({cfg.recipe_name})",
+        "recipe": cfg.card_recipe,
         "lineage": lineage,
     }
-    # the trackers are in no key (TrainSpec.NOT_HASHED): they come from this run's recipe
-    spec = TrainSpec(**cfg["train"], **{f: getattr(ctx.recipe.train, f) for f in TrainSpec.NOT_HASHED
-                                        if f in ctx.recipe.train.model_fields_set})
     summary = train(
-        cfg["target"], examples, ctx.build("losses", cfg["loss"]), ctx.build("curricula", cfg["curriculum"]),
-        spec, ctx.out,
+        cfg.target, examples, ctx.build("losses", cfg.loss), ctx.build("curricula", cfg.curriculum),
+        cfg.train, ctx.out,
         target_reward=target_reward, callbacks=[ctx.log_metrics], card=card,
         device=ctx.runtime.device, cache_dir=ctx.runtime.cache_dir, progress=ctx.runtime.progress,
-        run_name=cfg["recipe_name"],
+        run_name=cfg.recipe_name, engine=ctx.engine,
     )
     return {key: summary[key] for key in ("steps", "final_loss", "tokens", "seconds", "world_size", "backend", "phases", "resumed_from")}
 
@@ -65,20 +82,15 @@ def read_target_reward(path: Path, target_key: str) -> dict[str, dict[str, float
     A selection without reward-model scores (an evaluator such as ``reference``) gives the
     evaluator's own score of the target as a plain number. ``rm_vote``'s own scores are vote
     counts and are never read as a reward."""
-    if not path.is_file():
-        raise DataError("selection file not found", where=str(path))
-    names = pq.read_schema(path).names
-    columns = ["id", *(c for c in ("rm_scores", "scores", "detail") if c in names)]
-    table = pq.read_table(path, columns=columns).to_pydict()
     rewards: dict[str, dict[str, float] | float] = {}
-    for row, example_id in enumerate(table["id"]):
-        if "rm_scores" in table:
-            per_rm = json.loads(table["rm_scores"][row] or "{}")
+    for example_id, row in read_selection(path, scores=True).items():
+        if row.rm_scores is not None:
+            per_rm = row.rm_scores
         else:
-            detail = json.loads(table["detail"][row] or "{}") if "detail" in table else {}
+            detail = row.detail or {}
             per_rm = detail.get("rm_scores") if isinstance(detail, dict) else None
             if per_rm is None:  # no reward models: the evaluator's own score
-                score = json.loads(table["scores"][row] or "{}").get(target_key) if "scores" in table else None
+                score = (row.scores or {}).get(target_key)
                 if score is not None:
                     rewards[example_id] = float(score)
                 continue

@@ -82,12 +82,14 @@ def train(
     progress: bool = False,
     keep_checkpoints: bool = False,
     run_name: str | None = None,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Train ``model`` (a ModelSpec, its dict, or a model reference) on ``examples`` (mode ->
     examples.arrow) through the phases of ``curriculum``; write ``out_dir/model``,
     ``metrics.jsonl`` and ``tb/``. Re-running with the same arguments resumes from the last
     checkpoint. ``card``: ``title``, ``recipe`` (YAML text) and ``lineage`` for the model card.
-    ``run_name``: the trackers' project (wandb project, MLflow experiment); default the model's key."""
+    ``run_name``: the trackers' project (wandb project, MLflow experiment); default the model's key.
+    ``engine``: the plugin engine that resolves a ``builtin:`` model (``profuser.models.load_model``)."""
     from transformers import get_scheduler, set_seed
 
     from ..models import as_spec, load_model
@@ -129,7 +131,7 @@ def train(
     micro = spec.micro_batch_size
 
     # --- 3. model, optimizer, schedule -----------------------------------------------------------
-    net, tokenizer = load_model(model, device="cpu", cache_dir=cache_dir)  # the backend places it
+    net, tokenizer = load_model(model, device="cpu", cache_dir=cache_dir, engine=engine)  # the backend places it
     net.config.use_cache = False
     if spec.gradient_checkpointing:
         # recompute activations in backward (non-reentrant: works under DDP); transformers 5 renamed it
@@ -294,7 +296,7 @@ def train(
         if spec.peft is None:
             unwrapped.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
         else:
-            save_lora(unwrapped, state_dict, model, spec.peft, model_dir, cache_dir=cache_dir)
+            save_lora(unwrapped, state_dict, model, spec.peft, model_dir, cache_dir=cache_dir, engine=engine)
         # the template the examples were encoded with (build: chat.template_for): a base model trained
         # with the fallback keeps it, so it chats the same after reload
         tokenizer.chat_template = template_for(tokenizer)  # load_model applied the recipe's override
@@ -453,7 +455,7 @@ ADAPTER_DIR = "adapter"  # model/adapter/ beside merged weights: see save_lora
 
 
 def save_lora(unwrapped, state_dict: dict | None, model: ModelSpec, peft_spec, model_dir: Path, *,
-              cache_dir: Path | None) -> None:
+              cache_dir: Path | None, engine: Any = None) -> None:
     """The adapter (``adapter_model.safetensors`` + ``adapter_config.json``, peft's save_pretrained)
     and ``base_model.json`` (the base ModelSpec, so ``load_model`` rebuilds base + adapter) into
     ``model_dir``; with ``merge``, the merged plain model into ``model_dir`` and the adapter into
@@ -465,7 +467,7 @@ def save_lora(unwrapped, state_dict: dict | None, model: ModelSpec, peft_spec, m
     unwrapped.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
     atomic_write_json(adapter_dir / BASE_MODEL_FILE, model.identity())
     if peft_spec.merge:
-        merged = merge_adapter(model, adapter_dir, device="cpu", cache_dir=cache_dir)
+        merged = merge_adapter(model, adapter_dir, device="cpu", cache_dir=cache_dir, engine=engine)
         merged.save_pretrained(model_dir, safe_serialization=True)
 
 
