@@ -103,7 +103,9 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     modes = [m for m in MODES if m in curriculum.modes]
     target = recipe.target.identity()
     source_keys = [s.key for s in recipe.sources]
-    stages: list[Stage] = [Stage("data", "data", data.Config(data=recipe.data, files=_data_fingerprint(recipe.data.source.params.get("path"))),
+    dataset = registry.build("datasets", recipe.data.source.name, recipe.data.source.params)
+    # what the dataset reads (a file's content hashes): an edit in place must invalidate the data stage
+    stages: list[Stage] = [Stage("data", "data", data.Config(data=recipe.data, files=dataset.fingerprint()),
                                  components=[("datasets", recipe.data.source.name)])]
     if recipe.merges:  # merge baselines need nothing upstream: first, so bad models stop the run early
         stages += [Stage(f"merge/{m.key}", "merge", merge.stage_config(m, recipe.seed)) for m in recipe.merges]
@@ -202,18 +204,6 @@ def card_recipe(recipe: Recipe) -> str:
     executed (runtime), its cost estimate or its evaluation (other stages read those)."""
     return _dump_yaml(recipe, exclude={"runtime": True, "estimate": True, "evaluate": True, "merges": True,
                                        "train": set(TrainSpec.NOT_HASHED)})
-
-
-def _data_fingerprint(path: Any) -> dict[str, str]:
-    """Content hashes of a local data file (or a folder's files): editing the data in place must
-    invalidate the data stage, while moving or touching it must not."""
-    from .store import file_sha256
-
-    if not isinstance(path, str) or not Path(path).exists():
-        return {}
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(f.relative_to(root) if f != root else f.name): file_sha256(f) for f in files}
 
 
 def stage_keys(stages: list[Stage], engine: Engine) -> dict[str, str]:
