@@ -16,6 +16,8 @@ Variants:
   fuse_kl    the ``fuse_kl`` plugin (CE + beta * KL to the sparse top-k teacher, one fused kernel)
   dense      FuseLLM's way: a dense [B, T, V] teacher and a [B, T, V] log-softmax shared by CE and KL
   torch_ce   plain ``F.cross_entropy`` (transformers' own loss), for reference
+  multi_teacher_kl  the ``multi_teacher_kl`` plugin (CE + beta * sum_s w_s KL to S = ``--teachers``
+             sources' top-k on the same response, uniform weights), the seed summary's variant
 """
 
 from __future__ import annotations
@@ -35,21 +37,28 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "builtin:smollm2-135m-instruct"
-VARIANTS = ("sft", "fuse_kl", "dense", "torch_ce")
+VARIANTS = ("sft", "fuse_kl", "dense", "torch_ce", "multi_teacher_kl")
 
 
 def load(model_ref: str):
+    import inspect
+
     from profuser.models import load_model
+    from profuser.plugins import get_engine
     from profuser.recipe import ModelSpec
 
-    model, _ = load_model(ModelSpec(ref=model_ref))
+    # builtin: refs resolve through the plugin engine where load_model takes one
+    kwargs = {"engine": get_engine()} if "engine" in inspect.signature(load_model).parameters else {}
+    model, _ = load_model(ModelSpec(ref=model_ref), **kwargs)
     model.train()
     return model
 
 
-def make_batch(vocab: int, batch: int, length: int, k: int, prompt: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(vocab: int, batch: int, length: int, k: int, prompt: int, teachers: int = 3,
+               seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tokens; the first ``prompt`` positions are prompt (-100), the rest carry a label and
-    a k-slot teacher with distinct ids."""
+    a k-slot teacher with distinct ids, and ``teachers`` sources' k-slot teachers (the
+    ``all_teachers`` entries multi_teacher_kl reads; the first source is the single teacher)."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch, length), generator=g)
     labels = input_ids.clone()
@@ -57,6 +66,11 @@ def make_batch(vocab: int, batch: int, length: int, k: int, prompt: int, seed: i
     start = torch.randint(0, vocab, (batch, length, 1), generator=g)
     teacher_ids = (start + torch.arange(k) * 4099) % vocab  # distinct: k * 4099 < vocab
     teacher_logits = (torch.randn(batch, length, k, generator=g) * 3).sort(-1, descending=True).values
+    # the other sources: their own top-k (other ids, other logits), all on every labelled token
+    starts = torch.cat([start, torch.randint(0, vocab, (batch, length, teachers - 1), generator=g)], -1)
+    all_ids = (starts[..., None] + torch.arange(k) * 4099) % vocab  # [B, T, S, k]
+    extra = (torch.randn(batch, length, teachers - 1, k, generator=g) * 3).sort(-1, descending=True).values
+    all_logits = torch.cat([teacher_logits[:, :, None], extra], dim=2)
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -64,6 +78,10 @@ def make_batch(vocab: int, batch: int, length: int, k: int, prompt: int, seed: i
         "teacher_logits": teacher_logits,
         "teacher_mask": labels != -100,
         "weight": torch.ones(batch),
+        "all_teacher_ids": all_ids,
+        "all_teacher_logits": all_logits,
+        "all_teacher_mask": (labels != -100)[..., None].expand(batch, length, teachers).clone(),
+        "all_teacher_scores": torch.randn(batch, teachers, generator=g).abs() + 1.0,  # CE-like, unused by uniform
     }
 
 
@@ -94,9 +112,11 @@ def torch_ce(logits, batch):
 
 def loss_fns():
     from profuser_plugins.losses.fuse_kl import FuseKL
+    from profuser_plugins.losses.multi_teacher_kl import MultiTeacherKL
     from profuser_plugins.losses.sft import SFT
 
-    return {"sft": SFT(), "fuse_kl": FuseKL(), "dense": dense_fuse_kl, "torch_ce": torch_ce}
+    return {"sft": SFT(), "fuse_kl": FuseKL(), "dense": dense_fuse_kl, "torch_ce": torch_ce,
+            "multi_teacher_kl": MultiTeacherKL()}
 
 
 def _clock() -> tuple[float, float]:
@@ -146,7 +166,7 @@ def _trim() -> None:
 
 def measure_memory(args) -> dict:
     model = load(args.model)
-    batch = make_batch(model.config.vocab_size, args.batch, args.length, args.k, args.prompt)
+    batch = make_batch(model.config.vocab_size, args.batch, args.length, args.k, args.prompt, args.teachers)
     loss_fn = loss_fns()[args.memory_of]
     peaks, bases = [], []
     for i in range(3):  # the first step warms up (lazy inits, thread pools); two measured
@@ -163,7 +183,8 @@ def measure_memory(args) -> dict:
 
 def memory_in_subprocess(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--memory-of", variant, "--model", args.model, "--batch", str(args.batch),
-           "--length", str(args.length), "--k", str(args.k), "--prompt", str(args.prompt)]
+           "--length", str(args.length), "--k", str(args.k), "--prompt", str(args.prompt),
+           "--teachers", str(args.teachers)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -194,6 +215,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--teachers", type=int, default=3, help="sources S of multi_teacher_kl (>= 1)")
     parser.add_argument("--prompt", type=int, default=64, help="prompt positions per example (no label)")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--loss-rounds", type=int, default=10, help="timed loss-only calls per variant")
@@ -210,14 +232,14 @@ def main() -> None:
     fns = loss_fns()
     variants = list(dict.fromkeys(["sft", "fuse_kl", *args.variants]))
     if args.loss_only:
-        batch = make_batch(args.vocab, args.batch, args.length, args.k, args.prompt)
-        print(json.dumps({"vocab": args.vocab, "batch": [args.batch, args.length], "k": args.k,
+        batch = make_batch(args.vocab, args.batch, args.length, args.k, args.prompt, args.teachers)
+        print(json.dumps({"vocab": args.vocab, "batch": [args.batch, args.length], "k": args.k, "teachers": args.teachers,
                           **time_losses(fns, variants, batch, args.vocab, args)}, indent=2))
         return
 
     model = load(args.model)
     vocab = model.config.vocab_size
-    batch = make_batch(vocab, args.batch, args.length, args.k, args.prompt)
+    batch = make_batch(vocab, args.batch, args.length, args.k, args.prompt, args.teachers)
 
     step_s = {v: [] for v in variants}  # (wall, cpu) per step
     for v in variants:
@@ -236,6 +258,7 @@ def main() -> None:
         "batch": [args.batch, args.length],
         "vocab": vocab,
         "k": args.k,
+        "teachers": args.teachers,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "step_seconds": step,
