@@ -316,7 +316,7 @@ def _set(recipe: dict, path: str, value: Any) -> None:
     if isinstance(node, list) and last.isdigit() and int(last) < len(node):
         node[int(last)] = value
     elif isinstance(node, dict):
-        if last == "name" and node.get("name") not in (None, value):
+        if last == "name" and len(parts) > 1 and node.get("name") not in (None, value):  # not the recipe's own name
             node["params"] = {}  # another component: the default's params mean nothing to it
         node[last] = value
     else:

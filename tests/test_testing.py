@@ -48,6 +48,12 @@ def test_overrides_are_dotted_like_dash_o(root):
     assert recipe.loss.params == {"temperature": 1.5} and [s.key for s in recipe.sources] == ["llama", "gem"]
 
 
+def test_the_recipes_own_name_is_an_override_like_any_field(root):
+    raw = yaml.safe_load(tiny_recipe(root, name="tiny-layerwise").read_text())
+    assert raw["name"] == "tiny-layerwise" and "params" not in raw
+    assert load_recipe(tiny_recipe(root, name="b"), registry=Engine(entrypoints=False).registry).name == "b"
+
+
 def test_naming_another_component_drops_the_defaults_params(root):
     raw = yaml.safe_load(tiny_recipe(root, **{"inference_mode.evaluator.name": "reference",
                                               "curriculum.params.w1": 0.3, "curriculum.name": "simultaneous"}).read_text())
