@@ -90,19 +90,25 @@ def context(setup, kind, stage_id, config, inputs, out_name) -> StageContext:
                         engine=setup["engine"])
 
 
-def run_align(setup, source, logits, *, mode="training", aligner="offsets", max_length=MAX_LENGTH, params=None):
+def run_align(setup, source, logits, *, mode="training", aligner="offsets", max_length=MAX_LENGTH, params=None,
+              all_examples=False):
     config = {"mode": mode, "aligner": {"name": aligner, "params": params or {}}, "target": setup["specs"]["llama"],
               "source": setup["specs"][source], "source_key": source, "max_length": max_length}
+    if all_examples:
+        config["all_examples"] = True
     ctx = context(setup, "align", f"align/{mode}/{source}", config,
-                  {"logits": logits, "select": setup["select"], "data": setup["data"]}, f"align-{mode}-{source}-{aligner}")
+                  {"logits": logits, "select": setup["select"], "data": setup["data"]},
+                  f"align-{mode}-{source}-{aligner}{'-all' if all_examples else ''}")
     return ctx.out, align_stage.run(ctx)
 
 
-def run_build(setup, aligned, *, mode="training", max_length=MAX_LENGTH):
-    config = {"mode": mode, "target": setup["specs"]["llama"], "max_length": max_length, "sources": sorted(aligned)}
+def run_build(setup, aligned, *, mode="training", max_length=MAX_LENGTH, all_teachers=False):
+    config = {"mode": mode, "target": setup["specs"]["llama"], "max_length": max_length, "sources": list(aligned)}
+    if all_teachers:
+        config["all_teachers"] = True
     ctx = context(setup, "build", f"build/{mode}", config,
                   {"data": setup["data"], "select": setup["select"], **{f"align/{s}": p for s, p in aligned.items()}},
-                  f"build-{mode}-{max_length}")
+                  f"build-{mode}-{max_length}{'-all' if all_teachers else ''}")
     return ctx.out, build_stage.run(ctx)
 
 
@@ -307,3 +313,64 @@ def test_align_reads_a_length_sorted_store_in_storage_order(setup, monkeypatch):
     got, _ = run_align(setup, "gemma", shuffled)
     assert pq.read_table(got / "aligned.parquet").equals(pq.read_table(expected / "aligned.parquet"))
     assert len(decoded) == batches
+
+
+def test_every_source_aligned_on_every_example_for_the_all_teachers_need(setup):
+    """all_examples / all_teachers (a loss such as multi_teacher_kl): each source aligned on every
+    example, build's [n][S][k] columns hold them in recipe order, the chosen one's equal to the
+    usual teacher columns, and collate puts them at the labelled positions."""
+    ids = [r.id for r in RECORDS]
+    scores = {i: json.dumps({"gemma": 1.0 + j, "llama": 2.0} if i != "e" else {"llama": 0.5}) for j, i in enumerate(ids)}
+    pq.write_table(pa.table({"id": ids, "chosen": [CHOSEN[i] for i in ids], "scores": [scores[i] for i in ids],
+                             "detail": ["{}"] * len(ids)}), setup["select"] / "selection.parquet")
+    sources = ("llama", "gemma")  # recipe order, not sorted
+    stores = {s: write_store(setup["tmp"] / f"logits-{s}", setup["specs"][s], RECORDS, seed=i) for i, s in enumerate(sources)}
+    aligned = {}
+    for source in sources:
+        aligned[source], report = run_align(setup, source, stores[source], all_examples=True)
+        assert report["examples"] == len(RECORDS)
+        assert list(rows(aligned[source] / "aligned.parquet")) == ids  # every example, data order
+    plain_aligned = {s: run_align(setup, s, stores[s])[0] for s in sources}
+    plain, _ = run_build(setup, plain_aligned)
+    out, _ = run_build(setup, aligned, all_teachers=True)
+    table = examples_table(out)
+    assert table.schema.names == [*build_stage.EXAMPLES_SCHEMA.names, "all_teacher_ids", "all_teacher_logits",
+                                  "all_teacher_mask", "all_teacher_scores"]
+    assert table.select(build_stage.EXAMPLES_SCHEMA.names).equals(examples_table(plain))  # the usual columns unchanged
+    for example in table.to_pylist():
+        n = len(example["teacher_mask"])
+        assert np.array(example["all_teacher_ids"]).shape == (n, 2, K)
+        assert np.array(example["all_teacher_mask"]).shape == (n, 2)
+        for s_index, source in enumerate(sources):
+            src = rows(aligned[source] / "aligned.parquet")[example["id"]]
+            assert [t[s_index] for t in example["all_teacher_ids"]] == src["teacher_ids"]
+            assert [t[s_index] for t in example["all_teacher_logits"]] == src["teacher_logits"]
+            assert [m[s_index] for m in example["all_teacher_mask"]] == src["teacher_mask"]
+        chosen = sources.index(CHOSEN[example["id"]])
+        assert [t[chosen] for t in example["all_teacher_ids"]] == example["teacher_ids"]
+        want = json.loads(scores[example["id"]])
+        assert example["all_teacher_scores"] == pytest.approx([want.get(s, np.nan) for s in sources], nan_ok=True)
+
+    data = ExampleSet.load({"training": out / build_stage.EXAMPLES_FILE}, MAX_LENGTH, frozenset({"all_teachers"}))
+    batch = data.collate(np.array([4, 1, 0]), np.ones(3), pad_id=7)
+    b, t = batch["input_ids"].shape
+    assert batch["all_teacher_ids"].shape == (b, t, 2, K) and batch["all_teacher_logits"].shape == (b, t, 2, K)
+    assert batch["all_teacher_mask"].shape == (b, t, 2) and batch["all_teacher_scores"].shape == (b, 2)
+    assert torch.isnan(batch["all_teacher_scores"][0, 1]) and batch["all_teacher_scores"][0, 0] == 0.5  # 'e': llama only
+    for row, example_id in enumerate(batch["ids"]):  # the chosen source's slice is the usual teacher
+        chosen = sources.index(CHOSEN[example_id])
+        assert torch.equal(batch["all_teacher_ids"][row, :, chosen], batch["teacher_ids"][row])
+        assert torch.equal(batch["all_teacher_logits"][row, :, chosen], batch["teacher_logits"][row])
+        assert torch.equal(batch["all_teacher_mask"][row, :, chosen], batch["teacher_mask"][row])
+    assert not batch["all_teacher_mask"][batch["labels"] == -100].any()
+    assert batch["all_teacher_mask"].all(-1).sum() > 0  # positions where both sources teach
+    plain_batch = ExampleSet.load({"training": out / build_stage.EXAMPLES_FILE}, MAX_LENGTH).collate(
+        np.array([4, 1, 0]), np.ones(3), pad_id=7)
+    assert not any(key.startswith("all_teacher") for key in plain_batch)  # only for a loss that needs them
+
+
+def test_all_teachers_build_refuses_sources_aligned_only_on_their_wins(setup):
+    stores = {s: write_store(setup["tmp"] / f"logits-{s}", setup["specs"][s], RECORDS) for s in ("gemma", "llama")}
+    aligned = {s: run_align(setup, s, stores[s])[0] for s in stores}  # without all_examples
+    with pytest.raises(ArtifactError, match="example 'a' is selected but align/training/llama has no row"):
+        run_build(setup, aligned, all_teachers=True)

@@ -1,6 +1,7 @@
 """The ``align/<mode>/<source>`` stage: put one source's distributions on the target's tokens.
 
-For every example this source won (``select``: ``chosen == source_key``), in data order, it reads
+For every example this source won (``select``: ``chosen == source_key``; with ``all_examples`` in
+its config, every selected example: a loss that needs all sources' teachers), in data order, it reads
 the source's stored top-k logits on the response (``logits`` store, by id), tokenises the same conversation with the
 target (``profuser.chat.encode_chat``: same chat formatting and truncation as the ``build`` stage),
 aligns the two tokenisations of the response with the recipe's aligner and projects the source's
@@ -64,18 +65,27 @@ class Config(StageConfig):
     source_key: str
     max_length: int  # train.max_length: the target's truncation, as build's
     columns: list[str] = Field(default_factory=list)  # extra columns (EXTRA_COLUMNS) the loss needs; hashed only when any
+    # every selected example, not only those this source won (a loss that needs all_teachers); hashed only when set
+    all_examples: bool = False
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         data = handler(self)
         if not self.columns:  # no extra column: the key is what it was before the field
             data.pop("columns", None)
+        if not self.all_examples:  # likewise
+            data.pop("all_examples", None)
         return data
 
 
 def won_ids(select_dir, source_key: str) -> list[str]:
     """The ids this source won, in the selection's (data) order."""
     return [i for i, s in read_selection(select_dir).items() if s.chosen == source_key]
+
+
+def selected_ids(select_dir) -> list[str]:
+    """Every selected example, whichever source won it (``all_examples``), in data order."""
+    return list(read_selection(select_dir))
 
 
 def run(ctx) -> dict:
@@ -96,7 +106,9 @@ def run(ctx) -> dict:
     vmap = vocab_map(source_tok, target_tok, cache_dir=cache_dir)
     max_length = target_max_length(target_tok, cfg.max_length)
 
-    ids = won_ids(ctx.inputs[SELECTION], source_key)
+    every = cfg.all_examples  # a loss that needs every source's teacher: else as before
+    ids = selected_ids(ctx.inputs[SELECTION]) if every else won_ids(ctx.inputs[SELECTION], source_key)
+    why = "is selected" if every else f"was won by {source_key!r}"
     reader = LogitsReader(ctx.inputs[LOGITS])
     counts = AlignmentCounts()
     align_seconds = 0.0
@@ -148,7 +160,7 @@ def run(ctx) -> dict:
 
         for example_id in ids:
             if example_id not in reader:
-                raise ArtifactError(f"example {example_id!r} was won by {source_key!r} but is not in its logits store",
+                raise ArtifactError(f"example {example_id!r} {why} but is not in the logits store of {source_key!r}",
                                     where=where)
         won = set(ids)
         # on stderr, and only on a terminal (disable=None): stdout and every --json stay clean

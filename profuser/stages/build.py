@@ -12,7 +12,12 @@ ground-truth response alone: the length the curricula sort by, the same in both 
 With ``columns`` in its config (the extra columns the recipe's loss needs, ``Loss.needs``) it also
 writes ``source`` (the chosen source's key), ``category`` [n] (the alignment category code of
 each labelled position, int8) and/or ``teacher_logz`` [n] (the teacher logits' log-partition,
-float32, which its align stages then write); without, the file is exactly as before.
+float32, which its align stages then write); without, the file is exactly as before. With
+``all_teachers: true`` (a loss with the ``all_teachers`` need; its align stages then aligned every
+source on every selected example's response) it also writes every source's teacher at the same
+rows, sources in recipe order: ``all_teacher_ids`` / ``all_teacher_logits`` [n][S][k],
+``all_teacher_mask`` [n][S], and ``all_teacher_scores`` [S] (the evaluator's score of each source
+in the selection, NaN where none).
 
 One pass, flat memory: the data file and every source's ``aligned.parquet`` (in data order too)
 are streamed side by side; only the selection's id -> source map is held. The output is an Arrow
@@ -29,11 +34,11 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 from pydantic import Field, model_serializer
 
-from ..artifacts import IGNORE_INDEX, iter_records, list_column, read_selection
+from ..artifacts import IGNORE_INDEX, Selected, iter_records, list_column, read_selection
 from ..chat import target_max_length
 from ..components import Mode
 from ..errors import ArtifactError, DataError, ProfuserError
-from ..training.data import EXTRA_SCHEMA
+from ..training.data import ALL_TEACHERS_SCHEMA, EXTRA_SCHEMA
 from ..training.data import SCHEMA as TRAINER_SCHEMA
 from . import ModelIdentity, StageConfig
 
@@ -57,12 +62,16 @@ class Config(StageConfig):
     max_length: int  # train.max_length: the target's truncation, as align's
     sources: list[str]  # source keys: one align stage each
     columns: list[str] = Field(default_factory=list)  # extra columns (EXTRA_SCHEMA's) the loss needs; hashed only when any
+    # every source's teacher too (ALL_TEACHERS_SCHEMA: a loss that needs all_teachers); hashed only when set
+    all_teachers: bool = False
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         data = handler(self)
         if not self.columns:  # no extra column: the key is what it was before the field
             data.pop("columns", None)
+        if not self.all_teachers:  # likewise
+            data.pop("all_teachers", None)
         return data
 
 
@@ -70,8 +79,9 @@ class _Aligned:
     """One source's ``aligned.parquet`` read forward a row group at a time; ``next(id)`` returns
     the next row as numpy arrays, which must be that example's (both sides are in data order)."""
 
-    def __init__(self, path, source: str, where: str):
+    def __init__(self, path, source: str, where: str, every: bool = False):
         self.source, self.where, self.name = source, where, f"align/{where.split('/')[-1]}/{source}"
+        self.why = "is selected" if every else f"was won by {source!r}"  # every: all_teachers aligns every example
         self._rows = self._iter(path / "aligned.parquet")
         self._pending: dict | None = next(self._rows, None)
 
@@ -101,15 +111,56 @@ class _Aligned:
     def next(self, example_id: str) -> dict:
         row = self._pending
         if row is None or row["id"] != example_id:
-            raise ArtifactError(f"example {example_id!r} was won by {self.source!r} but {self.name} has no row for it"
+            raise ArtifactError(f"example {example_id!r} {self.why} but {self.name} has no row for it"
                                 + (f" (its next row is {row['id']!r})" if row else ""), where=self.where)
         self._pending = next(self._rows, None)
         return row
 
     def check_done(self) -> None:
         if self._pending is not None:
-            raise ArtifactError(f"{self.name} has a row for example {self._pending['id']!r}, which it did not win "
-                                "(or which is not in the data)", where=self.where)
+            raise ArtifactError(f"{self.name} has a row for example {self._pending['id']!r}, which "
+                                + ("is not selected" if self.why == "is selected" else "it did not win")
+                                + " (or which is not in the data)", where=self.where)
+
+
+def _source_scores(selection: dict[str, Selected], sources: list[str], where: str) -> dict[str, np.ndarray]:
+    """id -> [S] float32, the evaluator's score of each source (``Choice.scores``), NaN where none."""
+    out = {}
+    for example_id, selected in selection.items():
+        scores = selected.scores or {}
+        try:
+            out[example_id] = np.array([float(scores.get(s, np.nan)) for s in sources], dtype=np.float32)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"example {example_id!r}: unreadable scores {scores!r} ({exc})", where=where) from None
+    return out
+
+
+def _nested3(array: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """One example's [n, S, k] array as a list<list<list<T>>> column of one row."""
+    n, s, k = array.shape
+    values = pa.array(np.ascontiguousarray(array).reshape(-1), type=value_type)
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, n * s * k + 1, k, dtype=np.int32)), values)
+    middle = pa.ListArray.from_arrays(pa.array(np.arange(0, n * s + 1, s, dtype=np.int32)), inner)
+    return pa.ListArray.from_arrays(pa.array(np.array([0, n], dtype=np.int32)), middle)
+
+
+def _all_teachers(example_id: str, chosen: str, row: dict, rows: dict[str, dict], scores: np.ndarray,
+                  mode: str, where: str) -> list[pa.Array]:
+    """The ``all_teacher_*`` columns of one example: every source's aligned teacher on the chosen
+    response (``rows``, recipe order), which must be the same response in the same target tokens."""
+    k = row["teacher_ids"].shape[1]
+    for source, other in rows.items():
+        if other["response"] != row["response"] or not np.array_equal(other["target_ids"], row["target_ids"]):
+            raise ArtifactError(f"example {example_id!r}: align/{mode}/{source} aligned another response than "
+                                f"align/{mode}/{chosen} (every source must be aligned on the chosen one)", where=where)
+        if other["teacher_ids"].shape[1] != k:
+            raise ArtifactError(f"example {example_id!r}: teachers of different top-k "
+                                f"({chosen}: {k}, {source}: {other['teacher_ids'].shape[1]}) in one build", where=where)
+    ids = np.stack([r["teacher_ids"] for r in rows.values()], axis=1)  # [n, S, k]
+    logits = np.stack([r["teacher_logits"] for r in rows.values()], axis=1)  # [n, S, k]
+    mask = np.stack([r["teacher_mask"] for r in rows.values()], axis=1)  # [n, S]
+    return [_nested3(ids.astype(np.int32), pa.int32()), _nested3(logits.astype(np.float32), pa.float32()),
+            list_column([np.ascontiguousarray(mask, dtype=bool)], pa.bool_()), list_column([scores], pa.float32())]
 
 
 def run(ctx) -> dict:
@@ -121,18 +172,25 @@ def run(ctx) -> dict:
     where = ctx.stage.id
     tokenizer = load_tokenizer(cfg.target, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
     max_length = target_max_length(tokenizer, cfg.max_length)
-    chosen_by_id = {i: s.chosen for i, s in read_selection(ctx.inputs[SELECTION]).items()}
+    every = cfg.all_teachers  # a loss that reads every source's teacher: else as before
+    try:  # the scores (JSON) are decoded only for all_teachers
+        selection = read_selection(ctx.inputs[SELECTION], scores=every)
+    except ValueError as exc:
+        raise ArtifactError(f"unreadable selection scores ({exc})", where=where) from None
+    chosen_by_id = {i: s.chosen for i, s in selection.items()}
+    scores_by_id = _source_scores(selection, cfg.sources, where) if every else {}
+    del selection
     for example_id, chosen in chosen_by_id.items():
         if chosen not in cfg.sources:
             raise ProfuserError(f"example {example_id!r}: the chosen source {chosen!r} is not among the sources "
                                 f"({', '.join(cfg.sources)})", where=where)
-    aligned = {s: _Aligned(ctx.inputs[align_role(s)], s, where) for s in cfg.sources}
+    aligned = {s: _Aligned(ctx.inputs[align_role(s)], s, where, every) for s in cfg.sources}
     extra = [c for c in EXTRA_SCHEMA.names if c in cfg.columns]  # only what the loss needs
     unknown = sorted(set(cfg.columns) - set(extra))
     if unknown:
         raise ProfuserError(f"unknown column(s) {', '.join(unknown)} (build writes {', '.join(EXTRA_SCHEMA.names)})",
                             where=where)
-    schema = pa.schema([*EXAMPLES_SCHEMA, *(EXTRA_SCHEMA.field(c) for c in extra)])
+    schema = pa.schema([*EXAMPLES_SCHEMA, *(EXTRA_SCHEMA.field(c) for c in extra), *(ALL_TEACHERS_SCHEMA if every else [])])
 
     examples = response_tokens = teacher_tokens = 0
     k_seen: set[int] = set()
@@ -147,7 +205,11 @@ def run(ctx) -> dict:
             chosen = chosen_by_id.pop(example_id, None)
             if chosen is None:
                 continue
-            row = aligned[chosen].next(example_id)
+            if every:  # every source aligned every example: read them all, in step
+                rows = {s: a.next(example_id) for s, a in aligned.items()}
+                row = rows[chosen]
+            else:
+                row = aligned[chosen].next(example_id)
             if mode == "training" and row["response"] != record["response"]:
                 raise ArtifactError(f"example {example_id!r}: align/{mode}/{chosen} holds another response than the "
                                     "ground truth in the data", where=where)
@@ -177,6 +239,7 @@ def run(ctx) -> dict:
                     raise ArtifactError(f"align/{mode}/{chosen} has no teacher_logz column (its config lacks "
                                         "columns: [teacher_logz])", where=where)
                 columns["teacher_logz"] = list_column([row["teacher_logz"]], pa.float32())
+            teachers = _all_teachers(example_id, chosen, row, rows, scores_by_id.pop(example_id), mode, where) if every else []
             sink.write_batch(pa.RecordBatch.from_arrays([
                 pa.array([example_id], pa.string()),
                 pa.array([mode], pa.string()),
@@ -187,6 +250,7 @@ def run(ctx) -> dict:
                 list_column([row["teacher_mask"]], pa.bool_()),
                 pa.array([gt_length], pa.int32()),
                 *(columns[c] for c in extra),
+                *teachers,
             ], schema=schema))
             examples += 1
             response_tokens += L - start

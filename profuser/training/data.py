@@ -7,8 +7,8 @@ by ``(seed, phase index, epoch)`` only, so it is the same on every rank, for eve
 after a resume: the trainer needs nothing but ``(phase, step)`` to know which examples come next.
 
 Extra columns a loss asks for (``Loss.needs``): ``source``, ``category`` and ``teacher_logz`` are
-read from the file (the build stage writes them only for such a loss), ``example_id`` and ``mode``
-are known anyway.
+read from the file (the build stage writes them only for such a loss), and so are the four
+``all_teacher_*`` columns of ``all_teachers``; ``example_id`` and ``mode`` are known anyway.
 
 Memory stays flat however many examples there are: a file is read one chunk at a time (an Arrow
 IPC record batch, one example each as the build stage writes them; or a parquet row group), never
@@ -55,6 +55,15 @@ COLUMNS = tuple(SCHEMA.names)
 EXTRA_SCHEMA = pa.schema([("source", pa.string()), ("category", pa.list_(pa.int8())),
                           ("teacher_logz", pa.list_(pa.float32()))])
 FILE_NEEDS = tuple(EXTRA_SCHEMA.names)  # the needs that come from the file
+# the ``all_teachers`` need's columns, written by build only for such a loss: every source's teacher
+# at the teacher rows, [n][S][k] and [n][S] (sources in recipe order), and its scores [S]
+ALL_TEACHERS_SCHEMA = pa.schema([
+    ("all_teacher_ids", pa.list_(pa.list_(pa.list_(pa.int32())))),  # [n][S][k]
+    ("all_teacher_logits", pa.list_(pa.list_(pa.list_(pa.float32())))),  # [n][S][k]
+    ("all_teacher_mask", pa.list_(pa.list_(pa.bool_()))),  # [n][S]
+    ("all_teacher_scores", pa.list_(pa.float32())),  # [S], NaN where the evaluator gave none
+])
+OPTIONAL_SCHEMA = pa.schema([*EXTRA_SCHEMA, *ALL_TEACHERS_SCHEMA])
 NO_CATEGORY = -1
 CACHED_CHUNKS = 8  # decoded chunks kept (parquet row groups of hand-written files hold many rows)
 
@@ -88,7 +97,7 @@ class _Chunks:
             raise DataError(f"the loss needs column(s) {', '.join(lacking)}, which this examples file lacks (the build "
                             "stage writes them when the recipe's loss declares them in needs)", where=str(path))
         self.columns = COLUMNS + tuple(extra)
-        self._schema = pa.schema([*SCHEMA, *(EXTRA_SCHEMA.field(c) for c in extra)])
+        self._schema = pa.schema([*SCHEMA, *(OPTIONAL_SCHEMA.field(c) for c in extra)])
         self._fields = [schema.get_field_index(c) for c in COLUMNS]
         if sizes is None:  # IPC: rows per record batch from the batches' headers (ids only decoded)
             ids_only = ipc.open_file(pa.OSFile(str(path), "r"), options=ipc.IpcReadOptions(included_fields=[self._fields[0]]))
@@ -165,6 +174,8 @@ class ExampleSet:
         """``paths``: mode -> ``examples.arrow`` (or a parquet file with the same columns);
         ``needs``: the loss's (``Loss.needs``), the extra entries ``collate`` adds."""
         extra = tuple(c for c in FILE_NEEDS if c in needs)
+        if "all_teachers" in needs:
+            extra += tuple(ALL_TEACHERS_SCHEMA.names)
         files = {mode: _Chunks(Path(path), extra) for mode, path in paths.items()}
         if not files:
             raise ProfuserError("no examples to train on: the train stage needs build/inference and/or build/training")
@@ -264,6 +275,8 @@ class ExampleSet:
             extra["category"] = torch.from_numpy(_pad2(table.column("category"), t, NO_CATEGORY, np.int64, position))
         if "teacher_logz" in self.needs:
             extra["teacher_logz"] = torch.from_numpy(_pad2(table.column("teacher_logz"), t, np.nan, np.float32, position))
+        if "all_teachers" in self.needs:
+            extra.update(_all_teachers(table, t, position, [self.files[m].path for m, _ in located]))
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
@@ -338,6 +351,51 @@ def _pad3(col, t: int, fill, dtype, position: np.ndarray | None = None) -> np.nd
     keep = p < t
     out[r[keep], p[keep], slot[keep]] = values.to_numpy(zero_copy_only=False)[keep]
     return out
+
+
+def _all_teachers(table: pa.Table, t: int, position: np.ndarray, paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The ``all_teachers`` entries of a micro-batch: every source's teacher rows put at the same
+    positions as the chosen teacher's ([b, T, S, k], [b, T, S]; empty: id 0, -inf, False) and the
+    scores [b, S]. Every example must hold S sources (one recipe's builds) and k slots each."""
+    b = table.num_rows
+    scores_col = table.column("all_teacher_scores").combine_chunks()
+    per_example = pc.list_value_length(scores_col).to_numpy(zero_copy_only=False)
+    stored = pc.list_value_length(table.column("teacher_mask")).to_numpy(zero_copy_only=False)
+    rows_of = pc.list_value_length(table.column("all_teacher_mask")).to_numpy(zero_copy_only=False)
+    s = int(per_example[0]) if b else 0
+    bad = np.flatnonzero((per_example != s) | (rows_of != stored))
+    if len(bad):
+        r = int(bad[0])
+        raise DataError(f"example {table.column('id')[r].as_py()!r}: {per_example[r]} source scores and "
+                        f"{rows_of[r]} rows of every source's teacher, expected {s} and {stored[r]} (one per "
+                        "teacher row)", where=str(paths[r]))
+    scores = pc.list_flatten(scores_col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(b, s)
+    owner = np.repeat(np.arange(b), stored.astype(np.int64))  # [teacher rows] the example of each
+    n = len(owner)
+
+    def dense(column: str, tail: int, levels: int, dtype) -> np.ndarray:
+        values = table.column(column).combine_chunks()
+        for _ in range(levels):
+            values = pc.list_flatten(values)
+        flat = values.to_numpy(zero_copy_only=False)
+        if flat.size != n * s * tail:  # a ragged source list or top-k: not what build writes
+            raise DataError(f"{column}: {flat.size} values for {n} teacher rows of {s} sources x {tail}",
+                            where=str(paths[0]))
+        return flat.astype(dtype).reshape(n, s, tail)
+
+    mask = dense("all_teacher_mask", 1, 2, np.bool_)[..., 0]  # [rows, S]
+    inner = pc.list_flatten(pc.list_flatten(table.column("all_teacher_ids").combine_chunks()))
+    k = int(pc.max(pc.list_value_length(inner)).as_py() or 1) if len(inner) else 1
+    ids = dense("all_teacher_ids", k, 3, np.int64)
+    logits = dense("all_teacher_logits", k, 3, np.float32)
+    keep = position < t
+    out_ids = np.zeros((b, t, s, k), dtype=np.int64)
+    out_logits = np.full((b, t, s, k), -np.inf, dtype=np.float32)
+    out_mask = np.zeros((b, t, s), dtype=np.bool_)
+    at = (owner[keep], position[keep])
+    out_ids[at], out_logits[at], out_mask[at] = ids[keep], logits[keep], mask[keep]
+    return {"all_teacher_ids": torch.from_numpy(out_ids), "all_teacher_logits": torch.from_numpy(out_logits),
+            "all_teacher_mask": torch.from_numpy(out_mask), "all_teacher_scores": torch.from_numpy(scores)}
 
 
 def _has_label(labels: pa.ChunkedArray, max_length: int) -> np.ndarray:
