@@ -107,6 +107,10 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     # what the dataset reads (a file's content hashes): an edit in place must invalidate the data stage
     stages: list[Stage] = [Stage("data", "data", data.Config(data=recipe.data, files=dataset.fingerprint()),
                                  components=[("datasets", recipe.data.source.name)])]
+    loss = registry.get("losses", recipe.loss.name).cls
+    # a loss that reads every source's teacher on each example: every source is aligned (and, in
+    # inference mode, teacher-forced) on every example's chosen response; other recipes' keys stay
+    all_teachers = "all_teachers" in loss.needs
     if recipe.merges:  # merge baselines need nothing upstream: first, so bad models stop the run early
         stages += [Stage(f"merge/{m.key}", "merge", merge.stage_config(m, recipe.seed)) for m in recipe.merges]
 
@@ -135,10 +139,16 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                                           reward_models=[rm.key for rm in im.reward_models] if uses_scores else []),
                             select_deps, [("evaluators", im.evaluator.name)]))
         for src in recipe.sources:
+            if all_teachers:  # on every example's chosen response, whichever source generated it
+                logits_deps = {logits.DATA: "data", logits.SELECTION: "select/inference",
+                               **{logits.generations_role(k): f"generate/{k}" for k in source_keys}}
+            else:
+                logits_deps = {logits.DATA: "data", logits.GENERATIONS: f"generate/{src.key}",
+                               logits.SELECTION: "select/inference"}
             stages.append(Stage(f"logits/inference/{src.key}", "logits",
-                                logits.Config(mode="inference", model=src.identity(), source=src.key, distill=recipe.distill),
-                                {logits.DATA: "data", logits.GENERATIONS: f"generate/{src.key}",
-                                 logits.SELECTION: "select/inference"}))
+                                logits.Config(mode="inference", model=src.identity(), source=src.key, distill=recipe.distill,
+                                              all_examples=all_teachers),
+                                logits_deps))
 
     if "training" in modes:
         tm = recipe.training_mode
@@ -154,22 +164,19 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
                             {select.DATA: "data", **{select.logits_role(k): f"logits/training/{k}" for k in source_keys}},
                             [("evaluators", tm.evaluator.name)]))
 
-    loss = registry.get("losses", recipe.loss.name).cls
-    if "all_teachers" in loss.needs:  # align and build keep only the advantaged source's teacher
-        raise RecipeError([("loss.name", (f"{recipe.loss.name!r} needs every source's teacher on each example "
-                                          "(all_teachers), which the align and build stages do not store yet "
-                                          "(docs/summary-variant.md)"))])
     for mode in modes:
         for src in recipe.sources:
             stages.append(Stage(f"align/{mode}/{src.key}", "align",
                                 align.Config(mode=mode, aligner=Ref.of(recipe.aligner), target=target, source=src.identity(),
                                              source_key=src.key, max_length=recipe.train.max_length,
-                                             columns=sorted(set(loss.needs) & set(align.EXTRA_COLUMNS))),
+                                             columns=sorted(set(loss.needs) & set(align.EXTRA_COLUMNS)),
+                                             all_examples=all_teachers),  # every selected example, not only its wins
                                 {align.LOGITS: f"logits/{mode}/{src.key}", align.SELECTION: f"select/{mode}", align.DATA: "data"},
                                 [("aligners", recipe.aligner.name)]))
         stages.append(Stage(f"build/{mode}", "build",
                             build.Config(mode=mode, target=target, max_length=recipe.train.max_length, sources=source_keys,
-                                         columns=sorted(set(loss.needs) & set(build.EXTRA_COLUMNS))),
+                                         columns=sorted(set(loss.needs) & set(build.EXTRA_COLUMNS)),
+                                         all_teachers=all_teachers),
                             {build.DATA: "data", build.SELECTION: f"select/{mode}",
                              **{build.align_role(k): f"align/{mode}/{k}" for k in source_keys}}))
 

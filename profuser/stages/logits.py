@@ -3,7 +3,10 @@
 training mode: the source reads every train example's ground-truth response (its NLL feeds
 Min-CE, its distribution is the training-mode teacher); inference mode: only the examples the
 source won in ``select/inference``, on its own generation (the paper keeps "the chosen output
-and its associated logits").
+and its associated logits"). With ``all_examples`` in its config (a loss that needs every
+source's teacher, ``all_teachers``) inference mode reads every selected example's chosen
+response instead, whichever source generated it (its inputs then hold every source's generate
+stage, ``generations_role(source)``).
 
 Each conversation is formatted with the source's own chat template (``profuser.chat``); the
 logits at position t-1 predict response token t. Only those positions are projected onto the
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
+from pydantic import model_serializer
 
 from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, read_selection
 from ..components import Mode
@@ -49,7 +53,13 @@ CHUNK = 128
 # then dropped, so memory does not grow with the data; ``align`` reads the store in the same chunks
 PROMPT_CHUNK = CHUNK_RECORDS
 # input roles: the data stage; in inference mode also the source's generate stage and the selection
+# (with all_examples: every source's generate stage, generations_role(source), instead)
 DATA, GENERATIONS, SELECTION = "data", "generate", "select"
+
+
+def generations_role(source: str) -> str:
+    """The input role of one source's generate stage (inference mode with ``all_examples``)."""
+    return f"generate/{source}"
 
 
 class Config(StageConfig):
@@ -57,6 +67,16 @@ class Config(StageConfig):
     model: ModelIdentity  # the source
     source: str  # its key
     distill: DistillSpec
+    # inference mode: every selected example's chosen response, whichever source generated it (a
+    # loss that needs all_teachers), not only this source's wins; hashed only when set
+    all_examples: bool = False
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if not self.all_examples:  # the key is what it was before the field
+            data.pop("all_examples", None)
+        return data
 
 
 @dataclass
@@ -88,6 +108,9 @@ def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
         for chunk in iter_chunks(records, PROMPT_CHUNK):
             yield [Item(r["id"], r["system"] or "", r["instruction"], r["response"]) for r in chunk]
         return
+    if ctx.config.all_examples:  # a loss that reads every source's teacher on the same response
+        yield from _chosen_items(ctx, records)
+        return
     # n > 1 samples per prompt: the won one is teacher-forced
     won = {i: s.sample for i, s in read_selection(ctx.inputs[SELECTION]).items() if s.chosen == source}
     path = ctx.inputs[GENERATIONS] / "generations.parquet"
@@ -108,6 +131,41 @@ def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
                 raise DataError(f"example {r['id']!r} was won by {source!r} but its generation is missing (rows follow "
                                 f"the data's order; the next one is {pending['id'] if pending else None!r})", where=str(path))
             out.append(Item(r["id"], r["system"] or "", r["instruction"], generated))
+        yield out
+
+
+def _chosen_items(ctx, records: Iterator[dict]) -> Iterator[list[Item]]:
+    """Every selected example on its chosen response (the won sample of the chosen source's
+    generations), in data order: the generations of every source that won an example
+    (``generations_role(source)`` inputs, one row per record in data order) are streamed beside the data."""
+    where = ctx.stage.id
+    won = {i: (s.chosen, s.sample) for i, s in read_selection(ctx.inputs[SELECTION]).items()}
+    followers = {}
+    for source in dict.fromkeys(c for c, _ in won.values()):
+        if generations_role(source) not in ctx.inputs:
+            example = next(i for i, (c, _) in won.items() if c == source)
+            raise DataError(f"example {example!r}: the chosen source {source!r} has no generations among this "
+                            f"stage's inputs ({', '.join(sorted(ctx.inputs))})", where=where)
+        file = ctx.inputs[generations_role(source)] / "generations.parquet"
+        column = "responses" if "responses" in pq.read_schema(file).names else "response"
+        rows = iter_records(file, ["id", column])
+        followers[source] = [rows, next(rows, None), column]
+    for chunk in iter_chunks(records, PROMPT_CHUNK):
+        out = []
+        for r in chunk:
+            generated = {}
+            for source, follower in followers.items():  # advance every source past this record
+                rows, pending, column = follower
+                if pending is not None and pending["id"] == r["id"]:
+                    generated[source] = pending[column] if column == "responses" else [pending[column]]
+                    follower[1] = next(rows, None)
+            if r["id"] not in won:
+                continue
+            source, sample = won[r["id"]]
+            if source not in generated or not 0 <= sample < len(generated[source]):
+                raise DataError(f"example {r['id']!r} was won by {source!r} (sample {sample}) but that generation is "
+                                "missing (rows follow the data's order)", where=str(ctx.inputs[generations_role(source)]))
+            out.append(Item(r["id"], r["system"] or "", r["instruction"], generated[source][sample]))
         yield out
 
 
