@@ -274,7 +274,8 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
             spec = cfg.model
             params, vocab = model_size(spec["ref"])
             inference = cfg.mode == "inference"
-            count = n / n_sources if inference else n  # inference mode: only the examples this source won
+            won_only = inference and not cfg.all_examples  # all_teachers: every example's chosen response
+            count = n / n_sources if won_only else n  # inference mode: only the examples this source won
             response = g if inference else r
             length = min(p + response, distill.max_length)
             # fp32 logits of a batch, [B, L, V], next to the weights
@@ -283,10 +284,10 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
             rows.append(_row(stage, cached, tokens=round(count * length), throughput=throughputs(recipe, params)["forward"],
                              throughput_source=THROUGHPUT_SOURCES["forward"], gpus=gpus, gpu_memory_gb=_gb(memory),
                              disk_gb=_gb(count * response * BYTES_PER_TOKEN),
-                             note=f"{count:,.0f} examples" + (" (its share of the wins, ≈ 1/sources)" if inference else "")))
+                             note=f"{count:,.0f} examples" + (" (its share of the wins, ≈ 1/sources)" if won_only else "")))
         elif stage.kind == "align":
             inference = cfg.mode == "inference"
-            count = n / n_sources
+            count = n if cfg.all_examples else n / n_sources
             rows.append(_row(stage, cached, disk_gb=_gb(count * (g if inference else r) * BUILD_BYTES_PER_TOKEN),
                              note="CPU"))
         elif stage.kind == "build":
