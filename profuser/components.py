@@ -278,8 +278,8 @@ LOSS_NEEDS: dict[str, str] = {
     "all_teachers": "``batch['all_teacher_ids']`` / ``['all_teacher_logits']`` [B, T, S, k] and "
                     "``['all_teacher_mask']`` [B, T, S]: every source's aligned top-k on the same response, "
                     "sources in recipe order; ``['all_teacher_scores']`` [B, S] float32, the evaluator's score of "
-                    "each source for the example (NaN where none). Not yet written by the build stage: a recipe "
-                    "whose loss needs it is refused (docs/summary-variant.md)",
+                    "each source for the example (NaN where none). The planner then aligns every source on every "
+                    "example (inference mode: on the chosen response) and build writes them (docs/summary-variant.md)",
 }
 
 

@@ -121,7 +121,7 @@ def test_loss_needs_match_what_collate_provides(tmp_path):
     import torch
 
     from profuser.components import LOSS_NEEDS
-    from profuser.training.data import EXTRA_SCHEMA, SCHEMA, ExampleSet
+    from profuser.training.data import ALL_TEACHERS_SCHEMA, EXTRA_SCHEMA, SCHEMA, ExampleSet
 
     rows = _tables()["Loss `needs`: extra batch entries"]
     assert [_unquote(r[0]) for r in rows] == list(LOSS_NEEDS)
@@ -129,7 +129,9 @@ def test_loss_needs_match_what_collate_provides(tmp_path):
         "id": ["a"], "input_ids": [[5, 6, 7]], "labels": [[-100, 6, 7]], "teacher_ids": [[[1], [2]]],
         "teacher_logits": [[[0.0], [0.0]]], "teacher_mask": [[True, True]], "gt_length": [2],
         "source": ["src"], "category": [[0, 4]], "teacher_logz": [[1.5, 0.0]],
-    }).cast(pa.schema([*SCHEMA, *EXTRA_SCHEMA]))
+        "all_teacher_ids": [[[[1], [3]], [[2], [4]]]], "all_teacher_logits": [[[[0.0], [1.0]], [[0.0], [1.0]]]],
+        "all_teacher_mask": [[[True, False], [True, True]]], "all_teacher_scores": [[0.5, float("nan")]],
+    }).cast(pa.schema([*SCHEMA, *EXTRA_SCHEMA, *ALL_TEACHERS_SCHEMA]))
     pq.write_table(table, tmp_path / "examples.parquet")
     plain = ExampleSet.load({"training": tmp_path / "examples.parquet"}, max_length=8)
     assert not set(plain.collate(np.array([0]), np.array([1.0]), pad_id=0)) & set(LOSS_NEEDS)
@@ -139,3 +141,6 @@ def test_loss_needs_match_what_collate_provides(tmp_path):
     assert batch["category"].dtype == torch.int64 and batch["category"].tolist() == [[-1, 0, 4]]
     assert batch["teacher_logz"].dtype == torch.float32 and batch["teacher_logz"][0, 1:].tolist() == [1.5, 0.0]
     assert batch["teacher_logz"][0, 0].isnan()
+    assert batch["all_teacher_ids"].tolist() == [[[[0], [0]], [[1], [3]], [[2], [4]]]]  # [B, T, S, k]
+    assert batch["all_teacher_mask"].tolist() == [[[False, False], [True, False], [True, True]]]
+    assert batch["all_teacher_scores"][0, 0] == 0.5 and batch["all_teacher_scores"][0, 1].isnan()
