@@ -15,7 +15,7 @@ from profuser_plugins.losses.multi_teacher_kl import MultiTeacherKL
 from pyarrow import ipc
 
 from profuser.logits_store import LogitsReader
-from profuser.pipeline import Runner, plan, stage_keys
+from profuser.pipeline import Runner, Stage, plan, stage_keys
 from profuser.plugins import Engine
 from profuser.recipe import load_recipe
 from profuser.runtime import Runtime
@@ -85,6 +85,11 @@ def test_the_plan_asks_for_every_teacher_only_for_a_loss_that_needs_them(root):
     shared = {sid for sid in plain if sid.split("/")[0] in ("data", "generate", "score", "select")}
     shared |= {"logits/training/llama", "logits/training/gemma"}
     assert {sid for sid in plain if plain_keys[sid] == multi_keys[sid]} == shared
+    # the new fields are part of the Configs: a hashed config handed back as a mapping keys the same
+    again = [Stage(s.id, s.kind, s.hashed_config(), s.deps, s.components) for s in multi.values()]
+    assert stage_keys(again, Engine(entrypoints=False)) == multi_keys
+    again = {s.id: s for s in again}
+    assert again["logits/inference/llama"].config.all_examples and again["build/training"].config.all_teachers
 
 
 def test_the_default_recipes_keys_do_not_change(tmp_path):
