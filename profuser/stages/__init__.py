@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class StageConfig(BaseModel):
@@ -21,6 +21,17 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     NOT_HASHED: ClassVar[dict[str, Any]] = {}
+    # fields added after keys existed: left out of the dump while unset (falsy), so a config that
+    # does not use them keeps the key it had before they existed
+    OMITTED_WHEN_UNSET: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        data = handler(self)
+        for name in self.OMITTED_WHEN_UNSET:
+            if not getattr(self, name):
+                data.pop(name, None)
+        return data
 
     def hashed(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude=self.NOT_HASHED or None)

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_serializer
+from pydantic import Field
 
 from ..alignment import AlignmentCounts, ProjectionParams, project, vocab_map
 from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, list_column, read_selection
@@ -68,14 +68,7 @@ class Config(StageConfig):
     # every selected example, not only those this source won (a loss that needs all_teachers); hashed only when set
     all_examples: bool = False
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        data = handler(self)
-        if not self.columns:  # no extra column: the key is what it was before the field
-            data.pop("columns", None)
-        if not self.all_examples:  # likewise
-            data.pop("all_examples", None)
-        return data
+    OMITTED_WHEN_UNSET = ("columns", "all_examples")
 
 
 def won_ids(select_dir, source_key: str) -> list[str]:

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import ipc
-from pydantic import Field, model_serializer
+from pydantic import Field
 
 from ..artifacts import IGNORE_INDEX, Selected, iter_records, list_column, read_selection
 from ..chat import target_max_length
@@ -65,14 +65,7 @@ class Config(StageConfig):
     # every source's teacher too (ALL_TEACHERS_SCHEMA: a loss that needs all_teachers); hashed only when set
     all_teachers: bool = False
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        data = handler(self)
-        if not self.columns:  # no extra column: the key is what it was before the field
-            data.pop("columns", None)
-        if not self.all_teachers:  # likewise
-            data.pop("all_teachers", None)
-        return data
+    OMITTED_WHEN_UNSET = ("columns", "all_teachers")
 
 
 class _Aligned:

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
-from pydantic import model_serializer
 
 from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, read_selection
 from ..components import Mode
@@ -71,12 +70,7 @@ class Config(StageConfig):
     # loss that needs all_teachers), not only this source's wins; hashed only when set
     all_examples: bool = False
 
-    @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        data = handler(self)
-        if not self.all_examples:  # the key is what it was before the field
-            data.pop("all_examples", None)
-        return data
+    OMITTED_WHEN_UNSET = ("all_examples",)
 
 
 @dataclass
