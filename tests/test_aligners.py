@@ -363,8 +363,8 @@ def test_real_smollm2_and_gemma3_tokenizers(tmp_path):
     """The packaged models' tokenizers (first use dequantises the GGUF files: about a minute)."""
     from profuser.models import load_tokenizer
 
-    smol = load_tokenizer("builtin:smollm2-135m-instruct")
-    gemma = load_tokenizer("builtin:gemma3-270m")
+    smol = load_tokenizer("builtin:smollm2-135m-instruct", engine=Engine())
+    gemma = load_tokenizer("builtin:gemma3-270m", engine=Engine())
     text = "Step 1: translate 東京 (Tokyo) 🙂 — naïve résumé.\n\n  The capital of France is Paris."
     target, source = tokenize(smol, text), tokenize(gemma, text, add_special_tokens=True)
     assert "Ġæ" in target.tokens  # 東 split into bytes with overlapping character offsets

@@ -284,9 +284,9 @@ def test_evaluate_stage(tmp_path, tiny_llama_dir, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     ctx = SimpleNamespace(
-        config={"model": None, "label": "fused", "evaluate": evaluation},
+        config=stage.Config.model_validate({"model": None, "label": "fused", "evaluate": evaluation}),
         inputs={"model": train, "data": data}, out=out, stage=SimpleNamespace(id="evaluate/fused"),
-        runtime=SimpleNamespace(torch_device=lambda: "cpu", cache_dir=None),
+        runtime=SimpleNamespace(torch_device=lambda: "cpu", cache_dir=None), engine=None,
     )
     metrics = stage.run(ctx)
     assert metrics == {"profuser_heldout": 0.5, "average": 0.5}

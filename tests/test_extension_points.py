@@ -217,8 +217,8 @@ def test_two_samples_per_prompt_and_every_loss_column_through_a_whole_run(tmp_pa
     for row in selection:  # the won sample is what the source was teacher-forced on
         assert trained[row["id"]] == samples[(row["id"], row["chosen"])][row["sample"]]
         assert json.loads(row["detail"])["sample"][row["chosen"]] == row["sample"]
-    assert [s.config["columns"] for s in runner.stages if s.kind == "build"] == [["category", "source", "teacher_logz"]] * 2
-    assert {tuple(s.config["columns"]) for s in runner.stages if s.kind == "align"} == {("teacher_logz",)}
+    assert [s.config.columns for s in runner.stages if s.kind == "build"] == [["category", "source", "teacher_logz"]] * 2
+    assert {tuple(s.config.columns) for s in runner.stages if s.kind == "align"} == {("teacher_logz",)}
     built = ipc.open_file(str(out["build/inference"] / "examples.arrow")).read_all()
     assert {"source", "category"} <= set(built.column_names)
     assert {r["id"]: r["chosen"] for r in selection} == dict(zip(built["id"].to_pylist(), built["source"].to_pylist()))

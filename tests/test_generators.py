@@ -304,7 +304,7 @@ def stage_ctx(tmp_path, model_dir, out_name="out"):
               "seed": 42}
     out = tmp_path / out_name
     out.mkdir(exist_ok=True)
-    stage = Stage("generate/tiny", "generate", config, {"data": "data"})
+    stage = Stage("generate/tiny", "generate", generate_stage.Config.model_validate(config), {generate_stage.DATA: "data"})
     return StageContext(stage=stage, inputs={"data": data}, out=out, runtime=Runtime(device="cpu", progress=False),
                         engine=get_engine())
 
@@ -358,7 +358,8 @@ def test_generate_stage_rejects_n_samples_of_the_wrong_shape(tmp_path, tiny_llam
 
     monkeypatch.setattr(HFGenerator, "generate", lambda self, model, prompts, *, seed: [["x"]] * len(prompts))
     ctx = stage_ctx(tmp_path, tiny_llama_dir)
-    ctx.stage.config["generator"]["params"]["n"] = 2
+    generator = ctx.stage.config.generator
+    ctx.stage.config = ctx.stage.config.model_copy(update={"generator": generator.model_copy(update={"params": {**generator.params, "n": 2}})})
     with pytest.raises(ProfuserError, match="n is 2: must return a list of 2 responses for each of the 5 prompts"):
         generate_stage.run(ctx)
 

@@ -15,7 +15,7 @@ from profuser.chat import FALLBACK_CHAT_TEMPLATE, encode_chat, template_for
 from profuser.components import BuiltinModel
 from profuser.errors import ModelError
 from profuser.models import cached_build, load_model, load_tokenizer, resolve_model
-from profuser.plugins import Engine, reset_engine
+from profuser.plugins import Engine
 from profuser.recipe import ModelSpec
 from profuser.testing import CHATML_TEMPLATE, tiny_gguf_file
 
@@ -81,7 +81,7 @@ def test_chat_template_override_text_and_file(tiny_gemma_dir, tmp_path):
 ])
 def test_bad_refs_are_model_errors_naming_the_ref(ref, message):
     with pytest.raises(ModelError, match=message) as err:
-        load_model(ref)
+        load_model(ref, engine=Engine())
     assert err.value.where == ref
     assert err.value.lines()[0].startswith(f"{ref}: ")
 
@@ -243,9 +243,10 @@ def shared_cache():
 @pytest.mark.parametrize("ref, vocab, has_template", [("builtin:smollm2-135m-instruct", 49152, True),
                                                       ("builtin:gemma3-270m", 262144, False)])
 def test_packaged_models_load_from_cache_and_produce_logits(shared_cache, ref, vocab, has_template):
-    resolve_model(ref, cache_dir=shared_cache)  # builds the entry if this machine has none yet
+    engine = Engine()
+    resolve_model(ref, cache_dir=shared_cache, engine=engine)  # builds the entry if this machine has none yet
     start = time.perf_counter()
-    model, tokenizer = load_model(ref, cache_dir=shared_cache)
+    model, tokenizer = load_model(ref, cache_dir=shared_cache, engine=engine)
     assert time.perf_counter() - start < 30  # from the cache: seconds, not a dequantisation
     assert (tokenizer.chat_template is not None) == has_template
     enc = encode_chat(tokenizer, "", "What is the capital of France?", "Paris is the capital.", max_length=256)
@@ -290,17 +291,16 @@ class _TinyPlugin:
 @pytest.fixture
 def tiny_plugin_engine(tiny_llama_dir):
     _TinyPlugin.source = tiny_llama_dir
-    reset_engine(Engine(entrypoints=False, extra_plugins=[("tiny-plugin", _TinyPlugin)]))
-    yield
-    reset_engine(None)
+    return Engine(entrypoints=False, extra_plugins=[("tiny-plugin", _TinyPlugin)])
 
 
 def test_builtin_ref_resolves_through_the_plugin_into_the_cache(tiny_plugin_engine, tmp_path):
-    model, tokenizer = load_model("builtin:tiny", cache_dir=tmp_path)
-    assert resolve_model("builtin:tiny", cache_dir=tmp_path) == tmp_path / "builtin" / "tiny-k"
+    engine = tiny_plugin_engine
+    model, tokenizer = load_model("builtin:tiny", cache_dir=tmp_path, engine=engine)
+    assert resolve_model("builtin:tiny", cache_dir=tmp_path, engine=engine) == tmp_path / "builtin" / "tiny-k"
     assert logits_of(model, tokenizer).shape[-1] == 500
     with pytest.raises(ModelError, match="plugin tiny-plugin failed to resolve it: RuntimeError: disk on fire") as err:
-        load_model("builtin:broken", cache_dir=tmp_path)
+        load_model("builtin:broken", cache_dir=tmp_path, engine=engine)
     assert err.value.where == "builtin:broken"
 
 

@@ -243,7 +243,7 @@ def test_every_valid_need_is_filled_by_the_select_stage(tmp_path, monkeypatch, m
     """NEEDS is what the select stage really provides: an evaluator needing only ``need`` sees it."""
     from profuser.components import Candidates, Choice, Record
     from profuser.data import write_records
-    from profuser.stages import select
+    from profuser.stages import Ref, select
 
     seen: list[Candidates] = []
 
@@ -273,9 +273,9 @@ def test_every_valid_need_is_filled_by_the_select_stage(tmp_path, monkeypatch, m
     # the whole reference is covered ("hi": 2 bytes), so no per-token NLL is read from a store
     monkeypatch.setattr(select, "_nll_table", lambda path: pa.table({"id": ["x1"], "nll_sum": [1.0], "n_tokens": [2],
                                                                       "n_bytes": [2]}))
-    config = {"mode": mode, "evaluator": {"name": "probe", "params": {}}, "sources": ["a", "b"], "reward_models": ["rm"]}
+    config = select.Config(mode=mode, evaluator=Ref(name="probe"), sources=["a", "b"], reward_models=["rm"])
     ctx = types.SimpleNamespace(config=config, inputs=inputs, out=tmp_path,
-                                build=lambda kind, ref: engine.registry.build(kind, ref["name"], ref["params"]))
+                                build=lambda kind, ref: engine.registry.build(kind, ref.name, ref.params))
     select.run(ctx)
     [candidates] = seen
     field = {"nll": "nll", "responses": "responses", "scores": "scores"}[need]

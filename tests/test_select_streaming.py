@@ -16,7 +16,7 @@ from profuser.components import AdvantageEvaluator, Choice, Record
 from profuser.data import write_records
 from profuser.logits_store import LogitsWriter
 from profuser.plugins import Engine
-from profuser.stages import select
+from profuser.stages import Ref, select
 
 IDS = [f"x{i}" for i in range(5)]
 CALLS: list[list] = []
@@ -88,10 +88,10 @@ def stage(tmp_path):
         CALLS.clear()
         out = tmp_path / name
         out.mkdir()
-        config = {"mode": mode, "evaluator": {"name": evaluator, "params": {}}, "sources": ["a", "b"],
-                  "reward_models": ["rm"] if mode == "inference" else []}
+        config = select.Config(mode=mode, evaluator=Ref(name=evaluator), sources=["a", "b"],
+                               reward_models=["rm"] if mode == "inference" else [])
         ctx = types.SimpleNamespace(config=config, inputs=inputs, out=out,
-                                    build=lambda kind, ref: engine.registry.build(kind, ref["name"], ref["params"]))
+                                    build=lambda kind, ref: engine.registry.build(kind, ref.name, ref.params))
         select.run(ctx)
         return pq.read_table(out / "selection.parquet")
 

@@ -122,7 +122,7 @@ def test_tracking_and_push_are_in_no_cache_key_nor_the_card(tmp_path):
                           registry=engine.registry)
     assert tracked.train.report_to == [] and tracked.train.push_to_hub.repo == "me/fused"
     assert stage_keys(plan(plain, engine), engine) == stage_keys(plan(tracked, engine), engine)
-    card = next(s for s in plan(tracked, engine) if s.id == "train").config["card_recipe"]
+    card = next(s for s in plan(tracked, engine) if s.id == "train").config.card_recipe
     assert "report_to" not in card and "push_to_hub" not in card
 
 
