@@ -100,9 +100,9 @@ def main() -> None:
     from profuser.models import load_tokenizer
     from profuser.plugins import Engine
 
-    registry = Engine(entrypoints=False).registry
-    aligners = {name: registry.build("aligners", name) for name in ("offsets", "dtw")}
-    tokenizers = {key: load_tokenizer(ref, cache_dir=args.cache_dir) for key, ref in MODELS.items()}
+    engine = Engine()  # its plugins build the aligners and resolve the builtin: refs
+    aligners = {name: engine.registry.build("aligners", name) for name in ("offsets", "dtw")}
+    tokenizers = {key: load_tokenizer(ref, cache_dir=args.cache_dir, engine=engine) for key, ref in MODELS.items()}
     texts = dataset_responses(args.data)
     result = {"data": str(args.data), "texts": len(texts), "repeats": {"dtw": args.repeats, "offsets": args.offsets_repeats},
               "directions": {}}

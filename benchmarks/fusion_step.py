@@ -41,15 +41,11 @@ VARIANTS = ("sft", "fuse_kl", "dense", "torch_ce", "multi_teacher_kl")
 
 
 def load(model_ref: str):
-    import inspect
-
     from profuser.models import load_model
-    from profuser.plugins import get_engine
+    from profuser.plugins import Engine
     from profuser.recipe import ModelSpec
 
-    # builtin: refs resolve through the plugin engine where load_model takes one
-    kwargs = {"engine": get_engine()} if "engine" in inspect.signature(load_model).parameters else {}
-    model, _ = load_model(ModelSpec(ref=model_ref), **kwargs)
+    model, _ = load_model(ModelSpec(ref=model_ref), engine=Engine())  # its plugins resolve builtin: refs
     model.train()
     return model
 

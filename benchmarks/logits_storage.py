@@ -44,7 +44,7 @@ def records(path: Path, n: int, max_prompt_chars: int):
 def run_stage(model_ref: str, recs, root: Path, *, top_k: int, max_length: int, batch_size: int, device: str) -> tuple[Path, dict]:
     from profuser.data import write_records
     from profuser.pipeline import Runtime, Stage, StageContext
-    from profuser.plugins import get_engine
+    from profuser.plugins import Engine
     from profuser.recipe import DistillSpec, ModelSpec
     from profuser.stages import logits
 
@@ -52,10 +52,10 @@ def run_stage(model_ref: str, recs, root: Path, *, top_k: int, max_length: int, 
     data.mkdir()
     out.mkdir()
     write_records(data / "train.parquet", recs)
-    config = {"mode": "training", "model": ModelSpec(ref=model_ref).identity(), "source": "bench",
-              "distill": DistillSpec(top_k=top_k, batch_size=batch_size, max_length=max_length).model_dump()}
-    ctx = StageContext(stage=Stage("logits/training/bench", "logits", config, {"data": "data"}), inputs={"data": data},
-                       out=out, runtime=Runtime(progress=False, device=device), engine=get_engine(), recipe=None)
+    config = logits.Config(mode="training", model=ModelSpec(ref=model_ref).identity(), source="bench",
+                           distill=DistillSpec(top_k=top_k, batch_size=batch_size, max_length=max_length))
+    ctx = StageContext(stage=Stage("logits/training/bench", "logits", config, {logits.DATA: "data"}), inputs={logits.DATA: data},
+                       out=out, runtime=Runtime(progress=False, device=device), engine=Engine())
     return out, logits.run(ctx)
 
 

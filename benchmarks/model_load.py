@@ -33,11 +33,11 @@ import torch
 import transformers.modeling_utils  # transformers imports lazily: pay it here, not in the load
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from profuser.models import load_model
-from profuser.plugins import get_engine
-get_engine()
+from profuser.plugins import Engine
+engine = Engine()
 torch.set_num_threads(int(sys.argv[3]))
 t1, c1 = time.perf_counter(), time.process_time()
-model, tokenizer = load_model(sys.argv[1], cache_dir=sys.argv[2])
+model, tokenizer = load_model(sys.argv[1], cache_dir=sys.argv[2], engine=engine)
 t2 = time.perf_counter()
 ids = torch.tensor([tokenizer("What is the capital of France?")["input_ids"]])  # [1, T]
 with torch.no_grad():

@@ -56,6 +56,8 @@ def _specs(root: Path) -> dict:
 
 
 def _context(root: Path, stage_id: str, kind: str, config: dict, inputs: dict):
+    import importlib
+
     from profuser.pipeline import Runtime, Stage, StageContext
     from profuser.plugins import Engine
 
@@ -63,9 +65,10 @@ def _context(root: Path, stage_id: str, kind: str, config: dict, inputs: dict):
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    return StageContext(stage=Stage(stage_id, kind, config, {}), inputs={k: root / "store" / v for k, v in inputs.items()},
+    typed = importlib.import_module(f"profuser.stages.{kind}").Config.model_validate(config)  # what plan() would build
+    return StageContext(stage=Stage(stage_id, kind, typed, {}), inputs={k: root / "store" / v for k, v in inputs.items()},
                         out=out, runtime=Runtime(progress=False, device="cpu", cache_dir=root.parent / "cache"),
-                        engine=Engine(entrypoints=False), recipe=None)
+                        engine=Engine(entrypoints=False))
 
 
 def _stage(root: Path, step: str) -> dict:
