@@ -66,3 +66,13 @@ def launch_ranks():
         return outputs
 
     return launch
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory, tiny_llama_dir, tiny_gemma_dir):
+    """A folder whose models/ already holds the session's tiny models (tiny_recipe reuses them)."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "models").mkdir()
+    for path in (tiny_llama_dir, tiny_gemma_dir):
+        (root / "models" / path.name).symlink_to(path)
+    return root

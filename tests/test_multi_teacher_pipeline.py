@@ -46,25 +46,16 @@ class SpyPlugin:
         register(SpyMultiTeacher)
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_llama_dir, tiny_gemma_dir):
-    root = tmp_path_factory.mktemp("mt")
-    (root / "models").mkdir()
-    for path in (tiny_llama_dir, tiny_gemma_dir):
-        (root / "models" / path.name).symlink_to(path)
-    return root
-
-
-def planned(root, loss, engine):
-    recipe = load_recipe(tiny_recipe(root, **{"loss.name": loss}), registry=engine.registry)
+def planned(tiny_root, loss, engine):
+    recipe = load_recipe(tiny_recipe(tiny_root, **{"loss.name": loss}), registry=engine.registry)
     stages = plan(recipe, engine)
     return {s.id: s for s in stages}, stage_keys(stages, engine)
 
 
-def test_the_plan_asks_for_every_teacher_only_for_a_loss_that_needs_them(root):
+def test_the_plan_asks_for_every_teacher_only_for_a_loss_that_needs_them(tiny_root):
     engine = Engine(entrypoints=False)
-    plain, plain_keys = planned(root, "fuse_kl", engine)
-    multi, multi_keys = planned(root, "multi_teacher_kl", engine)
+    plain, plain_keys = planned(tiny_root, "fuse_kl", engine)
+    multi, multi_keys = planned(tiny_root, "multi_teacher_kl", engine)
     assert plain.keys() == multi.keys()
     for sid, stage in plain.items():  # a loss without the need: no new key hashed anywhere, deps as before
         assert not NEW_KEYS & set(stage.hashed_config()), sid
@@ -113,13 +104,13 @@ def test_the_variant_recipes_validate_and_plan(name):
     assert all(s.config.all_teachers for s in stages.values() if s.kind == "build")
 
 
-def test_a_whole_run_trains_on_both_sources_teachers(root):
+def test_a_whole_run_trains_on_both_sources_teachers(tiny_root):
     engine = Engine(entrypoints=False, extra_plugins=[("spy", SpyPlugin())])
-    recipe = load_recipe(tiny_recipe(root, **{"loss.name": "spy_multi_teacher"}), registry=engine.registry)
-    runner = Runner(recipe, engine, Runtime(runs_dir=root / "runs", device="cpu", progress=False), echo=lambda _: None)
+    recipe = load_recipe(tiny_recipe(tiny_root, **{"loss.name": "spy_multi_teacher"}), registry=engine.registry)
+    runner = Runner(recipe, engine, Runtime(runs_dir=tiny_root / "runs", device="cpu", progress=False), echo=lambda _: None)
     SpyMultiTeacher.batches.clear()
     runner.run()
-    store = root / "runs" / "store"
+    store = tiny_root / "runs" / "store"
     out = {s.id: store / s.kind / runner.keys[s.id] for s in runner.stages}
 
     # inference mode: every source teacher-forced on every example's chosen generation

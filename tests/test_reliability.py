@@ -15,14 +15,8 @@ import torch
 from test_trainer import read_metrics, small_spec, write_examples
 
 from profuser.errors import ProfuserError
-from profuser.plugins import Engine
 from profuser.training import train
 from profuser.training.trainer import TrainingError
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return Engine(entrypoints=False).registry
 
 
 @pytest.fixture(scope="module")

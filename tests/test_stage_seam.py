@@ -11,11 +11,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from profuser_plugins.losses.fuse_kl import FuseKL
 from pydantic import ValidationError
 
 from profuser import hookimpl
 from profuser.artifacts import read_selection
-from profuser.components import BuiltinModel, Curriculum, Loss, Phase
+from profuser.components import BuiltinModel, Curriculum, Phase
 from profuser.errors import DataError, ModelError
 from profuser.pipeline import STAGE_KINDS, Runner, Stage, plan, stage_keys
 from profuser.plugins import Engine
@@ -74,12 +75,12 @@ def test_fields_left_out_of_the_key_are_still_read_from_the_config(engine):
     assert "curriculum:" in base.config.card_recipe  # the card's recipe text is in the config, so in the key
 
 
-class LogzLoss(Loss):
-    name = "seam_logz"
-    needs = frozenset({"teacher_logz", "source"})
+class LogzLoss(FuseKL):
+    """fuse_kl declaring two extra columns: only planned here (which configs gain them)."""
 
-    def __call__(self, logits, batch, *, beta=None):
-        raise NotImplementedError  # planned only, never trained
+    name = "seam_logz"
+    aliases = ()  # fuse_kl's belong to fuse_kl
+    needs = frozenset({"teacher_logz", "source"})
 
 
 class LogzPlugin:

@@ -21,26 +21,18 @@ EXAMPLE = REPO / "docs" / "examples" / "profuser-warmup-curriculum"
 ANSWER_AWARE = REPO / "docs" / "examples" / "profuser-answer-aware"
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_llama_dir, tiny_gemma_dir):
-    """A folder whose models/ already holds the session's tiny models (tiny_recipe reuses them)."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "models").mkdir()
-    for path in (tiny_llama_dir, tiny_gemma_dir):
-        (root / "models" / path.name).symlink_to(path)
-    return root
 
 
-def test_tiny_recipe_is_valid_and_small(root):
-    recipe = load_recipe(tiny_recipe(root), registry=Engine(entrypoints=False).registry)
+def test_tiny_recipe_is_valid_and_small(tiny_root):
+    recipe = load_recipe(tiny_recipe(tiny_root), registry=Engine(entrypoints=False).registry)
     assert [s.key for s in recipe.sources] == ["llama", "gemma"]
-    assert recipe.target.ref == str(root / "models" / "tiny-llama")
+    assert recipe.target.ref == str(tiny_root / "models" / "tiny-llama")
     assert recipe.data.source.params["n"] <= 16 and recipe.evaluate.tasks == ["profuser_heldout"]
     assert recipe.evaluate.baselines is False
 
 
-def test_overrides_are_dotted_like_dash_o(root):
-    path = tiny_recipe(root, {"loss.params.temperature": 1.5, "train.lr": 0.01}, **{"sources.1.label": "gem", "seed": 3})
+def test_overrides_are_dotted_like_dash_o(tiny_root):
+    path = tiny_recipe(tiny_root, {"loss.params.temperature": 1.5, "train.lr": 0.01}, **{"sources.1.label": "gem", "seed": 3})
     raw = yaml.safe_load(path.read_text())
     assert raw["loss"] == {"name": "fuse_kl", "params": {"temperature": 1.5}}
     assert raw["train"]["lr"] == 0.01 and raw["sources"][1]["label"] == "gem" and raw["seed"] == 3
@@ -48,14 +40,14 @@ def test_overrides_are_dotted_like_dash_o(root):
     assert recipe.loss.params == {"temperature": 1.5} and [s.key for s in recipe.sources] == ["llama", "gem"]
 
 
-def test_the_recipes_own_name_is_an_override_like_any_field(root):
-    raw = yaml.safe_load(tiny_recipe(root, name="tiny-layerwise").read_text())
+def test_the_recipes_own_name_is_an_override_like_any_field(tiny_root):
+    raw = yaml.safe_load(tiny_recipe(tiny_root, name="tiny-layerwise").read_text())
     assert raw["name"] == "tiny-layerwise" and "params" not in raw
-    assert load_recipe(tiny_recipe(root, name="b"), registry=Engine(entrypoints=False).registry).name == "b"
+    assert load_recipe(tiny_recipe(tiny_root, name="b"), registry=Engine(entrypoints=False).registry).name == "b"
 
 
-def test_naming_another_component_drops_the_defaults_params(root):
-    raw = yaml.safe_load(tiny_recipe(root, **{"inference_mode.evaluator.name": "reference",
+def test_naming_another_component_drops_the_defaults_params(tiny_root):
+    raw = yaml.safe_load(tiny_recipe(tiny_root, **{"inference_mode.evaluator.name": "reference",
                                               "curriculum.params.w1": 0.3, "curriculum.name": "simultaneous"}).read_text())
     assert raw["inference_mode"]["evaluator"] == {"name": "reference", "params": {}}
     # the name is applied first whatever the order given, so the new component keeps its params
@@ -64,9 +56,9 @@ def test_naming_another_component_drops_the_defaults_params(root):
 
 
 @pytest.mark.parametrize("path", ["sources.5.label", "train.lr.x"])
-def test_a_bad_override_is_one_line(root, path):
+def test_a_bad_override_is_one_line(tiny_root, path):
     with pytest.raises(RecipeError) as err:
-        tiny_recipe(root, **{path: 1})
+        tiny_recipe(tiny_root, **{path: 1})
     [line] = err.value.lines()
     assert line.startswith(f"tiny_recipe: {path}: ")
 
