@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from toy_stages import starts
 
 from profuser.pipeline import Runner, Runtime, Stage, plan, stage_keys
 from profuser.plugins import Engine
 from profuser.recipe import Recipe, load_raw, load_recipe
-from toy_stages import starts
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
