@@ -13,6 +13,7 @@ import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import pydantic
@@ -65,6 +66,54 @@ def _distinct_labels(items: list, what: str) -> list:
     return items
 
 
+# --- recipe refs: a model that another recipe makes -----------------------------------------------
+
+RECIPE_REF = "recipe:"  # recipe:<path>[#<merge label>], the path relative to the file that writes it
+# where a recipe names a model: a ModelSpec's ``ref``, a component's ``params.model`` (reward models)
+RECIPE_REF_KEYS = ("ref", "model")
+
+
+def is_recipe_ref(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(RECIPE_REF)
+
+
+def split_recipe_ref(value: str) -> tuple[str, str | None]:
+    """(path, merge label or None) of ``recipe:<path>[#<label>]``."""
+    path, _, label = value.removeprefix(RECIPE_REF).partition("#")
+    return path, label or None
+
+
+def recipe_refs(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(field path, value) of every ``recipe:`` ref in a recipe mapping (or its dump), in order."""
+    found: list[tuple[str, str]] = []
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if key in RECIPE_REF_KEYS and is_recipe_ref(value):
+            found.append((path, value))
+        elif isinstance(value, (dict, list)):
+            found += recipe_refs(value, f"{path}.")
+    return found
+
+
+def replace_recipe_refs(data: Any, new: Callable[[str], Any]) -> Any:
+    """A copy of ``data`` with every ``recipe:`` ref replaced by ``new(value)``."""
+    if isinstance(data, dict):
+        return {k: new(v) if k in RECIPE_REF_KEYS and is_recipe_ref(v) else replace_recipe_refs(v, new)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [replace_recipe_refs(v, new) for v in data]
+    return data
+
+
+def absolute_recipe_ref(value: str, base: Path) -> str:
+    """``recipe:<path>`` with the path made absolute against ``base`` (the writing file's folder)."""
+    path, label = split_recipe_ref(value)
+    if not path.strip():
+        return value  # reported by validation
+    return f"{RECIPE_REF}{(base / Path(path).expanduser()).resolve()}" + (f"#{label}" if label else "")
+
+
 class ModelSpec(StrictModel):
     """A model reference: a hub id, a local directory, a ``.gguf`` file, or ``builtin:NAME``."""
 
@@ -79,6 +128,12 @@ class ModelSpec(StrictModel):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         default=None, description="transformers' attention kernel (from_pretrained); null: its own choice")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        # `target: Qwen/Qwen2.5-7B-Instruct` is short for `target: {ref: Qwen/Qwen2.5-7B-Instruct}`
+        return {"ref": value} if isinstance(value, str) else value
+
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         data = handler(self)
@@ -90,6 +145,9 @@ class ModelSpec(StrictModel):
     def key(self) -> str:
         if self.label:
             return self.label
+        if is_recipe_ref(self.ref):  # recipe:specialists/arith.yaml -> arith (#slerp -> arith-slerp)
+            path, label = split_recipe_ref(self.ref)
+            return Path(path).stem + (f"-{label}" if label else "")
         tail = self.ref.removeprefix("builtin:").rstrip("/").split("/")[-1]
         return tail.removesuffix(".gguf")
 
@@ -429,6 +487,10 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise RecipeError([("extends", f"circular extends: {' -> '.join(map(str, (*_seen, path)))}")], file=str(path))
     data = _read_yaml(path)
+    # a recipe: ref is relative to the file that writes it, whichever recipe extends that file
+    data = replace_recipe_refs(data, lambda value: absolute_recipe_ref(value, path.parent))
+    if _seen:  # inherited: its relative paths are relative to this file, not to the one extending it
+        _rebase_paths(data, path.parent)
     parents = data.pop("extends", None)
     if parents is None:
         return data
@@ -447,6 +509,35 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
             raise RecipeError([("extends", f"file not found: {parent}")], file=str(path))
         merged = deep_merge(merged, load_raw(parent_path, (*_seen, path)))
     return deep_merge(merged, data)
+
+
+def _rebase_paths(data: dict, directory: Path) -> None:
+    """Make the relative local paths of a recipe mapping absolute against ``directory`` (the
+    same strings ``_absolutise_paths`` makes for the file being loaded, so cache keys agree)."""
+
+    def rebased(value: Any, *, must_exist: bool) -> Any:
+        if not isinstance(value, str) or not value or _looks_remote(value) or Path(value).expanduser().is_absolute():
+            return value
+        candidate = directory / Path(value).expanduser()
+        return str(candidate) if candidate.exists() or not must_exist else value
+
+    def node(*parts: str) -> Any:
+        current: Any = data
+        for part in parts:
+            current = current.get(part) if isinstance(current, dict) else None
+        return current
+
+    for parent, key in (("train", "deepspeed_config"), ("evaluate", "data_dir")):
+        block = node(parent)
+        if isinstance(block, dict) and key in block:
+            block[key] = rebased(block[key], must_exist=False)
+    params = node("data", "source", "params")
+    if isinstance(params, dict) and "path" in params:
+        params["path"] = rebased(params["path"], must_exist=False)
+    models = [node("target"), *(node("sources") if isinstance(node("sources"), list) else [])]
+    for spec in models:  # a chat_template that names a file (not a format name, not jinja text)
+        if isinstance(spec, dict) and isinstance(spec.get("chat_template"), str):
+            spec["chat_template"] = rebased(spec["chat_template"], must_exist=True)
 
 
 def _shown(value: Any) -> str:
@@ -489,9 +580,49 @@ def _pydantic_problems(exc: ValidationError) -> list[tuple[str, str]]:
         path = ".".join(str(p) for p in err["loc"])
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            message = "unknown field"
+            message = "unknown field" + _field_hint(err["loc"])
         problems.append((path, message))
     return problems
+
+
+# Hugging Face Trainer (TrainingArguments) names people bring along -> what a recipe says instead
+HF_TRAINER_NAMES = {
+    "learning_rate": "did you mean train.lr?",
+    "num_train_epochs": "epochs are set per phase by the curriculum: curriculum.params (progressive: first_epochs, "
+                        "second_epochs; single-phase curricula: epochs)",
+    "epochs": "epochs are set per phase by the curriculum: curriculum.params (progressive: first_epochs, "
+              "second_epochs; single-phase curricula: epochs)",
+    "per_device_train_batch_size": "did you mean train.micro_batch_size? (per process; train.batch_size is the global batch)",
+    "gradient_accumulation_steps": "set train.batch_size (the global batch): accumulation fills it from "
+                                  "train.micro_batch_size",
+    "warmup_steps": "did you mean train.warmup_ratio?",
+    "lr_scheduler_type": "did you mean train.scheduler?",
+    "bf16": "did you mean train.precision: bf16?",
+    "fp16": "did you mean train.precision: fp16?",
+    "max_seq_length": "did you mean train.max_length?",
+    "save_steps": "did you mean train.checkpoint_every?",
+}
+
+
+def _field_hint(loc: tuple) -> str:
+    """``; did you mean ...`` for an unknown field: a Trainer habit, else a close sibling name."""
+    name = str(loc[-1])
+    if name in HF_TRAINER_NAMES and (len(loc) == 1 or loc[0] == "train"):
+        return f": {HF_TRAINER_NAMES[name]}"
+    model: Any = Recipe
+    for part in loc[:-1]:  # the model the field was written in
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, pydantic.BaseModel) else None
+        if field is None:
+            return ""
+        inner = [a for a in (get_args(field.annotation) or (field.annotation,)) if isinstance(a, type)]
+        model = next((a for a in inner if issubclass(a, pydantic.BaseModel)), None)
+    if model is None:
+        return ""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
 
 
 def _raw_refs(data: dict) -> list[tuple[str, str, ComponentRef]]:
@@ -524,11 +655,14 @@ def validate_components(refs: list[tuple[str, str, ComponentRef]], registry) -> 
     return problems
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), *, registry) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), *, registry, _chain: tuple[Path, ...] = ()) -> Recipe:
     """Load, merge, override and validate a recipe against ``registry`` (an ``Engine``'s: the one
-    whose plugins will run it). Raises ``RecipeError`` listing every problem."""
+    whose plugins will run it). Raises ``RecipeError`` listing every problem. ``_chain``: the
+    recipes whose ``recipe:`` refs led here (a cycle is refused)."""
     file = str(path)
     data = _fill_default_names(apply_overrides(load_raw(path), list(overrides)))
+    # a recipe: ref given with -o is relative to the recipe file, as one written in it
+    data = replace_recipe_refs(data, lambda value: absolute_recipe_ref(value, Path(path).resolve().parent))
     data.setdefault("name", Path(path).stem)
     try:
         recipe = Recipe.model_validate(data)
@@ -539,8 +673,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry) -> Rec
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base)
     problems += _missing_models(recipe)
+    problems += _recipe_ref_problems(recipe, Path(path).resolve(), registry, _chain)
     if recipe.merges:  # architectures, tokenizers and parameters (nothing is loaded)
-        from .stages.merge import merge_problems
+        from .merging import merge_problems
 
         problems += merge_problems(recipe.merges)
     # explicitly listed only: the default TensorBoard is skipped with a note when it is not installed
@@ -554,6 +689,55 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry) -> Rec
     if problems:
         raise RecipeError(problems, file=file)
     return recipe
+
+
+def _recipe_ref_problems(recipe: Recipe, here: Path, registry, chain: tuple[Path, ...]) -> list[tuple[str, str]]:
+    """Each ``recipe:`` ref names a recipe file that validates, makes the model it names (its
+    trained model, or the merge ``#label`` names) and leads back to no recipe on the way here."""
+    problems: list[tuple[str, str]] = []
+    names: dict[str, Path] = {}
+    for field, value in recipe_refs(recipe.model_dump(mode="json")):
+        if field.startswith("merges."):
+            problems.append((field, "a merge takes hub ids or model folders; another recipe's model (recipe:) is not "
+                                    "supported there"))
+            continue
+        spec = _spec_at(recipe, field)
+        if spec is not None and (spec.gguf_file or spec.revision):
+            problems.append((field, "a recipe: ref names a model of the store: gguf_file and revision do not apply"))
+        path, label = split_recipe_ref(value)
+        upstream = Path(path)
+        if not path.strip():
+            problems.append((field, "recipe: names no file (recipe:<path to a recipe .yaml>[#<merge label>])"))
+            continue
+        if upstream in (*chain, here):
+            loop = chain[chain.index(upstream):] if upstream in chain else ()
+            cycle = " -> ".join(p.name for p in (*loop, here, upstream))
+            problems.append((field, f"circular recipe refs: {cycle}"))
+            continue
+        if not upstream.is_file():
+            problems.append((field, f"recipe file not found: {upstream}"))
+            continue
+        try:
+            made = load_recipe(upstream, registry=registry, _chain=(*chain, here))
+        except RecipeError as exc:  # one line per problem, naming the field here and the file there
+            problems += [(field, f"{upstream.name}: {f'{p}: ' if p else ''}{m}") for p, m in exc.problems]
+            continue
+        if names.setdefault(made.name, upstream) != upstream:
+            problems.append((field, f"two recipes named {made.name!r} ({names[made.name]} and {upstream}): their stages "
+                                    "would share ids; give them distinct names"))
+        if label and label not in [m.key for m in made.merges]:
+            merges = ", ".join(m.key for m in made.merges) or "none"
+            problems.append((field, f"{upstream.name} makes no model {label!r}: it makes its trained model (no #label) "
+                                    f"and its merges (#<label>: {merges})"))
+    return problems
+
+
+def _spec_at(recipe: Recipe, field: str) -> ModelSpec | None:
+    """The model spec whose ``ref`` a field path names (``target.ref``, ``sources.1.ref``), else None."""
+    node: Any = recipe
+    for part in field.split(".")[:-1]:
+        node = node[int(part)] if isinstance(node, list) and part.isdigit() else getattr(node, part, None)
+    return node if isinstance(node, ModelSpec) else None
 
 
 def _unused_loss_beta(recipe: Recipe, registry) -> list[tuple[str, str]]:
@@ -590,12 +774,12 @@ def _missing_files(recipe: Recipe, base: Path) -> list[tuple[str, str]]:
 
 def _missing_models(recipe: Recipe) -> list[tuple[str, str]]:
     """Local model refs must exist and hold a config, weights and a tokenizer (nothing is loaded)."""
-    from .models.loading import local_model_problem
+    from .model_files import local_model_problem
 
     specs = [("target", recipe.target)] + [(f"sources.{i}", s) for i, s in enumerate(recipe.sources)]
     problems = []
     for field_path, spec in specs:
-        problem = local_model_problem(spec)
+        problem = None if is_recipe_ref(spec.ref) else local_model_problem(spec)  # recipe refs: _recipe_ref_problems
         if problem:
             problems.append((f"{field_path}.ref", problem))
     return problems
@@ -618,6 +802,10 @@ def _absolutise_paths(recipe: Recipe, base: Path) -> None:
             setattr(recipe.train, attr, str(resolve_path(value, base / "recipe.yaml")))
     if recipe.evaluate.data_dir:
         recipe.evaluate.data_dir = str(resolve_path(recipe.evaluate.data_dir, base / "recipe.yaml"))
+    for spec in (recipe.target, *recipe.sources):  # a chat_template file, not a format name or jinja text
+        value = spec.chat_template
+        if value and "{{" not in value and "{%" not in value and (base / value).is_file():
+            spec.chat_template = str(resolve_path(value, base / "recipe.yaml"))
 
 
 def _looks_remote(value: str) -> bool:

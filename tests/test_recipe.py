@@ -15,6 +15,7 @@ from profuser.components import StrictModel
 from profuser.errors import RecipeError
 from profuser.recipe import (
     ComponentRef,
+    ModelSpec,
     Recipe,
     Slot,
     apply_overrides,
@@ -83,7 +84,7 @@ def test_schema_problems_are_listed_with_their_paths(tmp_path, base, registry):
     with pytest.raises(RecipeError) as err:
         load_recipe(bad, registry=registry)
     problems = dict(err.value.problems)
-    assert problems["train.learning_rate"] == "unknown field"
+    assert problems["train.learning_rate"] == "unknown field: did you mean train.lr?"
     assert "seed" in problems
 
 
@@ -233,3 +234,88 @@ def test_a_default_components_params_alone_keep_its_name(tmp_path, base, registr
                          registry=registry)
     assert recipe.training_mode.evaluator.name == "min_ce" and recipe.inference_mode.generator.name == "hf"
     assert recipe.inference_mode.generator.params == {"max_new_tokens": 8}
+
+
+def test_inherited_relative_paths_are_relative_to_the_file_that_wrote_them(tmp_path, registry):
+    # a recipe in another folder, two levels of extends below the paper recipe (../configs/zero3.json)
+    (tmp_path / "mine").mkdir()
+    middle = write(tmp_path / "mine" / "middle.yaml", f"""
+        extends: {REPO / "recipes" / "paper" / "profuser-7b.yaml"}
+        name: middle
+    """)
+    (tmp_path / "mine" / "deeper").mkdir()
+    child = write(tmp_path / "mine" / "deeper" / "child.yaml", "extends: ../middle.yaml\nname: child\n")
+    recipe = load_recipe(child, registry=registry)
+    assert Path(recipe.train.deepspeed_config).resolve() == REPO / "recipes" / "configs" / "zero3.json"
+    assert load_recipe(middle, registry=registry).train.deepspeed_config == recipe.train.deepspeed_config
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", str(child)], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_childs_own_relative_path_stays_relative_to_the_child(tmp_path, base, registry):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "rows.jsonl").write_text('{"question": "q", "response": "r"}\n')
+    (tmp_path / "rows.jsonl").write_text('{"question": "q", "response": "r"}\n')
+    write(tmp_path / "parent.yaml", "extends: base.yaml\ndata: {source: {name: file, params: {path: rows.jsonl}}}\n")
+    inherited = load_recipe(write(tmp_path / "sub" / "a.yaml", "extends: ../parent.yaml\nname: a\n"), registry=registry)
+    assert Path(inherited.data.source.params["path"]).resolve() == tmp_path / "rows.jsonl"
+    own = load_recipe(write(tmp_path / "sub" / "b.yaml", """
+        extends: ../parent.yaml
+        name: b
+        data: {source: {name: file, params: {path: rows.jsonl}}}
+    """), registry=registry)
+    assert Path(own.data.source.params["path"]).resolve() == tmp_path / "sub" / "rows.jsonl"
+
+
+def test_hf_trainer_names_get_a_did_you_mean(tmp_path, base, registry):
+    bad = write(tmp_path / "hf.yaml", """
+        extends: base.yaml
+        train: {learning_rate: 1.0e-5, num_train_epochs: 3, per_device_train_batch_size: 2,
+                gradient_accumulation_steps: 4, micro_batch: 2}
+    """)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad, registry=registry)
+    problems = dict(err.value.problems)
+    assert "train.lr" in problems["train.learning_rate"]
+    assert "curriculum.params" in problems["train.num_train_epochs"] and "first_epochs" in problems["train.num_train_epochs"]
+    assert "train.micro_batch_size" in problems["train.per_device_train_batch_size"]
+    assert "train.batch_size" in problems["train.gradient_accumulation_steps"]
+    assert problems["train.micro_batch"] == "unknown field; did you mean train.micro_batch_size?"
+
+
+def test_a_model_ref_may_be_a_plain_string(tmp_path, base, registry):
+    recipe = load_recipe(write(tmp_path / "plain.yaml", """
+        extends: base.yaml
+        target: Qwen/Qwen2.5-7B-Instruct
+        sources: [Qwen/Qwen2.5-7B-Instruct, {ref: mistralai/Mistral-7B-Instruct-v0.3, label: mistral}]
+    """), registry=registry)
+    assert recipe.target.ref == "Qwen/Qwen2.5-7B-Instruct" and recipe.target.key == "Qwen2.5-7B-Instruct"
+    assert [s.key for s in recipe.sources] == ["Qwen2.5-7B-Instruct", "mistral"]
+    # the same identity (and so the same cache keys) as the mapping form
+    assert recipe.target.identity() == ModelSpec(ref="Qwen/Qwen2.5-7B-Instruct").identity()
+
+
+def test_readme_validate_command_passes_on_every_shipped_yaml(tmp_path):
+    # what README says to run: accelerate configs are skipped by what they are, and an example whose
+    # data lives outside the checkout says so in its ok line
+    files = sorted(str(p) for p in (REPO / "recipes").rglob("*.yaml"))
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", *files], capture_output=True, text=True,
+                          check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("skip ") == len([f for f in files if "/configs/" in f]) >= 2
+    assert "accelerate config" in proc.stdout
+
+
+def test_a_missing_data_file_alone_is_said_without_failing_validate(tmp_path, base):
+    child = write(tmp_path / "elsewhere.yaml", """
+        extends: base.yaml
+        data: {source: {name: file, params: {path: ../../shared/nowhere.jsonl}}}
+    """)
+    proc = subprocess.run([sys.executable, "-m", "profuser.cli", "validate", str(child)], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "file not found: ../../shared/nowhere.jsonl" in proc.stdout and "`run` needs it" in proc.stdout
+    run = subprocess.run([sys.executable, "-m", "profuser.cli", "run", str(child), "--dry-run"], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 2 and "file not found" in run.stderr and "Traceback" not in run.stderr
