@@ -72,6 +72,7 @@ class AccelerateBackend:
         kwargs: dict[str, Any] = {}
         if spec.distributed == "fsdp" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()  # defaults; a launch config overrides
+        _fresh_accelerator_state()
         # the world size is known only once the process group is up, so accumulation is set after
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[spec.precision], **kwargs)
         # accelerate falls back without a word: FSDP needs GPUs (on CPU it runs plain DDP), and a
@@ -197,6 +198,17 @@ class AccelerateBackend:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def _fresh_accelerator_state() -> None:
+    """Forget the previous training's AcceleratorState and GradientState: accelerate keeps one per
+    process and refuses another precision ("already been initialized"), so a second training in
+    one process (``profuser compare``, a study) could not change ``train.precision``. The process
+    group (PartialState) stays: it is the launch's, shared by every training."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def _load_adapter_params(model, tensors: dict, where: Path) -> None:

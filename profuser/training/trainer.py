@@ -4,17 +4,20 @@
 
 1. The backend (``parallel.py``): accelerate for one process, DDP and FSDP; DeepSpeed for ZeRO.
 2. Data: each mode's examples.arrow (read per example, ``data.py``); the curriculum's phases become per-phase seeded orders
-   (``Curriculum.order_examples`` per epoch) of
-   ``steps * batch_size`` examples (``data.py``). Rank r takes a contiguous 1/world share of each
-   global batch, split into micro-batches; gradient accumulation fills the global batch.
+   (``Curriculum.order_examples`` per epoch) of ``steps * batch_size`` units (``data.py``):
+   instructions, each with both modes' examples in a co-fusion phase (``Phase.draws``), or
+   single examples. Rank r takes a contiguous 1/world share of each global batch's units, its rows
+   split evenly into the backend's micro-batches; gradient accumulation fills the global batch.
 3. Model, AdamW (= Adam at the default weight decay 0), one warm-up + decay schedule spanning the
    steps of all phases.
 4. Resume: the newest complete checkpoint under ``out_dir/checkpoints`` restores model, optimizer,
    scheduler and RNG; the global step alone says where in which phase to continue, and the
    phase's order is recomputed from the seed, so the data continue exactly where they stopped.
 5. The loop: per step, each rank's micro-batches run forward + ``loss(logits, batch, beta=phase
-   beta)`` + backward, each weighted by its share of the global batch's labelled tokens (so the
-   step's loss is the mean over all of them, whatever the split into micro-batches and ranks);
+   beta)`` + backward, each weighted by its share of the global batch's labelled tokens N, every
+   example's weight scaled by N / N_mode (its mode's labelled tokens in the global batch), so the
+   step's loss is Eq. 5, w1 · (token mean over inference-mode tokens) + w2 · (token mean over
+   training-mode tokens), whatever the split into micro-batches and ranks;
    clipping at ``max_grad_norm``; one optimizer step; metrics (token-weighted means) go to
    metrics.jsonl, the trackers of ``train.report_to`` (accelerate's; TensorBoard in ``tb/`` by
    default) and the callbacks; checkpoints every ``checkpoint_every`` steps and
@@ -133,6 +136,8 @@ def train(
     # --- 3. model, optimizer, schedule -----------------------------------------------------------
     net, tokenizer = load_model(model, device="cpu", cache_dir=cache_dir, engine=engine)  # the backend places it
     net.config.use_cache = False
+    weights_dtype = net.dtype  # the spec's dtype: the saved model keeps it
+    master = spec.peft is None and backend.name in ("single", "ddp") and _fp32_master(net)
     if spec.gradient_checkpointing:
         # recompute activations in backward (non-reentrant: works under DDP); transformers 5 renamed it
         enable = getattr(net, "activation_checkpointing_enable", None)
@@ -200,22 +205,25 @@ def train(
     for plan in plans:
         if step >= bounds[plan.index + 1]:
             continue  # finished before the resume
-        rows, weights = plan.order(spec.seed, spec.batch_size, curriculum)  # [steps * batch_size], same on every rank
+        draws = plan.draws(spec.seed, spec.batch_size, curriculum)  # [steps * batch_size] units, same on every rank
         if layered:  # also on a resume mid-phase: the same freezing, the same optimizer state
             set_trainable(backend, plan.phase.trainable)
         for phase_step in range(step - bounds[plan.index], plan.steps):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             first = phase_step * spec.batch_size + rank * per_rank
-            my_rows, my_weights = rows[first:first + per_rank], weights[first:first + per_rank]  # [per_rank]
+            # [>= per_rank]: this rank's units with all their rows (an instruction brings both modes)
+            my_rows, my_weights = plan.expand(draws[first:first + per_rank])
             if on_batch is not None:
                 on_batch(step + 1, [data.example_id(r) for r in my_rows])
-            batches = [data.collate(my_rows[m0:m0 + micro], my_weights[m0:m0 + micro], pad_id)
-                       for m0 in range(0, per_rank, micro)]
-            # the loss is a mean over the global batch's labelled tokens, not a mean of micro-batch
-            # means: each micro-batch counts by its share of the tokens (as one big batch would)
+            # the backend accumulates a fixed per_rank // micro micro-batches: split the rows evenly
+            # (up to 2 * micro rows each when every instruction brings both modes)
+            batches = [data.collate(my_rows[part], my_weights[part], pad_id)
+                       for part in np.array_split(np.arange(len(my_rows)), per_rank // micro)]
+            # Eq. 5 over the global batch, not a mean of micro-batch means: each mode's token mean
+            # (example weights scaled by N / N_mode), each micro-batch counted by its share of N
             labelled = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
-            global_labelled = max(_all_reduce([float(sum(labelled))], backend.device)[0], 1.0)
+            global_labelled = _mode_weights(batches, data.modes, backend.device)
             sums: dict[str, float] = defaultdict(float)
             tokens = 0
             for batch, count in zip(batches, labelled):
@@ -284,7 +292,7 @@ def train(
         "final_loss": last.get("loss"), "tokens": tokens_total, "seconds": time.time() - started,
         "bad_steps": bad_steps,
         "phases": [{"name": p.phase.name, "epochs": p.phase.epochs, "beta": p.phase.beta, "examples": len(p.rows),
-                    "samples": p.samples, "steps": p.steps,
+                    "draws": p.phase.draws, "units": p.units, "samples": p.samples, "steps": p.steps,
                     **({"trainable": _as_json(p.phase.trainable)} if p.phase.trainable else {})} for p in plans],
     }
     if layered:
@@ -292,6 +300,9 @@ def train(
     if is_main:
         model_dir = out_dir / "model"
         unwrapped = backend.unwrap()
+        if master:  # trained over fp32 master weights; saved in the spec's dtype, as loaded
+            unwrapped.to(weights_dtype)
+            state_dict = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         unwrapped.config.use_cache = True
         if spec.peft is None:
             unwrapped.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
@@ -426,6 +437,18 @@ def set_trainable(backend, trainable: Trainable | None) -> None:
         del old
 
 
+def _fp32_master(net: torch.nn.Module) -> bool:
+    """Weights loaded in bf16/fp16 become fp32 for training (True if any did): AdamW updates fp32
+    master weights and accelerate's mixed precision autocasts the compute, as docs/training.md
+    says. Updating bf16 weights directly rounds away every update below 2^-8 of a weight.
+    FSDP (accelerate upcasts itself), DeepSpeed (its own fp32 master) and LoRA (peft keeps the
+    adapter in fp32, the base is frozen) are left alone."""
+    low = [p for p in net.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    if low:
+        net.float()
+    return bool(low)
+
+
 def _require_peft() -> None:
     from ..errors import import_extra
 
@@ -537,6 +560,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _mode_weights(batches: list[dict], modes: list[str], device) -> float:
+    """Eq. 5 over the global batch: scales each example's ``weight`` by N / N_mode (N the step's
+    labelled tokens over all micro-batches and ranks, N_mode those of the example's mode), so that
+    the token mean over the step, sum(weight * loss) / N, is sum_mode w_mode * (token mean over the
+    mode). Returns N (at least 1)."""
+    local = np.zeros(len(modes))
+    per_example = [(b["labels"][:, 1:] != IGNORE).sum(1).tolist() for b in batches]
+    for batch, counts in zip(batches, per_example):
+        for mode, count in zip(batch["modes"], counts):
+            local[modes.index(mode)] += count
+    per_mode = np.asarray(_all_reduce(local.tolist(), device))
+    total = max(float(per_mode.sum()), 1.0)
+    scale = {mode: total / n for mode, n in zip(modes, per_mode.tolist()) if n > 0}
+    for batch in batches:  # a mode without tokens in this micro-batch's examples is never looked up
+        factor = torch.tensor([scale.get(m, 0.0) for m in batch["modes"]], dtype=batch["weight"].dtype)
+        batch["weight"] = batch["weight"] * factor
+    return total
 
 
 def _all_reduce(values: list[float], device) -> list[float]:

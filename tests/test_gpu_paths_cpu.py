@@ -1,0 +1,68 @@
+"""What the first GPU run would have met (issue 21), checked on the CPU wherever the mechanism
+exists there: accelerate's one-per-process state, fp32 master weights, the collective non-finite
+guard (2 gloo ranks), no ``.to()`` of a ZeRO-3-partitioned model, pickled ``.bin`` checkpoints,
+single-token stop strings. The GPU halves are in tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_distributed import TRAIN
+from test_trainer import read_metrics, write_examples
+
+from profuser.plugins import Engine
+from profuser.recipe import TrainSpec
+from profuser.training import train
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    return {"inference": write_examples(root / "inference.parquet", "inference", 4, seed=1),
+            "training": write_examples(root / "training.parquet", "training", 4, seed=2)}
+
+
+def train_cpu(model, examples, out, **fields):
+    registry = Engine(entrypoints=False).registry
+    return train(model, examples, registry.build("losses", "fuse_kl"), registry.build("curricula", "progressive"),
+                 TrainSpec(**{**TRAIN, **fields}), out, device="cpu", keep_checkpoints=True)
+
+
+# --- accelerate's state: one per process --------------------------------------------------------------
+
+
+def test_trainings_with_other_precisions_follow_each_other_in_one_process(tmp_path, tiny_llama_dir, examples):
+    """accelerate refused a second Accelerator with another mixed_precision ("AcceleratorState has
+    already been initialized"): `profuser compare` of an fp32 and a bf16 recipe died after the first."""
+    fp32 = train_cpu(str(tiny_llama_dir), examples, tmp_path / "fp32")
+    bf16 = train_cpu(str(tiny_llama_dir), examples, tmp_path / "bf16", precision="bf16")
+    again = train_cpu(str(tiny_llama_dir), examples, tmp_path / "again")
+    assert fp32["steps"] == bf16["steps"] == again["steps"] > 0
+    first, low, last = (read_metrics(tmp_path / name) for name in ("fp32", "bf16", "again"))
+    assert low[0]["loss"] == pytest.approx(first[0]["loss"], rel=2e-2)  # same weights and batch, bf16 autocast
+    assert low[0]["loss"] != first[0]["loss"]  # bf16 did run in bf16
+    assert [m["loss"] for m in last] == pytest.approx([m["loss"] for m in first], rel=1e-6)  # and fp32 in fp32 again
+
+
+# --- fp32 master weights ----------------------------------------------------------------------------
+
+
+def test_bf16_weights_train_over_an_fp32_master_copy_and_save_in_bf16(tmp_path, tiny_llama_dir, examples):
+    """docs/training.md: bf16 autocast over fp32 weights. A spec with dtype bfloat16 used to train
+    the bf16 weights themselves (AdamW state in bf16, updates below 2^-8 of a weight lost)."""
+    from safetensors import safe_open
+
+    spec = {"ref": str(tiny_llama_dir), "dtype": "bfloat16"}
+    train_cpu(spec, examples, tmp_path, precision="bf16")
+    ckpt = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    moments = [t for state in optimizer["state"].values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:  # the master copy is what resumes
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:  # the model keeps its dtype
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
