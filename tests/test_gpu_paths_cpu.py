@@ -6,6 +6,7 @@ single-token stop strings. The GPU halves are in tests/test_gpu.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,40 @@ def test_bf16_weights_train_over_an_fp32_master_copy_and_save_in_bf16(tmp_path, 
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+# --- FSDP2's gradient norm and the guard, across 2 gloo ranks ----------------------------------------
+
+
+def _two_ranks(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from profuser.training.parallel import full_norm
+    from profuser.training.trainer import agreed_problem
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        grad = distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)])  # FSDP2 shards dim 0
+        norm = torch.linalg.vector_norm(grad)  # a DTensor pending its reduction over the ranks
+        # rank 1 alone sees a non-finite gradient norm (a shard that overflowed)
+        problem = agreed_problem("the gradient norm is nan" if rank else None, torch.device("cpu"))
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"norm": full_norm(norm), "problem": problem}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_gradient_norm_is_global_and_the_guard_is_decided_by_all_ranks(tmp_path):
+    from test_distributed import free_port
+
+    torch.multiprocessing.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    want = float(torch.arange(8.0).norm())
+    assert [g["norm"] for g in got] == pytest.approx([want, want])  # not each rank's shard's norm
+    assert got[0]["problem"] == "the loss or gradient norm is not finite on another rank"
+    assert got[1]["problem"] == "the gradient norm is nan"  # both skip (or stop): none waits alone

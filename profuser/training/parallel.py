@@ -121,7 +121,7 @@ class AccelerateBackend:
         either way: the trainer's guard needs it)."""
         assert self.accelerator.sync_gradients, "grad_norm() must follow the last micro-batch of a step"
         limit = self.max_grad_norm if self.max_grad_norm is not None else math.inf  # inf: measure only
-        return float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
+        return full_norm(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
 
     def step(self) -> None:
         """Update, schedule, zero the gradients."""
@@ -198,6 +198,13 @@ class AccelerateBackend:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def full_norm(norm) -> float:
+    """A gradient norm as one number. Under FSDP2 clip_grad_norm_ returns a DTensor, and ``float()``
+    of it reads this rank's local part only: the full tensor is the global norm."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
 
 
 def _fresh_accelerator_state() -> None:

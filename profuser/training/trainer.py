@@ -249,6 +249,7 @@ def train(
             grad_norm = backend.grad_norm()  # pre-clip, the same on every rank (gradients are reduced)
             # fp16: the grad scaler skips overflowing steps itself, so only the loss is guarded there
             problem = _non_finite(means["loss"], None if spec.precision == "fp16" else grad_norm)
+            problem = agreed_problem(problem, backend.device)  # one rank skipping alone would hang the others
             if problem is None:
                 backend.step()
             else:
@@ -537,6 +538,18 @@ def _non_finite(loss: float, grad_norm: float | None) -> str | None:
     if grad_norm is not None and not math.isfinite(grad_norm):
         return f"the gradient norm is {grad_norm}"
     return None
+
+
+def agreed_problem(problem: str | None, device) -> str | None:
+    """Every rank's guard decision made together: a step is bad on all ranks if it is bad on one
+    (a rank that skipped or stopped alone would leave the others waiting in the next collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return problem
+    flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if problem is None and flag.item():
+        return "the loss or gradient norm is not finite on another rank"
+    return problem
 
 
 def _stopped(step: int, plan, phase_step: int, problem: str, bad_steps: int, spec: TrainSpec, ckpt_root: Path) -> TrainingError:
