@@ -122,6 +122,56 @@ def test_broken_weights_are_a_model_error(tiny_llama_dir, tmp_path):
     assert err.value.where == str(broken)
 
 
+class _Payload:  # a pickled object that is not a tensor: what a hostile .bin would carry
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _bin_copy(src: Path, dst: Path, state: dict) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickled_bin_weights_load_as_tensors_only(tiny_llama_dir, tmp_path, caplog):
+    """Checkpoints that ship only pytorch_model.bin (several of the paper's) were refused; they load
+    through torch.load(weights_only=True), and a .bin holding anything but tensors is refused."""
+    model, tok = load_model(str(tiny_llama_dir))
+    plain = _bin_copy(tiny_llama_dir, tmp_path / "bin", {k: v.clone() for k, v in model.state_dict().items()})
+    assert models.loading.local_model_problem(str(plain)) is None
+    with caplog.at_level("WARNING", logger="profuser.models.loading"):
+        again, _ = load_model(str(plain))
+    assert "torch.load(weights_only=True)" in caplog.text
+    assert torch.equal(logits_of(again, tok), logits_of(model, tok))
+    payload = {**model.state_dict(), "extra": _Payload(tmp_path / "ran")}
+    hostile = _bin_copy(tiny_llama_dir, tmp_path / "hostile", payload)
+    with pytest.raises(ModelError, match="cannot load the model") as err:
+        load_model(str(hostile))
+    assert err.value.where == str(hostile) and len(err.value.lines()) == 1
+    assert not (tmp_path / "ran").exists()  # nothing was unpickled
+
+
+def test_a_zero3_partitioned_model_is_not_moved(tiny_llama_dir, monkeypatch):
+    """Under ZeRO-3 from_pretrained builds the model partitioned (zero.Init); a .to(device) after it
+    left the gathered weights on the CPU while the inputs were on the GPU."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
+    monkeypatch.setattr(hf_ds, "is_deepspeed_zero3_enabled", lambda: True)  # profuser's view; from_pretrained keeps its own
+    model, _ = load_model(str(tiny_llama_dir), device="cuda")
+    assert moved == [] and model.device.type == "cpu"
+    monkeypatch.setattr(hf_ds, "is_deepspeed_zero3_enabled", lambda: False)
+    load_model(str(tiny_llama_dir), device="cuda")
+    assert ("cuda",) in moved  # not partitioned: placed as asked
+
+
 def test_gguf_dir_without_the_file_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="GGUF file not found"):
         resolve_model({"ref": str(tmp_path), "gguf_file": "model.gguf"})

@@ -10,16 +10,22 @@ A reference (``ModelSpec.ref``) is one of:
   loads its base model and merges the adapter into it, so a caller always gets a plain model;
 - anything else is a Hugging Face hub id (``revision`` applies; remote code only with
   ``trust_remote_code: true``).
+
+Weights are read from safetensors; a checkpoint that ships only pickled ``pytorch_model*.bin``
+files is read with ``torch.load(weights_only=True)``: tensors only, no object is unpickled.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, ProfuserError
 from ..recipe import ModelSpec
 from .gguf import gguf_dir
+
+log = logging.getLogger(__name__)
 
 SpecLike = ModelSpec | dict[str, Any] | str
 
@@ -93,8 +99,8 @@ def adapter_base(path: Path) -> ModelSpec:
         raise ModelError(f"unreadable {BASE_MODEL_FILE}: {exc}", where=str(path)) from None
 
 
-# what a save_pretrained directory must hold; weights as safetensors only (pickles are never loaded)
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# what a save_pretrained directory must hold; pickled .bin weights are read as tensors only (weights_only)
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer.tiktoken")
 
 
@@ -176,11 +182,30 @@ def _hub_snapshot(spec: ModelSpec) -> Path:
         patterns.append("*.py")
     try:
         path = Path(snapshot_download(spec.ref, revision=spec.revision, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):  # only pickled weights: read as tensors only (load_model)
+            path = Path(snapshot_download(spec.ref, revision=spec.revision, allow_patterns=patterns + PICKLED_WEIGHTS))
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot fetch from the hub: {type(exc).__name__}: {exc}", where=spec.ref) from None
-    if not any(path.glob("*.safetensors")):
-        raise ModelError("the hub repository has no safetensors weights (pickled weights are not loaded)", where=spec.ref)
+    if not any(path.glob("*.safetensors")) and not pickled_weights(path):
+        raise ModelError("the hub repository has neither safetensors nor pytorch_model.bin weights", where=spec.ref)
     return path
+
+
+PICKLED_WEIGHTS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
+
+
+def pickled_weights(path: Path) -> bool:
+    """The directory's weights are pickled ``pytorch_model*.bin`` files only (no safetensors)."""
+    return not any(path.glob("*.safetensors")) and any(path.glob("pytorch_model*.bin"))
+
+
+def _zero3_partitioned() -> bool:
+    """from_pretrained builds the model partitioned by DeepSpeed's zero.Init (a ZeRO-3 training)."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # transformers without the DeepSpeed integration
+        return False
+    return is_deepspeed_zero3_enabled()
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -265,12 +290,16 @@ def load_model(spec: SpecLike, *, device: str = "cpu", cache_dir: Path | None = 
     tokenizer = load_tokenizer(spec, _path=path)
     dtype = _DTYPES[spec.dtype]
     extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
+    pickled = pickled_weights(path)
+    if pickled:
+        log.warning("%s ships pickled .bin weights: read with torch.load(weights_only=True), tensors only", spec.ref)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-            trust_remote_code=spec.trust_remote_code, use_safetensors=True, **extra,
+            trust_remote_code=spec.trust_remote_code, use_safetensors=not pickled, weights_only=True, **extra,
         )
-        model.to(device)
+        if not _zero3_partitioned():  # zero.Init placed the partitions; .to() would strand gathered weights on the CPU
+            model.to(device)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot load the model from {path}: {type(exc).__name__}: {exc}", where=spec.ref) from None
     model.eval()
