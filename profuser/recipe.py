@@ -160,7 +160,9 @@ class DataSpec(StrictModel):
     source: Annotated[ComponentRef, Slot("datasets")]
     sample: int | None = Field(default=None, gt=0, description="keep N examples, drawn with `seed`")
     dedup: bool = True
-    heldout: float | int = Field(default=0.1, ge=0, description="held-out share (<1) or count (>=1)")
+    heldout: float | int | Literal["source"] = Field(
+        default=0.1, description="held-out share (<1) or count (>=1); `source`: the records whose meta.split "
+                                 "is `heldout` (or `test`), as the dataset source marks them")
     on_bad_row: Literal["fail", "skip"] = "fail"
     seed: int = 0
 
@@ -312,6 +314,16 @@ class VLLMEvaluateSpec(StrictModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
 
 
+class JudgeSpec(StrictModel):
+    """``evaluate.judge``: the ``profuser_heldout_winrate`` task. The evaluated model and the
+    ``reference`` (default: the target) answer the held-out prompts with ``generator``; the
+    ``reward_model`` scores both answers; a win counts 1, a tie 1/2 (docs/evaluation.md)."""
+
+    reward_model: Annotated[ComponentRef, Slot("reward_models")]
+    generator: Annotated[ComponentRef, Slot("generators")] = ComponentRef(name="hf", params={"do_sample": False})
+    reference: ModelSpec | None = Field(default=None, description="whose answers are judged against (default: the target)")
+
+
 class EvaluateSpec(StrictModel):
     backend: Literal["hf", "vllm"] = Field(default="hf", description="lm-eval model: hf (transformers) or vllm")
     vllm: VLLMEvaluateSpec = VLLMEvaluateSpec()
@@ -323,10 +335,13 @@ class EvaluateSpec(StrictModel):
     baselines: bool = True
     batch_size: int = Field(default=8, gt=0)
     max_gen_toks: int | None = Field(default=None, gt=0, description="cap on generated tokens (lm-eval default 256)")
+    judge: JudgeSpec | None = Field(default=None, description="reward model and generator of profuser_heldout_winrate")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         data = handler(self)
+        if self.judge is None:  # evaluations without a judge keep the cache keys they had
+            data.pop("judge", None)
         if self.backend == "hf":  # vllm settings do not apply; hf evaluations keep the cache keys they had
             data.pop("backend", None)
             data.pop("vllm", None)
@@ -414,6 +429,13 @@ class Recipe(StrictModel):
     @classmethod
     def _distinct_merges(cls, value: list[MergeSpec]):
         return _distinct_labels(value, "merges")
+
+    @model_validator(mode="after")
+    def _judge_reference(self):
+        # the win rate is against the target's own answers unless the judge names another model
+        if self.evaluate.judge is not None and self.evaluate.judge.reference is None:
+            self.evaluate.judge.reference = self.target.model_copy()
+        return self
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
@@ -686,6 +708,9 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry, _chain
         problems.append(("train.peft.merge", ("evaluate.backend vllm loads the fused model's folder itself: it needs "
                                               "the merged model (merge: true), not the adapter alone")))
     _absolutise_paths(recipe, base)
+    from .evaluation.tasks import task_field_problems  # reads the data file: paths are absolute now
+
+    problems += task_field_problems(recipe, registry)
     if problems:
         raise RecipeError(problems, file=file)
     return recipe

@@ -356,3 +356,94 @@ def test_a_limit_per_task(tmp_path, tiny_llama_dir):
                          limit={"profuser_heldout": 1}, log_samples=True, max_gen_toks=4)
     assert len(out["_samples"]["profuser_heldout"]) == 1 and len(out["_samples"]["profuser_heldout_bpb"]) == 3
     assert out["_config"]["profuser_heldout"]["limit"] == 1 and out["_config"]["profuser_heldout_bpb"]["limit"] is None
+
+
+# --- judged win rate (any dataset: no meta.answer) ------------------------------------------------
+
+
+def test_winrate_stage_with_the_real_generator_and_judge(tmp_path, tiny_llama_dir, tiny_gemma_dir):
+    """The evaluate stage's profuser_heldout_winrate with the hf generator and the judge reward
+    model on tiny random models: one outcome per held-out prompt (meta.answer not needed), in
+    {0, 1/2, 1}, whose mean is the score; the target against itself ties everywhere."""
+    import profuser.stages.evaluate as stage
+    from profuser.plugins import Engine
+    from profuser.runtime import Runtime
+    from profuser.stages import StageContext
+    from profuser.pipeline import Stage
+
+    engine = Engine(entrypoints=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    heldout_parquet(data / "heldout.parquet")
+    judge = {"reward_model": {"name": "judge", "params": {"model": str(tiny_llama_dir)}},
+             "generator": {"name": "hf", "params": {"do_sample": False, "max_new_tokens": 4}},
+             "reference": {"ref": str(tiny_llama_dir), "label": "target"}}
+    evaluation = {"tasks": ["profuser_heldout_winrate"], "judge": judge}
+    runtime = Runtime(progress=False, device="cpu", cache_dir=tmp_path / "cache", engine=engine)
+    results = {}
+    for label, model in (("gemma", tiny_gemma_dir), ("target", tiny_llama_dir)):
+        out = tmp_path / label
+        out.mkdir()
+        config = stage.Config.model_validate({"model": {"ref": str(model)}, "label": label, "evaluate": evaluation})
+        ctx = StageContext(stage=Stage(f"evaluate/{label}", "evaluate", config, {"data": "data"}),
+                           inputs={"data": data}, out=out, runtime=runtime, engine=engine)
+        metrics = stage.run(ctx)
+        rows = pq.read_table(out / "per_example.parquet").to_pylist()
+        assert sorted(r["id"] for r in rows) == ["a", "b", "c"]  # "c" has no meta.answer and counts
+        values = [r["value"] for r in rows]
+        assert set(values) <= {0.0, 0.5, 1.0}
+        assert metrics["profuser_heldout_winrate"] == pytest.approx(sum(values) / 3)
+        saved = json.loads((out / "results.json").read_text())
+        assert saved["config"]["profuser_heldout_winrate"]["judge"] == "judge"
+        samples = (out / "samples" / "profuser_heldout_winrate.jsonl").read_text().splitlines()
+        assert len(samples) == 3 and "reference_response" in json.loads(samples[0])
+        results[label] = values
+    assert results["target"] == [0.5, 0.5, 0.5]
+
+
+def test_winrate_outcomes_are_wins_ties_and_losses():
+    from profuser.components import Prompt
+    from profuser.evaluation.judged import judged_winrate
+    from profuser.recipe import ModelSpec
+
+    prompts = [Prompt(str(i), "", f"q{i}") for i in range(4)]
+    answers = {"mine": ["long answer", "x", "same", "long answer"], "ref": ["x", "long answer", "same", "yy"]}
+
+    class Generator:
+        def generate(self, model, prompts, *, seed):
+            return answers[model.ref]
+
+    class Judge:  # longer is better
+        def score(self, items):
+            return [len(item.response) for item in items]
+
+    result = judged_winrate(ModelSpec(ref="mine"), ModelSpec(ref="ref"), prompts, generator=Generator(), judge=Judge())
+    assert result["values"] == [1.0, 0.0, 0.5, 1.0]
+    assert result["metrics"]["winrate,none"] == 0.625
+    assert (result["metrics"]["wins,none"], result["metrics"]["ties,none"], result["metrics"]["losses,none"]) == (2, 1, 1)
+
+
+def test_validate_says_which_task_needs_which_field(tmp_path, registry):
+    from profuser.errors import RecipeError
+    from profuser.recipe import load_recipe
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"r{i}"}) + "\n" for i in range(8)))
+    base = ("name: mine\ntarget: some/target\nsources: [some/target, other/source]\n"
+            f"data: {{source: {{name: file, params: {{path: {rows}}}}}, heldout: 2}}\n")
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(base + "evaluate: {tasks: [profuser_heldout_bpb, profuser_heldout]}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe, registry=registry)
+    [(where, message)] = err.value.problems
+    assert where == "evaluate.tasks.1" and "meta.answer" in message and "profuser_heldout_bpb" in message
+    recipe.write_text(base + "evaluate: {tasks: [profuser_heldout_winrate]}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe, registry=registry)
+    assert err.value.problems == [("evaluate.judge", "profuser_heldout_winrate needs evaluate.judge.reward_model "
+                                                     "(the reward model that compares the answers)")]
+    # with a judge: fine, and its reference is the target unless it names one
+    recipe.write_text(base + "evaluate: {tasks: [profuser_heldout_bpb, profuser_heldout_winrate], "
+                             "judge: {reward_model: {name: judge, params: {model: some/judge}}}}\n")
+    loaded = load_recipe(recipe, registry=registry)
+    assert loaded.evaluate.judge.reference.ref == "some/target" and loaded.evaluate.judge.generator.name == "hf"

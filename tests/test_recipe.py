@@ -218,6 +218,8 @@ def test_component_fields_are_walked_from_the_models_fields():
         ("aligner", "aligners", "offsets", False),
         ("loss", "losses", "fuse_kl", False),
         ("curriculum", "curricula", "progressive", False),
+        ("evaluate.judge.reward_model", "reward_models", None, False),
+        ("evaluate.judge.generator", "generators", "hf", False),
     )
     assert component_fields(ExtendedRecipe) == (*component_fields(), ("judge.scorer", "reward_models", "judge", False),
                                                 ("second_judge.scorer", "reward_models", "judge", False),

@@ -21,7 +21,16 @@ log = logging.getLogger(__name__)
 
 HELDOUT_TASK = "profuser_heldout"
 HELDOUT_BPB_TASK = "profuser_heldout_bpb"
-HELDOUT_TASKS = (HELDOUT_TASK, HELDOUT_BPB_TASK)  # tasks over the data stage's heldout.parquet
+HELDOUT_WINRATE_TASK = "profuser_heldout_winrate"  # judged win rate against the target's answers (judged.py)
+HELDOUT_TASKS = (HELDOUT_TASK, HELDOUT_BPB_TASK)  # lm-eval tasks over the data stage's heldout.parquet
+
+# What each of profuser's own tasks needs, said by `profuser validate` before anything runs.
+TASK_NEEDS = {
+    HELDOUT_TASK: "meta.answer (a canonical short answer) in the data's rows",
+    HELDOUT_BPB_TASK: "a response in each held-out row (any dataset has one)",
+    HELDOUT_WINRATE_TASK: "evaluate.judge.reward_model (the reward model that compares the answers)",
+}
+PEEK_ROWS = 200  # rows of a local data file read at validate time to see whether they carry meta.answer
 
 # Table 1's columns, in the paper's order.
 PAPER_TASKS: tuple[str, ...] = ("mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k", "truthfulqa_mc2")
@@ -57,6 +66,7 @@ KNOWN_TASKS: dict[str, TaskInfo] = {
                                {"validation": ("mc_task.jsonl", "mc_task.json")}),
     HELDOUT_TASK: TaskInfo("Held-out", 0, "exact_match,answer"),
     HELDOUT_BPB_TASK: TaskInfo("Held-out bpb", 0, "bpb,none", lower_is_better=True, fraction=False),
+    HELDOUT_WINRATE_TASK: TaskInfo("Win rate vs target", 0, "winrate,none"),
 }
 
 DEFAULT_SHOTS: dict[str, int] = {name: info.shots for name, info in KNOWN_TASKS.items()}
@@ -96,6 +106,46 @@ def primary_metric(task: str, metrics: dict[str, Any]) -> str | None:
             return key
     numeric = [k for k, v in metrics.items() if isinstance(v, (int, float)) and "_stderr" not in k]
     return numeric[0] if numeric else None
+
+
+def task_field_problems(recipe, registry) -> list[tuple[str, str]]:
+    """(recipe path, message) for each evaluation task the recipe's data or settings cannot feed:
+    the win rate without a judge (or a judge without the task), ``profuser_heldout`` on a local
+    data file none of whose first ``PEEK_ROWS`` rows has ``meta.answer``. A dataset that cannot be
+    read here (the hub) is checked when the task runs."""
+    ev = recipe.evaluate
+    problems = []
+    if HELDOUT_WINRATE_TASK in ev.tasks and ev.judge is None:
+        problems.append(("evaluate.judge", f"{HELDOUT_WINRATE_TASK} needs {TASK_NEEDS[HELDOUT_WINRATE_TASK]}"))
+    if ev.judge is not None and HELDOUT_WINRATE_TASK not in ev.tasks:
+        problems.append(("evaluate.judge", f"unused: add {HELDOUT_WINRATE_TASK} to evaluate.tasks (or remove the judge)"))
+    if HELDOUT_TASK in ev.tasks:
+        rows = _peek_records(recipe.data.source, registry)
+        if rows and not any((r.meta or {}).get("answer") not in (None, "") for r in rows):
+            source = recipe.data.source
+            problems.append((f"evaluate.tasks.{ev.tasks.index(HELDOUT_TASK)}",
+                             f"{HELDOUT_TASK} needs {TASK_NEEDS[HELDOUT_TASK]}; none of the first {len(rows)} rows of "
+                             f"{source.params.get('path', source.name)} has one: use {HELDOUT_BPB_TASK} (bits per byte "
+                             f"of the responses) or {HELDOUT_WINRATE_TASK} (a judged win rate), which need none"))
+    return problems
+
+
+def _peek_records(source, registry) -> list | None:
+    """The first ``PEEK_ROWS`` records of a dataset read from a local file (None: not a local file,
+    or unreadable; the data stage reports what is wrong with it)."""
+    import itertools
+
+    from ..components import Record
+
+    path = source.params.get("path")
+    if not isinstance(path, str) or not Path(path).expanduser().is_file():
+        return None
+    try:
+        dataset = registry.build("datasets", source.name, source.params)
+        return [r for r in itertools.islice(dataset.records(), PEEK_ROWS) if isinstance(r, Record)]
+    except Exception as exc:  # noqa: BLE001 - any failure here is the data stage's to report
+        log.debug("could not peek at %s: %s", path, exc)
+        return None
 
 
 def lm_eval_tasks_dir() -> Path:

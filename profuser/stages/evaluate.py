@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from ..errors import ArtifactError
 from ..evaluation import evaluate_model
 from ..evaluation.heldout import heldout_ids
-from ..evaluation.tasks import HELDOUT_TASKS, lower_is_better
+from ..evaluation.tasks import HELDOUT_TASKS, HELDOUT_WINRATE_TASK, lower_is_better
 from ..models import load_model
 from ..recipe import EvaluateSpec, ModelSpec
 from ..store import atomic_write_json
@@ -83,7 +83,10 @@ def run(ctx) -> dict:
     else:
         spec = ModelSpec(**cfg.model, label=cfg.label)
     device = ctx.runtime.torch_device()
-    if ev.backend == "vllm":  # vLLM loads the model directory itself
+    model = tokenizer = None
+    if all(task == HELDOUT_WINRATE_TASK for task in ev.tasks):
+        pass  # the win rate's generator loads the model itself
+    elif ev.backend == "vllm":  # vLLM loads the model directory itself
         from ..models import load_tokenizer, resolve_model
 
         model = resolve_model(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
@@ -92,14 +95,26 @@ def run(ctx) -> dict:
         model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
     heldout = Path(ctx.inputs[DATA]) / "heldout.parquet" if DATA in ctx.inputs else None
 
-    out = evaluate_model(
-        model, tokenizer, list(ev.tasks), limit=ev.limit, num_fewshot=ev.num_fewshot,
-        data_dir=ev.data_dir, heldout_path=heldout, batch_size=ev.batch_size, device=device,
-        max_gen_toks=ev.max_gen_toks, log_samples=True,
-        backend=ev.backend, vllm_args={**ev.vllm.model_dump(), "dtype": spec.dtype}
-        if ev.backend == "vllm" else None,
-    )
-    primary = out["_primary"]
+    lm_tasks = [task for task in ev.tasks if task != HELDOUT_WINRATE_TASK]  # the win rate is not lm-eval's
+    out: dict[str, Any] = {"_primary": {}, "_config": {}}
+    if lm_tasks:
+        out = evaluate_model(
+            model, tokenizer, lm_tasks, limit=ev.limit, num_fewshot=ev.num_fewshot,
+            data_dir=ev.data_dir, heldout_path=heldout, batch_size=ev.batch_size, device=device,
+            max_gen_toks=ev.max_gen_toks, log_samples=True,
+            backend=ev.backend, vllm_args={**ev.vllm.model_dump(), "dtype": spec.dtype}
+            if ev.backend == "vllm" else None,
+        )
+    judged = None
+    if HELDOUT_WINRATE_TASK in ev.tasks:
+        del model  # the generator loads each model itself
+        judged = _winrate(ctx, spec, heldout)
+        out[HELDOUT_WINRATE_TASK] = judged["metrics"]
+        out.setdefault("_samples", {})[HELDOUT_WINRATE_TASK] = judged["samples"]
+    primary = {task: out["_primary"].get(task) for task in ev.tasks}
+    if judged is not None:
+        primary[HELDOUT_WINRATE_TASK] = judged["metrics"]["winrate,none"]
+        out["_config"][HELDOUT_WINRATE_TASK] = judged["config"]
     tasks = {task: out[task] for task in ev.tasks}
     results = {
         "label": cfg.label,
@@ -113,14 +128,41 @@ def run(ctx) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = per_example_rows(out.get("_samples", {}), out["_config"], heldout)
+    cols = per_example_rows({t: s for t, s in out.get("_samples", {}).items() if t != HELDOUT_WINRATE_TASK},
+                            out["_config"], heldout)
+    if judged is not None:  # one outcome (1, 1/2, 0) per held-out prompt, keyed by its row id
+        for doc_id, (rid, value) in enumerate(zip(judged["ids"], judged["values"])):
+            cols["task"].append(HELDOUT_WINRATE_TASK)
+            cols["doc_id"].append(doc_id)
+            cols["id"].append(rid)
+            cols["value"].append(value)
     pq.write_table(pa.table(cols, schema=pa.schema([("task", pa.string()), ("doc_id", pa.int64()), ("id", pa.string()),
                                                      ("value", pa.float64())])), ctx.out / "per_example.parquet")
     samples_dir = ctx.out / "samples"
     samples_dir.mkdir(exist_ok=True)
     for task, samples in out.get("_samples", {}).items():
-        if "max_gen_toks" not in out["_config"][task]:
+        if "max_gen_toks" not in out["_config"][task] and task != HELDOUT_WINRATE_TASK:
             continue  # log-likelihood tasks: nothing generated to read (and MMLU would be tens of MB)
         with open(samples_dir / f"{task}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
     return {**{task: value for task, value in primary.items()}, "average": results["average"]}
+
+
+def _winrate(ctx, spec: ModelSpec, heldout: Path | None) -> dict[str, Any]:
+    """``profuser_heldout_winrate`` of ``spec`` against the judge's reference (profuser.evaluation.judged)."""
+    from ..evaluation.judged import heldout_prompts, judged_winrate
+
+    ev = ctx.config.evaluate
+    if heldout is None:
+        raise ArtifactError(f"{HELDOUT_WINRATE_TASK} needs the data stage's held-out split", where=ctx.stage.id)
+    limit = ev.limit.get(HELDOUT_WINRATE_TASK) if isinstance(ev.limit, dict) else ev.limit
+    prompts = heldout_prompts(heldout, limit)
+    judge = ev.judge
+    reference = judge.reference
+    result = judged_winrate(spec, reference, prompts, generator=ctx.build("generators", judge.generator),
+                            judge=ctx.build("reward_models", judge.reward_model), seed=0)
+    result["config"] = {"primary_metric": "winrate,none", "title": "Win rate vs target", "samples": len(prompts),
+                        "num_fewshot": 0, "chat_template": True, "data": str(heldout), "limit": limit,
+                        "judge": judge.reward_model.name, "generator": judge.generator.name,
+                        "reference": reference.ref}
+    return result
