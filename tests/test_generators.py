@@ -235,6 +235,33 @@ def test_vllm_seeds_are_per_prompt():
     assert VLLMGenerator({"do_sample": False}).sampling_kwargs(["a"], seed=3)[0]["temperature"] == 0.0
 
 
+def test_stops_that_are_one_special_token_end_a_response_as_token_ids(tiny_llama_dir, tiny_gemma_dir):
+    """vLLM matches stop strings against text decoded without special tokens, so `<|im_end|>`
+    (mpt-7b-8k-chat's end of turn) never matched: it goes as stop_token_ids (vLLM) and as one more
+    eos_token_id (transformers); other stops stay strings."""
+    from transformers import AutoTokenizer
+
+    from profuser.models import load_model
+    from profuser_plugins.generators._common import split_stops
+
+    llama, gemma = AutoTokenizer.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_gemma_dir)
+    start = llama.convert_tokens_to_ids("<|im_start|>")
+    assert split_stops(llama, ["<|im_start|>", "###", "<|im_start|>x"]) == ([start], ["###", "<|im_start|>x"])
+    turn = gemma.convert_tokens_to_ids("<end_of_turn>")
+    assert split_stops(gemma, ["<end_of_turn>"]) == ([turn], [])
+
+    vllm = VLLMGenerator({"max_new_tokens": 8, "stop": ["<|im_start|>", "###"]})
+    [kwargs] = vllm.sampling_kwargs(["a"], seed=0, tokenizer=llama)
+    assert kwargs["stop_token_ids"] == [start] and kwargs["stop"] == ["###"]
+    assert "stop_token_ids" not in VLLMGenerator({"stop": ["###"]}).sampling_kwargs(["a"], seed=0, tokenizer=llama)[0]
+
+    model, tok = load_model(str(tiny_llama_dir))
+    config = gen(stop=["<|im_start|>", "###"])._generation_config(model, tok)
+    assert set(config.eos_token_id) == {tok.eos_token_id, start} and config.stop_strings == ["###"]
+    only = gen(stop=["<|im_start|>"])._generation_config(model, tok)
+    assert only.stop_strings is None  # generate() then needs no tokenizer for stop strings
+
+
 def test_vllm_data_parallel_is_per_rank_only_when_each_rank_has_gpus(monkeypatch):
     g = VLLMGenerator({"tensor_parallel_size": 2})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")

@@ -37,6 +37,21 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[: min(ends)] if ends else text
 
 
+def split_stops(tokenizer, stop: list[str]) -> tuple[list[int], list[str]]:
+    """``stop`` as (token ids, strings): a stop string that is one special token (``<|im_end|>``
+    of mpt-7b-8k-chat) never shows in text decoded without special tokens, so it can only end a
+    response as a token id (vLLM's ``stop_token_ids``, transformers' ``eos_token_id``)."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids, strings = [], []
+    for s in stop:
+        encoded = tokenizer.encode(s, add_special_tokens=False) if s else []
+        if len(encoded) == 1 and encoded[0] in special:
+            ids.append(encoded[0])
+        else:
+            strings.append(s)
+    return ids, strings
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a formatted prompt with BOS exactly once: the template may have written it
     already (Llama-3, Gemma chat), otherwise the tokenizer adds it as it normally does."""

@@ -24,7 +24,7 @@ from profuser import hookimpl
 from profuser.components import Generator, Prompt
 from profuser.errors import ModelError
 
-from ._common import SamplingParams, context_limit, cut_at_stop, encode_prompt, model_label, runtime_of
+from ._common import SamplingParams, context_limit, cut_at_stop, encode_prompt, model_label, runtime_of, split_stops
 
 
 class HFGenerator(Generator):
@@ -63,10 +63,16 @@ class HFGenerator(Generator):
         sampling = {} if p.greedy else {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k}
         # greedy: clear sampling knobs the checkpoint may set, so transformers does not warn
         cleared = {"temperature": None, "top_p": None, "top_k": None} if p.greedy else {}
+        stop_ids, stop_strings = split_stops(tokenizer, p.stop)
         config.update(**{**cleared, **sampling}, do_sample=not p.greedy, max_new_tokens=p.max_new_tokens,
                       min_new_tokens=p.min_new_tokens or None,
                       repetition_penalty=p.repetition_penalty, num_return_sequences=1, pad_token_id=pad,
-                      max_length=None, stop_strings=p.stop or None)
+                      max_length=None, stop_strings=stop_strings or None)
+        if not _as_list(config.eos_token_id) and tokenizer.eos_token_id is not None:
+            config.eos_token_id = tokenizer.eos_token_id
+        if stop_ids:  # special-token stops end a response like an EOS (and are dropped from the text as one)
+            eos = _as_list(config.eos_token_id)
+            config.eos_token_id = eos + [i for i in stop_ids if i not in eos]
         return config
 
     def generate(self, model: Any, prompts: list[Prompt], *, seed: int) -> list[str] | list[list[str]]:
@@ -83,8 +89,6 @@ class HFGenerator(Generator):
         p = self.params
         runtime = runtime_of(self)
         config = self._generation_config(lm, tokenizer)
-        if not _as_list(config.eos_token_id) and tokenizer.eos_token_id is not None:
-            config.eos_token_id = tokenizer.eos_token_id
         eos_ids = set(_as_list(config.eos_token_id))
         if config.pad_token_id is None:
             raise ModelError("has neither a pad nor an EOS token to pad batches with", where=model_label(spec))
@@ -126,7 +130,7 @@ class HFGenerator(Generator):
                         mask[row, width - len(encoded[i]):] = 1
                     try:
                         out = lm.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                          generation_config=config, tokenizer=tokenizer if p.stop else None)
+                                          generation_config=config, tokenizer=tokenizer if config.stop_strings else None)
                     except RuntimeError as exc:
                         if "probability tensor contains" not in str(exc):
                             raise

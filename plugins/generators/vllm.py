@@ -33,7 +33,7 @@ from profuser import hookimpl
 from profuser.components import Generator, Prompt
 from profuser.errors import ModelError
 
-from ._common import SamplingParams, context_limit, cut_at_stop, encode_prompt, model_label, runtime_of
+from ._common import SamplingParams, context_limit, cut_at_stop, encode_prompt, model_label, runtime_of, split_stops
 
 # what a launcher sets: an engine's worker must not take itself for a rank of the launch
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
@@ -332,7 +332,7 @@ class VLLMGenerator(Generator):
                              where=model_label(spec))
         truncated = sum(len(ids) > room for ids in encoded)
         encoded = [ids[-room:] if len(ids) > room else ids for ids in encoded]  # keep the assistant turn opener
-        sampling = self.sampling_kwargs([q.id for q in prompts], seed)
+        sampling = self.sampling_kwargs([q.id for q in prompts], seed, tokenizer)
         started = time.perf_counter()
         if "llm" in self._engines:
             outputs = run_engine(self._engines["llm"], encoded, sampling, progress=runtime_of(self).progress)
@@ -348,14 +348,18 @@ class VLLMGenerator(Generator):
                            "engines": len(self._engines.get("workers", [])) or 1}
         return results
 
-    def sampling_kwargs(self, ids: list[str], seed: int) -> list[dict[str, Any]]:
-        """``vllm.SamplingParams`` keyword arguments per prompt (plain dicts: they travel to workers)."""
+    def sampling_kwargs(self, ids: list[str], seed: int, tokenizer=None) -> list[dict[str, Any]]:
+        """``vllm.SamplingParams`` keyword arguments per prompt (plain dicts: they travel to workers).
+        With the ``tokenizer``, stop strings that are one special token go as ``stop_token_ids``:
+        vLLM matches stop strings against text decoded without special tokens."""
         p = self.params
         sampling = ({"temperature": 0.0} if p.greedy else
                     {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k or -1})
+        stop_ids, stop = split_stops(tokenizer, p.stop) if tokenizer is not None else ([], p.stop)
+        extra = {"stop_token_ids": stop_ids} if stop_ids else {}
         return [{"n": 1, "max_tokens": p.max_new_tokens, "min_tokens": p.min_new_tokens,
-                 "repetition_penalty": p.repetition_penalty, "stop": p.stop or None,
-                 "seed": prompt_seed(seed, i), **sampling} for i in ids]
+                 "repetition_penalty": p.repetition_penalty, "stop": stop or None,
+                 "seed": prompt_seed(seed, i), **sampling, **extra} for i in ids]
 
 
 @hookimpl
