@@ -66,7 +66,7 @@ def prepare(run_dir: Path, out: Path, *, repo: str) -> dict[str, Any]:
 
     summary = _read_json(run_dir / "run.json")
     stages = summary.get("stages", [])
-    train = next((s for s in stages if s.get("kind") == "train"), None)
+    train = next((s for s in stages if s.get("id") == "train"), None)  # not a recipe: model's (spec:train)
     train_dir = _artifact_dir(run_dir, train) if train else None
     if train_dir is None or not (train_dir / "model" / "config.json").is_file():
         raise ArtifactError("the run has no trained model (run it to the train stage first)", where=str(run_dir))

@@ -11,9 +11,9 @@ import copy
 import functools
 import re
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import pydantic
@@ -723,8 +723,8 @@ def _recipe_ref_problems(recipe: Recipe, here: Path, registry, chain: tuple[Path
     names: dict[str, Path] = {}
     for field, value in recipe_refs(recipe.model_dump(mode="json")):
         if field.startswith("merges."):
-            problems.append((field, "a merge takes hub ids or model folders; another recipe's model (recipe:) is not "
-                                    "supported there"))
+            problems.append((field, ("a merge takes hub ids or model folders; another recipe's model (recipe:) is "
+                                     "not supported there")))
             continue
         spec = _spec_at(recipe, field)
         if spec is not None and (spec.gguf_file or spec.revision):
@@ -748,12 +748,12 @@ def _recipe_ref_problems(recipe: Recipe, here: Path, registry, chain: tuple[Path
             problems += [(field, f"{upstream.name}: {f'{p}: ' if p else ''}{m}") for p, m in exc.problems]
             continue
         if names.setdefault(made.name, upstream) != upstream:
-            problems.append((field, f"two recipes named {made.name!r} ({names[made.name]} and {upstream}): their stages "
-                                    "would share ids; give them distinct names"))
+            problems.append((field, (f"two recipes named {made.name!r} ({names[made.name]} and {upstream}): their "
+                                     "stages would share ids; give them distinct names")))
         if label and label not in [m.key for m in made.merges]:
             merges = ", ".join(m.key for m in made.merges) or "none"
-            problems.append((field, f"{upstream.name} makes no model {label!r}: it makes its trained model (no #label) "
-                                    f"and its merges (#<label>: {merges})"))
+            problems.append((field, (f"{upstream.name} makes no model {label!r}: it makes its trained model (no "
+                                     f"#label) and its merges (#<label>: {merges})")))
     return problems
 
 

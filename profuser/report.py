@@ -686,7 +686,7 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
         md += ["## Alignment", "", _plain_table(aligns, columns), ""]
 
     # training curve
-    train = next((s for s in stages if s.get("kind") == "train"), None)
+    train = next((s for s in stages if s.get("id") == "train"), None)  # not a recipe: model's (spec:train)
     metrics_file = dirs[train["id"]] / "metrics.jsonl" if train and dirs[train["id"]] else None
     if metrics_file and metrics_file.is_file():
         rows = read_metrics(metrics_file)
@@ -809,7 +809,7 @@ def run_result_lines(run_dir: str | Path, results: list, recipe=None) -> list[st
         for label, primary in evals:
             cells = [_fmt(primary.get(t), None, _scale(t, True), _digits(t, 2)) for t in tasks]
             lines.append("  " + label.ljust(width) + "".join(f"  {c:>16}" for c in cells))
-    train = next((r for r in results if r.kind == "train"), None)
+    train = next((r for r in results if r.id == "train"), None)
     if train is not None and (Path(train.path) / "model").is_dir():
         lines.append(f"model: {Path(train.path) / 'model'}" + (f" (linked as {run_dir / 'model'})" if (run_dir / "model").exists() else ""))
     if (run_dir / "run.json").is_file():

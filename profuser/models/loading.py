@@ -8,6 +8,8 @@ A reference (``ModelSpec.ref``) is one of:
 - a local directory written by ``save_pretrained``, or a LoRA adapter directory that training
   wrote (``train.peft``; ``adapter_config.json`` + ``base_model.json``, no weights): ``load_model``
   loads its base model and merges the adapter into it, so a caller always gets a plain model;
+- ``recipe:<path>``: the model another recipe makes; only a recipe's stages read it (the planner
+  plans that recipe upstream and the runner hands each stage the model's folder in the store);
 - anything else is a Hugging Face hub id (``revision`` applies; remote code only with
   ``trust_remote_code: true``).
 
@@ -57,6 +59,9 @@ def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None, engine: Any 
     refused in one line naming the ref."""
     spec = as_spec(spec)
     ref = spec.ref
+    if ref.startswith("recipe:"):  # the planner hands stages the model's folder in the store instead
+        raise ModelError("names another recipe's model: only a recipe run (profuser run / compare) makes and "
+                         "loads it; give its model/ folder instead (profuser runs shows where)", where=ref)
     if ref.startswith("builtin:"):
         return _resolve_builtin(ref, cache_dir, engine)
     path = Path(ref).expanduser()
