@@ -26,7 +26,7 @@ from .errors import ProfuserError, RecipeError
 from .plugins import Engine
 from .recipe import Recipe, TrainSpec
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
-from .stages import StageConfig
+from .stages import StageConfig, StageContext
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
 
 STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate", "merge")
@@ -61,36 +61,6 @@ class Stage:
     def hashed_config(self) -> dict[str, Any]:
         """The config as its cache key and manifest hold it."""
         return self.config.hashed() if isinstance(self.config, StageConfig) else self.config
-
-
-@dataclass
-class StageContext:
-    """What a stage function gets. It writes its files under ``out`` and returns its metrics."""
-
-    stage: Stage
-    inputs: dict[str, Path]  # input role -> finished artifact directory of an upstream stage
-    out: Path  # the partial directory; sealed and renamed when the stage returns
-    runtime: Runtime
-    engine: Engine
-    # where log_metrics goes besides this process's observers (a stage worker forwards to the runner)
-    metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
-
-    @property
-    def config(self) -> Any:
-        return self.stage.config
-
-    def build(self, kind: str, ref: Any):
-        """Instantiate the component a config names (a ``Ref``, or ``{"name": ..., "params": {...}}``)
-        with this run's runtime (device, cache dir, progress, the engine: never part of a key)."""
-        name, params = (ref["name"], ref.get("params")) if isinstance(ref, dict) else (ref.name, ref.params)
-        runtime = self.runtime if self.runtime.engine is self.engine else replace(self.runtime, engine=self.engine)
-        return self.engine.registry.build(kind, name, params or {}, runtime=runtime)
-
-    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        if self.metrics_sink is not None:
-            self.metrics_sink(step, metrics)
-        else:
-            self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)
 
 
 # --- planning -----------------------------------------------------------------------------------

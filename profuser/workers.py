@@ -84,7 +84,7 @@ def _describe_exit(code: int | None) -> str:
 def _worker_main(payload: dict, sender) -> None:
     from dataclasses import replace
 
-    from .pipeline import StageContext
+    from .stages import StageContext
 
     try:
         engine = rebuild_engine(payload["engine"])

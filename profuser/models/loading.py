@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, ProfuserError
+from ..model_files import ADAPTER_CONFIG, BASE_MODEL_FILE, is_adapter_dir  # noqa: F401  (re-exported)
+from ..model_files import incomplete as _incomplete
+from ..model_files import local_model_problem as _local_model_problem
+from ..model_files import looks_local as _looks_local
 from ..recipe import ModelSpec
 from .gguf import gguf_dir
 
@@ -46,10 +50,6 @@ def as_spec(spec: SpecLike) -> ModelSpec:
     except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, shown as one line
         where = spec.get("ref") if isinstance(spec, dict) else None
         raise ModelError(f"invalid model spec: {exc}", where=where) from None
-
-
-def _looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf") or Path(ref).expanduser().exists()
 
 
 def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None, engine: Any = None) -> Path:
@@ -83,15 +83,6 @@ def resolve_model(spec: SpecLike, *, cache_dir: Path | None = None, engine: Any 
     return _hub_snapshot(spec)
 
 
-ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained
-BASE_MODEL_FILE = "base_model.json"  # the base ModelSpec an adapter directory was trained on (profuser's)
-
-
-def is_adapter_dir(path: Path) -> bool:
-    """A LoRA adapter without merged weights (what training writes with ``train.peft.merge: false``)."""
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
-
-
 def adapter_base(path: Path) -> ModelSpec:
     """The base model of an adapter directory."""
     import json
@@ -104,46 +95,9 @@ def adapter_base(path: Path) -> ModelSpec:
         raise ModelError(f"unreadable {BASE_MODEL_FILE}: {exc}", where=str(path)) from None
 
 
-# what a save_pretrained directory must hold; pickled .bin weights are read as tensors only (weights_only)
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer.tiktoken")
-
-
 def local_model_problem(spec: SpecLike, need: tuple[str, ...] = ("config", "weights", "tokenizer")) -> str | None:
-    """What is wrong with a local model ref (None: fine, or not a local ref), without loading
-    anything: the path exists, and a directory holds what ``need`` names of a config, safetensors
-    weights and a tokenizer."""
-    spec = as_spec(spec)
-    ref = spec.ref
-    if ref.startswith("builtin:") or not _looks_local(ref):
-        return None  # hub ids and plugin models are checked when fetched or built
-    path = Path(ref).expanduser()
-    if spec.gguf_file:
-        if not path.is_dir():
-            return f"directory not found: {path}"
-        return None if (path / spec.gguf_file).is_file() else f"gguf_file not found: {path / spec.gguf_file}"
-    if ref.endswith(".gguf"):
-        return None if path.is_file() else f"file not found: {path}"
-    if path.is_file():
-        return (f"{path} is a file, not a model directory (a local model is a save_pretrained directory or a "
-                ".gguf file)")
-    if not path.is_dir():
-        return f"model directory not found: {path}"
-    if is_adapter_dir(path):  # the base model brings config and weights
-        return _incomplete(path, tuple(n for n in need if n == "tokenizer")) or (
-            None if (path / BASE_MODEL_FILE).is_file() else f"{path} is a LoRA adapter without {BASE_MODEL_FILE}")
-    return _incomplete(path, need)
-
-
-def _incomplete(path: Path, need: tuple[str, ...]) -> str | None:
-    missing = []
-    if "config" in need and not (path / "config.json").is_file():
-        missing.append("config.json")
-    if "weights" in need and not any((path / name).is_file() for name in _WEIGHTS) and not any(path.glob("*.safetensors")):
-        missing.append("safetensors weights (model.safetensors)")
-    if "tokenizer" in need and not any((path / name).is_file() for name in _TOKENIZER):
-        missing.append("tokenizer (tokenizer.json, or tokenizer.model / vocab.json)")
-    return f"{path} is not a complete model directory: no {', no '.join(missing)}" if missing else None
+    """``profuser.model_files.local_model_problem`` of a spec, its identity dict or a bare ref."""
+    return _local_model_problem(as_spec(spec), need)
 
 
 def _resolve_builtin(ref: str, cache_dir: Path | None, engine: Any) -> Path:

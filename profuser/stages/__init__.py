@@ -8,9 +8,17 @@ Stage modules import from here, never from each other.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+if TYPE_CHECKING:  # the runner's types; importing them here would point the house upwards
+    from ..pipeline import Stage
+    from ..plugins import Engine
+    from ..runtime import Runtime
 
 
 class StageConfig(BaseModel):
@@ -53,3 +61,34 @@ class Ref(BaseModel):
 
 # a model's identity (``ModelSpec.identity()``: every field but the label), as stages hash it
 ModelIdentity = dict[str, Any]
+
+
+# here, not in the pipeline: a stage worker (profuser.workers) builds one without the runner
+@dataclass
+class StageContext:
+    """What a stage function gets. It writes its files under ``out`` and returns its metrics."""
+
+    stage: Stage
+    inputs: dict[str, Path]  # input role -> finished artifact directory of an upstream stage
+    out: Path  # the partial directory; sealed and renamed when the stage returns
+    runtime: Runtime
+    engine: Engine
+    # where log_metrics goes besides this process's observers (a stage worker forwards to the runner)
+    metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.stage.config
+
+    def build(self, kind: str, ref: Any):
+        """Instantiate the component a config names (a ``Ref``, or ``{"name": ..., "params": {...}}``)
+        with this run's runtime (device, cache dir, progress, the engine: never part of a key)."""
+        name, params = (ref["name"], ref.get("params")) if isinstance(ref, dict) else (ref.name, ref.params)
+        runtime = self.runtime if self.runtime.engine is self.engine else replace(self.runtime, engine=self.engine)
+        return self.engine.registry.build(kind, name, params or {}, runtime=runtime)
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.metrics_sink is not None:
+            self.metrics_sink(step, metrics)
+        else:
+            self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)
