@@ -104,3 +104,32 @@ def test_fsdp2_gradient_norm_is_global_and_the_guard_is_decided_by_all_ranks(tmp
     assert [g["norm"] for g in got] == pytest.approx([want, want])  # not each rank's shard's norm
     assert got[0]["problem"] == "the loss or gradient norm is not finite on another rank"
     assert got[1]["problem"] == "the gradient norm is nan"  # both skip (or stop): none waits alone
+
+
+# --- lm-eval's vLLM backend without Ray ------------------------------------------------------------------
+
+
+def test_lm_eval_vllm_backend_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """lm-eval before 0.4.13 imported vLLM's LLM inside a try that also imported ray: without ray
+    its VLLM died with `NameError: name 'LLM' is not defined`, a traceback."""
+    import importlib.util
+    import sys
+    import types
+
+    from profuser.errors import ProfuserError
+    from profuser.evaluation import harness
+
+    class VLLM:  # lm-eval's class as such a version ships it
+        def __init__(self, **_):
+            raise NameError("name 'LLM' is not defined")
+
+    fake = types.ModuleType("lm_eval.models.vllm_causallms")
+    fake.VLLM = VLLM
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    args = harness.vllm_model_args(tmp_path, devices=1)  # one engine: no Ray needed
+    with pytest.raises(ProfuserError) as err:
+        harness._vllm_lm(tmp_path, "", args)
+    assert err.value.where == "evaluate.backend" and len(err.value.lines()) == 1
+    assert "NameError: name 'LLM' is not defined" in str(err.value) and "gpu-constraints.txt" in str(err.value)

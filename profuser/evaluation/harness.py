@@ -224,13 +224,23 @@ def vllm_model_args(path: str | Path, *, max_length: int | None = None, dtype: s
             "seed": seed, "batch_size": "auto"}
 
 
+# what pyproject's gpu extra pins: vLLM 0.22-0.26 are built for torch 2.11; lm-eval 0.4.13 needs vLLM >= 0.18
+# and imports it without Ray (Ray only for data_parallel_size > 1)
+GPU_STACK = "torch 2.11.0, vllm 0.26.0, lm-eval 0.4.13, ray 2.60.0, deepspeed 0.19.8"
+
+
 def _vllm_lm(path, template: str, args: dict[str, Any]):
     if importlib.util.find_spec("vllm") is None:
         raise ProfuserError("the vllm backend needs vLLM and a CUDA GPU: pip install 'profuser[vllm]' "
                             "(or evaluate.backend: hf)", where="evaluate.backend")
-    from lm_eval.models.vllm_causallms import VLLM
+    fix = f"pip install -e '.[gpu]' -c gpu-constraints.txt installs versions that work together ({GPU_STACK})"
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
 
-    lm = VLLM(**args)
+        lm = VLLM(**args)
+    except (ImportError, NameError) as exc:  # lm-eval < 0.4.13 without Ray: "name 'LLM' is not defined"; moved vLLM modules
+        raise ProfuserError(f"lm-eval's vLLM backend cannot start ({type(exc).__name__}: {exc}); {fix}",
+                            where="evaluate.backend") from None
     lm.hf_chat_template = template  # as for HFLM: a base model gets the fallback template the trainer used
     return lm
 
