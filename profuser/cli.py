@@ -99,7 +99,7 @@ def run(
     for line in run_result_lines(runner.run_dir, results, recipe_obj):
         console.print(line, highlight=False, markup=False)
     target = recipe_obj.train.push_to_hub
-    if target and any(r.id == "train" for r in results) and rank_and_world()[0] == 0:  # train.push_to_hub
+    if target and any(r.kind == "train" for r in results) and rank_and_world()[0] == 0:  # train.push_to_hub
         from .hub import push as push_run
 
         pushed = push_run(runner.run_dir, target.repo, private=target.private)
@@ -128,6 +128,9 @@ def _print_plan(plan: dict) -> None:
     for name, source in plan["throughput_sources"].items():
         console.print(Text(f"{name}: {plan['throughputs'][name]:,} tok/s/GPU for the target's size ({source})"), soft_wrap=True)
     _print_total("total", plan["total"])
+    for s in plan["stages"]:  # what changed since this recipe's last run (a first run says nothing)
+        if s.get("why") and s["why"] != ["not run before"]:
+            console.print(Text(f"why {s['id']}: {'; '.join(s['why'])}"), soft_wrap=True)
 
 
 def _print_total(label: str, total: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -23,16 +24,18 @@ from typing import Any
 from . import __version__
 from .components import MODES
 from .errors import ProfuserError, RecipeError
+from .fingerprint import FingerprintCache, change_reasons, content_fingerprints, hashed_content, source_hash
 from .plugins import Engine
 from .recipe import Recipe, TrainSpec
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
-from .stages import StageConfig, StageContext
+from .stages import StageConfig
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
 
 STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate", "merge")
 # the stages that load a model: run in a worker process when the runtime isolates stages (a stage
 # module may say otherwise with LOADS_MODEL = True / False)
 MODEL_STAGE_KINDS = frozenset({"generate", "score", "logits", "train", "evaluate"})
+KEY_INPUTS = "key_inputs.json"  # runs/<name>/: what each stage's key hashed at its last run
 
 
 @dataclass
@@ -45,11 +48,6 @@ class Stage:
     deps: dict[str, str] = field(default_factory=dict)  # input role -> upstream stage id
     components: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) it builds
     module: str = ""  # the module with run() and VERSION; default profuser.stages.<kind>
-    # a stage of another recipe whose model this one names (recipe:<path>): that recipe's file, and
-    # the "<its name>:" its id starts with; empty for the recipe's own stages
-    origin: str = ""
-    prefix: str = ""
-
 
     def __post_init__(self):
         if isinstance(self.config, dict) and (config_cls := getattr(self.code(), "Config", None)) is not None:
@@ -63,17 +61,45 @@ class Stage:
         return self.config.hashed() if isinstance(self.config, StageConfig) else self.config
 
 
+@dataclass
+class StageContext:
+    """What a stage function gets. It writes its files under ``out`` and returns its metrics."""
+
+    stage: Stage
+    inputs: dict[str, Path]  # input role -> finished artifact directory of an upstream stage
+    out: Path  # the partial directory; sealed and renamed when the stage returns
+    runtime: Runtime
+    engine: Engine
+    # where log_metrics goes besides this process's observers (a stage worker forwards to the runner)
+    metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.stage.config
+
+    def build(self, kind: str, ref: Any):
+        """Instantiate the component a config names (a ``Ref``, or ``{"name": ..., "params": {...}}``)
+        with this run's runtime (device, cache dir, progress, the engine: never part of a key)."""
+        name, params = (ref["name"], ref.get("params")) if isinstance(ref, dict) else (ref.name, ref.params)
+        runtime = self.runtime if self.runtime.engine is self.engine else replace(self.runtime, engine=self.engine)
+        return self.engine.registry.build(kind, name, params or {}, runtime=runtime)
+
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.metrics_sink is not None:
+            self.metrics_sink(step, metrics)
+        else:
+            self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)
+
+
 # --- planning -----------------------------------------------------------------------------------
 
 
-def plan(recipe: Recipe, engine: Engine, *, _chain: tuple[Path, ...] = ()) -> list[Stage]:
+def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
     """The stages of a recipe, upstream first. Each stage's config is its module's ``Config``;
-    each input role is named by the consuming module (``build.align_role(k)``). A model named
-    ``recipe:<path>`` is made by that recipe's own stages, planned first (``plan_recipe_refs``)."""
+    each input role is named by the consuming module (``build.align_role(k)``)."""
     # here, not at the top: importing the pipeline stays light (build imports the trainer, torch)
     from .stages import Ref, align, build, data, evaluate, generate, logits, merge, score, select, train
 
-    upstream_stages, recipe, recipe_models = plan_recipe_refs(recipe, engine, _chain)
     registry = engine.registry
     # an instance: a curriculum that composes another (layerwise) takes that one's modes
     curriculum = registry.build("curricula", recipe.curriculum.name, recipe.curriculum.params)
@@ -180,98 +206,7 @@ def plan(recipe: Recipe, engine: Engine, *, _chain: tuple[Path, ...] = ()) -> li
             stages.append(Stage(f"evaluate/merge/{m.key}", "evaluate",
                                 evaluate.Config(model=None, label=f"{m.key} (merge)", evaluate=recipe.evaluate),
                                 {evaluate.MODEL: f"merge/{m.key}", evaluate.DATA: "data"}))
-    return _with_recipe_models(upstream_stages, stages, recipe_models)
-
-
-# --- recipe refs: a model another recipe makes ----------------------------------------------------
-# In this recipe's stage configs a ref ``recipe:<path>`` becomes ``recipe:<its name>`` (``#<label>``
-# for a merge): a role each stage that reads the model gets as an input, the upstream train (or
-# merge) stage. Keys chain through that input's key, never a path; the runner hands the stage the
-# artifact's model/ folder in place of the role (``with_recipe_models``).
-
-
-def plan_recipe_refs(recipe: Recipe, engine: Engine, chain: tuple[Path, ...] = (),
-                     ) -> tuple[list[Stage], Recipe, dict[str, str]]:
-    """(the stages that make the models ``recipe`` names by ``recipe:`` refs, the recipe with those
-    refs replaced by their roles, role -> the stage that makes its model). Each named recipe is
-    planned as if it ran alone, down to the stage that makes its model (train, or
-    ``merge/<label>``), with ids under ``<its name>:``."""
-    from .recipe import _spec_at, load_recipe, recipe_refs, replace_recipe_refs, split_recipe_ref
-
-    dump = recipe.model_dump(mode="json")
-    refs = recipe_refs(dump)
-    if not refs:
-        return [], recipe, {}  # an ordinary recipe: nothing changes
-    roles: dict[str, tuple[str, str]] = {}  # ref -> (role, the stage id that makes its model)
-    stages: dict[str, Stage] = {}
-    names: dict[str, Path] = {}
-    for field_path, ref in refs:
-        if ref in roles:
-            continue
-        path, label = split_recipe_ref(ref)
-        file = Path(path).resolve()
-        if file in chain:
-            cycle = " -> ".join(p.name for p in (*chain[chain.index(file):], file))
-            raise RecipeError([(field_path, f"circular recipe refs: {cycle}")])
-        made = load_recipe(file, registry=engine.registry, _chain=chain)
-        if names.setdefault(made.name, file) != file:
-            raise RecipeError([(field_path, (f"two recipes named {made.name!r} ({names[made.name]} and {file}): "
-                                             "give them distinct names"))])
-        theirs = plan(made, engine, _chain=(*chain, file))
-        model_stage = f"merge/{label}" if label else "train"
-        if model_stage not in {s.id for s in theirs}:
-            raise RecipeError([(field_path, f"{file.name} makes no model {label!r}")])
-        prefix = f"{made.name}:"
-        needed = upstream(theirs, {model_stage})
-        for s in theirs:
-            if s.id in needed and prefix + s.id not in stages:
-                stages[prefix + s.id] = replace(s, id=prefix + s.id, deps={r: prefix + d for r, d in s.deps.items()},
-                                                origin=s.origin or str(file), prefix=prefix + s.prefix)
-        roles[ref] = (f"recipe:{made.name}" + (f"#{label}" if label else ""), prefix + model_stage)
-
-    for field_path, _ in refs:  # a model spec keeps the name it had (by default the file's stem)
-        spec = _spec_at(recipe, field_path)
-        if spec is not None and not spec.label:
-            node: Any = dump
-            for part in field_path.split(".")[:-1]:
-                node = node[int(part)] if isinstance(node, list) else node[part]
-            node["label"] = spec.key
-    resolved = Recipe.model_validate(replace_recipe_refs(dump, lambda ref: roles[ref][0]))
-    return list(stages.values()), resolved, dict(roles.values())
-
-
-def _with_recipe_models(upstream_stages: list[Stage], stages: list[Stage], models: dict[str, str]) -> list[Stage]:
-    """The upstream recipes' stages first, then this recipe's, each reading a ``recipe:`` model
-    with the stage that makes it as an input (its key chains through that stage's key)."""
-    from .recipe import recipe_refs
-
-    if not models:
-        return stages
-    for stage in stages:
-        config = stage.config.model_dump(mode="json") if isinstance(stage.config, StageConfig) else stage.config
-        for _, role in recipe_refs(config):
-            if role in models:
-                stage.deps[role] = models[role]
-        if stage.id == "train":  # its card's lineage names each recipe: model and the key that made it
-            for role, made_by in models.items():
-                stage.deps.setdefault(role, made_by)
-    return upstream_stages + stages
-
-
-def with_recipe_models(stage: Stage, inputs: dict[str, Path]) -> Stage:
-    """The stage as it runs: each ``recipe:`` role in its config replaced by the model folder of
-    the input that role names (the key and manifest keep the role)."""
-    from .recipe import replace_recipe_refs
-
-    folders = {role: str(path / "model") for role, path in inputs.items() if role.startswith("recipe:")}
-    if not folders:
-        return stage
-    if not isinstance(stage.config, StageConfig):
-        return replace(stage, config=replace_recipe_refs(stage.config, lambda ref: folders.get(ref, ref)))
-    config = replace_recipe_refs(stage.config.model_dump(mode="json"), lambda ref: folders.get(ref, ref))
-    return replace(stage, config=type(stage.config).model_validate(config))
-
-
+    return stages
 
 
 def card_recipe(recipe: Recipe) -> str:
@@ -283,28 +218,57 @@ def card_recipe(recipe: Recipe) -> str:
 
 def stage_keys(stages: list[Stage], engine: Engine) -> dict[str, str]:
     """The cache key of every stage (stages must be in upstream-first order)."""
+    return stage_key_inputs(stages, engine)[0]
+
+
+def stage_key_inputs(stages: list[Stage], engine: Engine, cache: FingerprintCache | None = None,
+                     ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Every stage's key and what it hashes (run.json keeps the latter: ``--dry-run`` names what
+    changed). Besides the config: the content of the local files it names (``content``, by
+    fingerprint) and the source of third-party components it builds (``code``), each present only
+    when non-empty, so keys of recipes with builtin: and hub models and built-in plugins stay."""
+    cache = cache or FingerprintCache()
     keys: dict[str, str] = {}
+    inputs: dict[str, dict[str, Any]] = {}
     for stage in stages:
-        versions = {"profuser": __version__, "stage": getattr(stage.code(), "VERSION", "1")}
+        code_module = stage.code()
+        versions = {"profuser": __version__, "stage": getattr(code_module, "VERSION", "1")}
+        code: dict[str, str] = {}
         for kind, name in stage.components:
             info = engine.registry.get(kind, name)
             versions[f"{kind}:{name}"] = f"{info.cls.__module__}.{info.cls.__qualname__}@{engine.plugins[info.plugin].version}"
-        keys[stage.id] = stable_hash({
+            if not engine.plugins[info.plugin].builtin and (digest := info.code_hash()):
+                code[f"{kind}:{name}"] = digest  # an edit in place, with no version bump, recomputes
+        if not code_module.__name__.startswith("profuser.") and (digest := source_hash(code_module.__name__)):
+            code["stage:"] = digest  # a plugin's own stage module
+        config = stage.hashed_config()
+        content = _content(stage, config, cache)
+        hashed = {
             "kind": stage.kind,
-            "config": stage.hashed_config(),
+            "config": config,
             "deps": {role: keys[dep] for role, dep in sorted(stage.deps.items())},
             "versions": versions,
-        })[:20]
-    return keys
+            **({"content": hashed_content(content)} if content else {}),
+            **({"code": code} if code else {}),
+        }
+        keys[stage.id] = stable_hash(hashed)[:20]
+        inputs[stage.id] = {**hashed, "content_paths": {label: e["path"] for label, e in content.items()}}
+    cache.save()
+    return keys, inputs
+
+
+def _content(stage: Stage, config: dict[str, Any], cache: FingerprintCache) -> dict[str, dict[str, Any]]:
+    """The local files a built-in stage's config names (a plugin's own stage module is keyed by
+    its code; its config may name files it writes). The data stage's dataset hashes what it
+    reads itself (``data.Config.files``)."""
+    if not stage.code().__name__.startswith("profuser.stages."):
+        return {}
+    return content_fingerprints(config, cache, skip=("data",) if stage.kind == "data" else ())
 
 
 def select_stages(stages: list[Stage], pattern: str) -> set[str]:
     """Stage ids a CLI pattern names: an exact id, a kind (``logits``) or an id prefix (``logits/training``)."""
-    # a kind names this recipe's stages only: `--force train` never retrains a recipe: model, which
-    # its own id (`arith:train`) or prefix (`arith:`) names
-    return {s.id for s in stages if s.id == pattern or (s.kind == pattern and not s.prefix)
-            or s.id.startswith(pattern.rstrip("/") + "/") or (pattern.endswith(":") and s.id.startswith(pattern))}
-
+    return {s.id for s in stages if s.id == pattern or s.kind == pattern or s.id.startswith(pattern.rstrip("/") + "/")}
 
 
 def dependents(stages: list[Stage], roots: set[str]) -> set[str]:
@@ -353,7 +317,7 @@ class Runner:
         self.store = ArtifactStore(runtime.runs_dir, on_corrupt=lambda path, why: echo(
             f"[corrupt] {path}: {why}; moved aside, it will be recomputed"))
         self.stages = stages if stages is not None else plan(recipe, engine)
-        self.keys = stage_keys(self.stages, engine)
+        self.keys, self.key_inputs = stage_key_inputs(self.stages, engine)
         self.echo = echo
         self.forced: set[str] = set()
         for pattern in force:
@@ -378,6 +342,28 @@ class Runner:
         return [(s, self.keys[s.id], s.id not in self.forced and self.store.get(s.kind, self.keys[s.id], quarantine=False) is not None)
                 for s in self.stages if s.id in self.selected]
 
+    def previous_key_inputs(self) -> dict[str, dict[str, Any]]:
+        try:
+            found = json.loads((self.run_dir / KEY_INPUTS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
+
+    def reasons(self, status: list[tuple[Stage, str, bool]] | None = None) -> dict[str, list[str]]:
+        """Why each selected stage that is not cached will run (``status()``'s, or the one given),
+        against this recipe's last run (``runs/<name>/key_inputs.json``): the file, component
+        code, version, config field or upstream stage that changed."""
+        previous = self.previous_key_inputs()
+        found = {}
+        for stage, _key, cached in self.status() if status is None else status:
+            if not cached:
+                if stage.id in self.forced:
+                    found[stage.id] = ["--force"]
+                    continue
+                roles = dict(stage.deps)
+                found[stage.id] = change_reasons(previous.get(stage.id), self.key_inputs[stage.id], roles)
+        return found
+
     def run(self) -> list[StageResult]:
         main = rank_and_world()[0] == 0  # run-level records are written once, by rank 0
         if main:
@@ -397,6 +383,9 @@ class Runner:
         }
         if main:
             atomic_write_json(self.run_dir / "run.json", summary)
+            # what each key hashed, for the next --dry-run's reasons; stages this run skipped keep theirs
+            atomic_write_json(self.run_dir / KEY_INPUTS, {**self.previous_key_inputs(),
+                                                          **{sid: self.key_inputs[sid] for sid in results}})
             if "train" in results:
                 self._link(self.run_dir / "model", Path(results["train"].path) / "model")
             self.engine.hook.profuser_run_finished(run_dir=str(self.run_dir), summary=summary)
@@ -431,8 +420,6 @@ class Runner:
     def _compute(self, stage: Stage, key: str, results: dict[str, StageResult]) -> StageResult:
         rank, world = rank_and_world()
         inputs = {role: Path(results[dep].path) for role, dep in stage.deps.items()}
-        # what the stage reads: recipe: models as their folders in the store (key and manifest: `stage`)
-        running = with_recipe_models(stage, inputs)
         out = self.store.begin(stage.kind, key)
         self.engine.hook.profuser_stage_started(stage_id=stage.id, key=key, run_dir=str(self.run_dir))
         loads_model = getattr(stage.code(), "LOADS_MODEL", stage.kind in MODEL_STAGE_KINDS)
@@ -445,11 +432,11 @@ class Runner:
             def forward(step: int, metrics: dict[str, Any]) -> None:
                 self.engine.hook.profuser_metrics_logged(stage_id=stage.id, step=step, metrics=metrics)
 
-            metrics = run_stage_in_worker(running, inputs, out, self.runtime, self.engine, forward)
+            metrics = run_stage_in_worker(stage, inputs, out, self.runtime, self.engine, forward)
         else:
-            ctx = StageContext(stage=running, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine)
+            ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine)
             try:
-                metrics = running.code().run(ctx) or {}
+                metrics = stage.code().run(ctx) or {}
             finally:
                 del ctx
                 if loads_model:
@@ -466,6 +453,7 @@ class Runner:
                 return StageResult(stage.id, stage.kind, key, False, seconds, artifact.metrics, str(artifact.path), seconds)
             wait_until(lambda: len(list(checkins.glob(f"{launch}-*"))) == world - 1, poll=0.2)
             shutil.rmtree(checkins)
+        self._check_unchanged(stage)
         artifact: Artifact = self.store.commit(stage.kind, key, {
             "stage_id": stage.id,
             "config": stage.hashed_config(),
@@ -476,6 +464,21 @@ class Runner:
         self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=False, seconds=seconds, metrics=metrics)
         self.echo(f"[done]   {stage.id} in {seconds:.1f}s")
         return StageResult(stage.id, stage.kind, key, False, seconds, metrics, str(artifact.path), seconds)
+
+    def _check_unchanged(self, stage: Stage) -> None:
+        """The local files a key hashed must be what the stage read: one changed while it ran would
+        seal the new content's result under the old content's key (unchanged files: stat only)."""
+        before = self.key_inputs[stage.id].get("content")
+        if not before:
+            return
+        cache = FingerprintCache()
+        now = hashed_content(_content(stage, stage.hashed_config(), cache))
+        cache.save()
+        changed = sorted(label for label in set(before) | set(now) if before.get(label) != now.get(label))
+        if changed:
+            paths = self.key_inputs[stage.id]["content_paths"]
+            raise ProfuserError(f"{', '.join(paths.get(c, c) for c in changed)} changed while the stage ran; its result "
+                                "is not kept (rerun to compute it from the new content)", where=stage.id)
 
     def _wait_for(self, stage: Stage, key: str, why: str) -> Artifact:
         self.echo(f"[wait]   {stage.id} ({why})")

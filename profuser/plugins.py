@@ -40,6 +40,14 @@ class ComponentInfo:
     def params_schema(self) -> dict[str, Any]:
         return self.cls.Params.model_json_schema()
 
+    def code_hash(self) -> str | None:
+        """A hash of the source of the module defining the component and of the modules it
+        imports from the same top-level package (cache keys of third-party components hold it:
+        an edit in place recomputes what uses the component); None when there is no source."""
+        from .fingerprint import class_code_hash
+
+        return class_code_hash(self.cls)
+
     def params_problems(self, params: dict[str, Any]) -> list[tuple[str, str]]:
         """``(dotted.field, message)`` for each problem of ``params`` under this component's
         ``Params``; an unknown field gets the closest known one."""

@@ -36,6 +36,13 @@ def run(ctx) -> dict:
                      mininterval=1.0):
         (bad if isinstance(item, BadRow) else records).append(item)
     rows_read = len(records) + len(bad)
+    if ctx.config.files:  # the key holds the content the plan hashed: what was read must be that
+        now = source.fingerprint()
+        changed = sorted(n for n in set(now) | set(ctx.config.files) if now.get(n) != ctx.config.files.get(n))
+        if changed:
+            raise DataError(f"changed while the data stage read it: {', '.join(changed[:5])}"
+                            + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+                            + "; nothing is kept (rerun to read the new content)", where=f"data source {cfg.source.name}")
     if bad and cfg.on_bad_row == "fail":
         shown = "\n".join(f"  {b.where}: {b.message}" for b in bad[:SHOW_BAD_ROWS])
         more = f"\n  ... and {len(bad) - SHOW_BAD_ROWS} more" if len(bad) > SHOW_BAD_ROWS else ""
