@@ -99,7 +99,7 @@ def run(
     for line in run_result_lines(runner.run_dir, results, recipe_obj):
         console.print(line, highlight=False, markup=False)
     target = recipe_obj.train.push_to_hub
-    if target and any(r.kind == "train" for r in results) and rank_and_world()[0] == 0:  # train.push_to_hub
+    if target and any(r.id == "train" for r in results) and rank_and_world()[0] == 0:  # train.push_to_hub
         from .hub import push as push_run
 
         pushed = push_run(runner.run_dir, target.repo, private=target.private)

@@ -242,7 +242,7 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
             rows.append(_row(stage, cached, disk_gb=_gb((n + sizes.heldout) * (p + r) * TEXT_BYTES_PER_TOKEN)))
         elif stage.kind == "generate":
             spec = cfg.model
-            params, _ = model_size(spec["ref"])
+            params, _ = _size(runner, spec["ref"])
             gen = recipe.inference_mode.generator
             cls = engine.registry.get("generators", gen.name).cls
             vllm = gen.name == "vllm"
@@ -261,7 +261,7 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
         elif stage.kind == "score":
             rm = cfg.reward_model
             ref = rm.params.get("model")
-            params, vocab = model_size(ref)
+            params, vocab = _size(runner, ref)
             cls = engine.registry.get("reward_models", rm.name).cls
             batch = int(rm.params.get("batch_size", 8))
             length = min(p + g, int(rm.params.get("max_length", 2048)))
@@ -272,7 +272,7 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
                              note=f"{n:,} x {n_sources} answers scored" + ("" if params else "; model size unknown")))
         elif stage.kind == "logits":
             spec = cfg.model
-            params, vocab = model_size(spec["ref"])
+            params, vocab = _size(runner, spec["ref"])
             inference = cfg.mode == "inference"
             won_only = inference and not cfg.all_examples  # all_teachers: every example's chosen response
             count = n / n_sources if won_only else n  # inference mode: only the examples this source won
@@ -326,7 +326,7 @@ def _activation_bytes(params: float | None, batch: int, length: float) -> float:
 def _train_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
     recipe = runner.recipe
     spec, train = recipe.target, recipe.train
-    params, vocab = model_size(spec.ref)
+    params, vocab = _size(runner, spec.ref)
     per_mode, _, note = _train_sequences(runner, sizes)
     p = sizes.prompt_tokens
     length = {"training": min(p + sizes.response_tokens, train.max_length),
@@ -355,7 +355,7 @@ def _train_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
 def _evaluate_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
     recipe = runner.recipe
     spec = stage.config.model or recipe.target.identity()
-    params, _ = model_size(spec["ref"])
+    params, _ = _size(runner, spec["ref"])
     rates = throughputs(recipe, params)
     seconds, tokens, unknown = 0.0, 0, []
     for task in recipe.evaluate.tasks:
@@ -392,12 +392,60 @@ def _totals(rows: list[dict]) -> dict:
     }
 
 
+class _Part:
+    """The stages of a plan that one recipe owns, as ``stage_rows`` costs them: with that recipe's
+    sizes, curriculum and models (a recipe: model's recipe has its own)."""
+
+    def __init__(self, runner, recipe, status: list):
+        self.recipe, self.engine, self.store, self.stages = recipe, runner.engine, runner.store, runner.stages
+        self._status = status
+        self.keys = {s.id.removeprefix(s.prefix): key for s, key, _ in status}
+
+    def status(self) -> list:
+        return self._status
+
+
+def _stage_rows_by_recipe(runner, sizes: Sizes, status: list) -> list[dict]:
+    """``stage_rows`` of each recipe's part of the plan (this recipe's, then each recipe: model's
+    recipe's), in plan order."""
+    from .recipe import load_recipe
+
+    rows = {row["id"]: row for row in stage_rows(_Part(runner, runner.recipe, [t for t in status if not t[0].origin]), sizes)}
+    for origin in dict.fromkeys(s.origin for s, _, _ in status if s.origin):
+        part = _Part(runner, load_recipe(origin, registry=runner.engine.registry), [t for t in status if t[0].origin == origin])
+        part_sizes = plan_sizes(part) if "data" in part.keys else Sizes(0, 0, 1.0, 1.0, 1.0, "no data stage")
+        rows.update({row["id"]: row for row in stage_rows(part, part_sizes)})
+    return [rows[s.id] for s, _, _ in status]
+
+
+def _size(runner, ref: str | None) -> tuple[float | None, int]:
+    """``model_size``; a recipe: model has the size of the target its recipe trains (of a merge:
+    its base model), through any chain of recipes."""
+    from .recipe import is_recipe_ref, load_recipe, split_recipe_ref
+
+    for _ in range(16):
+        if not is_recipe_ref(ref):
+            break
+        body, label = split_recipe_ref(ref)
+        # a recipe's own form (a path) or the planner's role (recipe:<name>): the stages it planned know the file
+        file = body if body.endswith((".yaml", ".yml")) else next(
+            (s.origin for s in getattr(runner, "stages", []) if s.prefix.endswith(f"{body}:")), None)
+        if file is None:
+            return None, DEFAULT_VOCAB
+        made = load_recipe(file, registry=runner.engine.registry)
+        merge = next((m for m in made.merges if m.key == label), None) if label else None
+        ref = (merge.base_model or merge.models[0]).ref if merge else made.target.ref
+    return model_size(ref)
+
+
 def estimate_plan(runner) -> dict:
-    """The plan of one recipe with its cost per stage and in total (JSON-ready)."""
+    """The plan of one recipe with its cost per stage and in total (JSON-ready); a stage key
+    that the plan holds twice (a recipe: model's recipe shares this one's data) counts once."""
     recipe = runner.recipe
     sizes = plan_sizes(runner)
-    rows = stage_rows(runner, sizes)
     status = runner.status()
+    rows = _stage_rows_by_recipe(runner, sizes, status)
+    distinct = list({key: row for row, (_, key, _) in zip(rows, status)}.values())
     why = runner.reasons(status)  # each stage to run: what changed since the recipe's last run
     steps_note = _train_sequences(runner, sizes)[2]
     return {
@@ -406,11 +454,12 @@ def estimate_plan(runner) -> dict:
         "sizes": {"examples": sizes.examples, "heldout": sizes.heldout, "prompt_tokens": round(sizes.prompt_tokens, 1),
                   "response_tokens": round(sizes.response_tokens, 1), "generated_tokens": round(sizes.generated_tokens, 1),
                   "from": sizes.origin},
-        "throughputs": {k: round(v) for k, v in throughputs(recipe, model_size(recipe.target.ref)[0]).items()},
+        "throughputs": {k: round(v) for k, v in throughputs(recipe, _size(runner, recipe.target.ref)[0]).items()},
         "throughput_sources": THROUGHPUT_SOURCES,
         "stages": [{**row, "key": key, **({"why": why[stage.id]} if stage.id in why else {})}
                    for row, (stage, key, _) in zip(rows, status)],
-        "total": {**_totals(rows), "optimizer_steps": steps_note, "stages_to_run": f"{sum(not c for _, _, c in status)} of {len(status)}"},
+        "total": {**_totals(distinct), "optimizer_steps": steps_note,
+                  "stages_to_run": f"{len({k for _, k, c in status if not c})} of {len({k for _, k, _ in status})}"},
     }
 
 

@@ -28,7 +28,7 @@ from .fingerprint import FingerprintCache, change_reasons, content_fingerprints,
 from .plugins import Engine
 from .recipe import Recipe, TrainSpec
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
-from .stages import StageConfig
+from .stages import StageConfig, StageContext
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
 
 STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate", "merge")
@@ -48,6 +48,11 @@ class Stage:
     deps: dict[str, str] = field(default_factory=dict)  # input role -> upstream stage id
     components: list[tuple[str, str]] = field(default_factory=list)  # (kind, name) it builds
     module: str = ""  # the module with run() and VERSION; default profuser.stages.<kind>
+    # a stage of another recipe whose model this one names (recipe:<path>): that recipe's file, and
+    # the "<its name>:" its id starts with; empty for the recipe's own stages
+    origin: str = ""
+    prefix: str = ""
+
 
     def __post_init__(self):
         if isinstance(self.config, dict) and (config_cls := getattr(self.code(), "Config", None)) is not None:
@@ -61,45 +66,17 @@ class Stage:
         return self.config.hashed() if isinstance(self.config, StageConfig) else self.config
 
 
-@dataclass
-class StageContext:
-    """What a stage function gets. It writes its files under ``out`` and returns its metrics."""
-
-    stage: Stage
-    inputs: dict[str, Path]  # input role -> finished artifact directory of an upstream stage
-    out: Path  # the partial directory; sealed and renamed when the stage returns
-    runtime: Runtime
-    engine: Engine
-    # where log_metrics goes besides this process's observers (a stage worker forwards to the runner)
-    metrics_sink: Callable[[int, dict[str, Any]], None] | None = None
-
-    @property
-    def config(self) -> Any:
-        return self.stage.config
-
-    def build(self, kind: str, ref: Any):
-        """Instantiate the component a config names (a ``Ref``, or ``{"name": ..., "params": {...}}``)
-        with this run's runtime (device, cache dir, progress, the engine: never part of a key)."""
-        name, params = (ref["name"], ref.get("params")) if isinstance(ref, dict) else (ref.name, ref.params)
-        runtime = self.runtime if self.runtime.engine is self.engine else replace(self.runtime, engine=self.engine)
-        return self.engine.registry.build(kind, name, params or {}, runtime=runtime)
-
-    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        if self.metrics_sink is not None:
-            self.metrics_sink(step, metrics)
-        else:
-            self.engine.hook.profuser_metrics_logged(stage_id=self.stage.id, step=step, metrics=metrics)
-
-
 # --- planning -----------------------------------------------------------------------------------
 
 
-def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
+def plan(recipe: Recipe, engine: Engine, *, _chain: tuple[Path, ...] = ()) -> list[Stage]:
     """The stages of a recipe, upstream first. Each stage's config is its module's ``Config``;
-    each input role is named by the consuming module (``build.align_role(k)``)."""
+    each input role is named by the consuming module (``build.align_role(k)``). A model named
+    ``recipe:<path>`` is made by that recipe's own stages, planned first (``plan_recipe_refs``)."""
     # here, not at the top: importing the pipeline stays light (build imports the trainer, torch)
     from .stages import Ref, align, build, data, evaluate, generate, logits, merge, score, select, train
 
+    upstream_stages, recipe, recipe_models = plan_recipe_refs(recipe, engine, _chain)
     registry = engine.registry
     # an instance: a curriculum that composes another (layerwise) takes that one's modes
     curriculum = registry.build("curricula", recipe.curriculum.name, recipe.curriculum.params)
@@ -206,7 +183,98 @@ def plan(recipe: Recipe, engine: Engine) -> list[Stage]:
             stages.append(Stage(f"evaluate/merge/{m.key}", "evaluate",
                                 evaluate.Config(model=None, label=f"{m.key} (merge)", evaluate=recipe.evaluate),
                                 {evaluate.MODEL: f"merge/{m.key}", evaluate.DATA: "data"}))
-    return stages
+    return _with_recipe_models(upstream_stages, stages, recipe_models)
+
+
+# --- recipe refs: a model another recipe makes ----------------------------------------------------
+# In this recipe's stage configs a ref ``recipe:<path>`` becomes ``recipe:<its name>`` (``#<label>``
+# for a merge): a role each stage that reads the model gets as an input, the upstream train (or
+# merge) stage. Keys chain through that input's key, never a path; the runner hands the stage the
+# artifact's model/ folder in place of the role (``with_recipe_models``).
+
+
+def plan_recipe_refs(recipe: Recipe, engine: Engine, chain: tuple[Path, ...] = (),
+                     ) -> tuple[list[Stage], Recipe, dict[str, str]]:
+    """(the stages that make the models ``recipe`` names by ``recipe:`` refs, the recipe with those
+    refs replaced by their roles, role -> the stage that makes its model). Each named recipe is
+    planned as if it ran alone, down to the stage that makes its model (train, or
+    ``merge/<label>``), with ids under ``<its name>:``."""
+    from .recipe import _spec_at, load_recipe, recipe_refs, replace_recipe_refs, split_recipe_ref
+
+    dump = recipe.model_dump(mode="json")
+    refs = recipe_refs(dump)
+    if not refs:
+        return [], recipe, {}  # an ordinary recipe: nothing changes
+    roles: dict[str, tuple[str, str]] = {}  # ref -> (role, the stage id that makes its model)
+    stages: dict[str, Stage] = {}
+    names: dict[str, Path] = {}
+    for field_path, ref in refs:
+        if ref in roles:
+            continue
+        path, label = split_recipe_ref(ref)
+        file = Path(path).resolve()
+        if file in chain:
+            cycle = " -> ".join(p.name for p in (*chain[chain.index(file):], file))
+            raise RecipeError([(field_path, f"circular recipe refs: {cycle}")])
+        made = load_recipe(file, registry=engine.registry, _chain=chain)
+        if names.setdefault(made.name, file) != file:
+            raise RecipeError([(field_path, (f"two recipes named {made.name!r} ({names[made.name]} and {file}): "
+                                             "give them distinct names"))])
+        theirs = plan(made, engine, _chain=(*chain, file))
+        model_stage = f"merge/{label}" if label else "train"
+        if model_stage not in {s.id for s in theirs}:
+            raise RecipeError([(field_path, f"{file.name} makes no model {label!r}")])
+        prefix = f"{made.name}:"
+        needed = upstream(theirs, {model_stage})
+        for s in theirs:
+            if s.id in needed and prefix + s.id not in stages:
+                stages[prefix + s.id] = replace(s, id=prefix + s.id, deps={r: prefix + d for r, d in s.deps.items()},
+                                                origin=s.origin or str(file), prefix=prefix + s.prefix)
+        roles[ref] = (f"recipe:{made.name}" + (f"#{label}" if label else ""), prefix + model_stage)
+
+    for field_path, _ in refs:  # a model spec keeps the name it had (by default the file's stem)
+        spec = _spec_at(recipe, field_path)
+        if spec is not None and not spec.label:
+            node: Any = dump
+            for part in field_path.split(".")[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            node["label"] = spec.key
+    resolved = Recipe.model_validate(replace_recipe_refs(dump, lambda ref: roles[ref][0]))
+    return list(stages.values()), resolved, dict(roles.values())
+
+
+def _with_recipe_models(upstream_stages: list[Stage], stages: list[Stage], models: dict[str, str]) -> list[Stage]:
+    """The upstream recipes' stages first, then this recipe's, each reading a ``recipe:`` model
+    with the stage that makes it as an input (its key chains through that stage's key)."""
+    from .recipe import recipe_refs
+
+    if not models:
+        return stages
+    for stage in stages:
+        config = stage.config.model_dump(mode="json") if isinstance(stage.config, StageConfig) else stage.config
+        for _, role in recipe_refs(config):
+            if role in models:
+                stage.deps[role] = models[role]
+        if stage.id == "train":  # its card's lineage names each recipe: model and the key that made it
+            for role, made_by in models.items():
+                stage.deps.setdefault(role, made_by)
+    return upstream_stages + stages
+
+
+def with_recipe_models(stage: Stage, inputs: dict[str, Path]) -> Stage:
+    """The stage as it runs: each ``recipe:`` role in its config replaced by the model folder of
+    the input that role names (the key and manifest keep the role)."""
+    from .recipe import replace_recipe_refs
+
+    folders = {role: str(path / "model") for role, path in inputs.items() if role.startswith("recipe:")}
+    if not folders:
+        return stage
+    if not isinstance(stage.config, StageConfig):
+        return replace(stage, config=replace_recipe_refs(stage.config, lambda ref: folders.get(ref, ref)))
+    config = replace_recipe_refs(stage.config.model_dump(mode="json"), lambda ref: folders.get(ref, ref))
+    return replace(stage, config=type(stage.config).model_validate(config))
+
+
 
 
 def card_recipe(recipe: Recipe) -> str:
@@ -268,7 +336,11 @@ def _content(stage: Stage, config: dict[str, Any], cache: FingerprintCache) -> d
 
 def select_stages(stages: list[Stage], pattern: str) -> set[str]:
     """Stage ids a CLI pattern names: an exact id, a kind (``logits``) or an id prefix (``logits/training``)."""
-    return {s.id for s in stages if s.id == pattern or s.kind == pattern or s.id.startswith(pattern.rstrip("/") + "/")}
+    # a kind names this recipe's stages only: `--force train` never retrains a recipe: model, which
+    # its own id (`arith:train`) or prefix (`arith:`) names
+    return {s.id for s in stages if s.id == pattern or (s.kind == pattern and not s.prefix)
+            or s.id.startswith(pattern.rstrip("/") + "/") or (pattern.endswith(":") and s.id.startswith(pattern))}
+
 
 
 def dependents(stages: list[Stage], roots: set[str]) -> set[str]:
@@ -420,6 +492,8 @@ class Runner:
     def _compute(self, stage: Stage, key: str, results: dict[str, StageResult]) -> StageResult:
         rank, world = rank_and_world()
         inputs = {role: Path(results[dep].path) for role, dep in stage.deps.items()}
+        # what the stage reads: recipe: models as their folders in the store (key and manifest: `stage`)
+        running = with_recipe_models(stage, inputs)
         out = self.store.begin(stage.kind, key)
         self.engine.hook.profuser_stage_started(stage_id=stage.id, key=key, run_dir=str(self.run_dir))
         loads_model = getattr(stage.code(), "LOADS_MODEL", stage.kind in MODEL_STAGE_KINDS)
@@ -432,11 +506,11 @@ class Runner:
             def forward(step: int, metrics: dict[str, Any]) -> None:
                 self.engine.hook.profuser_metrics_logged(stage_id=stage.id, step=step, metrics=metrics)
 
-            metrics = run_stage_in_worker(stage, inputs, out, self.runtime, self.engine, forward)
+            metrics = run_stage_in_worker(running, inputs, out, self.runtime, self.engine, forward)
         else:
-            ctx = StageContext(stage=stage, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine)
+            ctx = StageContext(stage=running, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine)
             try:
-                metrics = stage.code().run(ctx) or {}
+                metrics = running.code().run(ctx) or {}
             finally:
                 del ctx
                 if loads_model:
