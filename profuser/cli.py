@@ -389,6 +389,44 @@ def _compare_dry_run(recipes: list[Path], override: list[str], runs_dir: Path, d
 
 @app.command()
 @friendly
+def advantages(
+    recipe: Annotated[Path, typer.Argument(help="A fusion recipe (evaluate.baselines: true, profuser_heldout among its tasks).")],
+    override: Annotated[list[str], typer.Option("-o", "--override", help="Override a field: -o data.heldout=0.2")] = [],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the map as JSON to this file (and .md beside it).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON.")] = False,
+):
+    """Which source holds which advantage, before fusing: per family of held-out tasks (meta.task), the
+    exact match of the target and each source with 95% intervals. Runs only the data stage and the
+    baseline evaluations (cached like any run); exits 1 when the setting is not valid for fusion
+    (a source ahead of the target nowhere, or everywhere)."""
+    from .advantages import markdown, measure
+    from .pipeline import Runner
+    from .plugins import get_engine
+    from .recipe import load_recipe
+
+    engine = get_engine()
+    recipe_obj = load_recipe(recipe, override, registry=engine.registry)
+    echo = (lambda line: err_console.print(line, highlight=False, markup=False)) if as_json else \
+        (lambda line: console.print(line, highlight=False, markup=False))
+    table = measure(Runner(recipe_obj, engine, _runtime(runs_dir, device, recipe), echo=echo))
+    if out is not None:
+        from .store import atomic_write_json, atomic_write_text
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, table)
+        atomic_write_text(out.with_suffix(".md"), markdown(table) + "\n")
+    if as_json:
+        print(json.dumps(table, indent=2))
+    else:
+        console.print(markdown(table), highlight=False, markup=False)
+    if not table["valid"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
 def report(
     run: Annotated[Path, typer.Argument(help="A run directory (RUNS/runs/NAME) or a recipe name.")],
     runs_dir: RunsDir = Path("runs"),

@@ -689,6 +689,8 @@ def sample(records: list[Record], n: int | None, seed: int) -> list[Record]:
 
 def heldout_count(total: int, heldout: float) -> int:
     """How many of ``total`` records to hold out: a share when ``heldout < 1``, else a count."""
+    if heldout == SOURCE_SPLIT:
+        raise DataError("a count is not known before the source is read", where="data.heldout")
     if heldout < 0:
         raise DataError(f"heldout must not be negative (got {heldout})", where="data.heldout")
     if heldout < 1:
@@ -697,6 +699,24 @@ def heldout_count(total: int, heldout: float) -> int:
         raise DataError(f"a held-out count must be a whole number (got {heldout}); use a share < 1 for a fraction",
                         where="data.heldout")
     return int(heldout)
+
+
+SOURCE_SPLIT = "source"  # data.heldout: the dataset source marks its held-out records
+HELDOUT_MARKS = ("heldout", "test")  # meta.split values that mean held out
+
+
+def split_marked(records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(train, held-out) as the dataset source marked them (``meta.split``); both keep the input order.
+    A fixed held-out pool lets recipes with different training data be scored on the same examples."""
+    held = [r for r in records if r.meta.get("split") in HELDOUT_MARKS]
+    if not held:
+        raise DataError(f"data.heldout is '{SOURCE_SPLIT}' but none of the {len(records)} records has meta.split "
+                        f"{' or '.join(HELDOUT_MARKS)}", where="data.heldout")
+    train = [r for r in records if r.meta.get("split") not in HELDOUT_MARKS]
+    if not train:
+        raise DataError(f"every one of the {len(records)} records is marked held out: nothing to train on",
+                        where="data.heldout")
+    return train, held
 
 
 def split(records: list[Record], heldout: float, seed: int) -> tuple[list[Record], list[Record]]:

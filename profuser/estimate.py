@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from .components import BadRow, CurriculumInput, Record
-from .data import read_records
+from .data import SOURCE_SPLIT, read_records, split_marked
 from .errors import RecipeError
 
 CHARS_PER_TOKEN = 4  # rough for English BPE/SentencePiece text; only used before tokenising
@@ -108,10 +108,13 @@ def _declared(recipe) -> Sizes | None:
     if est.examples is None and not (spec.sample and est.response_tokens):
         return None
     total = spec.sample
-    heldout = (round(total * spec.heldout) if spec.heldout < 1 else int(spec.heldout)) if total else 0
-    examples = est.examples or max((total or 0) - heldout, 0)
-    if est.examples and not total:
-        heldout = round(examples * spec.heldout / (1 - spec.heldout)) if spec.heldout < 1 else int(spec.heldout)
+    if spec.heldout == SOURCE_SPLIT:  # data.sample draws from the training side; the held-out size is the source's
+        examples, heldout = est.examples or total or 0, 0
+    else:
+        heldout = (round(total * spec.heldout) if spec.heldout < 1 else int(spec.heldout)) if total else 0
+        examples = est.examples or max((total or 0) - heldout, 0)
+        if est.examples and not total:
+            heldout = round(examples * spec.heldout / (1 - spec.heldout)) if spec.heldout < 1 else int(spec.heldout)
     missing = [f"estimate.{f}" for f in ("prompt_tokens", "response_tokens") if getattr(est, f) is None]
     if missing:
         raise RecipeError([(f, "needed for a dry run without the data (declare the mean token length)") for f in missing])
@@ -147,10 +150,14 @@ def plan_sizes(runner) -> Sizes:
         raise RecipeError([("estimate", message)])
     source = runner.engine.registry.build("datasets", spec.source.name, spec.source.params)
     records = [r for r in source.records() if not isinstance(r, BadRow)]
-    if spec.sample:
-        records = records[: spec.sample]
-    heldout = round(len(records) * spec.heldout) if spec.heldout < 1 else int(spec.heldout)
-    train = records[: max(len(records) - heldout, 0)]
+    if spec.heldout == SOURCE_SPLIT:
+        train, held = split_marked(records)
+        train, heldout = train[: spec.sample or len(train)], len(held)
+    else:
+        if spec.sample:
+            records = records[: spec.sample]
+        heldout = round(len(records) * spec.heldout) if spec.heldout < 1 else int(spec.heldout)
+        train = records[: max(len(records) - heldout, 0)]
     return _from_records(recipe, train, heldout, "the dataset source (the data stage has not run; tokens ≈ characters / 4)")
 
 

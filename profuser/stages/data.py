@@ -8,7 +8,7 @@ from collections import Counter
 from pydantic import Field
 
 from ..components import BadRow, Record
-from ..data import dedup, sample, split, unique_ids, write_records
+from ..data import SOURCE_SPLIT, dedup, sample, split, split_marked, unique_ids, write_records
 from ..errors import DataError
 from ..recipe import DataSpec
 from ..store import atomic_write_json
@@ -55,8 +55,13 @@ def run(ctx) -> dict:
     if not records:
         raise DataError(f"no usable records ({rows_read} rows read, {len(bad)} bad, {duplicates} duplicates)",
                         where=f"data source {cfg.source.name}")
-    kept = sample(records, cfg.sample, cfg.seed)
-    train, heldout = split(kept, cfg.heldout, cfg.seed)
+    if cfg.heldout == SOURCE_SPLIT:  # the source's own split; data.sample draws from its training side
+        train, heldout = split_marked(records)
+        train = sample(train, cfg.sample, cfg.seed)
+        kept = train + heldout
+    else:
+        kept = sample(records, cfg.sample, cfg.seed)
+        train, heldout = split(kept, cfg.heldout, cfg.seed)
 
     write_records(ctx.out / "train.parquet", train)
     write_records(ctx.out / "heldout.parquet", heldout)
