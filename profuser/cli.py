@@ -475,6 +475,28 @@ def push(
                       f"{', '.join(record['files'])}", highlight=False, markup=False, soft_wrap=True)
 
 
+@app.command()
+@friendly
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory (RUNS/runs/NAME) or a recipe name.")],
+    stage: Annotated[str, typer.Option(help="select: the chosen responses; build: plus target tokens and teacher top-k.")],
+    to: Annotated[Path, typer.Option(help="Folder to write (new or empty); load it with datasets.load_from_disk.")],
+    mode: Annotated[list[str], typer.Option(help="Only this mode (inference, training); default: every mode the run has.")] = [],
+    runs_dir: RunsDir = Path("runs"),
+    as_json: JsonFlag = False,
+):
+    """Export a run's selected responses (and, from build, the teacher distributions on the
+    target's tokens) as a Hugging Face datasets dataset, for TRL, axolotl or another run."""
+    from .export import export_run
+
+    record = export_run(run, stage=stage, to=to, runs_dir=runs_dir, modes=mode)
+    if as_json:
+        print(json.dumps(record, indent=2, ensure_ascii=False))
+    else:
+        console.print(f"wrote {record['rows']} rows ({', '.join(record['modes'])}) to {record['path']}: "
+                      f"datasets.load_from_disk({record['path']!r})", highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command(name="eval")
 @friendly
 def eval_(

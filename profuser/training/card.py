@@ -22,6 +22,11 @@ def model_card(*, title: str, base_model: str, summary: dict[str, Any], recipe_y
     for phase in summary["phases"]:
         beta = "the loss's own" if phase["beta"] is None else _fmt(phase["beta"])
         lines.append(f"| {phase['name']} | {phase['epochs']:g} | {beta} | {phase['examples']} | {phase['steps']} |")
+    run = (lineage or {}).get("recipe") or "RUN"
+    lines += ["", "## Training data", "",
+              ("The chosen responses and the teachers' top-k distributions on this model's tokens export as a "
+               f"Hugging Face dataset: `profuser export {run} --stage build --to DIR`, then "
+               "`datasets.load_from_disk(\"DIR\")` (`--stage select` for the responses alone).")]
     if lineage:
         lines += ["", "## Lineage", "", "```yaml", yaml.safe_dump(lineage, sort_keys=False).rstrip(), "```"]
     if recipe_yaml:
