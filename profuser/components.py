@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
 
 Mode = Literal["inference", "training"]
 MODES: tuple[Mode, ...] = ("inference", "training")
+Draws = Literal["instructions", "examples"]
 
 
 class StrictModel(BaseModel):
@@ -294,8 +295,12 @@ class Loss(Component):
       teacher_ids     [B, T, k] int64, target-vocabulary ids of the teacher's top-k
       teacher_logits  [B, T, k] float, the teacher's raw logits at those ids (-inf = unused slot)
       teacher_mask    [B, T]    bool, positions that carry a teacher distribution
-      weight          [B]       float, per-example weight (the curriculum's mode weight w1/w2)
-    Returns the scalar loss and its parts as floats for logging. ``beta`` overrides the KL weight
+      weight          [B]       float, per-example weight: the curriculum's mode weight w1/w2 (times
+                                its example weight) times N / N_mode, the step's labelled tokens over
+                                those of the example's mode (all micro-batches and ranks), so that a
+                                token mean over the step is Eq. 5's w1 · mean_inference + w2 · mean_training
+    The loss is a weighted mean over the micro-batch's labelled tokens (the trainer scales it by the
+    micro-batch's share of the step's). Returns the scalar loss and its parts as floats for logging. ``beta`` overrides the KL weight
     for the current phase (the curriculum's λ/β). ``needs``: extra entries it reads
     (``LOSS_NEEDS``); only those are added."""
 
@@ -340,6 +345,9 @@ class Phase:
     beta: float | None = None  # KL weight in this phase (None: the loss's own)
     # the parameters that train (None: all); frozen ones get no gradient and no optimizer state
     trainable: Trainable | None = None
+    # what a draw is (Eq. 5): "instructions" (an id with every part's example of it; epochs and
+    # batch_size count ids) or "examples" (each mode's example on its own: the per-mode ablation)
+    draws: Draws = "instructions"
 
 
 @dataclass
@@ -359,9 +367,11 @@ class CurriculumInput:
 
 @dataclass
 class PhaseExamples:
-    """What ``Curriculum.order_examples`` orders: the rows one phase draws from, in the order of
-    its parts (an id twice if two parts name it), and how they are batched. Rank r trains on the
-    r-th contiguous 1/world_size share of each global batch."""
+    """What ``Curriculum.order_examples`` orders: what one phase draws, and how it is batched.
+    ``draws: instructions`` (the default): one entry per id, in the order its parts first name
+    it (``modes``/``weights``: of that first example; every part's example of the id comes with
+    it). ``draws: examples``: one entry per row, in the order of the parts (an id twice if two
+    parts name it). Rank r trains on the r-th contiguous 1/world_size share of each global batch."""
 
     phase: Phase
     index: int

@@ -222,14 +222,13 @@ def _train_sequences(runner, sizes: Sizes) -> tuple[dict[str, float], int, str]:
     except Exception as exc:  # noqa: BLE001 - a curriculum that needs real rewards cannot be costed ahead
         return {}, 0, f"unknown before scoring ({exc})"
     per_mode: dict[str, float] = {}
-    steps = 0
     for phase in phases:
-        items = 0
         for part in phase.parts:
             count = len(part.ids) if part.ids is not None else sizes.examples
             per_mode[part.mode] = per_mode.get(part.mode, 0.0) + phase.epochs * count
-            items += count
-        steps += math.ceil(phase.epochs * items / recipe.train.batch_size)
+    from .training.data import planned_steps  # the trainer's rule (instructions or examples)
+
+    steps = sum(planned_steps(phases, ids, recipe.train.batch_size))
     return per_mode, steps, f"{steps} optimizer steps over {len(phases)} phase(s)"
 
 
@@ -334,7 +333,7 @@ def _train_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
     recipe = runner.recipe
     spec, train = recipe.target, recipe.train
     params, vocab = _size(runner, spec.ref)
-    per_mode, _, note = _train_sequences(runner, sizes)
+    per_mode, steps, note = _train_sequences(runner, sizes)
     p = sizes.prompt_tokens
     length = {"training": min(p + sizes.response_tokens, train.max_length),
               "inference": min(p + sizes.generated_tokens, train.max_length)}
@@ -356,7 +355,8 @@ def _train_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
     scratch = ckpt_copies * 16 * n  # removed once training completes (train.keep_checkpoints: no)
     return _row(stage, cached, tokens=round(tokens), throughput=throughputs(recipe, params)["train"],
                 throughput_source=THROUGHPUT_SOURCES["train"], gpus=world, gpu_memory_gb=_gb(states + activations),
-                disk_gb=_gb(n * 2), scratch_gb=_gb(scratch), note=note + ("" if params else "; model size unknown"))
+                disk_gb=_gb(n * 2), scratch_gb=_gb(scratch), note=note + ("" if params else "; model size unknown"),
+                optimizer_steps=steps or None)  # None: unknown before scoring
 
 
 def _evaluate_row(runner, stage, cached: bool, sizes: Sizes) -> dict:

@@ -110,14 +110,15 @@ def test_per_example_weights_and_needed_entries_reach_the_loss(tmp_path, tiny_ll
     Recording.batches.clear()
     train(str(tiny_llama_dir), examples, Recording(), ByLength(), small_spec(), tmp_path, device="cpu")
     assert Recording.batches
+    data = ByLength.seen[-1]
     for batch in Recording.batches:
         assert set(batch) >= {"example_id", "mode", "weight"} and "source" not in batch and "category" not in batch
+        factor: dict[str, float] = {}  # Eq. 5: the trainer scales by N / N_mode, one factor per mode in a step
         for i, mode, w in zip(batch["example_id"], batch["mode"], batch["weight"]):
             assert mode == ("training" if i.startswith("t") else "inference")
-            data = ByLength.seen[-1]
-            assert w == pytest.approx(data.weights[data.ids.index(i)])
-    weights = {w for b in Recording.batches for w in b["weight"]}
-    assert {1.0, 0.5, 1.5} <= weights  # inference 1; training 0.5, and 0.5 x 3 for the shortest
+            factor.setdefault(mode, w / data.weights[data.ids.index(i)])
+            assert w == pytest.approx(data.weights[data.ids.index(i)] * factor[mode]) and factor[mode] >= 1
+    assert {1.0, 0.5, 1.5} <= set(data.weights)  # inference 1; training 0.5, and 0.5 x 3 for the shortest
 
 
 def test_a_loss_needing_an_unknown_column_is_refused_naming_the_plugin():

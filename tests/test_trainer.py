@@ -128,20 +128,22 @@ def test_training_lowers_the_loss_and_writes_model_metrics_tb_and_card(tmp_path,
     before, after = eval_loss(tiny_llama_dir, examples, registry), eval_loss(tmp_path / "model", examples, registry)
     assert after < before - 0.5, (before, after)
 
-    # phases: 8 inference examples x 2 epochs / 4 = 4 steps; 16 co-fusion rows x 2 / 4 = 8 steps
-    assert [(p["name"], p["steps"], p["beta"]) for p in summary["phases"]] == [("inference", 4, 0.1), ("co-fusion", 8, 0.5)]
+    # phases: 8 inference examples x 2 epochs / 4 = 4 steps; co-fusion: 8 instructions (16 rows, both
+    # modes of each in the same step) x 2 / 4 = 4 steps
+    assert [(p["name"], p["steps"], p["beta"]) for p in summary["phases"]] == [("inference", 4, 0.1), ("co-fusion", 4, 0.5)]
+    assert [(p["draws"], p["units"], p["examples"]) for p in summary["phases"]] == [("instructions", 8, 8), ("instructions", 8, 16)]
     metrics = read_metrics(tmp_path)
-    assert [m["step"] for m in metrics] == list(range(1, 13)) and [s for s, _ in logged] == list(range(1, 13))
-    assert [m["phase"] for m in metrics] == ["inference"] * 4 + ["co-fusion"] * 8
-    assert [m["loss/beta"] for m in metrics] == [0.1] * 4 + [0.5] * 8  # the phase's beta reached the loss
+    assert [m["step"] for m in metrics] == list(range(1, 9)) and [s for s, _ in logged] == list(range(1, 9))
+    assert [m["phase"] for m in metrics] == ["inference"] * 4 + ["co-fusion"] * 4
+    assert [m["loss/beta"] for m in metrics] == [0.1] * 4 + [0.5] * 4  # the phase's beta reached the loss
     assert all({"loss", "loss/ce", "loss/kl", "lr", "grad_norm", "tokens_per_s"} <= m.keys() for m in metrics)
     # one warm-up + cosine schedule across both phases: 0 at step 1, peak after warm-up, then down
-    lrs = [m["lr"] for m in metrics]  # warm-up: ceil(0.1 * 12) = 2 steps
-    assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2]) and all(a > b for a, b in itertools.pairwise(lrs[2:])) and lrs[-1] < 1e-3
+    lrs = [m["lr"] for m in metrics]  # warm-up: ceil(0.1 * 8) = 1 step
+    assert lrs[:2] == pytest.approx([0.0, 1e-2]) and all(a > b for a, b in itertools.pairwise(lrs[1:])) and lrs[-1] < 2e-3
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert not (tmp_path / "checkpoints").exists()
     readme = (tmp_path / "model" / "README.md").read_text()
-    assert "# test card" in readme and "curriculum: progressive" in readme and "- b" in readme and "| co-fusion | 2 | 0.5 | 16 | 8 |" in readme
+    assert "# test card" in readme and "curriculum: progressive" in readme and "- b" in readme and "| co-fusion | 2 | 0.5 | 16 | 4 |" in readme
     assert (tmp_path / "model" / "tokenizer.json").is_file()
 
 
@@ -209,13 +211,13 @@ def test_resume_after_a_kill_continues_at_the_same_step_with_the_same_data(tmp_p
 
     reference, _ = run(tmp_path / "straight")
     with pytest.raises(Killed):
-        run(tmp_path / "killed", kill_at=5)  # phase 1 = steps 1-2, phase 2 = 3-10; checkpoints at 2 (phase end), 3, 6, ...
+        run(tmp_path / "killed", kill_at=5)  # phase 1 = steps 1-2, phase 2 = 3-6; checkpoints at 2 (phase end), 3, 6
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()] == ["step-00000003"]
     resumed, summary = run(tmp_path / "killed")
     assert summary["resumed_from"] == 3 and min(resumed) == 4
     assert {s: reference[s] for s in resumed} == resumed  # same examples at the same steps
     straight, killed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
-    assert [m["step"] for m in killed] == list(range(1, 11))  # the steps after the checkpoint were not logged twice
+    assert [m["step"] for m in killed] == list(range(1, 7))  # the steps after the checkpoint were not logged twice
     for a, b in zip(straight, killed):
         assert (a["phase"], a["lr"]) == (b["phase"], b["lr"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)

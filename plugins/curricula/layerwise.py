@@ -82,9 +82,9 @@ class Layerwise(Curriculum):
             end = start + ph.epochs
             shallow, deep = min(end, cut) - start, end - max(start, cut)  # the epochs on each side
             if shallow > 1e-9:
-                out.append(Phase(f"shallow/{ph.name}", shallow, ph.parts, beta=ph.beta, trainable=first))
+                out.append(Phase(f"shallow/{ph.name}", shallow, ph.parts, beta=ph.beta, trainable=first, draws=ph.draws))
             if deep > 1e-9:
-                out.append(Phase(f"deep/{ph.name}", deep, ph.parts, beta=ph.beta, trainable=after))
+                out.append(Phase(f"deep/{ph.name}", deep, ph.parts, beta=ph.beta, trainable=after, draws=ph.draws))
             start = end
         return out
 

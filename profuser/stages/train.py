@@ -21,7 +21,9 @@ from ..components import MODES
 from ..recipe import TrainSpec
 from . import ModelIdentity, Ref, StageConfig
 
-VERSION = "3"  # 2: loss normalised over the global batch's labelled tokens; 3: rm_split by reward scores, SimulFuse w1 = 0.1
+VERSION = "4"  # 2: loss normalised over the global batch's labelled tokens; 3: rm_split by reward scores, SimulFuse w1 = 0.1;
+# 4: mixed phases step over instructions (both modes of an id in one step, epochs count ids) and the loss is
+# Eq. 5, each mode's token mean over the global batch
 DISTRIBUTED = True  # every rank of a torchrun/accelerate launch trains; the runner lets rank 0 seal it
 SELECTION = "select/inference"  # input role: the inference-mode selection (the target's rewards), when planned
 

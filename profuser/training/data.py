@@ -1,10 +1,13 @@
 """The trainer's data: the build stage's ``examples.arrow`` files, the seeded order of each phase,
 and micro-batches padded into the tensors a ``Loss`` reads.
 
-Every example is addressed by a global row number (the modes' files laid end to end). A phase's
-order is the curriculum's ``order_examples`` per epoch (by default a fresh permutation) given an rng seeded
-by ``(seed, phase index, epoch)`` only, so it is the same on every rank, for every world size and
-after a resume: the trainer needs nothing but ``(phase, step)`` to know which examples come next.
+Every example is addressed by a global row number (the modes' files laid end to end). A phase
+draws units (``Phase.draws``): instructions, each with every part's example of its id (both
+modes in a co-fusion phase, as Eq. 5 sums them), or single examples (the per-mode ablation); its
+epochs and the global batch count units. A phase's order is the curriculum's ``order_examples``
+per epoch over the units (by default a fresh permutation) given an rng seeded by ``(seed, phase
+index, epoch)`` only, so it is the same on every rank, for every world size and after a resume:
+the trainer needs nothing but ``(phase, step)`` to know which examples come next.
 
 Extra columns a loss asks for (``Loss.needs``): ``source``, ``category`` and ``teacher_logz`` are
 read from the file (the build stage writes them only for such a loss), and so are the four
@@ -28,6 +31,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +41,7 @@ import torch
 from pyarrow import ipc
 
 from ..artifacts import IGNORE_INDEX
-from ..components import LOSS_NEEDS, MODES, Curriculum, CurriculumInput, Phase, PhaseExamples
+from ..components import LOSS_NEEDS, MODES, Curriculum, CurriculumInput, Draws, Phase, PhaseExamples
 from ..errors import DataError, ProfuserError
 
 IGNORE = IGNORE_INDEX
@@ -410,22 +414,39 @@ def _has_label(labels: pa.ChunkedArray, max_length: int) -> np.ndarray:
 
 @dataclass
 class PhasePlan:
-    """A phase resolved against the data: its examples, their weights and its optimizer steps."""
+    """A phase resolved against the data: its examples, their weights and its optimizer steps.
+
+    A phase draws units (``Phase.draws``): with ``instructions`` an id with every row of it
+    (both modes' examples: Eq. 5 sums them per instruction), with ``examples`` each row alone.
+    Epochs and the global batch count units: a step holds ``global_batch`` of them."""
 
     index: int
     phase: Phase
     rows: np.ndarray  # [n] global rows (a row twice if two parts name it)
     weights: np.ndarray  # [n] the part's mode weight times the example's own (PhasePart.example_weights)
-    samples: int  # round(epochs * n): examples drawn in the phase
+    samples: int  # round(epochs * units): units drawn in the phase
     steps: int  # ceil(samples / global batch)
-    examples: PhaseExamples | None = None  # what the curriculum's ``order`` sees
+    examples: PhaseExamples | None = None  # what the curriculum's ``order`` sees: one entry per unit
+    members: np.ndarray | None = None  # [n] indices into rows, grouped by unit (None: each row its own)
+    starts: np.ndarray | None = None  # [units + 1] where each unit's members start
 
-    def order(self, seed: int, global_batch: int, curriculum: Curriculum | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The phase's ``steps * global_batch`` (row, weight) draws: the curriculum's order of each
-        epoch (default: a seeded permutation), the last epoch cut short for fractional epochs, and
-        the last batch filled up with the phase's first draws so that every step (and every rank)
-        gets a full batch."""
-        n = len(self.rows)
+    def __post_init__(self):
+        if self.members is None:
+            self.members = np.arange(len(self.rows))
+            self.starts = np.arange(len(self.rows) + 1)
+
+    @property
+    def units(self) -> int:
+        return len(self.starts) - 1
+
+    def draws(self, seed: int, global_batch: int, curriculum: Curriculum | None = None) -> np.ndarray:
+        """The phase's ``steps * global_batch`` units, in order: the curriculum's order of each epoch
+        (default: a seeded permutation), the last epoch cut short for fractional epochs, and the last
+        batch filled up with the phase's first draws so that every step (and every rank) gets a full
+        batch."""
+        n = self.units
+        if n == 0 or self.samples == 0:
+            return np.zeros(0, np.int64)
         orders = []
         for epoch in range(math.ceil(self.samples / n)):
             rng = np.random.default_rng([seed, self.index, epoch])
@@ -434,8 +455,18 @@ class PhasePlan:
             else:
                 orders.append(_checked_order(curriculum, self.examples, rng, epoch))
         idx = np.concatenate(orders)[: self.samples]
-        idx = np.resize(idx, self.steps * global_batch)  # np.resize repeats from the start
-        return self.rows[idx], self.weights[idx]
+        return np.resize(idx, self.steps * global_batch)  # np.resize repeats from the start
+
+    def expand(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (row, weight) of every member of ``units``, unit by unit (a unit's rows in part order)."""
+        units = np.asarray(units, dtype=np.int64)
+        counts = self.starts[units + 1] - self.starts[units]
+        take = self.members[np.repeat(self.starts[units], counts) + _within(counts)]
+        return self.rows[take], self.weights[take]
+
+    def order(self, seed: int, global_batch: int, curriculum: Curriculum | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every (row, weight) the phase draws, flat: ``expand(draws(...))``."""
+        return self.expand(self.draws(seed, global_batch, curriculum))
 
 
 def _checked_order(curriculum: Curriculum, examples: PhaseExamples, rng: np.random.Generator, epoch: int) -> np.ndarray:
@@ -455,6 +486,22 @@ def _checked_order(curriculum: Curriculum, examples: PhaseExamples, rng: np.rand
     return order.astype(np.int64)
 
 
+def phase_units(phase: Phase, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(members, starts)``: the rows (of ``ids``, one per row of the phase, in part order) grouped
+    into the units ``phase.draws`` names, numbered by first appearance."""
+    draws = getattr(phase, "draws", "instructions")
+    if draws not in get_args(Draws):
+        raise ProfuserError(f"phase {phase.name!r}: draws {draws!r} (valid: {', '.join(get_args(Draws))})",
+                            where="curriculum")
+    if draws == "examples":
+        return np.arange(len(ids)), np.arange(len(ids) + 1)
+    number: dict[str, int] = {}
+    unit = np.fromiter((number.setdefault(i, len(number)) for i in ids), dtype=np.int64, count=len(ids))
+    starts = np.zeros(len(number) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(unit, minlength=len(number)), out=starts[1:])
+    return np.argsort(unit, kind="stable"), starts
+
+
 def plan_phases(phases: list[Phase], data: ExampleSet, global_batch: int, *, micro_batch_size: int | None = None,
                 world_size: int = 1) -> list[PhasePlan]:
     plans = []
@@ -469,14 +516,31 @@ def plan_phases(phases: list[Phase], data: ExampleSet, global_batch: int, *, mic
             weights.append(weight)
         rows_ = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         weights_ = np.concatenate(weights) if weights else np.zeros(0, np.float32)
-        samples = round(phase.epochs * len(rows_)) if len(rows_) else 0
         ids, modes, lengths = data.describe(rows_)
+        members, starts = phase_units(phase, ids)
+        units = len(starts) - 1
+        samples = round(phase.epochs * units) if units else 0
+        head = members[starts[:-1]]  # the first row of each unit stands for it
         examples = PhaseExamples(
-            phase=phase, index=index, ids=ids, modes=modes, weights=weights_.tolist(), gt_length=lengths,
-            batch_size=global_batch,
+            phase=phase, index=index, ids=[ids[j] for j in head], modes=[modes[j] for j in head],
+            weights=weights_[head].tolist(), gt_length=[lengths[j] for j in head], batch_size=global_batch,
             micro_batch_size=micro_batch_size or global_batch, world_size=world_size)
-        plans.append(PhasePlan(index, phase, rows_, weights_, samples, math.ceil(samples / global_batch), examples))
+        plans.append(PhasePlan(index, phase, rows_, weights_, samples, math.ceil(samples / global_batch), examples,
+                               members, starts))
     return plans
+
+
+def planned_steps(phases: list[Phase], ids: list[str], global_batch: int) -> list[int]:
+    """Optimizer steps of each phase when every mode holds an example of every id in ``ids`` (the
+    cost estimate's assumption; the trainer counts the examples that exist and have a label)."""
+    steps = []
+    for phase in phases:
+        drawn: list[str] = []
+        for part in phase.parts:
+            drawn.extend(ids if part.ids is None else part.ids)
+        units = len(phase_units(phase, drawn)[1]) - 1
+        steps.append(math.ceil(round(phase.epochs * units) / global_batch) if units else 0)
+    return steps
 
 
 def _example_weights(by_id: dict[str, float], ids: list[str], phase: str) -> np.ndarray:
