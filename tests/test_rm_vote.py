@@ -123,9 +123,10 @@ def test_select_stage_votes_over_score_artifacts(tmp_path):
     out.mkdir()
     ctx = StageContext(stage=Stage("select/inference", "select", config), inputs=inputs, out=out,
                        runtime=Runtime(progress=False), engine=get_engine())
-    select.run(ctx)
+    metrics = select.run(ctx)
     table = pq.read_table(out / "selection.parquet")
     assert table["chosen"].to_pylist() == ["a", "b", "b"]
+    assert metrics["ties"] == 1  # e1: a tie in votes, broken by the strongest
     detail = json.loads(table["detail"].to_pylist()[1])
     assert detail["tie"] and detail["tie_break_by"] == "rm2"
     # the raw scores, the strongest reward model first: what rm_split ranks by (scores are votes)

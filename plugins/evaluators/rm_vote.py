@@ -3,7 +3,10 @@
 Every reward model gives one vote to the source whose response it scores highest; the source
 with the most votes wins. A tie in votes goes to the source the *strongest* reward model scores
 highest among the tied ones. Raw scores are never added or averaged across reward models: their
-scales are unrelated (a Bradley-Terry logit, a value head, a judge's log-odds).
+scales are unrelated (a Bradley-Terry logit, a value head, a judge's log-odds). With two reward
+models every disagreement is a 1-1 tie, so the vote is always the strongest's pick: a vote needs
+three or more (the paper's three). ``detail.tie`` marks a selection a tie decided; the select
+stage counts them (metric ``ties``).
 
 If one reward model scores several responses exactly equally at the top, its vote is split
 equally between them (an identical response from two sources must not win by list order).

@@ -92,7 +92,8 @@ def run(ctx) -> dict:
     fields += [("rm_scores", pa.string())] if order else []
     schema = pa.schema(fields)
     wins: Counter = Counter()
-    examples = truncated = 0
+    examples = truncated = ties = 0
+    voted = False  # the evaluator records vote ties (rm_vote's detail.tie)
     chunk_size = sys.maxsize if getattr(evaluator, "whole_set", False) else CHUNK_EXAMPLES
     records = iter_records(ctx.inputs[DATA] / "train.parquet", RECORD_FIELDS)
     from tqdm.auto import tqdm  # progress on stderr, only on a terminal: --json stays clean
@@ -144,9 +145,13 @@ def run(ctx) -> dict:
             examples += len(batch)
             wins.update(c.chosen for c in choices)
             truncated += sum(1 for c in choices if c.detail.get("truncated"))
+            ties += sum(1 for c in choices if c.detail.get("tie"))
+            voted = voted or any("tie" in c.detail for c in choices)
     metrics = {"examples": examples, "win_share": {s: wins.get(s, 0) / max(examples, 1) for s in sources}}
     if "nll" in needs:  # examples compared on a common prefix because a source was truncated
         metrics["truncated"] = truncated
+    if voted:  # selections a tie in votes decided (with two reward models: every disagreement)
+        metrics["ties"] = ties
     return metrics
 
 
