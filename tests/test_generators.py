@@ -239,10 +239,10 @@ def test_stops_that_are_one_special_token_end_a_response_as_token_ids(tiny_llama
     """vLLM matches stop strings against text decoded without special tokens, so `<|im_end|>`
     (mpt-7b-8k-chat's end of turn) never matched: it goes as stop_token_ids (vLLM) and as one more
     eos_token_id (transformers); other stops stay strings."""
+    from profuser_plugins.generators._common import split_stops
     from transformers import AutoTokenizer
 
     from profuser.models import load_model
-    from profuser_plugins.generators._common import split_stops
 
     llama, gemma = AutoTokenizer.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_gemma_dir)
     start = llama.convert_tokens_to_ids("<|im_start|>")

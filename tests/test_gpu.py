@@ -1,9 +1,11 @@
 """The GPU-only paths, on tiny random models of the paper's classes (Llama, Gemma-3), asserting
-values: vLLM generation and its data parallel, stage workers freeing the GPU between two vLLM
-engines, bf16 + gradient checkpointing against fp32, FSDP and ZeRO-3 against one process, and
-lm-eval's vLLM backend against its hf backend. ``gpu``-marked tests skip without CUDA
-(conftest.py); ``benchmarks/gpu_smoke.sh`` runs them. The first tests here are the CPU-side logic
-of those paths.
+values: HF generation and lm-eval's hf backend on the GPU against the CPU, stage workers between
+two model stages, a whole tiny run with ``isolate_stages: auto``, bf16 (+ gradient checkpointing,
++ fp32 master weights) and LoRA in bf16 against fp32, FSDP and ZeRO-3 (curves, gradient norms and
+saved weights) against one process; with vLLM: its generation and data parallel, stage workers
+between two vLLM engines, lm-eval's vLLM backend against its hf backend. ``gpu``-marked tests skip
+without CUDA (conftest.py); ``benchmarks/gpu_check.sh`` runs those that need no vLLM, one line per
+check (docs/scaling.md). The first tests here are the CPU-side logic of those paths.
 
 The vLLM tests use the tiny models re-shaped to a head size vLLM's attention kernels take (64)
 and with their matrices scaled up, so greedy answers differ between prompts and argmax ties,
@@ -209,6 +211,77 @@ def test_stage_workers_free_the_gpu_between_two_vllm_engines(tmp_path, tiny_llam
     assert len(tables) == 2 and all(pq.read_table(t).num_rows == 10 for t in tables)
 
 
+# --- GPU: HF generation, stage workers, a whole run ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory, tiny_llama_dir):
+    """The tiny llama with sharpened weights (greedy answers differ between prompts), fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(20)
+    out = tmp_path_factory.mktemp("sharp") / "sharp-llama"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.gpu
+def test_hf_generation_on_the_gpu_answers_as_on_the_cpu(sharp_llama):
+    from profuser_plugins.generators.hf import HFGenerator
+
+    spec = ModelSpec(ref=str(sharp_llama), max_length=256, dtype="float32")
+    answers = {}
+    for device in ("cpu", "cuda"):
+        g = HFGenerator({"max_new_tokens": 12, "do_sample": False, "batch_size": 4})
+        g.runtime = Runtime(device=device, progress=False)
+        answers[device] = g.generate(spec, PROMPTS, seed=0)
+        sampled = HFGenerator({"max_new_tokens": 12, "temperature": 1.0})
+        sampled.runtime = g.runtime
+        assert sampled.generate(spec, PROMPTS, seed=1) == sampled.generate(spec, PROMPTS, seed=1)  # seeded on the GPU too
+    assert len(set(answers["cpu"])) > 1
+    same = sum(a == b for a, b in zip(answers["cpu"], answers["cuda"]))
+    assert same >= len(PROMPTS) - 1, list(zip(answers["cpu"], answers["cuda"]))  # one near-tie may flip between kernels
+
+
+def run_tiny(tmp_path: Path, *overrides: str, until: str | None = None) -> subprocess.CompletedProcess:
+    from profuser.testing import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path)
+    env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(BIN / "profuser"), "run", str(recipe), "--runs-dir", str(tmp_path / "runs"),
+           *(["--until", until] if until else []), *[a for o in overrides for a in ("-o", o)]]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420, check=False)
+
+
+@pytest.mark.gpu
+def test_stage_workers_give_the_gpu_back_between_two_model_stages(tmp_path):
+    """Two generate stages (two source models) in worker processes: each worker's CUDA memory goes
+    with it, and this process never opens a CUDA context for them."""
+    done = run_tiny(tmp_path, "runtime.isolate_stages=true", until="generate")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("(worker process)") >= 2
+    import pyarrow.parquet as pq
+
+    tables = sorted((tmp_path / "runs" / "store" / "generate").glob("*/generations.parquet"))
+    assert len(tables) == 2 and all(pq.read_table(t).num_rows > 0 for t in tables)
+
+
+@pytest.mark.gpu
+def test_a_tiny_run_end_to_end_on_the_gpu_with_isolate_auto(tmp_path):
+    done = run_tiny(tmp_path, "runtime.isolate_stages=auto")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(worker process)" in done.stdout  # auto isolates where CUDA is visible
+    results = list((tmp_path / "runs" / "store" / "evaluate").glob("*/results.json"))
+    assert results and all(json.loads(r.read_text()) for r in results)
+    model = next((tmp_path / "runs" / "store" / "train").glob("*/model/model.safetensors"))
+    assert model.stat().st_size > 0
+
+
 # --- GPU: training ------------------------------------------------------------------------------------
 
 
@@ -221,24 +294,62 @@ def examples(tmp_path_factory):
 
 def train_on_gpu(model, examples, out, **fields):
     registry = Engine(entrypoints=False).registry
-    train(str(model), examples, registry.build("losses", "fuse_kl"), registry.build("curricula", "progressive"),
-          TrainSpec(**{**TRAIN, **fields}), out, device="cuda")
+    train(model if isinstance(model, dict) else str(model), examples, registry.build("losses", "fuse_kl"),
+          registry.build("curricula", "progressive"), TrainSpec(**{**TRAIN, **fields}), out, device="cuda")
     return read_metrics(out)
 
 
 @pytest.fixture(scope="module")
 def single_gpu(tmp_path_factory, tiny_llama_dir, examples):
-    """The reference: one process on one GPU, fp32."""
-    return train_on_gpu(tiny_llama_dir, examples, tmp_path_factory.mktemp("single-gpu"))
+    """The reference: one process on one GPU, fp32 (its metrics and its saved model)."""
+    out = tmp_path_factory.mktemp("single-gpu")
+    return train_on_gpu(tiny_llama_dir, examples, out), out
+
+
+def saved_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(out / "model" / "model.safetensors").items()}
+
+
+def assert_same_weights(out: Path, reference: Path, rtol: float):
+    got, want = saved_weights(out), saved_weights(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = want[name].abs().max().item() or 1.0
+        assert (got[name] - want[name]).abs().max().item() <= rtol * scale, name
 
 
 @pytest.mark.gpu
 def test_bf16_with_gradient_checkpointing_tracks_fp32(tmp_path, tiny_llama_dir, examples, single_gpu):
+    """In the same process as the fp32 reference (accelerate's state is reset between trainings)."""
+    reference, _ = single_gpu
     bf16 = train_on_gpu(tiny_llama_dir, examples, tmp_path, precision="bf16", gradient_checkpointing=True)
-    assert len(bf16) == len(single_gpu)
+    assert len(bf16) == len(reference)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in bf16)
-    assert bf16[0]["loss"] == pytest.approx(single_gpu[0]["loss"], rel=BF16_RTOL)  # same weights, same batch
+    assert bf16[0]["loss"] == pytest.approx(reference[0]["loss"], rel=BF16_RTOL)  # same weights, same batch
     assert bf16[-1]["loss"] < bf16[0]["loss"]  # it trains
+
+
+@pytest.mark.gpu
+def test_bf16_weights_train_over_fp32_master_weights_on_the_gpu(tmp_path, tiny_llama_dir, examples, single_gpu):
+    """dtype bfloat16: AdamW updates an fp32 copy (docs/training.md), so the curve follows fp32's."""
+    reference, _ = single_gpu
+    got = train_on_gpu({"ref": str(tiny_llama_dir), "dtype": "bfloat16"}, examples, tmp_path, precision="bf16")
+    for a, b in zip(reference, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=5 * BF16_RTOL), (a["step"], a["loss"], b["loss"])
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+@pytest.mark.gpu
+def test_lora_in_bf16_trains_on_the_gpu(tmp_path, tiny_llama_dir, examples):
+    pytest.importorskip("peft")
+    got = train_on_gpu({"ref": str(tiny_llama_dir), "dtype": "bfloat16"}, examples, tmp_path, precision="bf16",
+                       peft={"r": 4, "alpha": 8, "target_modules": "all-linear"}, lr=5e-3)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in got)
+    assert got[-1]["loss"] < got[0]["loss"]
+    assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
 
 
 def launch_gpu(launcher: list[str], out: Path, model: Path, examples: dict, *fields: str) -> dict:
@@ -246,7 +357,7 @@ def launch_gpu(launcher: list[str], out: Path, model: Path, examples: dict, *fie
            *[f"--examples={m}={p}" for m, p in examples.items()],
            *[a for f in [f"{k}={v}" for k, v in TRAIN.items()] + list(fields) for a in ("-t", f)]]
     env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480, check=False)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -256,30 +367,52 @@ def assert_curve_matches(out: Path, reference: list[dict], world: int):
     assert [m["world_size"] for m in got] == [world] * len(reference)
     for a, b in zip(reference, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=MULTI_RTOL), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=MULTI_RTOL * 10), a["step"]  # the global norm
 
 
 @pytest.mark.gpu
 def test_fsdp_on_every_gpu_matches_one_process(tmp_path, tiny_llama_dir, examples, single_gpu):
+    reference, reference_dir = single_gpu
     n = torch.cuda.device_count()
     launcher = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", str(n),
                 "--mixed_precision", "no", "--main_process_port", str(free_port())]
     summary = launch_gpu(launcher, tmp_path, tiny_llama_dir, examples, "distributed=fsdp")
     assert summary["backend"] == "fsdp" and summary["world_size"] == n
-    assert_curve_matches(tmp_path, single_gpu, n)
+    assert_curve_matches(tmp_path, reference, n)
+    assert_same_weights(tmp_path, reference_dir, rtol=1e-3)
 
 
 @pytest.mark.gpu
 def test_zero3_on_every_gpu_matches_one_process(tmp_path, tiny_llama_dir, examples, single_gpu):
+    pytest.importorskip("deepspeed")
+    reference, reference_dir = single_gpu
     n = torch.cuda.device_count()
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port())]
     summary = launch_gpu(launcher, tmp_path, tiny_llama_dir, examples, "distributed=deepspeed",
                          f"deepspeed_config={CONFIGS / 'zero3.json'}")
     assert summary["backend"] == "deepspeed-zero3" and summary["world_size"] == n
-    assert_curve_matches(tmp_path, single_gpu, n)
-    from safetensors.torch import load_file
+    assert_curve_matches(tmp_path, reference, n)
+    assert_same_weights(tmp_path, reference_dir, rtol=1e-3)  # gathered from the shards, equal to one process's
 
-    weights = load_file(tmp_path / "model" / "model.safetensors")  # gathered from the shards
-    assert weights and all(t.numel() > 0 for t in weights.values())
+
+# --- GPU: lm-eval ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_lm_eval_hf_backend_on_the_gpu_answers_as_on_the_cpu(tmp_path, sharp_llama):
+    from profuser.models import load_model
+
+    spec = ModelSpec(ref=str(sharp_llama), max_length=256)
+    heldout = heldout_parquet(tmp_path / "heldout.parquet")
+    outs = {}
+    for device in ("cpu", "cuda"):
+        model, tok = load_model(spec, device=device)
+        outs[device] = evaluate_model(model, tok, ["profuser_heldout"], heldout_path=heldout, device=device,
+                                      max_gen_toks=8, log_samples=True)
+        del model
+    key = lambda out: sorted((s["doc_id"], s["prompt"], s["response"]) for s in out["_samples"]["profuser_heldout"])
+    assert outs["cuda"]["_config"]["profuser_heldout"]["samples"] == 2
+    assert key(outs["cuda"]) == key(outs["cpu"]) and outs["cuda"]["_primary"] == outs["cpu"]["_primary"]
 
 
 # --- GPU: lm-eval's vLLM backend ------------------------------------------------------------------------

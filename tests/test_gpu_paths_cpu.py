@@ -57,14 +57,16 @@ def test_bf16_weights_train_over_an_fp32_master_copy_and_save_in_bf16(tmp_path, 
 
     spec = {"ref": str(tiny_llama_dir), "dtype": "bfloat16"}
     train_cpu(spec, examples, tmp_path, precision="bf16")
-    ckpt = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+    ckpt = max((tmp_path / "checkpoints").glob("step-*"))
     optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
     moments = [t for state in optimizer["state"].values() for t in state.values() if torch.is_tensor(t) and t.dim()]
     assert moments and {t.dtype for t in moments} == {torch.float32}
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:  # the master copy is what resumes
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
-    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:  # the model keeps its dtype
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    def dtypes(path):
+        with safe_open(str(path), "pt") as f:
+            return {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 (no __iter__)
+
+    assert dtypes(ckpt / "model.safetensors") == {"F32"}  # the master copy is what resumes
+    assert dtypes(tmp_path / "model" / "model.safetensors") == {"BF16"}  # the model keeps its dtype
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 

@@ -24,7 +24,15 @@ from profuser import hookimpl
 from profuser.components import Generator, Prompt
 from profuser.errors import ModelError
 
-from ._common import SamplingParams, context_limit, cut_at_stop, encode_prompt, model_label, runtime_of, split_stops
+from ._common import (
+    SamplingParams,
+    context_limit,
+    cut_at_stop,
+    encode_prompt,
+    model_label,
+    runtime_of,
+    split_stops,
+)
 
 
 class HFGenerator(Generator):

@@ -33,7 +33,15 @@ from profuser import hookimpl
 from profuser.components import Generator, Prompt
 from profuser.errors import ModelError
 
-from ._common import SamplingParams, context_limit, cut_at_stop, encode_prompt, model_label, runtime_of, split_stops
+from ._common import (
+    SamplingParams,
+    context_limit,
+    cut_at_stop,
+    encode_prompt,
+    model_label,
+    runtime_of,
+    split_stops,
+)
 
 # what a launcher sets: an engine's worker must not take itself for a rank of the launch
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
