@@ -78,7 +78,7 @@ def plot_advantage_shares(shares: dict[str, dict[str, float]], out_png: str | Pa
     rows = shares_table(shares)
     modes = list(shares)
     width = 0.8 / max(len(rows), 1)
-    fig, ax = _figure(1.6 + 1.8 * len(modes), 3.4)
+    fig, ax = _figure(max(4.8, 1.6 + 1.8 * len(modes)), 3.4)  # wide enough for the title with one mode
     for j, row in enumerate(rows):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(modes))]
         values = [100 * row[m] for m in modes]
@@ -87,8 +87,8 @@ def plot_advantage_shares(shares: dict[str, dict[str, float]], out_png: str | Pa
     ax.set_xticks(range(len(modes)), [f"{m} mode" for m in modes])
     ax.set_ylabel("examples won (%)")
     ax.set_ylim(0, 110)
-    ax.set_title("Advantage of source models by mode")
-    ax.legend(fontsize=8, frameon=False)
+    ax.set_title("Advantage of source models by mode", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="upper right", ncol=max(1, len(rows) // 3))
     return _save(fig, out_png)
 
 

@@ -79,6 +79,12 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def averages_columns(tasks: list[str]) -> bool:
+    """Whether an Average column says anything: it averages at least two columns (those where
+    higher is better); over one it would repeat that column."""
+    return sum(not lower_is_better(t) for t in tasks) >= 2
+
+
 def _entry_average(entry: dict, tasks: list[str]) -> float | None:
     """Mean over the table's tasks; None when the entry misses one (an average over fewer
     benchmarks is not comparable)."""
@@ -264,7 +270,9 @@ def comparison_table(entries: list[dict], tasks: list[str] | None = None, *, per
         header.append(column_title(t))
         if ref is not None:
             header.append(f"Δ {column_title(t)} vs {_escape(ref)} [95% CI]")
-    header.append("Average")
+    average = averages_columns(tasks)
+    if average:
+        header.append("Average")
     lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for row in rows:
         cells = [_escape(row["variant"]) + (" (reference)" if row["variant"] == ref else "")]
@@ -274,7 +282,8 @@ def comparison_table(entries: list[dict], tasks: list[str] | None = None, *, per
             cells.append(f"**{text}**" if best[t] == row["variant"] else text)
             if ref is not None:
                 cells.append("" if row["variant"] == ref else _fmt_delta((row["tasks"].get(t) or {}).get("delta"), scale, dig))
-        cells.append(_fmt(row[AVERAGE], row["average_std"], _scale(AVERAGE, percent), digits))
+        if average:
+            cells.append(_fmt(row[AVERAGE], row["average_std"], _scale(AVERAGE, percent), digits))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -346,8 +355,9 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
                       for t in tasks)
     md = [f"# {title}", "", comparison_table(entries, tasks, reference=ref, variants=variants), "",
           f"Primary metric of each task ({units}). "
-          "Average: mean over the columns where higher is better (only for rows with every one of them). "
-          "Mean ± sample std over seeds where a variant ran more than once. "
+          + ("Average: mean over the columns where higher is better (only for rows with every one of them). "
+             if averages_columns(tasks) else "")
+          + "Mean ± sample std over seeds where a variant ran more than once. "
           + (f"Δ: the variant minus {ref} over the same held-out examples (each example's seeds pooled), with a paired "
              "bootstrap 95% interval (10,000 resamples of the examples, seed 0); † marks an interval that excludes 0. "
              if ref else "")
@@ -382,8 +392,8 @@ def _write_csv(path: Path, variants: list[dict], tasks: list[str]) -> Path:
     fields = ["variant", "recipe", "baseline", "runs", "seeds"]
     fields += [c for t in tasks for c in (t, f"{t}_std", f"{t}_n", f"{t}_delta", f"{t}_delta_lo", f"{t}_delta_hi",
                                         f"{t}_delta_significant")]
-    fields += [AVERAGE, "average_std", "wall_seconds", "cold_seconds",
-                                                              "stages_ran", "stages_reused"]
+    fields += [AVERAGE, "average_std"] if averages_columns(tasks) else []
+    fields += ["wall_seconds", "cold_seconds", "stages_ran", "stages_reused"]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -402,7 +412,7 @@ def _write_csv(path: Path, variants: list[dict], tasks: list[str]) -> Path:
                 row[f"{t}_delta"] = delta.get("mean")
                 row[f"{t}_delta_lo"], row[f"{t}_delta_hi"] = delta.get("ci95") or (None, None)
                 row[f"{t}_delta_significant"] = delta.get("significant")
-            writer.writerow({k: ("" if val is None else val) for k, val in row.items()})
+            writer.writerow({k: ("" if val is None else val) for k, val in row.items() if k in fields})
     return path
 
 
@@ -511,30 +521,84 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+LOSS_PANELS = (("loss/ce", "Cross-entropy on the response"), ("loss/kl", "KL to the teacher"))
+
+
 def plot_loss_curves(curves: dict[str, list[list[dict]]], out_png: str | Path, *, title: str = "Training loss") -> Path:
-    """Loss per optimizer step; one colour per variant (its seeds share it), phase changes marked
-    when there is a single run."""
-    fig, ax = _figure(6.4, 3.8)
-    colours = [f"C{i % 10}" for i in range(len(curves))]
-    single = sum(len(runs) for runs in curves.values()) == 1
-    for colour, (variant, runs) in zip(colours, curves.items()):
-        for k, rows in enumerate(runs):
-            points = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss")) and r.get("step") is not None]
-            if points:
-                ax.plot(*zip(*points), color=colour, alpha=0.9 if len(runs) == 1 else 0.6, linewidth=1.2,
-                        label=variant if k == 0 else None)
-        if single:
-            rows = runs[0]
-            for prev, row in zip([{}, *rows], rows):
-                if row.get("phase") is not None and _phase(row) != _phase(prev) and row.get("step") is not None:
-                    ax.axvline(row["step"], color="grey", linestyle=":", linewidth=1)
-                    ax.annotate(str(row.get("phase")), (row["step"], 1), xycoords=("data", "axes fraction"),
-                                fontsize=7, va="top", ha="left", color="grey")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend(fontsize=7, frameon=False)
-    return _save(fig, Path(out_png))
+    """The training loss per optimizer step, CE and KL in panels of their own (a run that logs
+    neither: its ``loss``): per variant the mean over its runs (seeds), with a band from the
+    lowest to the highest run where there are several; each variant's phase boundaries as dotted
+    lines in its colour (named when there is one variant). The legend sits below the panels."""
+    Figure = import_extra("matplotlib.figure", "plots", what="plotting").Figure
+
+    panels = [(key, name) for key, name in LOSS_PANELS
+              if any(_finite(r.get(key)) for runs in curves.values() for rows in runs for r in rows)]
+    panels = panels or [("loss", "Loss")]
+    fig = Figure(figsize=(4.6 * len(panels) + 0.6, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    handles = {}
+    for i, (variant, runs) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        for ax, (key, _) in zip(axes, panels):
+            steps, mean, low, high = _mean_band(runs, key)
+            if not steps:
+                continue
+            line, = ax.plot(steps, mean, color=colour, linewidth=1.4)
+            handles.setdefault(variant, line)
+            if len(runs) > 1:
+                ax.fill_between(steps, low, high, color=colour, alpha=0.18, linewidth=0)
+            for step, phase in _boundaries(runs[0]):
+                ax.axvline(step - 0.5, color=colour, linestyle=":", linewidth=1)
+                if len(curves) == 1:
+                    ax.annotate(phase, (step - 0.5, 0.98), xycoords=("data", "axes fraction"), fontsize=7,
+                                va="top", ha="left", color="dimgrey")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, (key, name) in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss" if key == "loss" else key.split("/")[-1].upper())
+    several = any(len(runs) > 1 for runs in curves.values())
+    fig.suptitle(title + (" (mean over seeds, band: lowest to highest)" if several else ""), fontsize=11)
+    if handles:
+        labels = list(handles)
+        extra = [] if len(curves) == 1 else ["dotted: phase boundaries"]
+        proxies = list(handles.values())
+        if extra:
+            from matplotlib.lines import Line2D
+
+            proxies.append(Line2D([], [], color="grey", linestyle=":", linewidth=1))
+        fig.legend(proxies, labels + extra, loc="outside lower center", ncol=min(len(labels) + len(extra), 4),
+                   fontsize=8, frameon=False)
+    path = Path(out_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _mean_band(runs: list[list[dict]], key: str) -> tuple[list, list, list, list]:
+    """Steps, and per step the mean, lowest and highest of ``key`` over the runs that logged it."""
+    by_step: dict[int, list[float]] = {}
+    for rows in runs:
+        for r in rows:
+            if r.get("step") is not None and _finite(r.get(key)):
+                by_step.setdefault(int(r["step"]), []).append(float(r[key]))
+    steps = sorted(by_step)
+    return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
+            [max(by_step[s]) for s in steps])
+
+
+def _boundaries(rows: list[dict]) -> list[tuple[int, str]]:
+    """(first step, name) of every phase after the first."""
+    found, prev = [], None
+    for row in rows:
+        if row.get("phase") is None or row.get("step") is None:
+            continue
+        if prev is not None and _phase(row) != prev:
+            found.append((int(row["step"]), str(row["phase"])))
+        prev = _phase(row)
+    return found
 
 
 def _phase(row: dict) -> tuple:
@@ -547,8 +611,12 @@ def _finite(value: Any) -> bool:
 
 
 def plot_stage_times(stages: list[dict], out_png: str | Path) -> Path:
-    """Horizontal bars of each stage's time (cached stages: the time they took when they ran)."""
-    fig, ax = _figure(6.4, 0.8 + 0.28 * len(stages))
+    """Horizontal bars of each stage's time (cached stages: the time they took when they ran); the
+    legend under the axes, where it covers no bar or label."""
+    Figure = import_extra("matplotlib.figure", "plots", what="plotting").Figure
+
+    fig = Figure(figsize=(7.0, 1.4 + 0.28 * len(stages)), layout="constrained")
+    ax = fig.subplots()
     ids = [s["id"] for s in stages][::-1]
     rows = stages[::-1]
     ax.barh(ids, [s.get("seconds") or 0.0 for s in rows], color="C0", label="ran")
@@ -557,8 +625,11 @@ def plot_stage_times(stages: list[dict], out_png: str | Path) -> Path:
     ax.tick_params(axis="y", labelsize=7)
     ax.set_xlabel("seconds")
     ax.set_title("Stage times")
-    ax.legend(fontsize=7, frameon=False)
-    return _save(fig, Path(out_png))
+    fig.legend(loc="outside lower center", ncol=2, fontsize=7, frameon=False)
+    path = Path(out_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
 
 
 # --- one run --------------------------------------------------------------------------------------
@@ -774,6 +845,28 @@ def terminal_text(markdown: str, width: int, base: str | Path | None = None) -> 
 # --- the end of `profuser run` --------------------------------------------------------------------
 
 
+def _interval(per_example: Path, task: str) -> tuple[tuple[float, float] | None, int]:
+    """(bootstrap 95% interval of the mean, n) of a task's per-example values; (None, 0) without them."""
+    if not per_example.is_file():
+        return None, 0
+    import pyarrow.parquet as pq
+
+    from .evaluation.stats import bootstrap_mean_ci
+
+    table = pq.read_table(per_example, columns=["task", "value"])
+    values = [v for t, v in zip(table["task"].to_pylist(), table["value"].to_pylist()) if t == task and v is not None]
+    return (bootstrap_mean_ci(values), len(values)) if values else (None, 0)
+
+
+def _score_cell(task: str, value: float | None, ci: tuple[float, float] | None, n: int) -> str:
+    """``6.25 [0.00, 18.75] n=16``: the score, its interval and the examples it rests on."""
+    scale, digits = _scale(task, True), _digits(task, 2)
+    text = _fmt(value, None, scale, digits)
+    if value is None or ci is None:
+        return text
+    return f"{text} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}] n={n}"
+
+
 def run_result_lines(run_dir: str | Path, results: list, recipe=None) -> list[str]:
     """What ``profuser run`` prints when it is done: the evaluate stages' primary scores side by side
     (fused, target, sources), where the model and the report are. Writes the run report
@@ -792,6 +885,7 @@ def run_result_lines(run_dir: str | Path, results: list, recipe=None) -> list[st
         path = Path(r.path) / "results.json" if r.kind == "evaluate" else None
         if path is not None and path.is_file():
             primary = json.loads(path.read_text(encoding="utf-8")).get("primary") or {}
+            primary = {t: (v, *_interval(Path(r.path) / "per_example.parquet", t)) for t, v in primary.items()}
             label = r.id.removeprefix("evaluate/")
             if label.startswith("merge/"):  # a merge baseline (recipe merges:)
                 label, role = label.removeprefix("merge/"), "merge"
@@ -802,13 +896,15 @@ def run_result_lines(run_dir: str | Path, results: list, recipe=None) -> list[st
     if evals:
         tasks = list(dict.fromkeys(t for _, primary in evals for t in primary))
         heads = [column_title(t) + (" %" if is_fraction(t) else " bits/byte") for t in tasks]
+        rows = [[_score_cell(t, *primary.get(t, (None, None, 0))) for t in tasks] for _, primary in evals]
+        widths = [max(len(h), *(len(row[j]) for row in rows)) for j, h in enumerate(heads)]
         width = max(len(label) for label, _ in evals)
-        lines += ["", "scores (" + "; ".join(f"{task_title(t)}: {_primary_name(t)}" + (", lower is better" if lower_is_better(t) else "")
-                                    for t in tasks) + "):",
-                  "  " + "model".ljust(width) + "".join(f"  {h:>16}" for h in heads)]
-        for label, primary in evals:
-            cells = [_fmt(primary.get(t), None, _scale(t, True), _digits(t, 2)) for t in tasks]
-            lines.append("  " + label.ljust(width) + "".join(f"  {c:>16}" for c in cells))
+        lines += ["", "scores, with a bootstrap 95% interval over the n examples ("
+                  + "; ".join(f"{task_title(t)}: {_primary_name(t)}" + (", lower is better" if lower_is_better(t) else "")
+                              for t in tasks) + "):",
+                  "  " + "model".ljust(width) + "".join(f"  {h:>{w}}" for h, w in zip(heads, widths))]
+        for (label, _), row in zip(evals, rows):
+            lines.append("  " + label.ljust(width) + "".join(f"  {c:>{w}}" for c, w in zip(row, widths)))
     train = next((r for r in results if r.id == "train"), None)
     if train is not None and (Path(train.path) / "model").is_dir():
         lines.append(f"model: {Path(train.path) / 'model'}" + (f" (linked as {run_dir / 'model'})" if (run_dir / "model").exists() else ""))

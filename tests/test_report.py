@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -247,7 +248,7 @@ def test_comparison_with_seeds_intervals_and_significant_bold(tmp_path):
     assert all("per_example" not in e for e in data["entries"])
     md = written["md"].read_text()
     header = md.splitlines()[2]
-    assert header == "| Model | Held-out | Δ Held-out vs csft [95% CI] | Average |"
+    assert header == "| Model | Held-out | Δ Held-out vs csft [95% CI] |"  # no Average of one column
     table = md.split("\n\n")[1].splitlines()  # the comparison table, before the notes and the runs table
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
     assert rows["profuser"].count("**") == 2 and rows["profuser"].rstrip(" |").split(" | ")[2].endswith("†")
@@ -271,9 +272,10 @@ def test_lower_is_better_direction():
             {"variant": "b", "scores": {"profuser_heldout_bpb": 0.9, "profuser_heldout": 0.5},
              "per_example": {"profuser_heldout_bpb": {f"e{i}": 0.9 + 0.01 * (i % 5) for i in range(50)}}}]
     table = comparison_table(rows, reference="a").splitlines()
-    assert table[0] == "| Model | Held-out bpb ↓ | Δ Held-out bpb ↓ vs a [95% CI] | Held-out | Δ Held-out vs a [95% CI] | Average |"
-    assert table[2] == "| a (reference) | 1.200 |  | 50.00 |  | 50.00 |"
-    assert table[3] == "| b | **0.900** | -0.290 [-0.294, -0.285] † | 50.00 | – | 50.00 |"
+    # one column where higher is better: an Average would repeat it
+    assert table[0] == "| Model | Held-out bpb ↓ | Δ Held-out bpb ↓ vs a [95% CI] | Held-out | Δ Held-out vs a [95% CI] |"
+    assert table[2] == "| a (reference) | 1.200 |  | 50.00 |  |"
+    assert table[3] == "| b | **0.900** | -0.290 [-0.294, -0.285] † | 50.00 | – |"
 
 
 # --- the terminal ---------------------------------------------------------------------------------
@@ -324,3 +326,73 @@ def test_terminal_text_wraps_long_values_under_themselves():
     assert lines[0] == "stage: x" and lines[1].startswith("  metrics  m0=0.0, m1=0.1,")
     assert lines[2].startswith("           m") and "stage: y | z" in lines  # wrapped under the value; \| a pipe
     assert lines[-1].startswith("  word")  # a long list item hangs under its text
+
+
+# --- issue 22: reports people read ----------------------------------------------------------------
+
+
+def test_no_average_column_over_fewer_than_two_columns(tmp_path):
+    from profuser.report import write_comparison
+
+    one = [{"variant": "a", "scores": {"profuser_heldout": 0.5}}, {"variant": "b", "scores": {"profuser_heldout": 0.25}}]
+    assert "Average" not in comparison_table(one)
+    written = write_comparison(one, tmp_path / "one")
+    assert "Average" not in written["md"].read_text() and "average" not in written["csv"].read_text().splitlines()[0]
+    two = [{"variant": "a", "scores": {"profuser_heldout": 0.5, "gsm8k": 0.25}}]
+    assert comparison_table(two).splitlines()[0] == "| Model | GSM8K | Held-out | Average |"
+
+
+def _metrics(seed: int, phases: list[tuple[str, int]], kl: bool = True) -> list[dict]:
+    rows, step = [], 0
+    for index, (name, steps) in enumerate(phases):
+        for _ in range(steps):
+            step += 1
+            row = {"step": step, "phase": name, "phase_index": index, "loss/ce": 2.0 - 0.05 * step + 0.1 * seed}
+            if kl:
+                row["loss/kl"] = 1.0 - 0.02 * step
+            row["loss"] = row["loss/ce"] + 0.5 * row.get("loss/kl", 0.0)
+            rows.append(row)
+    return rows
+
+
+def test_loss_curves_mean_over_seeds_ce_and_kl_apart(tmp_path):
+    from profuser.report import _boundaries, _mean_band, plot_loss_curves
+
+    runs = [_metrics(seed, [("inference", 2), ("co-fusion", 3)]) for seed in range(3)]
+    steps, mean, low, high = _mean_band(runs, "loss/ce")
+    assert steps == [1, 2, 3, 4, 5]
+    assert mean[0] == pytest.approx(2.0 - 0.05 + 0.1) and low[0] == pytest.approx(1.95) and high[0] == pytest.approx(2.15)
+    assert _mean_band([_metrics(0, [("sft", 3)], kl=False)], "loss/kl")[0] == []  # CE-only: no KL curve
+    assert _boundaries(runs[0]) == [(3, "co-fusion")]
+    # a phase of the same name again is a new phase (its index differs)
+    assert _boundaries(_metrics(0, [("a", 1), ("b", 1), ("a", 1)])) == [(2, "b"), (3, "a")]
+    pytest.importorskip("matplotlib")
+    out = plot_loss_curves({"profuser": runs, "csft": [_metrics(s, [("sft", 4)], kl=False) for s in range(3)]},
+                           tmp_path / "loss.png")
+    from matplotlib.image import imread
+
+    # CE and KL: two panels; a CE-only run: one, narrower
+    ce_only = plot_loss_curves({"csft": [_metrics(0, [("sft", 4)], kl=False)]}, tmp_path / "ce.png")
+    assert imread(out).shape[1] > 1.5 * imread(ce_only).shape[1]
+
+
+def test_run_closing_table_gives_the_interval_and_n(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from profuser.report import run_result_lines
+
+    results = []
+    for label, hits in (("fused", 1), ("smollm2", 0)):
+        folder = tmp_path / label
+        folder.mkdir()
+        values = [1.0] * hits + [0.0] * (16 - hits)
+        (folder / "results.json").write_text(json.dumps({"label": label, "primary": {"profuser_heldout": sum(values) / 16}}))
+        pq.write_table(pa.table({"task": ["profuser_heldout"] * 16, "doc_id": list(range(16)),
+                                 "id": [str(i) for i in range(16)], "value": values}), folder / "per_example.parquet")
+        results.append(SimpleNamespace(id=f"evaluate/{label}", kind="evaluate", path=str(folder), cached=False))
+    lines = run_result_lines(tmp_path / "run", results)
+    fused = next(line for line in lines if line.strip().startswith("fused"))
+    source = next(line for line in lines if line.strip().startswith("smollm2"))
+    assert "6.25 [0.00, 18.75] n=16" in fused and "0.00 [0.00, 0.00] n=16" in source
+    assert any("95% interval" in line for line in lines)
