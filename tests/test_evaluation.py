@@ -447,3 +447,15 @@ def test_validate_says_which_task_needs_which_field(tmp_path, registry):
                              "judge: {reward_model: {name: judge, params: {model: some/judge}}}}\n")
     loaded = load_recipe(recipe, registry=registry)
     assert loaded.evaluate.judge.reference.ref == "some/target" and loaded.evaluate.judge.generator.name == "hf"
+
+
+def test_lm_evals_in_memory_model_warning_is_dropped_at_its_source(tmp_path, tiny_llama_dir, caplog):
+    import logging
+
+    model, tok = load(tiny_llama_dir)
+    path = heldout_parquet(tmp_path / "heldout.parquet")
+    with caplog.at_level(logging.WARNING):
+        evaluate_model(model, tok, ["profuser_heldout_bpb"], heldout_path=path)
+    assert not any("is not of type `str`" in r.getMessage() for r in caplog.records)
+    # the filter is gone afterwards: lm-eval's logger says what it says to anyone else
+    assert not logging.getLogger("lm_eval.models.huggingface").filters

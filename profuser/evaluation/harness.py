@@ -155,8 +155,9 @@ def evaluate_model(
         else:
             model.eval()
             # the template goes to every apply_chat_template call, so a base model gets the fallback
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                      max_length=max_length, chat_template_args={"chat_template": template})
+            with _in_memory_model_accepted():
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                          max_length=max_length, chat_template_args={"chat_template": template})
         merged: dict[str, Any] = {"results": {}, "groups": {}, "n-samples": {}, "samples": {}}
         limit_of = {task: limit.get(task) if isinstance(limit, dict) else limit for task in tasks}
         for chat, task_limit in sorted({(chat_of[t], limit_of[t] or 0) for t in tasks}):  # one lm-eval call each
@@ -243,6 +244,26 @@ def _vllm_lm(path, template: str, args: dict[str, Any]):
                             where="evaluate.backend") from None
     lm.hf_chat_template = template  # as for HFLM: a base model gets the fallback template the trainer used
     return lm
+
+
+class _DropInMemoryModelWarning(logging.Filter):
+    """HFLM warns that a ``pretrained`` that is not a string ignores model arguments, and not to
+    launch it via accelerate: profuser passes its in-memory model on purpose, with no such argument."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`pretrained` model kwarg is not of type `str`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _in_memory_model_accepted():
+    """Drop that one warning where lm-eval logs it, while HFLM is built; everything else it logs stays."""
+    source = logging.getLogger("lm_eval.models.huggingface")
+    dropped = _DropInMemoryModelWarning()
+    source.addFilter(dropped)
+    try:
+        yield
+    finally:
+        source.removeFilter(dropped)
 
 
 def _quiet_git():
