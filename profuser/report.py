@@ -731,7 +731,7 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
 
     # advantage shares
     selections = {s["id"].removeprefix("select/"): dirs[s["id"]] / "selection.parquet" for s in stages
-                  if s.get("kind") == "select" and dirs[s["id"]] and (dirs[s["id"]] / "selection.parquet").is_file()}
+                  if s["id"].startswith("select/") and dirs[s["id"]] and (dirs[s["id"]] / "selection.parquet").is_file()}
     if selections:
         try:
             from .analysis import advantage_shares, markdown_table, plot_advantage_shares, shares_table
@@ -749,7 +749,7 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     # alignment quality
     aligns = []
     for s in stages:
-        if s.get("kind") == "align" and dirs[s["id"]] and (dirs[s["id"]] / "report.json").is_file():
+        if s["id"].startswith("align/") and dirs[s["id"]] and (dirs[s["id"]] / "report.json").is_file():
             report = json.loads((dirs[s["id"]] / "report.json").read_text(encoding="utf-8"))
             aligns.append({"stage": s["id"], **{k: _fmt_cell(v) for k, v in _flatten(report).items()}})
     if aligns:

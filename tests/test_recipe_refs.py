@@ -86,6 +86,37 @@ def test_the_named_recipe_is_planned_upstream_with_the_keys_it_has_alone(root, e
     assert deeper_keys["spec:train"] == keys["spec:train"] and deeper_keys["generate/spec"] == keys["generate/spec"]
 
 
+def test_a_reward_model_a_merge_and_a_chain_of_recipes_name_models_the_same_way(root, engine):
+    paths = write_recipes(root)
+    llama = root / "models" / "tiny-llama"
+    twin = root / "twin-llama"  # another path to the same weights: a second model for the merge
+    twin.symlink_to(llama.resolve())
+    merged = write(root / "specialists" / "merged.yaml", {
+        "extends": "../tiny.yaml", "name": "merged",
+        "merges": [{"method": "slerp", "label": "mid", "models": [{"ref": str(llama)}, {"ref": str(twin)}],
+                    "base_model": {"ref": str(llama)}, "parameters": {"t": 0.5}}]})
+    judged = write(root / "judged.yaml", {
+        "extends": "fuse.yaml", "name": "judged",
+        "sources": [{"ref": "recipe:specialists/merged.yaml#mid"}, {"ref": "recipe:specialists/spec.yaml"}],
+        "inference_mode": {"reward_models": [{"name": "judge", "label": "judge",
+                                              "params": {"model": "recipe:specialists/spec.yaml"}}]}})
+    stages, keys = planned(judged, engine)
+    by_id = {s.id: s for s in stages}
+    # a merge needs nothing upstream: only merged:merge/mid is planned of that recipe
+    assert sorted(s.id for s in stages if s.id.startswith("merged:")) == ["merged:merge/mid"]
+    assert keys["merged:merge/mid"] == planned(merged, engine)[1]["merge/mid"]
+    assert by_id["generate/merged-mid"].deps["recipe:merged#mid"] == "merged:merge/mid"
+    assert by_id["score/judge"].config.reward_model.params["model"] == "recipe:spec"
+    assert by_id["score/judge"].deps["recipe:spec"] == "spec:train"
+    assert len([s for s in stages if s.id == "spec:train"]) == 1  # a source and the reward model: planned once
+    # a fusion of a fusion: fuse's stages, and through them spec's, under fuse: ids
+    chain = write(root / "chain.yaml", {"extends": "tiny.yaml", "name": "chain", "target": {"ref": "recipe:fuse.yaml"}})
+    stages, chain_keys = planned(chain, engine)
+    _, fuse_keys = planned(paths["fuse"], engine)
+    assert chain_keys["fuse:train"] == fuse_keys["train"] and chain_keys["fuse:spec:train"] == fuse_keys["spec:train"]
+    assert {s.id: s for s in stages}["fuse:generate/spec"].deps["recipe:spec"] == "fuse:spec:train"
+
+
 def test_editing_the_upstream_recipe_changes_exactly_the_keys_that_depend_on_its_model(root, engine):
     paths = write_recipes(root)
     stages, before = planned(paths["fuse"], engine)
@@ -148,6 +179,15 @@ def test_a_dry_run_counts_a_stage_the_plan_holds_twice_once(root):
     distinct = len({row["key"] for row in estimate["stages"]})
     assert distinct < len(rows) and estimate["total"]["stages_to_run"] == f"{distinct} of {distinct}"
     assert "over 1 phase" in rows["spec:train"]["note"] and "over 2 phase" in rows["train"]["note"]  # each its own curriculum
+    # compare: the specialist's stages once in the suite, though both recipes name it
+    suite = CliRunner().invoke(app, ["compare", str(paths["fuse"]), str(paths["onspec"]), "--dry-run", "--json",
+                                     "--runs-dir", str(root / "runs")])
+    assert suite.exit_code == 0, suite.output
+    suite = json.loads(suite.output)
+    spec_rows = [row for plan in suite["recipes"] for row in plan["stages"] if row["id"] == "spec:train"]
+    assert len(spec_rows) == 2 and spec_rows[0]["key"] == spec_rows[1]["key"]
+    every = {row["key"] for plan in suite["recipes"] for row in plan["stages"]}
+    assert suite["suite"]["stages"] == len(every)
 
 
 # --- running: kill and resume inside the upstream recipe, reuse by another recipe -----------------
