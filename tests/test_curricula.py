@@ -220,3 +220,29 @@ def test_a_loss_beta_that_the_curriculum_overrides_is_refused(tmp_path, curricul
     lines = err.value.lines()
     assert len(lines) == 1 and "loss.params.beta" in lines[0] and fields in lines[0], lines
     assert load_recipe(path, ["loss.params={temperature: 2.0}"], registry=registry).loss.params == {"temperature": 2.0}
+
+
+def test_the_five_study_recipes_plan_the_same_optimizer_steps(tmp_path):
+    """Table 1's variants (recipes/study/) at 3 epochs: co-fusion steps over instructions, so the
+    step count no longer depends on how many modes a phase mixes (issue 25); the per-mode
+    scheduling (draws: examples) would give ProFuser 20 steps and SimulFuse 24 against 12."""
+    from pathlib import Path
+
+    from profuser.estimate import estimate_plan
+    from profuser.pipeline import Runner, Runtime
+    from profuser.plugins import get_engine
+    from profuser.recipe import load_recipe
+
+    study = Path(__file__).resolve().parent.parent / "recipes" / "study"
+    engine = get_engine()
+
+    def steps(name, overrides=()):
+        recipe = load_recipe(study / f"{name}.yaml", list(overrides), registry=engine.registry)
+        plan = estimate_plan(Runner(recipe, engine, Runtime(runs_dir=tmp_path, progress=False)))
+        [train] = [s for s in plan["stages"] if s["kind"] == "train"]
+        return train["optimizer_steps"]
+
+    counts = {name: steps(name) for name in ("base", "simulfuse", "reversefuse", "fuse", "csft")}
+    assert counts == dict.fromkeys(counts, 12)  # 32 instructions x 3 epochs / 8
+    assert steps("base", ["curriculum={name: progressive, params: {draws: examples}}"]) == 20
+    assert steps("simulfuse", ["curriculum={name: simultaneous, params: {draws: examples}}"]) == 24

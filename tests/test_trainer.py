@@ -104,6 +104,53 @@ def test_phase_order_is_seeded_per_phase_and_epoch(examples):
     assert {data.example_id(r) for r in rows2} <= {"ex1", "ex3"} and (weights2 == 0.5).all()
 
 
+def test_a_mixed_phase_draws_instructions_with_both_modes_in_one_step(tmp_path):
+    # ex0-ex5 in both modes, ex6 and ex7 in training mode only: 8 instructions, 14 examples
+    paths = {"inference": write_examples(tmp_path / "i.parquet", "inference", 6, seed=5),
+             "training": write_examples(tmp_path / "t.parquet", "training", 8, seed=6)}
+    data = ExampleSet.load(paths, max_length=64)
+    parts = [PhasePart("inference", 0.1), PhasePart("training", 1.0)]
+    [plan] = plan_phases([Phase("co", 3.0, parts)], data, global_batch=4)
+    assert (plan.units, plan.samples, plan.steps, len(plan.rows)) == (8, 24, 6, 14)  # epochs count instructions
+    assert plan.examples.ids == [f"ex{i}" for i in range(8)] and plan.examples.modes == ["inference"] * 6 + ["training"] * 2
+    draws = plan.draws(seed=1, global_batch=4)
+    assert len(draws) == 24 and sorted(draws[:8]) == sorted(draws[8:16]) == list(range(8))
+    for step in range(6):
+        rows, weights = plan.expand(draws[step * 4:(step + 1) * 4])
+        ids, modes, _ = data.describe(rows)
+        # each instruction's examples side by side, the inference one (w1) first; ex6, ex7 alone
+        by_id = {i: [m for j, m in zip(ids, modes) if j == i] for i in dict.fromkeys(ids)}
+        assert len(by_id) == 4 and all(m == (["training"] if i in ("ex6", "ex7") else ["inference", "training"])
+                                       for i, m in by_id.items())
+        assert weights.tolist() == pytest.approx([0.1 if m == "inference" else 1.0 for m in modes])
+    flat, _ = plan.order(seed=1, global_batch=4)
+    assert (flat == plan.expand(draws)[0]).all()
+    # draws: examples, the old per-mode scheduling: every example on its own, epochs over all 14
+    [old] = plan_phases([Phase("co", 3.0, parts, draws="examples")], data, global_batch=4)
+    assert (old.units, old.samples, old.steps) == (14, 42, 11) and len(old.examples.ids) == 14
+    rows, _ = old.order(seed=1, global_batch=4)
+    assert (rows == old.rows[np.resize(np.concatenate([np.random.default_rng([1, 0, e]).permutation(14)
+                                                        for e in range(3)]), 44)]).all()
+    with pytest.raises(ProfuserError, match="phase 'co': draws 'rows'"):
+        plan_phases([Phase("co", 1.0, parts, draws="rows")], data, global_batch=4)
+
+
+def test_micro_batches_split_a_step_of_instructions(tmp_path, tiny_llama_dir, examples, registry):
+    """Accumulation over 1, 2 or 4 micro-batches: the same steps, the same examples per step (each
+    instruction's two modes in it), the same Eq. 5 loss and gradient norm."""
+    runs = []
+    for micro in (4, 2, 1):
+        seen: dict = {}
+        out = tmp_path / str(micro)
+        train(str(tiny_llama_dir), examples, registry.build("losses", "fuse_kl"),
+              registry.build("curricula", "simultaneous", {"epochs": 2}), small_spec(micro_batch_size=micro), out,
+              device="cpu", on_batch=lambda step, ids, seen=seen: seen.setdefault(step, ids))
+        assert len(seen) == 4 and all(len(ids) == 8 and sorted(set(ids)) == sorted(ids[0::2]) for ids in seen.values())
+        runs.append((seen, [v for m in read_metrics(out) for v in (m["loss"], m["loss/kl"], m["grad_norm"])]))
+    assert runs[0][0] == runs[1][0] == runs[2][0]
+    assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-4) and runs[0][1] == pytest.approx(runs[2][1], rel=1e-4)
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 
