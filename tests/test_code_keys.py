@@ -30,7 +30,8 @@ class ConfidenceKL(Loss):
     name = "confidence_kl"
 
     def __call__(self, logits, batch, *, beta=None):
-        return sft_loss(logits, batch) * SCALE
+        loss, parts = sft_loss(logits, batch)
+        return loss * SCALE, parts
 
 
 @hookimpl
@@ -67,7 +68,7 @@ def test_editing_a_third_party_loss_recomputes_train_and_evaluate_only(package, 
     before, inputs = _keys(recipe, engine, tmp_path)
     assert set(inputs["train"]["code"]) == {"losses:confidence_kl"}
     assert not any("code" in inputs[s] for s in inputs if s != "train")  # built-ins keep their versions
-    (root / "loss.py").write_text(LOSS.replace("* SCALE", "* SCALE * 2"))  # in place, no version bump
+    (root / "loss.py").write_text(LOSS.replace("loss * SCALE", "loss * SCALE * 2"))  # in place, no version bump
     after, _ = _keys(recipe, engine, tmp_path)
     assert {s for s in before if before[s] != after[s]} == {"train", "evaluate/fused"}
     (root / "weights.py").write_text("SCALE = 0.5\n")  # a module the loss imports from its package
@@ -130,3 +131,22 @@ def test_the_run_records_what_each_key_hashed(tmp_path):
     assert runner.reasons() == {}  # all ran
     after = json.loads((runner.run_dir / KEY_INPUTS).read_text())
     assert after["c"] == recorded["c"] and after["b"]["config"]["value"] == "B"
+
+
+@pytest.mark.slow
+def test_a_run_after_the_edit_recomputes_train_and_evaluate_only(package, tmp_path, tiny_root, monkeypatch):
+    """The whole tiny pipeline, then the loss edited in place: the rerun reuses data..build."""
+    root, module = package
+    monkeypatch.setenv("PROFUSER_CACHE", str(tmp_path / "cache"))
+    engine = Engine(entrypoints=False, extra_plugins=[("mylosses", module)])
+    recipe = load_recipe(tiny_recipe(tiny_root, **{"loss.name": "confidence_kl"}), registry=engine.registry)
+    runtime = Runtime(runs_dir=tmp_path / "runs", progress=False, isolate_stages=False)
+    first = Runner(recipe, engine, runtime, echo=lambda _: None).run()
+    assert not any(r.cached for r in first)
+    (root / "weights.py").write_text("SCALE = 0.5\n")
+    importlib.reload(sys.modules["mylosses.weights"])
+    importlib.reload(module)  # the new code runs too (a new process would import it)
+    again = Runner(recipe, engine, runtime, echo=lambda _: None)
+    assert {sid for sid, why in again.reasons().items()} == {"train", "evaluate/fused"}
+    second = {r.id: r.cached for r in again.run()}
+    assert {sid for sid, cached in second.items() if not cached} == {"train", "evaluate/fused"}
