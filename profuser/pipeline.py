@@ -201,7 +201,7 @@ def plan_recipe_refs(recipe: Recipe, engine: Engine, chain: tuple[Path, ...] = (
     ``merge/<label>``), with ids under ``<its name>:``."""
     from .recipe import _spec_at, load_recipe, recipe_refs, replace_recipe_refs, split_recipe_ref
 
-    dump = recipe.model_dump(mode="json")
+    dump = recipe.model_dump(mode="json", exclude_unset=True)  # revalidated below: fields unset stay unset
     refs = recipe_refs(dump)
     if not refs:
         return [], recipe, {}  # an ordinary recipe: nothing changes
@@ -271,7 +271,8 @@ def with_recipe_models(stage: Stage, inputs: dict[str, Path]) -> Stage:
         return stage
     if not isinstance(stage.config, StageConfig):
         return replace(stage, config=replace_recipe_refs(stage.config, lambda ref: folders.get(ref, ref)))
-    config = replace_recipe_refs(stage.config.model_dump(mode="json"), lambda ref: folders.get(ref, ref))
+    # only the fields set: a default stays a default (train.report_to's missing tracker is skipped, not refused)
+    config = replace_recipe_refs(stage.config.model_dump(mode="json", exclude_unset=True), lambda ref: folders.get(ref, ref))
     return replace(stage, config=type(stage.config).model_validate(config))
 
 
