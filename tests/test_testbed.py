@@ -120,3 +120,15 @@ def test_advantage_map_invalid_when_a_source_leads_everywhere_or_nowhere():
     assert not table["valid"]
     assert "s1 is ahead of the target on every family" in table["why"]
     assert "s2 is ahead of the target on no family" in table["why"]
+
+
+def test_reference_noise_only_touches_training_references_and_nests():
+    clean = records(families=["capitals", "sequence"], per_family=40)
+    low = records(families=["capitals", "sequence"], per_family=40, reference_noise=0.2)
+    high = records(families=["capitals", "sequence"], per_family=40, reference_noise=0.5)
+    assert [(r.instruction, r.meta["answer"]) for r in clean] == [(r.instruction, r.meta["answer"]) for r in high]
+    wrong = {rec: {r.id for r in rows if r.response != f"Answer: {r.meta['answer']}"} for rec, rows in
+             (("clean", clean), ("low", low), ("high", high))}
+    assert not wrong["clean"] and wrong["low"] < wrong["high"]
+    assert 0.3 < len(wrong["high"]) / 80 < 0.7
+    assert all(r.meta["split"] == "train" and r.meta["reference_correct"] is False for r in high if r.id in wrong["high"])

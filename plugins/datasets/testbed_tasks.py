@@ -24,9 +24,10 @@ from profuser.components import BadRow, DatasetSource, Record, StrictModel
 from profuser.errors import DataError
 
 Family = Literal["letter_shift", "weekday_shift", "sequence", "remainder", "digit_sum", "code_words",
-                 "word_length", "largest"]
+                 "word_length", "largest", "capitals"]
 FAMILIES: tuple[str, ...] = ("letter_shift", "weekday_shift", "sequence", "remainder", "digit_sum", "code_words",
-                             "word_length", "largest")
+                             "word_length", "largest", "capitals")
+VERSION = "2"  # what the generators write: in the data stage's key (fingerprint), bump on any change
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 WORDS = ("apple", "river", "garden", "window", "planet", "candle", "forest", "bottle", "mirror", "pencil",
          "basket", "rocket", "silver", "orange", "tunnel", "button", "carpet", "dragon", "island", "jacket",
@@ -35,13 +36,26 @@ WORDS = ("apple", "river", "garden", "window", "planet", "candle", "forest", "bo
          "meadow", "nickel", "oyster", "parrot", "quartz", "ribbon", "shadow", "thunder", "valley", "walnut",
          "cloud", "stone", "bread", "chair", "horse", "train", "music", "paper", "sugar", "tiger", "honey",
          "ocean", "smile", "light", "storm", "grape", "glass", "snake", "crown", "flame")
-# a made-up code: every word of WORDS has one fixed code word (no model has seen this table)
+# Two made-up tables no model has seen, small enough to learn in minutes: what a specialist knows
+# and the target cannot. A code word for each of 20 words, and the capital of 20 invented countries.
 _SYLLABLES = ("ka", "lo", "mi", "ru", "te", "zo", "vi", "na", "pe", "su", "do", "ga", "bi", "fo", "xu", "ye")
+CODE_WORDS = WORDS[:20]
+COUNTRIES = ("Norvania", "Quelland", "Dastoria", "Miravel", "Ostrenia", "Pellagor", "Varuna", "Zenthia",
+             "Brakmoor", "Caldria", "Elvoran", "Fyrdal", "Gostavia", "Haldmere", "Iskaria", "Jorvath",
+             "Kelmora", "Lunevia", "Marduna", "Tessaly")
+
+
+def _made_up(kind: str, key: str) -> str:
+    digest = hashlib.sha256(f"testbed-{kind}:{key}".encode()).digest()
+    return "".join(_SYLLABLES[b % len(_SYLLABLES)] for b in digest[:3])
 
 
 def _code_word(word: str) -> str:
-    digest = hashlib.sha256(f"testbed-code:{word}".encode()).digest()
-    return "".join(_SYLLABLES[b % len(_SYLLABLES)] for b in digest[:3])
+    return _made_up("code", word)
+
+
+def _capital(country: str) -> str:
+    return _made_up("capital", country).capitalize() + "burg"
 
 
 # A task: (key, instruction, answer). The key names the question, not its wording.
@@ -81,15 +95,25 @@ def _digit_sum(rng: random.Random) -> Task:
     return ((n,), f"What is the sum of the digits of {n}?", str(sum(map(int, str(n)))))
 
 
+CODE_WORDINGS = ("In the Quarn code, what is the code word for '{}'?", "Translate '{}' into the Quarn code.",
+                 "What does '{}' become in the Quarn code?", "Give the Quarn code word for '{}'.",
+                 "Write '{}' in the Quarn code.", "What is '{}' in the Quarn code?",
+                 "Encode the word '{}' with the Quarn code.", "Which Quarn code word stands for '{}'?",
+                 "The Quarn code for '{}' is what?", "Tell me the Quarn code word for '{}'.")
+CAPITAL_WORDINGS = ("What is the capital of {}?", "Name the capital city of {}.", "Which city is the capital of {}?",
+                    "What city is {}'s capital?", "Tell me the capital of {}.", "The capital of {} is which city?",
+                    "In which city is the government of {} seated?", "What is {}'s capital city called?",
+                    "Give the name of the capital of {}.", "Which city serves as the capital of {}?")
+
+
 def _code_words(rng: random.Random) -> Task:
-    word = rng.choice(WORDS)
-    wording = rng.randrange(5)
-    instruction = (f"In the Quarn code, what is the code word for '{word}'?",
-                   f"Translate '{word}' into the Quarn code.",
-                   f"What does '{word}' become in the Quarn code?",
-                   f"Give the Quarn code word for '{word}'.",
-                   f"Write '{word}' in the Quarn code.")[wording]
-    return ((word, wording), instruction, _code_word(word))
+    word, wording = rng.choice(CODE_WORDS), rng.randrange(len(CODE_WORDINGS))
+    return ((word, wording), CODE_WORDINGS[wording].format(word), _code_word(word))
+
+
+def _capitals(rng: random.Random) -> Task:
+    country, wording = rng.choice(COUNTRIES), rng.randrange(len(CAPITAL_WORDINGS))
+    return ((country, wording), CAPITAL_WORDINGS[wording].format(country), _capital(country))
 
 
 def _word_length(rng: random.Random) -> Task:
@@ -109,7 +133,7 @@ def _largest(rng: random.Random) -> Task:
 GENERATORS: dict[str, Callable[[random.Random], Task]] = {
     "letter_shift": _letter_shift, "weekday_shift": _weekday_shift, "sequence": _sequence,
     "remainder": _remainder, "digit_sum": _digit_sum, "code_words": _code_words,
-    "word_length": _word_length, "largest": _largest,
+    "word_length": _word_length, "largest": _largest, "capitals": _capitals,
 }
 _TRIES = 200  # draws per task before a family counts as exhausted
 
@@ -154,6 +178,12 @@ class FusionTestbedTasks(DatasetSource):
         heldout_per_family: int = Field(default=50, ge=0, description="held-out records per family")
         seed: int = Field(default=0, description="the training draw; the held-out pool does not depend on it")
         heldout_share: float = Field(default=0.3, gt=0, lt=1, description="share of each family's tasks held out")
+        reference_noise: float = Field(default=0.0, ge=0, lt=1, description=(
+            "share of training records whose reference answer is wrong (another task's answer of the family, "
+            "seeded): imperfect references, which the sources can correct; held-out records are always right"))
+
+    def fingerprint(self) -> dict[str, str]:
+        return {"testbed_tasks": VERSION}  # the generators' version: editing them must not reuse old data
 
     def records(self) -> Iterator[Record | BadRow]:
         p = self.params
@@ -161,10 +191,17 @@ class FusionTestbedTasks(DatasetSource):
                                   ("heldout", p.heldout_families, p.heldout_per_family)):
             seed = p.seed if side == "train" else 0
             for family in families:
-                for i, (_, instruction, answer) in enumerate(
-                        draw(family, n, heldout=side == "heldout", seed=seed, share=p.heldout_share)):
-                    yield Record(f"testbed-{side}-{family}-{seed}-{i:04d}", "", instruction, f"Answer: {answer}",
-                                 {"task": family, "answer": answer, "split": side})
+                tasks = draw(family, n, heldout=side == "heldout", seed=seed, share=p.heldout_share)
+                answers = sorted({a for _, _, a in tasks})
+                for i, (_, instruction, answer) in enumerate(tasks):
+                    meta = {"task": family, "answer": answer, "split": side}
+                    reference = answer
+                    # one draw per record: the records made noisy at a share are noisy at every larger share
+                    noise = random.Random(f"testbed-noise:{family}:{seed}:{i}")
+                    if side == "train" and noise.random() < p.reference_noise and len(answers) > 1:
+                        reference = noise.choice([a for a in answers if a != answer])
+                        meta["reference_correct"] = False
+                    yield Record(f"testbed-{side}-{family}-{seed}-{i:04d}", "", instruction, f"Answer: {reference}", meta)
 
 
 @hookimpl
