@@ -21,6 +21,22 @@ from .evaluation.stats import paired_delta
 from .evaluation.tasks import HELDOUT_TASK
 
 ALL = "all"  # the family row that pools every held-out example
+SPLIT_TASKS = (HELDOUT_TASK,)  # the tasks `compare` also reports per family, as "<task>/<family>"
+
+
+def family_task(task: str, family: str) -> str:
+    return f"{task}/{family}"
+
+
+def split_by_family(per_example: dict[str, dict[str, float]], families: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``{"<task>/<family>": {row id: value}}`` for each task of ``SPLIT_TASKS`` in ``per_example``
+    (``{task: {row id: value}}``), one per family of its rows; empty when the rows have no family."""
+    out: dict[str, dict[str, float]] = {}
+    for task in SPLIT_TASKS:
+        for rid, value in (per_example.get(task) or {}).items():
+            if rid in families:
+                out.setdefault(family_task(task, families[rid]), {})[rid] = value
+    return dict(sorted(out.items()))
 
 
 def wilson_ci(successes: int, n: int) -> tuple[float, float]:

@@ -36,6 +36,23 @@ def _per_example(result_dir: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def _with_families(entry: dict, by_id: dict) -> dict:
+    """The entry with its held-out scores per family (``profuser_heldout/<family>``: rows' meta.task)
+    and the path that splits its per-example values alike (``heldout_path``), when rows have families."""
+    from .advantages import read_families, read_outcomes, split_by_family
+
+    heldout = Path(by_id["data"].path) / "heldout.parquet" if "data" in by_id else None
+    if heldout is None or not heldout.is_file() or not entry.get("per_example_path"):
+        return entry
+    families = read_families(heldout)
+    split = split_by_family({task: read_outcomes(Path(entry["per_example_path"]), task)
+                             for task in entry.get("scores", {})}, families)
+    if split:
+        entry["scores"] = {**entry["scores"], **{t: sum(v.values()) / len(v) for t, v in split.items()}}
+        entry["heldout_path"] = str(heldout)
+    return entry
+
+
 def seed_overrides(seed: int | None) -> list[str]:
     """What a comparison seed changes: the training seed only (the stages before train are shared)."""
     return [] if seed is None else [f"train.seed={seed}"]
@@ -73,18 +90,19 @@ def run_comparison(recipes: list[Path], engine: Engine, runtime: Runtime, *, ove
                 "selections": {mode: str(Path(by_id[f"select/{mode}"].path) / "selection.parquet")
                                for mode in ("inference", "training") if f"select/{mode}" in by_id},
             }
-            entries.append(entry)
+            entries.append(_with_families(entry, by_id))
             for r in results:
                 label = r.id.removeprefix("evaluate/")
                 if r.kind == "evaluate" and label != "fused" and label not in baselines:
                     merged = label.startswith("merge/")  # evaluate/merge/<label>: a merge baseline
                     variant = f"{label.removeprefix('merge/')} (merge)" if merged else f"{label} (source)"
-                    baselines[label] = {"variant": variant, "recipe": None, "seed": None,
-                                        "scores": _scores(Path(r.path)), "baseline": True,
-                                        "per_example_path": _per_example(Path(r.path))}
+                    baselines[label] = _with_families({"variant": variant, "recipe": None, "seed": None,
+                                                       "scores": _scores(Path(r.path)), "baseline": True,
+                                                       "per_example_path": _per_example(Path(r.path))}, by_id)
     return {
         "entries": list(baselines.values()) + entries,
         "suite_seconds": time.time() - started,
         "stage_seconds_once": sum(ran_once.values()),
         "cold_seconds_each_alone": sum(e["cold_seconds"] for e in entries),
+        "stages": sorted(used),
     }

@@ -39,7 +39,7 @@ from typing import Any
 
 from .errors import ArtifactError, import_extra
 from .evaluation.stats import bootstrap_mean_ci, paired_delta, pooled
-from .evaluation.tasks import PAPER_TASKS, is_fraction, lower_is_better, task_title
+from .evaluation.tasks import PAPER_TASKS, is_family_task, is_fraction, lower_is_better, task_title
 
 __all__ = [
     "comparison_table",
@@ -89,7 +89,7 @@ def _entry_average(entry: dict, tasks: list[str]) -> float | None:
     """Mean over the table's tasks; None when the entry misses one (an average over fewer
     benchmarks is not comparable)."""
     scores = entry.get("scores") or {}
-    values = [scores.get(t) for t in tasks if not lower_is_better(t)]
+    values = [scores.get(t) for t in tasks if not lower_is_better(t) and not is_family_task(t)]
     if not values or any(v is None for v in values):
         return None
     return statistics.fmean(values)
@@ -109,6 +109,10 @@ def load_per_example(entry: dict) -> dict[str, dict[str, float]]:
     table = pq.read_table(path, columns=["task", "id", "value"]).to_pydict()
     for task, key, value in zip(table["task"], table["id"], table["value"]):
         out.setdefault(task, {})[key] = value
+    if entry.get("heldout_path") and Path(entry["heldout_path"]).is_file():  # per family: "<task>/<family>"
+        from .advantages import read_families, split_by_family
+
+        out.update(split_by_family(out, read_families(Path(entry["heldout_path"]))))
     return out
 
 

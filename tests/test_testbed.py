@@ -132,3 +132,30 @@ def test_reference_noise_only_touches_training_references_and_nests():
     assert not wrong["clean"] and wrong["low"] < wrong["high"]
     assert 0.3 < len(wrong["high"]) / 80 < 0.7
     assert all(r.meta["split"] == "train" and r.meta["reference_correct"] is False for r in high if r.id in wrong["high"])
+
+
+def test_compare_tables_split_the_heldout_task_by_family(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from profuser.data import write_records
+    from profuser.evaluation.tasks import is_family_task, task_title
+    from profuser.report import summarise_variants
+
+    rows = [Record(f"r{i}", "", f"q{i}", "a", {"task": "a" if i < 4 else "b", "answer": "x"}) for i in range(8)]
+    write_records(tmp_path / "heldout.parquet", rows)
+    entries = []
+    for name, hits in (("ref", [1, 1, 1, 1, 0, 0, 0, 0]), ("other", [0, 0, 0, 0, 1, 1, 1, 1])):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"task": ["profuser_heldout"] * 8, "doc_id": list(range(8)),
+                                 "id": [r.id for r in rows], "value": [float(h) for h in hits]}), path)
+        scores = {"profuser_heldout": 0.5, "profuser_heldout/a": sum(hits[:4]) / 4, "profuser_heldout/b": sum(hits[4:]) / 4}
+        entries.append({"variant": name, "scores": scores, "per_example_path": str(path),
+                        "heldout_path": str(tmp_path / "heldout.parquet")})
+    rows_out = summarise_variants(entries, reference="ref", resamples=200)
+    other = next(r for r in rows_out if r["variant"] == "other")
+    assert other["tasks"]["profuser_heldout/a"]["n_examples"] == 4
+    assert other["tasks"]["profuser_heldout/a"]["delta"]["mean"] == -1.0
+    assert other["tasks"]["profuser_heldout/b"]["delta"]["mean"] == 1.0
+    assert is_family_task("profuser_heldout/a") and task_title("profuser_heldout/a") == "Held-out: a"
+    assert not is_family_task("mmlu")

@@ -79,20 +79,31 @@ _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_spli
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def is_family_task(task: str) -> bool:
+    """``<task>/<family>``: a held-out task's score on one family of its rows (``profuser compare``)."""
+    return "/" in task and task.split("/", 1)[0] in KNOWN_TASKS
+
+
+def _info(task: str) -> TaskInfo | None:
+    return KNOWN_TASKS.get(task.split("/", 1)[0] if is_family_task(task) else task)
+
+
 def task_title(task: str) -> str:
-    info = KNOWN_TASKS.get(task)
+    info = _info(task)
+    if info and is_family_task(task):
+        return f"{info.title}: {task.split('/', 1)[1]}"
     return info.title if info else task
 
 
 def lower_is_better(task: str) -> bool:
     """Whether a smaller primary score is better (profuser_heldout_bpb); lm-eval's accuracies are not."""
-    info = KNOWN_TASKS.get(task)
+    info = _info(task)
     return bool(info and info.lower_is_better)
 
 
 def is_fraction(task: str) -> bool:
     """Whether the primary score is a 0-1 fraction (reports show it in %)."""
-    info = KNOWN_TASKS.get(task)
+    info = _info(task)
     return info.fraction if info else True
 
 
