@@ -128,6 +128,8 @@ def _print_plan(plan: dict) -> None:
     for name, source in plan["throughput_sources"].items():
         console.print(Text(f"{name}: {plan['throughputs'][name]:,} tok/s/GPU for the target's size ({source})"), soft_wrap=True)
     _print_total("total", plan["total"])
+    for warning in plan.get("warnings", []):  # a stage that would not fit the declared GPU
+        console.print(Text("warning ", style="yellow") + Text(warning), soft_wrap=True)
     for s in plan["stages"]:  # what changed since this recipe's last run (a first run says nothing)
         if s.get("why") and s["why"] != ["not run before"]:
             console.print(Text(f"why {s['id']}: {'; '.join(s['why'])}"), soft_wrap=True)

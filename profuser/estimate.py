@@ -445,6 +445,34 @@ def _size(runner, ref: str | None) -> tuple[float | None, int]:
     return model_size(ref)
 
 
+def memory_fix(recipe, row: dict) -> str:
+    """What lowers a stage's GPU memory per process, as recipe settings."""
+    kind = row["kind"]
+    if kind == "train":
+        train = recipe.train
+        if train.distributed not in ("deepspeed", "fsdp"):
+            return ("shard the 16 bytes/param over the GPUs: train.distributed: deepspeed with "
+                    "train.deepspeed_config: recipes/configs/zero3.json (or fsdp)")
+        fixes = ["more GPUs (estimate.gpus)"]
+        if not train.gradient_checkpointing:
+            fixes.append("train.gradient_checkpointing: true")
+        if train.micro_batch_size > 1:
+            fixes.append("a smaller train.micro_batch_size")
+        return ", ".join(fixes)
+    if kind == "generate" and recipe.inference_mode.generator.name == "vllm":
+        return "a lower gpu_memory_utilization or a larger tensor_parallel_size in the generator's params"
+    fixes = {"generate": "a smaller generator batch_size", "score": "a smaller reward model batch_size",
+             "logits": "a smaller distill.batch_size", "evaluate": "a smaller evaluate.batch_size"}.get(kind, "")
+    return "dtype: bfloat16 on the model" + (f", or {fixes}" if fixes else "")
+
+
+def memory_warnings(recipe, rows: list[dict]) -> list[str]:
+    """One line per stage whose GPU memory per process exceeds the declared GPU's, with the fix."""
+    limit = GPU_MEMORY_GB[recipe.estimate.gpu]
+    return [f"{row['id']}: {row['gpu_memory_gb']:g} GB of GPU memory per process exceeds the {limit} GB of one "
+            f"{recipe.estimate.gpu}; {memory_fix(recipe, row)}" for row in rows if row["gpu_memory_gb"] > limit]
+
+
 def estimate_plan(runner) -> dict:
     """The plan of one recipe with its cost per stage and in total (JSON-ready); a stage key
     that the plan holds twice (a recipe: model's recipe shares this one's data) counts once."""
@@ -467,6 +495,7 @@ def estimate_plan(runner) -> dict:
                    for row, (stage, key, _) in zip(rows, status)],
         "total": {**_totals(distinct), "optimizer_steps": steps_note,
                   "stages_to_run": f"{len({k for _, k, c in status if not c})} of {len({k for _, k, _ in status})}"},
+        "warnings": memory_warnings(recipe, [row for row, (_, _, cached) in zip(rows, status) if not cached]),
     }
 
 

@@ -135,3 +135,25 @@ def test_lm_eval_vllm_backend_that_cannot_start_is_one_line(tmp_path, monkeypatc
         harness._vllm_lm(tmp_path, "", args)
     assert err.value.where == "evaluate.backend" and len(err.value.lines()) == 1
     assert "NameError: name 'LLM' is not defined" in str(err.value) and "gpu-constraints.txt" in str(err.value)
+
+
+# --- the dry run warns before a GPU runs out ----------------------------------------------------------
+
+
+def test_the_dry_run_warns_when_a_stage_exceeds_the_declared_gpu_and_names_the_fix(tmp_path):
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+
+    paper = Path(__file__).resolve().parents[1] / "recipes" / "paper" / "profuser-7b.yaml"
+    args = ["run", str(paper), "--dry-run", "--runs-dir", str(tmp_path)]
+    plain = CliRunner().invoke(app, [*args, "-o", "train.distributed=none"])  # one process holds all 16 bytes/param
+    assert plain.exit_code == 0, plain.output
+    [line] = [line for line in plain.output.splitlines() if line.startswith("warning train:")]
+    assert "exceeds the 80 GB of one A100-80GB" in line and "train.distributed: deepspeed" in line
+    sharded = CliRunner().invoke(app, [*args, "--json"])  # ZeRO-3 over 8 GPUs fits
+    assert sharded.exit_code == 0 and json.loads(sharded.output)["warnings"] == []
+    fp32 = CliRunner().invoke(app, [*args, "--json", "-o", "target.dtype=float32", "-o", "estimate.gpus=1",
+                                    "-o", "train.gradient_checkpointing=false"])
+    [warning] = [w for w in json.loads(fp32.output)["warnings"] if w.startswith("train:")]
+    assert "more GPUs (estimate.gpus), train.gradient_checkpointing: true" in warning
