@@ -118,13 +118,18 @@ def _print_plan(plan: dict) -> None:
              s["note"] + (f"; {s['scratch_gb']:g} GB of checkpoints while it runs" if s["scratch_gb"] else "")]
             for s in plan["stages"]]
     widths = [max(len(name), *(len(r[i]) for r in rows)) for i, (name, _) in enumerate(cols)]
-    console.print(Text(f"plan for {plan['recipe']} on {hw['gpus']} x {hw['gpu']}", style="bold"))
+    # the machine only when the recipe declares one (estimate.gpu / gpus): a CPU run is not on 8 A100s
+    machine = f" on {hw['gpus']} x {hw['gpu']}" if hw.get("declared") else ""
+    console.print(Text(f"plan for {plan['recipe']}{machine}", style="bold"))
     for line in [[name for name, _ in cols], *rows]:
         cells = [f"{cell:{align}{width}}" for cell, (_, align), width in zip(line, cols, widths)]
         console.print(Text("  ".join(cells).rstrip()), soft_wrap=True)
     console.print(Text(f"sizes ({sizes['from']}): {sizes['examples']:,} training examples, {sizes['heldout']:,} held out; "
                        f"mean tokens: prompt {sizes['prompt_tokens']:g}, response {sizes['response_tokens']:g}, "
                        f"generated {sizes['generated_tokens']:g}"), soft_wrap=True)
+    if not hw.get("declared"):
+        console.print(Text(f"GPU figures at the rates of one {hw['gpu']} per process, {hw['gpus']} for wall-clock "
+                           "(estimate's defaults): declare your machine as estimate: {gpu: ..., gpus: ...}"), soft_wrap=True)
     for name, source in plan["throughput_sources"].items():
         console.print(Text(f"{name}: {plan['throughputs'][name]:,} tok/s/GPU for the target's size ({source})"), soft_wrap=True)
     _print_total("total", plan["total"])

@@ -98,6 +98,12 @@ class Sizes:
     origin: str  # where the figures come from
 
 
+def _samples(recipe) -> int:
+    """Samples per prompt of the generator (its ``n``; 1 when it has none)."""
+    value = recipe.inference_mode.generator.params.get("n", 1)
+    return int(value) if isinstance(value, int) and value > 0 else 1
+
+
 def _max_new_tokens(recipe) -> int:
     return int(recipe.inference_mode.generator.params.get("max_new_tokens", 512))
 
@@ -260,10 +266,12 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
             else:
                 batch = int(gen.params.get("batch_size", 16))
                 memory = (params or 0) * _bytes_per_param(spec["dtype"]) + _kv_bytes(params) * batch * (p + _max_new_tokens(recipe))
-            rows.append(_row(stage, cached, tokens=round(n * g), throughput=rate,
+            samples = _samples(recipe)
+            rows.append(_row(stage, cached, tokens=round(n * samples * g), throughput=rate,
                              throughput_source=THROUGHPUT_SOURCES["generate_vllm" if vllm else "generate_hf"],
-                             gpus=used, gpu_memory_gb=_gb(memory), disk_gb=_gb(n * g * TEXT_BYTES_PER_TOKEN),
-                             note=f"{n:,} prompts x {g:.0f} new tokens (prefill not counted)"))
+                             gpus=used, gpu_memory_gb=_gb(memory), disk_gb=_gb(n * samples * g * TEXT_BYTES_PER_TOKEN),
+                             note=f"{n:,} prompts x " + (f"{samples} samples x " if samples > 1 else "")
+                             + f"{g:.0f} new tokens (prefill not counted)"))
         elif stage.kind == "score":
             rm = cfg.reward_model
             ref = rm.params.get("model")
@@ -272,10 +280,11 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
             batch = int(rm.params.get("batch_size", 8))
             length = min(p + g, int(rm.params.get("max_length", 2048)))
             memory = (params or 0) * 2 + _activation_bytes(params, batch, length)
-            rows.append(_row(stage, cached, tokens=round(n * n_sources * length), throughput=throughputs(recipe, params)["forward"],
+            answers = n_sources * _samples(recipe)  # every sample of every source is scored
+            rows.append(_row(stage, cached, tokens=round(n * answers * length), throughput=throughputs(recipe, params)["forward"],
                              throughput_source=THROUGHPUT_SOURCES["forward"], gpus=gpus if getattr(cls, "data_parallel", True) else 1,
                              gpu_memory_gb=_gb(memory), disk_gb=0.0,
-                             note=f"{n:,} x {n_sources} answers scored" + ("" if params else "; model size unknown")))
+                             note=f"{n:,} x {answers} answers scored" + ("" if params else "; model size unknown")))
         elif stage.kind == "logits":
             spec = cfg.model
             params, vocab = _size(runner, spec["ref"])
@@ -485,7 +494,9 @@ def estimate_plan(runner) -> dict:
     steps_note = _train_sequences(runner, sizes)[2]
     return {
         "recipe": recipe.name,
-        "hardware": {"gpu": recipe.estimate.gpu, "gpus": recipe.estimate.gpus},
+        # declared: the recipe's estimate block names the machine; else the figures are at the defaults
+        "hardware": {"gpu": recipe.estimate.gpu, "gpus": recipe.estimate.gpus,
+                     "declared": bool({"gpu", "gpus"} & recipe.estimate.model_fields_set)},
         "sizes": {"examples": sizes.examples, "heldout": sizes.heldout, "prompt_tokens": round(sizes.prompt_tokens, 1),
                   "response_tokens": round(sizes.response_tokens, 1), "generated_tokens": round(sizes.generated_tokens, 1),
                   "from": sizes.origin},

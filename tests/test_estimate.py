@@ -70,3 +70,26 @@ def test_local_recipe_reads_its_dataset(tmp_path):
     assert plan_["sizes"]["examples"] == 48 and plan_["sizes"]["from"].startswith("the dataset source")
     train = next(s for s in plan_["stages"] if s["id"] == "train")
     assert train["tokens"] > 0 and train["gpus"] == 1  # distributed: none
+
+
+def test_dry_run_names_a_machine_only_when_the_recipe_declares_one(tmp_path):
+    default = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "profuser.yaml"), "--dry-run", "--runs-dir", str(tmp_path)])
+    assert default.exit_code == 0, default.output
+    header = default.output.splitlines()[0]
+    assert header.strip() == "plan for profuser" and "estimate's defaults" in default.output
+    paper = CliRunner().invoke(app, ["run", str(PAPER), "--dry-run", "--runs-dir", str(tmp_path)])
+    assert paper.exit_code == 0, paper.output
+    assert paper.output.splitlines()[0].strip() == "plan for profuser-7b on 8 x A100-80GB"
+    assert estimate_plan(runner_for(PAPER, tmp_path))["hardware"]["declared"] is True
+
+
+def test_the_generators_n_multiplies_generation_and_scoring(tmp_path):
+    default = ROOT / "recipes" / "profuser.yaml"  # the hf generator: n samples per prompt
+    one = estimate_plan(runner_for(default, tmp_path))
+    four = estimate_plan(runner_for(default, tmp_path, ["inference_mode.generator.params.n=4"]))
+    rows = {p: {s["id"]: s for s in plan_["stages"]} for p, plan_ in (("one", one), ("four", four))}
+    for stage_id in rows["one"]:
+        if stage_id.startswith(("generate/", "score/")):
+            assert rows["four"][stage_id]["tokens"] == pytest.approx(4 * rows["one"][stage_id]["tokens"], rel=1e-3), stage_id
+    generate = next(s for s in rows["four"] if s.startswith("generate/"))
+    assert "4 samples" in rows["four"][generate]["note"]
