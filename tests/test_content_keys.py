@@ -145,6 +145,28 @@ def test_dry_run_names_the_model_file_that_changed(own_models, engine, tmp_path,
                                  "upstream select/inference changed"}
 
 
+def test_the_dry_run_prints_why(own_models, engine, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+
+    monkeypatch.setenv("PROFUSER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PROFUSER_DISABLE_ENTRYPOINTS", "1")
+    recipe_file = tiny_recipe(own_models)
+    first = Runner(load_recipe(recipe_file, registry=engine.registry), engine,
+                   Runtime(runs_dir=tmp_path / "runs", progress=False), echo=lambda _: None)
+    first.run_dir.mkdir(parents=True)
+    (first.run_dir / KEY_INPUTS).write_text(json.dumps(first.key_inputs))
+    gemma = (own_models / "models" / "tiny-gemma").resolve()
+    _overwrite(gemma / "model.safetensors")
+    args = ["run", str(recipe_file), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]
+    out = CliRunner().invoke(app, args, catch_exceptions=False).output
+    assert f"why generate/gemma: model.ref: {gemma / 'model.safetensors'} changed" in out.replace("\n", "")
+    plan_json = json.loads(CliRunner().invoke(app, [*args, "--json"], catch_exceptions=False).output)
+    why = {s["id"]: s.get("why") for s in plan_json["stages"]}
+    assert why["score/judge"] == ["upstream generate/gemma changed"]  # the judge is the llama: only its inputs changed
+
+
 def test_a_model_changed_while_its_stage_runs_is_not_kept(own_models, engine, tmp_path, monkeypatch):
     from profuser.stages import Ref, generate
 
