@@ -228,11 +228,14 @@ def _module_file(name: str) -> str | None:
 def _read_source(file: str, module_name: str) -> tuple[str, list[str]]:
     st = os.stat(file)
     memo_key = (file, st.st_size, st.st_mtime_ns)
-    if memo_key not in _source_files:
-        data = Path(file).read_bytes()
-        package = module_name if os.path.basename(file) == "__init__.py" else module_name.rpartition(".")[0]
-        _source_files[memo_key] = (hashlib.sha256(data).hexdigest(), _imports(data, package))
-    return _source_files[memo_key]
+    if memo_key in _source_files:
+        return _source_files[memo_key]
+    data = Path(file).read_bytes()
+    package = module_name if os.path.basename(file) == "__init__.py" else module_name.rpartition(".")[0]
+    found = (hashlib.sha256(data).hexdigest(), _imports(data, package))
+    if st.st_mtime_ns < time.time_ns() - int(RACY_S * 1e9):  # as for content: a fresh file is read again
+        _source_files[memo_key] = found
+    return found
 
 
 def _imports(source: bytes, package: str) -> list[str]:
