@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,19 +40,34 @@ def print_error(exc: ProfuserError) -> None:
         err_console.print(Text("error ", style="red") + Text(line), soft_wrap=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it stops as after Ctrl-C (workers stopped too)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def friendly(fn):
-    """Print ProfuserErrors as `where: message` lines and exit with their status."""
+    """Print ProfuserErrors as `where: message` lines and exit with their status; SIGINT and SIGTERM
+    stop in one line (exit 130, 143), what is finished kept."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except ProfuserError as exc:
             print_error(exc)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted: finished stages are kept; run the same command to resume")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            err_console.print(f"{how}: finished stages are kept; run the same command to resume")
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

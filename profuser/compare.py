@@ -24,6 +24,7 @@ from pathlib import Path
 from .pipeline import Runner, Runtime
 from .plugins import Engine
 from .recipe import load_recipe
+from .store import atomic_write_text
 
 
 def _scores(result_dir: Path) -> dict[str, float]:
@@ -65,13 +66,22 @@ def run_comparison(recipes: list[Path], engine: Engine, runtime: Runtime, *, ove
     entries: list[dict] = []
     baselines: dict[str, dict] = {}
     ran_once: dict[str, float] = {}  # stage key -> seconds, over the whole suite
+    used: set[tuple[str, str]] = set()  # (kind, key) of every stage the comparison reads
     started = time.time()
     for path in recipes:
         for seed in seeds or [None]:
             recipe = load_recipe(path, [*overrides, *seed_overrides(seed)], registry=engine.registry)
             t0 = time.time()
             echo(f"== {recipe.name}" + (f" (seed {seed})" if seed is not None else ""))
-            results = Runner(recipe, engine, runtime, echo=echo).run()
+            runner = Runner(recipe, engine, runtime, echo=echo)
+            results = runner.run()
+            if seed is not None and (runner.run_dir / "run.json").is_file():
+                # every seed keeps its own record (run.json is the last seed's), so `runs --gc --all`
+                # keeps every seed's trained model and evaluation
+                record = runner.run_dir / "seeds" / str(seed) / "run.json"
+                record.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(record, (runner.run_dir / "run.json").read_text())
+            used.update((r.kind, r.key) for r in results)
             by_id = {r.id: r for r in results}
             for r in results:
                 if not r.cached:

@@ -438,6 +438,15 @@ class Runner:
         return found
 
     def run(self) -> list[StageResult]:
+        # a shared lease on every stage it will read or write, before it reads any: `runs --gc`
+        # removes none of them until the run ends (or dies: the kernel frees its leases)
+        leases = self.store.lease((s.kind, self.keys[s.id]) for s in self.stages if s.id in self.selected)
+        try:
+            return self._run_leased()
+        finally:
+            leases.release()
+
+    def _run_leased(self) -> list[StageResult]:
         main = rank_and_world()[0] == 0  # run-level records are written once, by rank 0
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -481,17 +490,23 @@ class Runner:
             # one computation per key across processes: a second run of the same recipe (or of one
             # that shares the stage) waits here, then reuses what the first sealed
             with self.store.lock(stage.kind, key, on_wait=lambda holder: self.echo(
-                    f"[wait]   {stage.id} (another run computes it: {holder})")):
+                    f"[wait]   {stage.id} (another run computes it: {holder})")) as lock_fd:
                 artifact = self.store.get(stage.kind, key)
                 if artifact is None:
-                    return self._compute(stage, key, results)
+                    return self._compute(stage, key, results, lock_fd=lock_fd)
         self.engine.hook.profuser_stage_finished(stage_id=stage.id, key=key, cached=True, seconds=0.0, metrics=artifact.metrics)
         self.echo(f"[cached] {stage.id}")
         return StageResult(stage.id, stage.kind, key, True, 0.0, artifact.metrics, str(artifact.path),
                            artifact.manifest.get("seconds", 0.0))
 
-    def _compute(self, stage: Stage, key: str, results: dict[str, StageResult]) -> StageResult:
+    def _compute(self, stage: Stage, key: str, results: dict[str, StageResult], *,
+                 lock_fd: int | None = None) -> StageResult:
         rank, world = rank_and_world()
+        # a DeepSpeed JIT build would wait forever on the lock a killed build left: say so first
+        if stage.kind == "train" and _uses_deepspeed(stage.hashed_config()):
+            from .workers import check_extension_locks
+
+            check_extension_locks()
         inputs = {role: Path(results[dep].path) for role, dep in stage.deps.items()}
         # what the stage reads: recipe: models as their folders in the store (key and manifest: `stage`)
         running = with_recipe_models(stage, inputs)
@@ -507,7 +522,7 @@ class Runner:
             def forward(step: int, metrics: dict[str, Any]) -> None:
                 self.engine.hook.profuser_metrics_logged(stage_id=stage.id, step=step, metrics=metrics)
 
-            metrics = run_stage_in_worker(running, inputs, out, self.runtime, self.engine, forward)
+            metrics = run_stage_in_worker(running, inputs, out, self.runtime, self.engine, forward, lock_fd=lock_fd)
         else:
             ctx = StageContext(stage=running, inputs=inputs, out=out, runtime=self.runtime, engine=self.engine)
             try:
@@ -566,6 +581,13 @@ class Runner:
             tmp.unlink()
         tmp.symlink_to(target.resolve())
         tmp.replace(link)
+
+
+def _uses_deepspeed(config: Any) -> bool:
+    """Whether a stage trains with DeepSpeed (the recipe's train.distributed, or a launch asking for it)."""
+    train = config.get("train") if isinstance(config, dict) else None
+    return (isinstance(train, dict) and train.get("distributed") == "deepspeed") or \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def _release_memory() -> None:

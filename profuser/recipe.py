@@ -20,6 +20,7 @@ import pydantic
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_serializer, model_validator
 
+from . import recipe_yaml
 from .components import StrictModel
 from .errors import PluginError, RecipeError
 
@@ -488,14 +489,12 @@ def _other_component(base: dict, override: dict) -> bool:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise RecipeError([("", f"recipe file not found: {path}")])
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        raise RecipeError([(where, f"invalid YAML: {getattr(exc, 'problem', exc)}")], file=str(path)) from None
+    try:  # duplicate keys, alias bombs, directories and symlink loops: one line each (recipe_yaml)
+        data = recipe_yaml.load(recipe_yaml.read_text(path))
+    except recipe_yaml.YamlProblem as exc:
+        raise RecipeError([("", exc.message)], file=f"{path}:{exc.line}" if exc.line else str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -505,7 +504,10 @@ def _read_yaml(path: Path) -> dict:
 
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """The recipe's mapping with every ``extends:`` resolved (paths relative to the file)."""
-    path = Path(path).resolve()
+    try:
+        path = recipe_yaml.resolve(Path(path))
+    except recipe_yaml.YamlProblem as exc:
+        raise RecipeError([("", exc.message)], file=str(path)) from None
     if path in _seen:
         raise RecipeError([("extends", f"circular extends: {' -> '.join(map(str, (*_seen, path)))}")], file=str(path))
     data = _read_yaml(path)
@@ -526,7 +528,12 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise RecipeError(bad, file=str(path))
     merged: dict = {}
     for parent in parents:
-        parent_path = (path.parent / parent).resolve()
+        try:
+            parent_path = recipe_yaml.resolve(path.parent / parent)
+        except recipe_yaml.YamlProblem as exc:
+            raise RecipeError([("extends", f"{parent}: {exc.message}")], file=str(path)) from None
+        if parent_path.is_dir():
+            raise RecipeError([("extends", f"{parent} is a directory, not a recipe file")], file=str(path))
         if not parent_path.is_file():
             raise RecipeError([("extends", f"file not found: {parent}")], file=str(path))
         merged = deep_merge(merged, load_raw(parent_path, (*_seen, path)))

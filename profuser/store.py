@@ -8,6 +8,8 @@ Layout under the runs directory::
                                    training checkpoints), then renamed into place
     store/.locks/<kind>-<key>.lock one computation of a key at a time across processes (an OS
                                    file lock: a dead holder's lock is free again)
+    store/.locks/<kind>-<key>.lease  shared locks of the runs that read the key: ``--gc`` never
+                                   removes a leased artifact (a dead run's lease is free again)
     store/<kind>/<key>.corrupt-*   a corrupt artifact moved aside; ``collect_garbage`` (``profuser
                                    runs --gc``) removes these, trash and what kills left
 
@@ -18,6 +20,7 @@ without one, or whose files disagree with it, is partial or corrupt and is never
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,7 +29,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,9 +142,10 @@ class ArtifactStore:
         return self.root / "store" / ".locks" / f"{kind}-{key}.lock"
 
     @contextlib.contextmanager
-    def lock(self, kind: str, key: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    def lock(self, kind: str, key: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[int]:
         """Hold the lock of one key: another process computing it makes this wait (``on_wait`` is
-        told who holds it). An OS file lock, so a killed holder's lock is free at once."""
+        told who holds it). An OS file lock, so a killed holder's lock is free at once. Yields the
+        descriptor holding it (a stage worker inherits it: the lock lasts while either lives)."""
         path = self.lock_path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         holder = path.with_suffix(".holder")
@@ -152,10 +156,31 @@ class ArtifactStore:
             fd = _try_lock(path, block=True)
         try:
             atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-            yield
+            yield fd
         finally:
             holder.unlink(missing_ok=True)
             os.close(fd)  # releases the lock
+
+    def lease_path(self, kind: str, key: str) -> Path:
+        return self.root / "store" / ".locks" / f"{kind}-{key}.lease"
+
+    def lease(self, keys: Iterable[tuple[str, str]]) -> Leases:
+        """Shared leases on ``(kind, key)`` pairs, held until released (or the process dies):
+        ``collect_garbage`` removes no leased artifact or partial. Taken before a run reads the
+        store, so gc cannot remove what it is verifying or about to read. A read-only store needs
+        none (nothing can remove from it) and gets none."""
+        leases = Leases()
+        try:
+            for kind, key in keys:
+                path = self.lease_path(kind, key)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # blocks only while gc removes this very key (it holds the lease exclusively)
+                leases.fds.append((path, _try_lock(path, block=True, shared=True)))
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                leases.release()
+                raise
+        return leases
 
     def commit(self, kind: str, key: str, manifest: dict[str, Any], *, exclude: Callable[[Path], bool] | None = None) -> Artifact:
         """Seal the partial directory: drop temporary files a kill left, hash the files, write the
@@ -189,14 +214,32 @@ class ArtifactStore:
         return found
 
 
-def _try_lock(path: Path, *, block: bool = False) -> int | None:
-    """An open descriptor holding the exclusive lock of ``path``, or None if another process holds
-    it (unless ``block``: then wait). If ``gc`` removed the file while this waited, the lock is on
-    a file nobody else sees: take the lock of the file now at ``path`` instead."""
+@dataclass
+class Leases:
+    """Open descriptors holding shared leases; ``release`` closes them (so does the process's exit)."""
+
+    fds: list[tuple[Path, int]] = field(default_factory=list)
+
+    def release(self) -> None:
+        while self.fds:
+            path, fd = self.fds.pop()
+            try:  # the last reader removes the file (a newcomer that opened it re-locks the new one)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)
+            except OSError:  # another run leases it too, or a read-only store
+                pass
+            finally:
+                os.close(fd)
+
+
+def _try_lock(path: Path, *, block: bool = False, shared: bool = False) -> int | None:
+    """An open descriptor holding the exclusive (or ``shared``) lock of ``path``, or None if
+    another process holds it (unless ``block``: then wait). If ``gc`` removed the file while this
+    waited, the lock is on a file nobody else sees: take the lock of the file now at ``path``."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if block else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return None
@@ -208,12 +251,27 @@ def _try_lock(path: Path, *, block: bool = False) -> int | None:
         os.close(fd)
 
 
+LEASED = "a live run reads it (leased)"
+# where ``profuser compare`` records the stages each comparison.json points into (gc keeps them)
+COMPARISONS = "comparisons"
+
+
+def record_comparison(runs_dir: Path, comparison: Path, stages: Iterable[tuple[str, str]]) -> Path:
+    """Tell ``collect_garbage`` that ``comparison`` (a comparison.json) reads these artifacts: one
+    record per comparison file, replaced when the same file is written again."""
+    comparison = Path(comparison).resolve()
+    record = Path(runs_dir) / COMPARISONS / f"{stable_hash(str(comparison))[:16]}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, {"comparison": str(comparison), "stages": sorted({tuple(s) for s in stages})})
+    return record
+
+
 @dataclass
 class Garbage:
     """One thing ``collect_garbage`` found: removed (or, in a dry run, would be) unless ``kept``."""
 
     path: Path
-    what: str  # corrupt | trash | partial | rank check-ins | lock | temporary | unreferenced
+    what: str  # corrupt | trash | partial | rank check-ins | lock | temporary | unreferenced | stale comparison record
     bytes: int
     kept: str = ""  # why it stays ("" = removed)
 
@@ -225,13 +283,16 @@ def collect_garbage(store: ArtifactStore, *, everything: bool = False, dry_run: 
       a ``--force`` killed while deleting);
     - partial directories and rank check-ins whose key no live run holds. An empty one is removed;
       one with files is a killed run's resumable state (generation shards, training checkpoints):
-      kept unless ``everything``;
-    - lock and holder files of keys no live run holds, and temporary files of dead processes
-      outside the partials (run records, holders);
-    - with ``everything``: finished artifacts that no run record (``runs/*/run.json``) references,
-      unless a run is computing a stage now (its earlier stages are not in its record yet).
+      kept unless ``everything``, and kept while a live run leases its key (it will resume it);
+    - lock, lease and holder files of keys no live run holds, and temporary files of dead
+      processes outside the partials (run records, holders);
+    - with ``everything``: finished artifacts that no run record (``runs/*/run.json``, a
+      comparison's seeds ``runs/*/seeds/*/run.json``) and no comparison (``comparisons/*.json``,
+      while its ``comparison.json`` exists) references, unless a live run leases it or a run is
+      computing a stage now (its earlier stages are not in its record yet).
 
-    A key's lock is held while its partial is removed, so a run that starts meanwhile waits."""
+    A key's lock and lease are held while its partial or artifact is removed, so a run that starts
+    meanwhile waits, then sees it gone."""
     found: list[Garbage] = []
     base = store.root / "store"
     if not base.is_dir():
@@ -241,18 +302,22 @@ def collect_garbage(store: ArtifactStore, *, everything: bool = False, dry_run: 
         found.append(item)
         if dry_run or item.kept:
             return
-        if key:
-            store.lock_path(kind, key).parent.mkdir(parents=True, exist_ok=True)
-        fd = _try_lock(store.lock_path(kind, key)) if key else None
-        if key and fd is None:  # a run took the key since we looked
-            item.kept = "a live run holds it"
-            return
+        taken: list[tuple[Path, int]] = []
         try:
+            if key:
+                store.lock_path(kind, key).parent.mkdir(parents=True, exist_ok=True)
+                for path, why in ((store.lock_path(kind, key), "a live run holds it"),
+                                  (store.lease_path(kind, key), LEASED)):
+                    fd = _try_lock(path)
+                    if fd is None:  # a run took the key since we looked
+                        item.kept = why
+                        return
+                    taken.append((path, fd))
             _remove(item.path)
-            if fd is not None:  # the lock file locking created; a waiter re-locks the new file
-                store.lock_path(kind, key).unlink(missing_ok=True)
+            for path, _ in taken:  # the files locking created; a waiter re-locks the new file
+                path.unlink(missing_ok=True)
         finally:
-            if fd is not None:
+            for _, fd in taken:
                 os.close(fd)
 
     held: set[tuple[str, ...]] = set()  # (kind, key) whose lock a live process holds now
@@ -266,6 +331,18 @@ def collect_garbage(store: ArtifactStore, *, everything: bool = False, dry_run: 
             if not dry_run:
                 lock_file.unlink(missing_ok=True)
             found.append(Garbage(lock_file, "lock", 0))
+        finally:
+            os.close(fd)
+    leased: set[tuple[str, ...]] = set()  # (kind, key) a live run reads
+    for lease_file in sorted(locks.glob("*.lease")) if locks.is_dir() else []:
+        fd = _try_lock(lease_file)
+        if fd is None:
+            leased.add(tuple(lease_file.stem.rsplit("-", 1)))
+            continue
+        try:
+            if not dry_run:
+                lease_file.unlink(missing_ok=True)
+            found.append(Garbage(lease_file, "lock", 0))
         finally:
             os.close(fd)
     for holder in sorted(locks.glob("*.holder")) if locks.is_dir() else []:
@@ -284,24 +361,38 @@ def collect_garbage(store: ArtifactStore, *, everything: bool = False, dry_run: 
                 key = name.rsplit(".", 1)[0]
                 size = _size(path)
                 what = "partial" if name.endswith(".partial") else "rank check-ins"
+                resumable = what == "partial" and any(p.is_file() for p in path.rglob("*"))
                 if (kind, key) in held:
                     kept = "a live run holds it"
-                elif what == "partial" and not everything and any(p.is_file() for p in path.rglob("*")):
+                elif resumable and (kind, key) in leased:
+                    kept = LEASED + ", and will resume it"
+                elif resumable and not everything:
                     kept = "resumable: a killed run's state; --all removes it"
                 else:
                     kept = ""
                 remove(Garbage(path, what, size, kept), kind, key)
 
-    for tmp in sorted([*locks.glob(".*"), *(store.root / "runs").glob("*/.*")]):
+    for tmp in sorted([*locks.glob(".*"), *(store.root / "runs").glob("*/.*"), *(store.root / "runs").glob("*/seeds/*/.*"),
+                       *(store.root / COMPARISONS).glob(".*")]):
         pid = re.search(r"\.tmp(\d+)$", tmp.name)
         if pid and TEMPORARY.match(tmp.name) and not _alive(int(pid.group(1))):
             remove(Garbage(tmp, "temporary", _size(tmp)))
 
     if everything:
         referenced, unreadable = set(), []
-        for record in sorted((store.root / "runs").glob("*/run.json")):
+        records = [*(store.root / "runs").glob("*/run.json"), *(store.root / "runs").glob("*/seeds/*/run.json")]
+        for record in sorted(records):
             try:
                 referenced |= {(s["kind"], s["key"]) for s in json.loads(record.read_text())["stages"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                unreadable.append(record)
+        for record in sorted((store.root / COMPARISONS).glob("*.json")):
+            try:
+                data = json.loads(record.read_text())
+                if not Path(data["comparison"]).is_file():  # its comparison is gone: so is its claim
+                    remove(Garbage(record, "stale comparison record", _size(record)))
+                    continue
+                referenced |= {(kind, key) for kind, key in data["stages"]}
             except (OSError, ValueError, KeyError, TypeError):
                 unreadable.append(record)
         if unreadable:
@@ -312,7 +403,8 @@ def collect_garbage(store: ArtifactStore, *, everything: bool = False, dry_run: 
             kept = ""
         for artifact in store.artifacts():
             if (artifact.kind, artifact.key) not in referenced:
-                remove(Garbage(artifact.path, "unreferenced", _size(artifact.path), kept), artifact.kind, artifact.key)
+                why = LEASED if (artifact.kind, artifact.key) in leased else kept
+                remove(Garbage(artifact.path, "unreferenced", _size(artifact.path), why), artifact.kind, artifact.key)
     return found
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +126,223 @@ def test_a_kill_before_every_rename_of_the_pipeline_resumes_to_a_clean_runs_arti
     runs, killed = kill_chain(tmp_path, (".",), max_runs=200)
     assert len(killed) > 60  # every rename of the pipeline, each once
     assert_same_as_clean(runs, clean_run(tmp_path))
+
+
+# --- issue 24: what a live run uses is never collected -----------------------------------------------
+
+GATED_RUN = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from profuser.pipeline import Runner, Runtime
+from profuser.plugins import Engine
+from profuser.recipe import Recipe, load_raw
+from test_pipeline import toy_stages
+tmp = Path({tmp!r})
+
+def echo(line):
+    print(line, flush=True)
+    if line.startswith("[cached] a"):  # mid-reuse: b and c are still to be verified and read
+        while not (tmp / "go").exists():
+            time.sleep(0.05)
+
+recipe = Recipe.model_validate(load_raw({recipe!r}))
+results = Runner(recipe, Engine(entrypoints=False), Runtime(runs_dir=tmp / "runs", progress=False),
+                 stages=toy_stages(tmp / "counter"), echo=echo).run()
+print("CACHED", [r.cached for r in results], flush=True)
+"""
+
+
+def gated_run(tmp_path: Path) -> subprocess.Popen:
+    from test_pipeline import REPO, TESTS
+
+    script = tmp_path / "gated.py"
+    script.write_text(GATED_RUN.format(tests=str(TESTS), tmp=str(tmp_path), recipe=str(REPO / "recipes" / "profuser.yaml")))
+    return subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_gc_all_removes_nothing_a_stopped_run_is_reusing(tmp_path):
+    from test_store import gc_json
+
+    runs = tmp_path / "runs"
+    first = gated_run(tmp_path)
+    (tmp_path / "go").touch()
+    assert "CACHED [False, False, False]" in first.communicate(timeout=120)[0]
+    (tmp_path / "go").unlink()
+    (runs / "runs" / "profuser" / "run.json").unlink()  # no record references the stages: all collectable
+    sealed = sorted(p for p in (runs / "store" / "toy").iterdir())
+    assert len(sealed) == 3
+    proc = gated_run(tmp_path)
+    line = proc.stdout.readline()
+    while line and not line.startswith("[cached] a"):
+        line = proc.stdout.readline()
+    os.kill(proc.pid, signal.SIGSTOP)  # stalled mid-reuse, as a run re-hashing a large store is
+    try:
+        collected = gc_json(runs, "--all")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        (tmp_path / "go").touch()
+    out, err = proc.communicate(timeout=120)
+    unreferenced = [i for i in collected["items"] if i["what"] == "unreferenced"]
+    assert len(unreferenced) == 3 and all(i["kept"] == "a live run reads it (leased)" for i in unreferenced)
+    assert sorted(p for p in (runs / "store" / "toy").iterdir()) == sealed
+    assert proc.returncode == 0 and "CACHED [True, True, True]" in out, err[-2000:]
+    # the run ended: its leases are gone with it, and nothing of it is left to collect
+    assert not list((runs / "store" / ".locks").glob("*.lease"))
+
+
+def test_compare_seeds_keeps_every_seeds_artifacts_from_gc(tmp_path):
+    from test_store import gc_json
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+
+    runs, out = tmp_path / "runs", tmp_path / "cmp"
+    recipe = tiny_recipe(tmp_path)
+    result = CliRunner().invoke(app, ["compare", str(recipe), "--seeds", "0,1", "--runs-dir", str(runs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    seeded = [e for e in comparison["entries"] if e.get("seed") is not None]
+    assert [e["seed"] for e in seeded] == [0, 1] and seeded[0]["metrics_path"] != seeded[1]["metrics_path"]
+    listed = gc_json(runs, "--all", "--dry-run")
+    assert not [i for i in listed["items"] if i["what"] == "unreferenced"], listed
+    # a later run of the same recipe rewrites run.json: the comparison still keeps what it points at
+    (runs / "runs" / "tiny" / "run.json").unlink()
+    shutil.rmtree(runs / "runs" / "tiny" / "seeds")
+    listed = gc_json(runs, "--all", "--dry-run")
+    assert not [i for i in listed["items"] if i["what"] == "unreferenced"], listed
+    # ...while its comparison.json exists
+    (out / "comparison.json").unlink()
+    listed = gc_json(runs, "--all", "--dry-run")
+    paths = {i["path"] for i in listed["items"] if i["what"] == "unreferenced"}
+    assert {str(Path(e["metrics_path"]).parent) for e in seeded} <= paths
+    assert any(i["what"] == "stale comparison record" for i in listed["items"])
+
+
+# --- issue 24: one computation per key: a stage worker dies with its runner ---------------------------
+
+WORKER_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import typer
+from profuser.cli import friendly
+from profuser.pipeline import Runner, Runtime, Stage
+from profuser.plugins import Engine
+from profuser.recipe import Recipe, load_raw
+tmp = Path({tmp!r})
+stages = [Stage("a", "toy", {{"counter": str(tmp / "toy-counter"), "value": "a"}}, module="toy_stages"),
+          Stage("blocking", "toy", {{"counter": str(tmp / "counter")}}, {{"up": "a"}}, module="toy_blocking_stage")]
+
+@friendly
+def main():
+    recipe = Recipe.model_validate(load_raw({recipe!r}))
+    results = Runner(recipe, Engine(entrypoints=False), Runtime(runs_dir=tmp / "runs", progress=False, isolate_stages=True),
+                     stages=stages, echo=lambda line: print(line, flush=True)).run()
+    print("CACHED", [r.cached for r in results], flush=True)
+
+if __name__ == "__main__":  # the spawned worker imports this file too
+    try:
+        main()
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+"""
+
+
+def worker_run(tmp_path: Path) -> subprocess.Popen:
+    from test_pipeline import REPO, TESTS
+
+    script = tmp_path / "worker_run.py"
+    script.write_text(WORKER_RUN.format(tests=str(TESTS), tmp=str(tmp_path), recipe=str(REPO / "recipes" / "profuser.yaml")))
+    return subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def worker_starts(tmp_path: Path) -> list[tuple[int, str]]:
+    counter = tmp_path / "counter"
+    lines = counter.read_text().splitlines() if counter.exists() else []
+    return [(int(line.split()[0].split(":")[1]), line.split()[1]) for line in lines]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped computing; only its reaping is left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_runners_worker_dies_with_it_and_a_rerun_computes_the_stage_once(tmp_path, sig):
+    proc = worker_run(tmp_path)
+    deadline = time.time() + 120
+    while not worker_starts(tmp_path) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    [(worker, holds_lock)] = worker_starts(tmp_path)
+    assert holds_lock == "lock:yes"  # the worker holds the stage's lock itself, not only its runner
+    os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=60)
+    deadline = time.time() + 10
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker), "the stage worker outlived its runner"
+    if sig == signal.SIGTERM:  # as Ctrl-C: one line, resumable, 128 + 15
+        assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1] == "terminated (SIGTERM): finished stages are kept; run the same command to resume"
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    (tmp_path / "go").touch()
+    rerun = worker_run(tmp_path)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0 and "CACHED [True, False]" in out and "[wait]" not in out, err[-3000:]
+    assert len(worker_starts(tmp_path)) == 2  # the killed attempt and the rerun: nothing computed beside it
+    assert (tmp_path / "runs" / "store" / "toy").is_dir() and len(list((tmp_path / "runs" / "store" / "toy").glob("*/result.txt"))) == 2
+
+
+# --- issue 24: hostile or mistaken recipe YAML: one line each ---------------------------------------
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def error_lines(result) -> list[str]:
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    return [line for line in result.output.splitlines() if line.startswith("error ")]
+
+
+def test_recipe_yaml_duplicate_keys_alias_bombs_symlink_loops_and_directories_are_one_line(tmp_path):
+    base = tiny_recipe(tmp_path)
+    (tmp_path / "dup.yaml").write_text(f"extends: {base.name}\nname: a\nseed: 1\nname: b\n")
+    # each level repeats the one below 10 times: 10^9 values once expanded, 1 KB on disk
+    bomb = [f"extends: {base.name}", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb += ["merges: [{key: m, method: linear, models: [{model: x, parameters: {weight: *a8}}]}]"]
+    (tmp_path / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    (tmp_path / "loop1.yaml").symlink_to("loop2.yaml")
+    (tmp_path / "loop2.yaml").symlink_to("loop1.yaml")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "extends-loop.yaml").write_text("extends: loop1.yaml\n")
+    (tmp_path / "extends-dir.yaml").write_text("extends: adir\n")
+    (tmp_path / "ok-anchors.yaml").write_text(f"extends: {base.name}\nx-lr: &lr 0.0001\ntrain: {{lr: *lr}}\n")
+    expected = {
+        "dup.yaml": f"{tmp_path / 'dup.yaml'}:4: duplicate key 'name' (first at line 2)",
+        "bomb.yaml": f"{tmp_path / 'bomb.yaml'}:3: aliases expand this recipe past 100,000 values",
+        "loop1.yaml": "loop1.yaml: a symlink loop",
+        "adir": f"{tmp_path / 'adir'}: is a directory, not a recipe file",
+        "extends-loop.yaml": "extends-loop.yaml: extends: loop1.yaml: a symlink loop",
+        "extends-dir.yaml": "extends-dir.yaml: extends: adir is a directory, not a recipe file",
+    }
+    for name, start in expected.items():
+        for command in ("validate", "run"):
+            result = cli(command, str(tmp_path / name), *(["--dry-run", "--runs-dir", str(tmp_path / "runs")] if command == "run" else []))
+            lines = error_lines(result)
+            assert result.exit_code == 2 and len(lines) == 1 and start in lines[0], (command, name, result.output)
+    # anchors and aliases of ordinary size still work (the unknown top-level key is the only problem)
+    lines = error_lines(cli("validate", str(tmp_path / "ok-anchors.yaml")))
+    assert len(lines) == 1 and "x-lr" in lines[0] and "alias" not in lines[0]
