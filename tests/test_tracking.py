@@ -77,7 +77,7 @@ def test_a_resumed_training_logs_each_step_once(tmp_path, tiny_llama_dir, exampl
 
 def test_report_to_nothing_writes_metrics_jsonl_only(tmp_path, tiny_llama_dir, examples, registry):
     run(tiny_llama_dir, examples, registry, tmp_path, small_spec(report_to=[]))
-    assert len(read_metrics(tmp_path)) == 10 and not (tmp_path / "tb").exists()  # progressive: 2 + 8 steps
+    assert len(read_metrics(tmp_path)) == 6 and not (tmp_path / "tb").exists()  # progressive: 2 + 4 steps (co-fusion per instruction)
 
 
 def hide(monkeypatch, *packages: str) -> None:
@@ -110,7 +110,7 @@ def test_a_missing_tracker_stops_training_before_the_model_loads(tmp_path, examp
 def test_the_default_tensorboard_is_skipped_when_not_installed(tmp_path, tiny_llama_dir, examples, registry, monkeypatch):
     hide(monkeypatch, "tensorboard")
     run(tiny_llama_dir, examples, registry, tmp_path)
-    assert len(read_metrics(tmp_path)) == 10 and not (tmp_path / "tb").exists()  # progressive: 2 + 8 steps
+    assert len(read_metrics(tmp_path)) == 6 and not (tmp_path / "tb").exists()  # progressive: 2 + 4 steps (co-fusion per instruction)
 
 
 def test_tracking_and_push_are_in_no_cache_key_nor_the_card(tmp_path):

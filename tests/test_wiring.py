@@ -44,6 +44,7 @@ class RecordingKL(FuseKL):
         mask = batch["attention_mask"].bool()
         RecordingKL.calls.append({
             "beta": beta, "weights": batch["weight"].tolist(), "parts": parts,
+            "labelled": (batch["labels"][:, 1:] != -100).sum(1).tolist(),
             "rows": [tuple(ids[m].tolist()) for ids, m in zip(batch["input_ids"], mask)],
             "teacher": batch["teacher_mask"].any(dim=1).tolist(),
         })
@@ -88,8 +89,19 @@ def weights_by_phase_and_mode(tmp_path, model_dir, examples, engine, curriculum,
                     on_batch=lambda step, ids: batches.append(ids))
     # one process: a step's micro-batches are consecutive slices of the ids on_batch saw
     weights = [w for call in recorded for w in call["weights"]]
+    labelled = [n for call in recorded for n in call["labelled"]]
     ids = [i for step in batches for i in step]
     assert len(weights) == len(ids)
+    # undo the trainer's Eq. 5 factor N / N_mode (the step's labelled tokens over its mode's)
+    start = 0
+    for step in batches:
+        mode_of = ["inference" if i.startswith("i") else "training" for i in step]
+        counts = dict.fromkeys(mode_of, 0)
+        for m, n in zip(mode_of, labelled[start:start + len(step)]):
+            counts[m] += n
+        for j, m in enumerate(mode_of, start):
+            weights[j] *= counts[m] / sum(counts.values())
+        start += len(step)
     bounds = np.cumsum([0] + [p["steps"] * spec.batch_size for p in summary["phases"]])
     seen: dict[tuple[int, str], set[float]] = defaultdict(set)
     for n, (example_id, weight) in enumerate(zip(ids, weights)):
