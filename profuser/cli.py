@@ -281,13 +281,22 @@ def _component_doc(cls) -> str:
     return inspect.cleandoc(doc)
 
 
+def _schema_type(prop: dict) -> str:
+    """A JSON-schema property as a type for people: a Literal's choices (``'a' | 'b'``), else its type."""
+    if "enum" in prop:
+        return " | ".join(repr(v) for v in prop["enum"])
+    if "const" in prop:
+        return repr(prop["const"])
+    return prop.get("type") or prop.get("$ref", "object").rsplit("/", 1)[-1]
+
+
 def _params_lines(params) -> list[str]:
     """One line per field of a Params model: ``params.name: type = default  description``."""
     props = params.model_json_schema().get("properties", {})
     lines = []
     for name, info in params.model_fields.items():
         prop = props.get(info.alias or name, {})
-        kind = " | ".join(p.get("type") or p.get("$ref", "object").rsplit("/", 1)[-1] for p in prop.get("anyOf") or [prop])
+        kind = " | ".join(_schema_type(p) for p in prop.get("anyOf") or [prop])
         # default_factory defaults are absent from the JSON schema: ask the field itself
         default = " (required)" if info.is_required() else f" = {info.get_default(call_default_factory=True)!r}"
         description = f"  {info.description}" if info.description else ""

@@ -75,9 +75,15 @@ class BadRow:
 
 class DatasetSource(Component):
     """Yields normalised records (or ``BadRow`` for rows it cannot use; the recipe's
-    ``data.on_bad_row`` decides whether those fail the run or are skipped and counted)."""
+    ``data.on_bad_row`` decides whether those fail the run or are skipped and counted).
+    ``path_params``: the params that name local files or folders (a string, or a list of them):
+    the recipe resolves each relative one against the folder of the recipe file that wrote it
+    (through ``extends:``), and ``profuser validate`` says when one does not exist, as for the
+    built-in ``file`` source's ``path``; ``records`` then gets absolute paths. A value with
+    ``://`` or starting ``hf:`` / ``hub:`` is left as it is."""
 
     kind = "datasets"
+    path_params: ClassVar[tuple[str, ...]] = ("path",)
 
     @abstractmethod
     def records(self) -> Iterable[Record | BadRow]:
@@ -176,7 +182,9 @@ class Candidates:
 
     training mode: ``nll`` per source (teacher forcing on the GT ``reference``);
     inference mode: ``responses`` per source and ``scores[reward_model][source]`` (a generator
-    with ``n`` > 1: those of sample 0, and every sample in ``samples`` / ``sample_scores``).
+    with ``n`` > 1: those of sample 0, and every sample in ``samples`` / ``sample_scores``);
+    reward models keyed by label (else name) in the recipe's ``inference_mode.reward_models``
+    order, which implies no strength: an evaluator names the one it trusts in its params.
     ``meta``: the example's dataset metadata (``Record.meta``), always filled.
     """
 
@@ -350,12 +358,29 @@ class Phase:
     draws: Draws = "instructions"
 
 
+@dataclass(frozen=True, slots=True)
+class ExampleStats:
+    """One built example's statistics, computed once by the build stage (``examples.arrow``): what
+    curricula may split and order by. ``teacher_entropy`` / ``teacher_top1``: the mean, over the
+    response positions that carry a teacher, of the entropy (nats) and of the top-1 probability of
+    the stored top-k renormalised at temperature 1 (the loss's own T and top-p are not applied);
+    NaN where no position has a teacher, or in a file built before build version 3."""
+
+    source: str
+    response_length: int
+    teacher_entropy: float
+    teacher_top1: float
+    scores: dict[str, float] = field(default_factory=dict)
+    rm_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
 @dataclass
 class CurriculumInput:
     """What a curriculum may look at to split and order examples. Per example id:
     ``gt_length`` the GT response length in target tokens; ``target_reward`` the reward scores
     of the target model's own inference-mode answer, ``{reward model: score}`` with the strongest
-    reward model first (a plain number: one score of unnamed origin), None when no reward model ran."""
+    reward model first (a plain number: one score of unnamed origin), None when no reward model ran;
+    ``stats`` each built mode's ``ExampleStats`` of it."""
 
     ids: list[str]
     gt_length: dict[str, int]
@@ -363,6 +388,7 @@ class CurriculumInput:
     batch_size: int = 1
     micro_batch_size: int = 1
     world_size: int = 1
+    stats: dict[str, dict[Mode, ExampleStats]] = field(default_factory=dict)
 
 
 @dataclass
@@ -371,7 +397,8 @@ class PhaseExamples:
     ``draws: instructions`` (the default): one entry per id, in the order its parts first name
     it (``modes``/``weights``: of that first example; every part's example of the id comes with
     it). ``draws: examples``: one entry per row, in the order of the parts (an id twice if two
-    parts name it). Rank r trains on the r-th contiguous 1/world_size share of each global batch."""
+    parts name it). Rank r trains on the r-th contiguous 1/world_size share of each global batch.
+    ``stats``: each entry's ``ExampleStats`` (of the same example as ``modes``)."""
 
     phase: Phase
     index: int
@@ -382,6 +409,7 @@ class PhaseExamples:
     batch_size: int
     micro_batch_size: int
     world_size: int
+    stats: list[ExampleStats] = field(default_factory=list)
 
 
 class Curriculum(Component):

@@ -502,7 +502,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = (), registry=None) -> dict:
     """The recipe's mapping with every ``extends:`` resolved (paths relative to the file)."""
     try:
         path = recipe_yaml.resolve(Path(path))
@@ -514,7 +514,7 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     # a recipe: ref is relative to the file that writes it, whichever recipe extends that file
     data = replace_recipe_refs(data, lambda value: absolute_recipe_ref(value, path.parent))
     if _seen:  # inherited: its relative paths are relative to this file, not to the one extending it
-        _rebase_paths(data, path.parent)
+        _rebase_paths(data, path.parent, registry)
     parents = data.pop("extends", None)
     if parents is None:
         return data
@@ -536,11 +536,11 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
             raise RecipeError([("extends", f"{parent} is a directory, not a recipe file")], file=str(path))
         if not parent_path.is_file():
             raise RecipeError([("extends", f"file not found: {parent}")], file=str(path))
-        merged = deep_merge(merged, load_raw(parent_path, (*_seen, path)))
+        merged = deep_merge(merged, load_raw(parent_path, (*_seen, path), registry))
     return deep_merge(merged, data)
 
 
-def _rebase_paths(data: dict, directory: Path) -> None:
+def _rebase_paths(data: dict, directory: Path, registry=None) -> None:
     """Make the relative local paths of a recipe mapping absolute against ``directory`` (the
     same strings ``_absolutise_paths`` makes for the file being loaded, so cache keys agree)."""
 
@@ -561,8 +561,9 @@ def _rebase_paths(data: dict, directory: Path) -> None:
         if isinstance(block, dict) and key in block:
             block[key] = rebased(block[key], must_exist=False)
     params = node("data", "source", "params")
-    if isinstance(params, dict) and "path" in params:
-        params["path"] = rebased(params["path"], must_exist=False)
+    for name in _dataset_path_params(node("data", "source", "name"), registry) if isinstance(params, dict) else ():
+        if name in params:
+            params[name] = _each_path(params[name], lambda v: rebased(v, must_exist=False))
     models = [node("target"), *(node("sources") if isinstance(node("sources"), list) else [])]
     for spec in models:  # a chat_template that names a file (not a format name, not jinja text)
         if isinstance(spec, dict) and isinstance(spec.get("chat_template"), str):
@@ -689,7 +690,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry, _chain
     whose plugins will run it). Raises ``RecipeError`` listing every problem. ``_chain``: the
     recipes whose ``recipe:`` refs led here (a cycle is refused)."""
     file = str(path)
-    data = _fill_default_names(apply_overrides(load_raw(path), list(overrides)))
+    data = _fill_default_names(apply_overrides(load_raw(path, registry=registry), list(overrides)))
     # a recipe: ref given with -o is relative to the recipe file, as one written in it
     data = replace_recipe_refs(data, lambda value: absolute_recipe_ref(value, Path(path).resolve().parent))
     data.setdefault("name", Path(path).stem)
@@ -700,7 +701,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry, _chain
         raise RecipeError(sorted(set(problems), key=problems.index), file=file) from None
     problems = validate_components(recipe.component_refs(), registry) + _unused_loss_beta(recipe, registry)
     base = Path(path).resolve().parent
-    problems += _missing_files(recipe, base)
+    problems += _missing_files(recipe, base, registry)
     problems += _missing_models(recipe)
     problems += _recipe_ref_problems(recipe, Path(path).resolve(), registry, _chain)
     if recipe.merges:  # architectures, tokenizers and parameters (nothing is loaded)
@@ -714,7 +715,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry, _chain
     if peft is not None and not peft.merge and recipe.evaluate.tasks and recipe.evaluate.backend == "vllm":
         problems.append(("train.peft.merge", ("evaluate.backend vllm loads the fused model's folder itself: it needs "
                                               "the merged model (merge: true), not the adapter alone")))
-    _absolutise_paths(recipe, base)
+    _absolutise_paths(recipe, base, registry)
     from .evaluation.tasks import task_field_problems  # reads the data file: paths are absolute now
 
     problems += task_field_problems(recipe, registry)
@@ -787,7 +788,7 @@ def _unused_loss_beta(recipe: Recipe, registry) -> list[tuple[str, str]]:
                                   "remove loss.params.beta and set those instead"))]
 
 
-def _missing_files(recipe: Recipe, base: Path) -> list[tuple[str, str]]:
+def _missing_files(recipe: Recipe, base: Path, registry=None) -> list[tuple[str, str]]:
     """Local paths a recipe names must exist (relative paths are relative to the recipe file)."""
     from .chat import CHAT_FORMATS
 
@@ -798,7 +799,7 @@ def _missing_files(recipe: Recipe, base: Path) -> list[tuple[str, str]]:
         if value and value not in CHAT_FORMATS and "{{" not in value and "{%" not in value \
                 and not (base / value).exists() and not Path(value).expanduser().exists():
             problems.append((f"{field_path}.chat_template", f"neither a named format ({', '.join(CHAT_FORMATS)}) nor a file: {value}"))
-    for field_path, value in _path_fields(recipe):
+    for field_path, value in _path_fields(recipe, registry):
         if value and not _looks_remote(value) and not (base / value).exists() and not Path(value).exists():
             problems.append((field_path, f"file not found: {value}"))
     return problems
@@ -817,17 +818,42 @@ def _missing_models(recipe: Recipe) -> list[tuple[str, str]]:
     return problems
 
 
-def _path_fields(recipe: Recipe) -> list[tuple[str, str | None]]:
+def _path_fields(recipe: Recipe, registry=None) -> list[tuple[str, str | None]]:
     fields = [("train.deepspeed_config", recipe.train.deepspeed_config), ("evaluate.data_dir", recipe.evaluate.data_dir)]
-    path_params = [("data.source.params.path", recipe.data.source.params.get("path"))]
-    return fields + [(p, v) for p, v in path_params if isinstance(v, str)]
+    params = recipe.data.source.params
+    for name in _dataset_path_params(recipe.data.source.name, registry):
+        value = params.get(name)
+        items = [(f"data.source.params.{name}", value)] if not isinstance(value, list) else \
+            [(f"data.source.params.{name}.{i}", v) for i, v in enumerate(value)]
+        fields += [(p, v) for p, v in items if isinstance(v, str)]
+    return fields
 
 
-def _absolutise_paths(recipe: Recipe, base: Path) -> None:
+def _dataset_path_params(name: Any, registry) -> tuple[str, ...]:
+    """The params of dataset source ``name`` that name local paths (``DatasetSource.path_params``;
+    ``path`` when the source is unknown here: validation reports that)."""
+    if registry is not None and isinstance(name, str):
+        try:
+            return tuple(registry.get("datasets", name).cls.path_params)
+        except PluginError:
+            pass
+    return ("path",)
+
+
+def _each_path(value: Any, change) -> Any:
+    """``change`` applied to a path param's string, or to each string of its list."""
+    if isinstance(value, str):
+        return change(value)
+    return [change(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+
+def _absolutise_paths(recipe: Recipe, base: Path, registry=None) -> None:
     """Relative paths in a recipe are relative to the recipe file, wherever profuser runs from."""
     params = recipe.data.source.params
-    if isinstance(params.get("path"), str) and not _looks_remote(params["path"]):
-        params["path"] = str(resolve_path(params["path"], base / "recipe.yaml"))
+    for name in _dataset_path_params(recipe.data.source.name, registry):
+        if name in params:
+            params[name] = _each_path(params[name], lambda v: v if _looks_remote(v) else
+                                      str(resolve_path(v, base / "recipe.yaml")))
     for attr in ("deepspeed_config",):
         value = getattr(recipe.train, attr)
         if value:

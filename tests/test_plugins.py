@@ -15,7 +15,17 @@ import pytest
 from pydantic import Field
 
 from profuser import hookimpl
-from profuser.components import KINDS, NEEDS, AdvantageEvaluator, Curriculum, Phase, PhasePart, StrictModel
+from profuser.components import (
+    KINDS,
+    NEEDS,
+    AdvantageEvaluator,
+    Curriculum,
+    DatasetSource,
+    Phase,
+    PhasePart,
+    Record,
+    StrictModel,
+)
 from profuser.errors import PluginError, RecipeError
 from profuser.plugins import Engine, params_problems, reset_engine
 from profuser.recipe import load_recipe
@@ -280,3 +290,48 @@ def test_every_valid_need_is_filled_by_the_select_stage(tmp_path, monkeypatch, m
     [candidates] = seen
     field = {"nll": "nll", "responses": "responses", "scores": "scores"}[need]
     assert sorted(getattr(candidates, field)) == (["rm"] if need == "scores" else ["a", "b"])
+
+
+class ShardedDataset(DatasetSource):
+    """A third-party source reading several local files and a folder of notes."""
+
+    name = "sharded"
+    path_params = ("shards", "notes")
+
+    class Params(StrictModel):
+        shards: list[str]
+        notes: str | None = None
+        label: str = "x"  # not a path: left alone
+
+    def records(self):
+        for i, shard in enumerate(self.params.shards):
+            yield Record(f"r{i}", "", Path(shard).read_text(encoding="utf-8").strip(), "ok")
+
+
+def test_a_dataset_plugins_path_params_follow_the_recipe_file(tmp_path):
+    """Declared path params resolve against the folder of the recipe file that wrote them (through
+    extends:, like the file source's path), remote values and other params stay, and validation
+    names a missing one by its field."""
+    base, mine = tmp_path / "shared" / "recipes", tmp_path / "mine"
+    (base / "data").mkdir(parents=True)
+    mine.mkdir()
+    (base / "data" / "a.txt").write_text("first\n")
+    (base / "notes").mkdir()
+    (base / "parent.yaml").write_text(
+        f"extends: {REPO / 'recipes' / 'profuser.yaml'}\n"
+        "data: {source: {name: sharded, params: {shards: [data/a.txt, 'hf:org/remote'], notes: notes, label: data/a.txt}}}\n")
+    (mine / "r.yaml").write_text("extends: ../shared/recipes/parent.yaml\n")
+    engine = Engine(entrypoints=False, extra_plugins=[("sharded", _plugin("sharded", cls=ShardedDataset))])
+    recipe = load_recipe(mine / "r.yaml", registry=engine.registry)
+    params = recipe.data.source.params
+    assert params["shards"] == [str(base / "data" / "a.txt"), "hf:org/remote"]
+    assert params["notes"] == str(base / "notes") and params["label"] == "data/a.txt"
+    source = engine.registry.build("datasets", "sharded", {"shards": params["shards"][:1]})
+    assert [r.instruction for r in source.records()] == ["first"]  # from anywhere: the path is absolute
+
+    (mine / "bad.yaml").write_text("extends: ../shared/recipes/parent.yaml\n"
+                                   "data: {source: {params: {shards: [../shared/recipes/data/a.txt, missing.txt]}}}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(mine / "bad.yaml", registry=engine.registry)
+    assert [line for line in err.value.lines() if "data.source" in line] == [
+        f"{mine / 'bad.yaml'}: data.source.params.shards.1: file not found: missing.txt"]

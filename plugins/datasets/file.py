@@ -17,6 +17,7 @@ class FileDataset(DatasetSource):
 
     name = "file"
     aliases = ("local",)
+    path_params = ("path",)  # resolved against the recipe's folder, checked by validate (the default, said here)
 
     class Params(RowFormatParams):
         path: str

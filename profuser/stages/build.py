@@ -10,17 +10,26 @@ teacher on, and writes ``examples.arrow`` as docs/architecture.md specifies: ``i
 the trainer's ``collate`` puts them back at their positions), ``gt_length`` (target tokens of the
 ground-truth response alone: the length the curricula sort by, the same in both modes).
 With ``columns`` in its config (the extra columns the recipe's loss needs, ``Loss.needs``) it also
-writes ``source`` (the chosen source's key), ``category`` [n] (the alignment category code of
-each labelled position, int8) and/or ``teacher_logz`` [n] (the teacher logits' log-partition,
-float32, which its align stages then write); without, the file is exactly as before. With
+writes ``category`` [n] (the alignment category code of each labelled position, int8) and/or
+``teacher_logz`` [n] (the teacher logits' log-partition, float32, which its align stages then
+write); ``source`` (the chosen source's key) is always written, with the statistics below. With
 ``all_teachers: true`` (a loss with the ``all_teachers`` need; its align stages then aligned every
 source on every selected example's response) it also writes every source's teacher at the same
 rows, sources in recipe order: ``all_teacher_ids`` / ``all_teacher_logits`` [n][S][k],
 ``all_teacher_mask`` [n][S], and ``all_teacher_scores`` [S] (the evaluator's score of each source
 in the selection, NaN where none).
 
+Every example also carries its statistics (``STATS_SCHEMA``, what a curriculum sees as
+``components.ExampleStats``), computed here once: ``source`` (the chosen source), ``response_length``
+(target tokens of the response trained on), ``teacher_entropy`` / ``teacher_top1`` (the mean, over
+the positions with a teacher, of the entropy in nats and of the top-1 probability of the stored
+top-k renormalised at temperature 1; NaN where no position has one), and the selection's ``scores``
+(the evaluator's per source, on its own scale: Min-CE's reduced NLL, rm_vote's votes) and
+``rm_scores`` (every reward model's raw score per source, strongest first; null where none ran),
+both as the selection's JSON text.
+
 One pass, flat memory: the data file and every source's ``aligned.parquet`` (in data order too)
-are streamed side by side; only the selection's id -> source map is held. The output is an Arrow
+are streamed side by side; only the selection's id -> source map and its score texts are held. The output is an Arrow
 IPC file of one record batch per example (zstd), so that the trainer reads any example alone.
 """
 
@@ -38,15 +47,18 @@ from ..artifacts import IGNORE_INDEX, Selected, iter_records, list_column, read_
 from ..chat import target_max_length
 from ..components import Mode
 from ..errors import ArtifactError, DataError, ProfuserError
-from ..training.data import ALL_TEACHERS_SCHEMA, EXTRA_SCHEMA
+from ..training.data import ALL_TEACHERS_SCHEMA, EXTRA_SCHEMA, STATS_SCHEMA
 from ..training.data import SCHEMA as TRAINER_SCHEMA
 from . import ModelIdentity, StageConfig
 
-VERSION = "2"  # 2: examples.arrow, teacher rows at labelled positions only (1: examples.parquet, a row per position)
+# 3: every example's statistics (STATS_SCHEMA); 2: examples.arrow, teacher rows at labelled positions only
+# (1: examples.parquet, a row per position)
+VERSION = "3"
 EXAMPLES_FILE = "examples.arrow"
 COMPRESSION = "zstd"
 
-EXAMPLES_SCHEMA = TRAINER_SCHEMA.insert(1, pa.field("mode", pa.string()))  # what the trainer reads, + the mode
+# what the trainer reads, + the mode, + every example's statistics
+EXAMPLES_SCHEMA = pa.schema([*TRAINER_SCHEMA.insert(1, pa.field("mode", pa.string())), *STATS_SCHEMA])
 EXTRA_COLUMNS = tuple(EXTRA_SCHEMA.names)  # what a loss may ask this stage for (Loss.needs)
 DATA, SELECTION = "data", "select"  # input roles: the data stage, the selection of this mode
 
@@ -128,6 +140,36 @@ def _source_scores(selection: dict[str, Selected], sources: list[str], where: st
     return out
 
 
+def _selection_texts(path, where: str) -> dict[str, tuple[str | None, str | None]]:
+    """id -> the selection's ``scores`` and ``rm_scores`` JSON texts, as stored (None: no such column)."""
+    path = path / "selection.parquet" if path.is_dir() else path
+    try:
+        names = pq.read_schema(path).names
+        columns = [c for c in ("scores", "rm_scores") if c in names]
+        table = pq.read_table(path, columns=["id", *columns])
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ArtifactError(f"unreadable selection: {exc}", where=where) from None
+    values = [table[c].to_pylist() if c in columns else [None] * table.num_rows for c in ("scores", "rm_scores")]
+    return dict(zip(table["id"].to_pylist(), zip(*values)))
+
+
+def teacher_stats(logits: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The mean entropy (nats) and top-1 probability of the teacher rows ``logits`` [n, k] (raw,
+    -inf unused) where ``mask`` [n], each row's top-k renormalised at temperature 1; NaN, NaN when
+    no row has a teacher."""
+    rows = logits[np.asarray(mask, dtype=bool)].astype(np.float64)  # [m, k]
+    rows = rows[np.isfinite(rows).any(axis=1)] if rows.size else rows.reshape(0, 1)
+    if not len(rows):
+        return float("nan"), float("nan")
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    p = np.exp(shifted)  # exp(-inf) = 0: unused slots drop out
+    z = p.sum(axis=1, keepdims=True)
+    p /= z
+    logp = np.where(p > 0, shifted - np.log(z), 0.0)
+    entropy = -(p * logp).sum(axis=1)
+    return float(entropy.mean()), float(p.max(axis=1).mean())
+
+
 def _nested3(array: np.ndarray, value_type: pa.DataType) -> pa.Array:
     """One example's [n, S, k] array as a list<list<list<T>>> column of one row."""
     n, s, k = array.shape
@@ -171,6 +213,7 @@ def run(ctx) -> dict:
     except ValueError as exc:
         raise ArtifactError(f"unreadable selection scores ({exc})", where=where) from None
     chosen_by_id = {i: s.chosen for i, s in selection.items()}
+    texts_by_id = _selection_texts(ctx.inputs[SELECTION], where)  # the statistics' scores, as stored
     scores_by_id = _source_scores(selection, cfg.sources, where) if every else {}
     del selection
     for example_id, chosen in chosen_by_id.items():
@@ -180,6 +223,7 @@ def run(ctx) -> dict:
     aligned = {s: _Aligned(ctx.inputs[align_role(s)], s, where, every) for s in cfg.sources}
     extra = [c for c in EXTRA_SCHEMA.names if c in cfg.columns]  # only what the loss needs
     unknown = sorted(set(cfg.columns) - set(extra))
+    extra = [c for c in extra if c not in STATS_SCHEMA.names]  # source: always written, with the statistics
     if unknown:
         raise ProfuserError(f"unknown column(s) {', '.join(unknown)} (build writes {', '.join(EXTRA_SCHEMA.names)})",
                             where=where)
@@ -226,12 +270,14 @@ def run(ctx) -> dict:
             labels = input_ids.copy()
             labels[:start] = IGNORE_INDEX  # the labelled positions are start..L-1, where the teacher rows go
             gt_length = len(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
-            columns = {"source": pa.array([chosen], pa.string()), "category": list_column([row["category"]], pa.int8())}
+            columns = {"category": list_column([row["category"]], pa.int8())}
             if "teacher_logz" in extra:
                 if row["teacher_logz"] is None:
                     raise ArtifactError(f"align/{mode}/{chosen} has no teacher_logz column (its config lacks "
                                         "columns: [teacher_logz])", where=where)
                 columns["teacher_logz"] = list_column([row["teacher_logz"]], pa.float32())
+            entropy, top1 = teacher_stats(row["teacher_logits"], row["teacher_mask"])
+            scores_text, rm_text = texts_by_id.get(example_id, (None, None))
             teachers = _all_teachers(example_id, chosen, row, rows, scores_by_id.pop(example_id), mode, where) if every else []
             sink.write_batch(pa.RecordBatch.from_arrays([
                 pa.array([example_id], pa.string()),
@@ -242,6 +288,12 @@ def run(ctx) -> dict:
                 list_column([np.ascontiguousarray(row["teacher_logits"], dtype=np.float32)], pa.float32()),
                 list_column([row["teacher_mask"]], pa.bool_()),
                 pa.array([gt_length], pa.int32()),
+                pa.array([chosen], pa.string()),  # the statistics (STATS_SCHEMA)
+                pa.array([L - start], pa.int32()),
+                pa.array([entropy], pa.float32()),
+                pa.array([top1], pa.float32()),
+                pa.array([scores_text], pa.string()),
+                pa.array([rm_text], pa.string()),
                 *(columns[c] for c in extra),
                 *teachers,
             ], schema=schema))

@@ -10,8 +10,13 @@ index, epoch)`` only, so it is the same on every rank, for every world size and 
 the trainer needs nothing but ``(phase, step)`` to know which examples come next.
 
 Extra columns a loss asks for (``Loss.needs``): ``source``, ``category`` and ``teacher_logz`` are
-read from the file (the build stage writes them only for such a loss), and so are the four
+read from the file (the build stage writes the last two only for such a loss), and so are the four
 ``all_teacher_*`` columns of ``all_teachers``; ``example_id`` and ``mode`` are known anyway.
+
+Each example's statistics (``STATS_SCHEMA``, build since version 3) are read in the same pass as
+the ids and kept as columns; curricula get them as ``ExampleStats`` (``CurriculumInput.stats``,
+``PhaseExamples.stats``). A file without them gives the label count as ``response_length`` and
+NaN / empty values for the rest.
 
 Memory stays flat however many examples there are: a file is read one chunk at a time (an Arrow
 IPC record batch, one example each as the build stage writes them; or a parquet row group), never
@@ -27,6 +32,7 @@ both into the same [b, T, k] tensors, the prompt positions empty (id 0, logit -i
 
 from __future__ import annotations
 
+import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,7 +47,16 @@ import torch
 from pyarrow import ipc
 
 from ..artifacts import IGNORE_INDEX
-from ..components import LOSS_NEEDS, MODES, Curriculum, CurriculumInput, Draws, Phase, PhaseExamples
+from ..components import (
+    LOSS_NEEDS,
+    MODES,
+    Curriculum,
+    CurriculumInput,
+    Draws,
+    ExampleStats,
+    Phase,
+    PhaseExamples,
+)
 from ..errors import DataError, ProfuserError
 
 IGNORE = IGNORE_INDEX
@@ -68,6 +83,11 @@ ALL_TEACHERS_SCHEMA = pa.schema([
     ("all_teacher_scores", pa.list_(pa.float32())),  # [S], NaN where the evaluator gave none
 ])
 OPTIONAL_SCHEMA = pa.schema([*EXTRA_SCHEMA, *ALL_TEACHERS_SCHEMA])
+# every example's statistics (build since version 3), what a curriculum sees as ExampleStats: the
+# chosen source, the response's target tokens, the teacher's mean entropy and top-1 probability,
+# and the selection's scores / rm_scores JSON texts (null where none)
+STATS_SCHEMA = pa.schema([("source", pa.string()), ("response_length", pa.int32()), ("teacher_entropy", pa.float32()),
+                          ("teacher_top1", pa.float32()), ("scores", pa.string()), ("rm_scores", pa.string())])
 NO_CATEGORY = -1
 CACHED_CHUNKS = 8  # decoded chunks kept (parquet row groups of hand-written files hold many rows)
 
@@ -103,6 +123,8 @@ class _Chunks:
         self.columns = COLUMNS + tuple(extra)
         self._schema = pa.schema([*SCHEMA, *(OPTIONAL_SCHEMA.field(c) for c in extra)])
         self._fields = [schema.get_field_index(c) for c in COLUMNS]
+        self._file_schema = schema
+        self.stats_columns = tuple(c for c in STATS_SCHEMA.names if c in schema.names)  # none before build 3
         if sizes is None:  # IPC: rows per record batch from the batches' headers (ids only decoded)
             ids_only = ipc.open_file(pa.OSFile(str(path), "r"), options=ipc.IpcReadOptions(included_fields=[self._fields[0]]))
             sizes = [ids_only.get_batch(i).num_rows for i in range(ids_only.num_record_batches)]
@@ -116,7 +138,8 @@ class _Chunks:
 
     def _cast(self, table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
         try:
-            return table.select(list(columns)).cast(pa.schema([self._schema.field(c) for c in columns]))
+            return table.select(list(columns)).cast(pa.schema([
+                self._schema.field(c) if c in self._schema.names else STATS_SCHEMA.field(c) for c in columns]))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise DataError(f"unexpected column types: {exc}", where=str(self.path)) from None
 
@@ -140,7 +163,7 @@ class _Chunks:
             for i in range(self._parquet.num_row_groups):
                 yield self._cast(self._parquet.read_row_group(i, columns=list(columns)), columns)
             return
-        fields = [self._fields[COLUMNS.index(c)] for c in columns]
+        fields = [self._file_schema.get_field_index(c) for c in columns]
         reader = ipc.open_file(pa.OSFile(str(self.path), "r"), options=ipc.IpcReadOptions(included_fields=fields))
         for i in range(reader.num_record_batches):
             yield self._cast(pa.Table.from_batches([reader.get_batch(i)]), columns)
@@ -162,16 +185,30 @@ class ExampleSet:
         self.ids: dict[str, pa.Array] = {}
         self.gt_length: dict[str, np.ndarray] = {}
         self.trainable: dict[str, np.ndarray] = {}
+        self.stats: dict[str, dict[str, pa.Array]] = {}  # mode -> STATS_SCHEMA column -> [rows]
         for m in self.modes:  # one streamed pass over the small columns; the teacher columns stay on disk
-            ids, lengths, trainable = [], [], []
-            for table in files[m].scan(("id", "labels", "gt_length")):
+            ids, lengths, trainable, labelled = [], [], [], []
+            stats: dict[str, list[pa.Array]] = {c: [] for c in files[m].stats_columns}
+            for table in files[m].scan(("id", "labels", "gt_length", *stats)):
                 ids.append(table.column("id").combine_chunks())
                 lengths.append(table.column("gt_length").to_numpy())
                 # an example trains only if a label survives truncation at a predictable position [1, max_length)
                 trainable.append(_has_label(table.column("labels"), max_length))
+                for c, chunks in stats.items():
+                    chunks.append(table.column(c).combine_chunks())
+                if "response_length" not in stats:  # a file built before version 3: count the labels
+                    values, row, _ = _flat(table.column("labels"))
+                    is_label = values.to_numpy(zero_copy_only=False) != IGNORE
+                    labelled.append(np.bincount(row[is_label], minlength=table.num_rows).astype(np.int32))
             self.ids[m] = pa.concat_arrays(ids) if ids else pa.array([], pa.string())
             self.gt_length[m] = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
             self.trainable[m] = np.concatenate(trainable) if trainable else np.zeros(0, bool)
+            n = len(self.ids[m])
+            missing = {"response_length": pa.array(np.concatenate(labelled) if labelled else np.zeros(0, np.int32)),
+                       "teacher_entropy": pa.array(np.full(n, np.nan, np.float32)),
+                       "teacher_top1": pa.array(np.full(n, np.nan, np.float32))}
+            self.stats[m] = {c: pa.concat_arrays(stats[c]) if stats.get(c) else
+                             missing.get(c, pa.nulls(n, STATS_SCHEMA.field(c).type)) for c in STATS_SCHEMA.names}
 
     @classmethod
     def load(cls, paths: dict[str, str | Path], max_length: int, needs: frozenset[str] = frozenset()) -> ExampleSet:
@@ -198,7 +235,30 @@ class ExampleSet:
                 gt_length.setdefault(i, int(n))
         for mode in self.modes:
             ids.update(dict.fromkeys(self.ids[mode].to_pylist()))
-        return CurriculumInput(ids=list(ids), gt_length=gt_length, target_reward=target_reward, **batching)
+        stats: dict[str, dict[str, ExampleStats]] = {}
+        for mode in self.modes:
+            every = np.arange(self.files[mode].num_rows) + self.offsets[mode]
+            for i, s in zip(self.ids[mode].to_pylist(), self.example_stats(every)):
+                stats.setdefault(i, {})[mode] = s
+        return CurriculumInput(ids=list(ids), gt_length=gt_length, target_reward=target_reward, stats=stats, **batching)
+
+    def example_stats(self, rows: np.ndarray) -> list[ExampleStats]:
+        """The build stage's statistics of each global row (``ExampleStats``)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out: list = [None] * len(rows)
+        for mode in self.modes:
+            start = self.offsets[mode]
+            at = np.flatnonzero((rows >= start) & (rows < start + self.files[mode].num_rows))
+            if not len(at):
+                continue
+            local = pa.array(rows[at] - start)
+            columns = [self.stats[mode][c].take(local).to_pylist() for c in STATS_SCHEMA.names]
+            for j, (source, length, entropy, top1, scores, rm_scores) in zip(at.tolist(), zip(*columns)):
+                out[j] = ExampleStats(source=source or "", response_length=int(length),
+                                      teacher_entropy=float(entropy), teacher_top1=float(top1),
+                                      scores=_json_dict(scores, "scores", self.files[mode].path),
+                                      rm_scores=_json_dict(rm_scores, "rm_scores", self.files[mode].path))
+        return out
 
     def rows(self, mode: str, ids: list[str] | None = None) -> np.ndarray:
         """Global rows of ``mode`` (all, or those whose id is in ``ids``) that have a label to train on."""
@@ -293,6 +353,19 @@ class ExampleSet:
             "modes": [m for m, _ in located],
             **extra,
         }
+
+
+def _json_dict(text: str | None, column: str, path: Path) -> dict:
+    """A statistics column's JSON text as a dict ({} where null)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"{column}: unreadable JSON ({exc})", where=str(path)) from None
+    if not isinstance(value, dict):
+        raise DataError(f"{column}: a JSON object expected, got {type(value).__name__}", where=str(path))
+    return value
 
 
 def _flat(col) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -524,7 +597,7 @@ def plan_phases(phases: list[Phase], data: ExampleSet, global_batch: int, *, mic
         examples = PhaseExamples(
             phase=phase, index=index, ids=[ids[j] for j in head], modes=[modes[j] for j in head],
             weights=weights_[head].tolist(), gt_length=[lengths[j] for j in head], batch_size=global_batch,
-            micro_batch_size=micro_batch_size or global_batch, world_size=world_size)
+            micro_batch_size=micro_batch_size or global_batch, world_size=world_size, stats=data.example_stats(rows_[head]))
         plans.append(PhasePlan(index, phase, rows_, weights_, samples, math.ceil(samples / global_batch), examples,
                                members, starts))
     return plans
