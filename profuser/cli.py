@@ -61,6 +61,14 @@ def friendly(fn):
         except ProfuserError as exc:
             print_error(exc)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a full or read-only disk outside a stage (gc, report, records)
+            from .store import disk_error
+
+            error = disk_error(exc, Path.cwd())
+            if error is None:
+                raise
+            print_error(error)
+            raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as exc:
             how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             err_console.print(f"{how}: finished stages are kept; run the same command to resume")

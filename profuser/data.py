@@ -299,6 +299,18 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, ensure_ascii=False))
 
 
+# a JSON "\ud800" escape decodes to half a UTF-16 pair: no encoder (parquet, a tokenizer) takes it
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogate(field: str, text: str) -> str | None:
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return (f"field {field!r} holds a lone surrogate (\\u{ord(found.group()):04x} at character {found.start() + 1}): "
+            "not valid Unicode text; fix or drop that escape")
+
+
 def _record(row: dict, where: str, converted: tuple) -> Record | BadRow:
     row_id, system, instruction, response, extra, consumed = converted
     if not instruction.strip():
@@ -307,6 +319,10 @@ def _record(row: dict, where: str, converted: tuple) -> Record | BadRow:
         return BadRow(where, "empty response")
     meta = {k: _jsonable(v) for k, v in row.items() if k not in consumed}
     meta.update(extra)
+    for field, text in (("id", str(row_id or "")), ("system", system), ("instruction", instruction),
+                        ("response", response), *((f"meta.{k}", json.dumps(v, ensure_ascii=False)) for k, v in meta.items())):
+        if problem := _surrogate(field, text):
+            return BadRow(where, problem)
     meta["where"] = where
     return Record(row_id if row_id else content_id(system, instruction, response), system, instruction, response, meta)
 

@@ -9,6 +9,8 @@ part of the key. Two recipes that differ only in their curriculum share every st
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import importlib
 import json
@@ -16,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from .plugins import Engine
 from .recipe import Recipe, TrainSpec
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
 from .stages import StageConfig, StageContext
-from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, stable_hash
+from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, disk_errors, stable_hash
 
 STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate", "merge")
 # the stages that load a model: run in a worker process when the runtime isolates stages (a stage
@@ -449,14 +451,17 @@ class Runner:
     def _run_leased(self) -> list[StageResult]:
         main = rank_and_world()[0] == 0  # run-level records are written once, by rank 0
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "recipe.yaml", _dump_yaml(self.recipe))
+            with self._records():
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.run_dir / "recipe.yaml", _dump_yaml(self.recipe))
         results: dict[str, StageResult] = {}
         started = time.time()
         for stage in self.stages:
             if stage.id not in self.selected:
                 continue
-            results[stage.id] = self._run_stage(stage, results)
+            # a full or read-only disk: one line naming the file and the space left, not a traceback
+            with disk_errors(self.store.partial_dir(stage.kind, self.keys[stage.id]), where=stage.id):
+                results[stage.id] = self._run_stage(stage, results)
         summary = {
             "recipe": self.recipe.name,
             "started_at": started,
@@ -464,14 +469,28 @@ class Runner:
             "stages": [vars(r) for r in results.values()],
         }
         if main:
-            atomic_write_json(self.run_dir / "run.json", summary)
-            # what each key hashed, for the next --dry-run's reasons; stages this run skipped keep theirs
-            atomic_write_json(self.run_dir / KEY_INPUTS, {**self.previous_key_inputs(),
-                                                          **{sid: self.key_inputs[sid] for sid in results}})
-            if "train" in results:
-                self._link(self.run_dir / "model", Path(results["train"].path) / "model")
+            with self._records():
+                atomic_write_json(self.run_dir / "run.json", summary)
+                # what each key hashed, for the next --dry-run's reasons; stages this run skipped keep theirs
+                atomic_write_json(self.run_dir / KEY_INPUTS, {**self.previous_key_inputs(),
+                                                              **{sid: self.key_inputs[sid] for sid in results}})
+                if "train" in results:
+                    self._link(self.run_dir / "model", Path(results["train"].path) / "model")
             self.engine.hook.profuser_run_finished(run_dir=str(self.run_dir), summary=summary)
         return list(results.values())
+
+    @contextlib.contextmanager
+    def _records(self) -> Iterator[None]:
+        """Run records (recipe.yaml, run.json, the model link) on a read-only runs directory: a
+        fully cached run needs to write nothing else, so it goes on without them, and says so."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            if not getattr(self, "_said_read_only", False):
+                self._said_read_only = True
+                self.echo(f"[note]   {self.run_dir}: read-only file system; the run record is not updated")
 
     def _run_stage(self, stage: Stage, results: dict[str, StageResult]) -> StageResult:
         key = self.keys[stage.id]

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ProfuserError
 
 MANIFEST = "manifest.json"
 # temporary names (``.x.tmp123`` from atomic writes, ``.tmpXXXX`` from tempfile with a dot prefix):
@@ -468,3 +468,67 @@ def read_manifest(path: Path, *, verify: bool = True) -> dict[str, Any]:
             if file_sha256(file) != entry["sha256"]:
                 raise ArtifactError(f"file {rel} does not match its checksum", where=str(path))
     return manifest
+
+
+# --- a full or read-only disk: one line naming the path and the space left ------------------------
+
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system"}
+# the same errors as libraries word them without an OSError (safetensors' Rust I/O, torch's writer)
+_DISK_MESSAGES = (("No space left on device", errno.ENOSPC), ("os error 28", errno.ENOSPC), ("code: 28,", errno.ENOSPC),
+                  ("StorageFull", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
+                  ("Read-only file system", errno.EROFS), ("os error 30", errno.EROFS), ("code: 30,", errno.EROFS))
+
+
+def disk_error(exc: BaseException, path: str | Path, *, where: str | None = None) -> ProfuserError | None:
+    """The one-line error for ``exc`` if it is a full disk, an exceeded quota or a read-only file
+    system (writing under ``path``), naming the file and the free space; None for anything else."""
+    code = exc.errno if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS else None
+    if code is None and not isinstance(exc, OSError):
+        text = str(exc)
+        code = next((c for needle, c in _DISK_MESSAGES if needle in text), None)
+        if code is None and "failed writing file" in text and _free_bytes(Path(path)) < 64 << 20:
+            code = errno.ENOSPC  # torch's PytorchStreamWriter says no more than that
+    if code is None:
+        return None
+    target = Path(getattr(exc, "filename", None) or path)
+    free = _free_bytes(target)
+    shown = "unknown" if free < 0 else _human_bytes(free)
+    if code == errno.EROFS:
+        advice = ("a run whose stages are all cached writes nothing there; to compute, point --runs-dir "
+                  "(PROFUSER_RUNS_DIR) at a writable directory")
+    else:
+        advice = ("free some space (profuser runs --gc removes what kills left; --all also what no run uses) "
+                  "and run the same command: finished stages are kept, this one resumes")
+    return ProfuserError(f"{_DISK_ERRNOS[code]} writing {target} ({shown} free there): {advice}", where=where)
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | Path, *, where: str | None = None) -> Iterator[None]:
+    """Turn a full or read-only disk met inside the block into its one-line ProfuserError."""
+    try:
+        yield
+    except ProfuserError:
+        raise
+    except Exception as exc:
+        error = disk_error(exc, path, where=where)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _free_bytes(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return -1
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

@@ -154,9 +154,15 @@ def _worker_main(payload: dict, sender, watched=None) -> None:
         pass  # the parent was interrupted too and says so
     except (BrokenPipeError, ConnectionResetError):
         os._exit(1)  # the runner is gone: nobody to tell
-    except BaseException:  # noqa: BLE001  (a bug, not bad input: the parent shows the traceback)
+    except BaseException as exc:  # noqa: BLE001  (a bug, not bad input: the parent shows the traceback)
+        from .store import disk_error
+
+        error = disk_error(exc, payload["out"], where=payload["stage"].id)  # a full disk is not a bug
         try:
-            sender.send(("crash", traceback.format_exc()))
+            if error is not None:
+                sender.send(("error", type(error).__module__, type(error).__qualname__, str(error), vars(error)))
+            else:
+                sender.send(("crash", traceback.format_exc()))
         except OSError:
             os._exit(1)
     finally:

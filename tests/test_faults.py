@@ -346,3 +346,105 @@ def test_recipe_yaml_duplicate_keys_alias_bombs_symlink_loops_and_directories_ar
     # anchors and aliases of ordinary size still work (the unknown top-level key is the only problem)
     lines = error_lines(cli("validate", str(tmp_path / "ok-anchors.yaml")))
     assert len(lines) == 1 and "x-lr" in lines[0] and "alias" not in lines[0]
+
+
+def test_a_stale_torch_extension_build_lock_is_one_line_before_a_deepspeed_train(tmp_path, monkeypatch):
+    from profuser.errors import ProfuserError
+    from profuser.pipeline import Runner, Runtime, Stage
+    from profuser.plugins import Engine
+    from profuser.recipe import Recipe, load_raw
+    from profuser.workers import stale_extension_locks
+
+    root = tmp_path / "torch_extensions"
+    stale, building = root / "py311_cpu" / "cpu_adam" / "lock", root / "py311_cpu" / "fused_adam" / "lock"
+    for lock in (stale, building):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    held = os.open(building, os.O_RDONLY)  # a build in progress keeps its lock open (torch's FileBaton)
+    try:
+        assert stale_extension_locks(root) == [stale.resolve()]
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+        from test_pipeline import REPO
+
+        recipe = Recipe.model_validate(load_raw(REPO / "recipes" / "profuser.yaml"))
+        counter = tmp_path / "counter"
+        stages = [Stage("train", "train", {"counter": str(counter), "train": {"distributed": "deepspeed"}}, module="toy_stages")]
+        runner = Runner(recipe, Engine(entrypoints=False), Runtime(runs_dir=tmp_path / "runs", progress=False),
+                        stages=stages, echo=lambda _: None)
+        with pytest.raises(ProfuserError) as error:
+            runner.run()
+        [line] = error.value.lines()
+        assert line.startswith(f"{stale.resolve()}: a torch extension build was killed and left its lock") and not counter.exists()
+        stale.unlink()  # as the message says: then the stage runs
+        assert [r.cached for r in runner.run()] == [False] and counter.exists()
+    finally:
+        os.close(held)
+
+
+# --- issue 24: bad bytes and full disks: one line each ------------------------------------------------
+
+
+def test_a_lone_surrogate_is_a_bad_row_with_its_file_and_line_and_skip_skips_it(tmp_path):
+    rows = [json.dumps({"instruction": f"question {i}", "output": f"answer {i}", "answer": str(i)}) for i in range(8)]
+    rows[2] = '{"instruction": "half a pair \\ud800 here", "output": "x"}'  # a JSON escape, not a byte
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    runs = tmp_path / "runs"
+    for on_bad_row in ("fail", "skip"):
+        recipe = tiny_recipe(tmp_path, **{"data.source.name": "file", "data.source.params.path": str(data),
+                                          "data.on_bad_row": on_bad_row})
+        result = cli("run", str(recipe), "--until", "data", "--runs-dir", str(runs))
+        assert "Traceback" not in result.output and not isinstance(result.exception, UnicodeError), result.output
+        if on_bad_row == "fail":
+            assert result.exit_code == 1, result.output
+            assert f"{data}:3: field 'instruction' holds a lone surrogate (\\ud800 at character 13)" in result.output
+        else:
+            assert result.exit_code == 0, result.output
+            [stats] = (runs / "store" / "data").glob("*/stats.json")
+            stats = json.loads(stats.read_text())
+            assert stats["bad_rows_skipped"] == 1 and stats["bad_rows"][0]["where"] == f"{data}:3"
+
+
+def test_a_full_disk_and_a_read_only_runs_dir_are_one_line_and_a_cached_run_needs_no_write(tmp_path, monkeypatch):
+    import errno
+
+    from profuser.store import atomic_write_text as real_write
+
+    recipe = tiny_recipe(tmp_path)
+    runs = tmp_path / "runs"
+
+    def full(path, text):  # the disk fills up while the data stage writes its stats
+        if ".partial" in str(path) and Path(path).name == "stats.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, text)
+
+    monkeypatch.setattr("profuser.stages.data.atomic_write_json", lambda path, obj: full(path, json.dumps(obj)))
+    result = cli("run", str(recipe), "--until", "data", "--runs-dir", str(runs))
+    lines = error_lines(result)
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("error data: no space left on the device writing ") and "stats.json (" in lines[0]
+    assert " free there): free some space" in lines[0]
+    monkeypatch.undo()
+    assert cli("run", str(recipe), "--until", "data", "--runs-dir", str(runs)).exit_code == 0  # resumed: nothing lost
+
+    # a read-only runs directory: the cached run goes on without its record; gc and a stage to compute say so
+    real_replace = os.replace
+
+    def read_only(src, dst, *args, **kwargs):
+        if str(dst).startswith(str(runs)):
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(runs / "store"))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr("profuser.store.ArtifactStore.lease_path", lambda self, kind, key: refuse())
+    cached = cli("run", str(recipe), "--until", "data", "--runs-dir", str(runs))
+    assert cached.exit_code == 0 and "[cached] data" in cached.output, cached.output
+    assert "read-only file system; the run record is not updated" in cached.output
+    monkeypatch.setattr("profuser.store.ArtifactStore.begin", lambda self, kind, key, fresh=False: refuse())
+    compute = cli("run", str(recipe), "--until", "select", "--runs-dir", str(runs))
+    lines = error_lines(compute)
+    assert compute.exit_code == 1 and len(lines) == 1 and "read-only file system writing " in lines[0], compute.output
+    assert "point --runs-dir" in lines[0]
