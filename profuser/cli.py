@@ -74,7 +74,7 @@ def friendly(fn):
             err_console.print(f"{how}: finished stages are kept; run the same command to resume")
             raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         finally:
-            if main_thread:
+            if main_thread and previous is not None:  # None: a handler set outside Python, left as is
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
