@@ -4,6 +4,7 @@ source``, and the advantage map (``profuser advantages``)."""
 from __future__ import annotations
 
 import json
+import os
 import string
 
 import pytest
@@ -159,3 +160,25 @@ def test_compare_tables_split_the_heldout_task_by_family(tmp_path):
     assert other["tasks"]["profuser_heldout/b"]["delta"]["mean"] == 1.0
     assert is_family_task("profuser_heldout/a") and task_title("profuser_heldout/a") == "Held-out: a"
     assert not is_family_task("mmlu")
+
+
+def test_advantages_command_runs_only_the_baselines(tmp_path):
+    from typer.testing import CliRunner
+
+    from profuser.cli import app
+    from profuser.testing import tiny_recipe
+
+    path = tiny_recipe(tmp_path, **{"data": {"source": {"name": "testbed_tasks", "params": {
+        "families": ["sequence"], "per_family": 6, "heldout_families": ["sequence", "largest"], "heldout_per_family": 3}},
+        "heldout": "source"}, "evaluate.tasks": ["profuser_heldout"], "evaluate.baselines": True,
+        "evaluate.max_gen_toks": 4})
+    runs, out = tmp_path / "runs", tmp_path / "adv" / "advantages.json"
+    result = CliRunner().invoke(app, ["advantages", str(path), "--runs-dir", str(runs), "--out", str(out), "--json"])
+    table = json.loads(result.stdout)  # --json: stdout is only the JSON (the run's lines go to stderr)
+    # random tiny sources answer nothing: no source is ahead anywhere, the setting is not valid (exit 1)
+    assert result.exit_code == 1 and not table["valid"] and "ahead of the target on no family" in table["why"]
+    assert set(table["families"]) == {"sequence", "largest", "all"}
+    assert table["families"]["sequence"][table["target"]]["n"] == 3
+    assert json.loads(out.read_text()) == table and out.with_suffix(".md").is_file()
+    ran = set(os.listdir(runs / "store"))
+    assert ran == {"data", "evaluate"} | ({".locks"} & ran)  # nothing is trained or generated for it
