@@ -4,7 +4,8 @@ are made of, for loss plugins to build on (docs/losses.md, "Writing a loss plugi
 - ``SparseDivergenceLoss``: L = L_SFT + beta * D(P_S, P_T) on the teacher's sparse support;
   a subclass implements ``divergence(logp, logq, log_support)`` and gets the shift, the teacher
   distribution (``beta``, ``temperature``, ``top_p`` params), masks, weights, normalisation and
-  the fused kernel.
+  the fused kernel; ``token_weights(ctx)`` may weigh each row's divergence from its
+  ``TokenContext`` (the teacher, masks, weights and the columns the loss ``needs``, per row).
 - ``kl_divergence``, ``reverse_kl_divergence``, ``js_divergence``: the built-in D's, per row.
 - ``sft_loss``: Eq. 1's CE through the same kernel; ``flat_batch``: the batch shifted and
   flattened to rows; ``sparse_logits``: the kernel itself; ``xlogy_sum``, ``IGNORE``, ``LOG2``.
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +35,11 @@ from pydantic import Field
 
 from profuser.artifacts import IGNORE_INDEX
 from profuser.components import Loss
+from profuser.errors import ProfuserError
 from profuser.teacher import teacher_logprobs
 
 __all__ = [
-    "IGNORE", "LOG2", "SparseDivergenceLoss", "flat_batch", "js_divergence", "kl_divergence",
+    "IGNORE", "LOG2", "SparseDivergenceLoss", "TokenContext", "flat_batch", "js_divergence", "kl_divergence",
     "reverse_kl_divergence", "sft_loss", "sparse_logits", "xlogy_sum",
 ]
 
@@ -160,6 +163,39 @@ def flat_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, teacher:
     return out
 
 
+def _row_columns(batch: dict[str, Any], names: list[str], b: int, t: int) -> dict[str, Any]:
+    """Batch entries as rows like ``flat_batch``'s: [B, T, ...] tensors shifted (the entry of
+    position t + 1 at row (b, t); NaN / -1 / False past the end) and flattened to [N, ...]; [B, ...]
+    tensors repeated over each example's T rows; anything else (lists [B]) as given."""
+    out = {}
+    for name in names:
+        value = batch[name]
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (b, t):
+            fill = float("nan") if value.is_floating_point() else (False if value.dtype == torch.bool else -1)
+            out[name] = _shift(value, fill).reshape(b * t, *value.shape[2:])
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == b:
+            out[name] = value.repeat_interleave(t, dim=0)
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass
+class TokenContext:
+    """One batch's per-token context, row i = (b, t) of ``logits.view(-1, V)`` (it predicts the
+    label at position t + 1 of example b, as in ``flat_batch``); what
+    ``SparseDivergenceLoss.token_weights`` reads. None of it carries a gradient."""
+
+    logp: torch.Tensor  # [N, k] the teacher's log-probabilities after temperature and top-p (-inf: dropped, no teacher)
+    teacher_ids: torch.Tensor  # [N, k] target-vocabulary ids of those slots
+    teacher_logits: torch.Tensor  # [N, k] the teacher's raw logits (-inf: unused slot)
+    has_teacher: torch.Tensor  # [N] bool: a label and a teacher with a kept slot
+    labelled: torch.Tensor  # [N] bool: a label (the rows the loss averages over)
+    weight: torch.Tensor  # [N] the example's weight (batch["weight"])
+    example: torch.Tensor  # [N] int64, b: the example of each row (index lists such as batch["source"])
+    columns: dict[str, Any] = field(default_factory=dict)  # the loss's needs, as rows (see _row_columns)
+
+
 # --- loss base classes --------------------------------------------------------------------------
 
 
@@ -193,6 +229,21 @@ class SparseDivergenceLoss(Loss):
         same ids, ``log_support`` [N] the student's log-mass on the teacher's kept ids. Values on
         rows without a teacher are discarded (keep them finite: their gradient is multiplied by 0)."""
 
+    def token_weights(self, ctx: TokenContext) -> torch.Tensor | None:
+        """A factor [N] on each row's divergence, from the batch's per-token context (docs/losses.md,
+        "Per-token weights"); None (the default) leaves every row at 1. Rows without a teacher are
+        0 whatever it says; the CE and the normalisation are unchanged."""
+        return None
+
+    def _token_context(self, f: dict, batch: dict, logp: torch.Tensor, has_teacher: torch.Tensor,
+                       labelled: torch.Tensor, shape: tuple[int, int]) -> TokenContext:
+        b, t = shape
+        names = [n for n in batch if n in self.needs or (n.startswith("all_teacher_") and "all_teachers" in self.needs)]
+        return TokenContext(logp=logp, teacher_ids=f["teacher_ids"], teacher_logits=f["teacher_logits"],
+                            has_teacher=has_teacher, labelled=labelled, weight=f["weight"],
+                            example=torch.arange(b, device=logp.device).repeat_interleave(t),
+                            columns=_row_columns(batch, names, b, t))
+
     def __call__(self, logits, batch, *, beta=None):
         beta = self.params.beta if beta is None else float(beta)
         f = flat_batch(logits, batch, teacher=True)
@@ -212,6 +263,15 @@ class SparseDivergenceLoss(Loss):
         on_support = kept | ~has_teacher[:, None]
         log_support = torch.logsumexp(logq.masked_fill(~on_support, float("-inf")), dim=-1)  # [N]
         div = self.divergence(logp, logq, log_support)
+        if type(self).token_weights is not SparseDivergenceLoss.token_weights:  # only a loss that weighs pays
+            with torch.no_grad():
+                factor = self.token_weights(self._token_context(f, batch, logp, has_teacher, labelled, logits.shape[:2]))
+            if factor is not None:
+                factor = torch.as_tensor(factor, dtype=div.dtype, device=div.device)
+                if factor.shape != div.shape:
+                    raise ProfuserError(f"token_weights must return one factor per row, shape {tuple(div.shape)}, "
+                                        f"got {tuple(factor.shape)}", where=f"loss {self.name or type(self).__name__}")
+                div = div * factor.masked_fill(~has_teacher, 0.0)
         div = torch.where(has_teacher, div, torch.zeros_like(div))
         denom = labelled.sum().clamp_min(1)
         ce_part = (ce * weight * labelled).sum() / denom

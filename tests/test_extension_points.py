@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import torch
 from test_trainer import small_spec, write_examples
 
 from profuser import hookimpl
@@ -234,3 +235,120 @@ def test_two_samples_per_prompt_and_every_loss_column_through_a_whole_run(tmp_pa
         assert (logp[teacher].nan_to_num(neginf=-1.0) <= 1e-4).all()
         # a top-k's mass is at most 1 (one-hot rows exactly 1)
         assert (logp[teacher].exp().sum(-1) <= 1 + 1e-3).all()
+
+
+# --- per-token context for losses (issue 23 item 3) ------------------------------------------------
+
+
+def _doc_confidence_kl():
+    """The python block of docs/losses.md's "Per-token weights" section, as a module."""
+    import re
+    import types
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
+    section = doc.read_text(encoding="utf-8").split("### Per-token weights", 1)[1].split("\n### ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    module = types.ModuleType("confidence_kl_doc")
+    exec(compile(code, str(doc), "exec"), module.__dict__)  # noqa: S102  (our own docs, run as a user would)
+    return module
+
+
+def _token_batch(b=3, t=7, v=11, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[:, :2] = -100  # the prompt
+    labels[1, 5:] = -100  # padding
+    teacher_logits = torch.randn(b, t, k, generator=g) * 2
+    teacher_logits[..., -1] = float("-inf")  # an unused slot
+    teacher_ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(b * t)]).view(b, t, k)
+    mask = labels != -100
+    mask[0, 3] = False  # a labelled position without a teacher
+    return {"labels": labels, "teacher_ids": teacher_ids, "teacher_logits": teacher_logits, "teacher_mask": mask,
+            "weight": torch.tensor([1.0, 0.5, 2.0]), "category": torch.randint(0, 3, (b, t), generator=g)}
+
+
+def _dense_confidence_kl(logits, batch, beta, temperature, top_p, factor=None):
+    """The same loss on dense [B, T, V] distributions: CE + beta * c * KL per labelled position."""
+    from profuser.teacher import teacher_logprobs
+
+    logq = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # position t predicts t + 1
+    labels = batch["labels"][:, 1:]
+    labelled = labels != -100
+    logp_k = teacher_logprobs(batch["teacher_logits"][:, 1:], temperature=temperature, top_p=top_p).double()
+    p = torch.zeros_like(logq).scatter(-1, batch["teacher_ids"][:, 1:], logp_k.exp().nan_to_num(0.0))
+    kl = (p * (p.clamp_min(1e-300).log() - logq)).sum(-1)  # p = 0 terms vanish
+    has = batch["teacher_mask"][:, 1:] & labelled & (p.sum(-1) > 0)
+    c = p.amax(-1) if factor is None else factor(batch)[:, 1:].double()
+    ce = -logq.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    w = batch["weight"][:, None].double()
+    total = (w * labelled * (ce + beta * torch.where(has, c * kl, torch.zeros_like(kl)))).sum()
+    return total / labelled.sum()
+
+
+def test_the_documented_confidence_weighted_kl_matches_a_dense_reference_in_value_and_gradient():
+    module = _doc_confidence_kl()
+    engine = Engine(entrypoints=False, extra_plugins=[("confidence-kl", module)])
+    loss = engine.registry.build("losses", "confidence_kl", {"beta": 0.7, "temperature": 1.5, "top_p": 0.9})
+    batch = _token_batch()
+    logits = torch.randn(3, 7, 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    value, parts = loss(logits, batch)
+    value.backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    want = _dense_confidence_kl(logits, batch, 0.7, 1.5, 0.9)
+    want.backward()
+    assert value.item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.allclose(got, logits.grad, atol=1e-9)
+    # the weighting matters: plain fuse_kl on the same batch differs
+    plain = engine.registry.build("losses", "fuse_kl", {"beta": 0.7, "temperature": 1.5, "top_p": 0.9})(logits, batch)[0]
+    assert abs(plain.item() - value.item()) > 1e-3 and parts["kl"] < plain.item()
+
+
+def test_token_weights_get_the_columns_the_loss_needs_as_rows():
+    from profuser.losses import SparseDivergenceLoss, kl_divergence
+
+    class ExactOnly(SparseDivergenceLoss):
+        name = "exact_only"
+        part = "kl"
+        needs = frozenset({"category", "source"})
+        seen: ClassVar[list] = []
+
+        def divergence(self, logp, logq, log_support):
+            return kl_divergence(logp, logq)
+
+        def token_weights(self, ctx):
+            type(self).seen.append(ctx)
+            return (ctx.columns["category"] == 0).to(ctx.weight.dtype)
+
+    batch = {**_token_batch(seed=3), "source": ["a", "b", "c"]}
+    logits = torch.randn(3, 7, 11, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
+    value, _ = ExactOnly({"beta": 1.0, "temperature": 1.0, "top_p": 1.0})(logits, batch)
+    value.backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    want = _dense_confidence_kl(logits, batch, 1.0, 1.0, 1.0, factor=lambda b: (b["category"] == 0).double())
+    want.backward()
+    assert value.item() == pytest.approx(want.item(), rel=1e-6) and torch.allclose(got, logits.grad, atol=1e-9)
+    ctx = ExactOnly.seen[-1]
+    assert ctx.columns["source"] == ["a", "b", "c"] and ctx.example.tolist() == [i for i in range(3) for _ in range(7)]
+    assert ctx.columns["category"].view(3, 7)[:, :-1].equal(batch["category"][:, 1:])  # shifted like the labels
+    assert ctx.weight.tolist() == batch["weight"].repeat_interleave(7).tolist()
+
+
+def test_token_weights_of_the_wrong_shape_name_the_loss():
+    from profuser.losses import SparseDivergenceLoss, kl_divergence
+
+    class Bad(SparseDivergenceLoss):
+        name = "bad_weights"
+        part = "kl"
+
+        def divergence(self, logp, logq, log_support):
+            return kl_divergence(logp, logq)
+
+        def token_weights(self, ctx):
+            return torch.ones(2)
+
+    with pytest.raises(ProfuserError, match="token_weights must return one factor per row") as err:
+        Bad()(torch.randn(3, 7, 11), _token_batch())
+    assert err.value.where == "loss bad_weights"
