@@ -126,7 +126,7 @@ def test_invalid_yaml_names_the_line(tmp_path, registry):
     bad = write(tmp_path / "broken.yaml", "name: x\ntarget: [unclosed\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(bad, registry=registry)
-    assert "invalid YAML" in err.value.lines()[0] and "line" in err.value.lines()[0]
+    assert "invalid YAML" in err.value.lines()[0] and "broken.yaml:3:" in err.value.lines()[0]  # file:line
 
 
 def test_cli_validate_prints_path_lines_without_traceback(tmp_path, base):
