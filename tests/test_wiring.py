@@ -253,8 +253,12 @@ def test_each_phases_beta_and_weights_reach_the_loss(tiny_run):
     for call, phase in zip(calls, phase_of_call):
         assert call["beta"] == {"inference": 0.2, "co-fusion": 0.7}[phase]
         assert call["parts"]["beta"] == call["beta"]
-        for row, weight in zip(call["rows"], call["weights"]):
-            seen[phase, modes.get(row, "unknown")].add(round(weight, 6))
+        mode_of = [modes.get(row, "unknown") for row in call["rows"]]
+        counts = dict.fromkeys(mode_of, 0)  # a call is a whole step: undo the Eq. 5 factor N / N_mode
+        for m, n in zip(mode_of, call["labelled"]):
+            counts[m] += n
+        for m, weight in zip(mode_of, call["weights"]):
+            seen[phase, m].add(round(weight * counts[m] / sum(counts.values()), 6))
     assert dict(seen) == {("inference", "inference"): {1.0}, ("co-fusion", "inference"): {0.25},
                           ("co-fusion", "training"): {0.75}}
     assert [m["loss/beta"] for m in tiny_run["metrics"]] == [0.2] * steps["inference"] + [0.7] * steps["co-fusion"]
