@@ -55,7 +55,6 @@ class Stage:
     origin: str = ""
     prefix: str = ""
 
-
     def __post_init__(self):
         if isinstance(self.config, dict) and (config_cls := getattr(self.code(), "Config", None)) is not None:
             self.config = config_cls.model_validate(self.config)
@@ -278,8 +277,6 @@ def with_recipe_models(stage: Stage, inputs: dict[str, Path]) -> Stage:
     return replace(stage, config=type(stage.config).model_validate(config))
 
 
-
-
 def card_recipe(recipe: Recipe) -> str:
     """The recipe as the fused model's card shows it: what made the model, without how the run
     executed (runtime), its cost estimate or its evaluation (other stages read those)."""
@@ -343,7 +340,6 @@ def select_stages(stages: list[Stage], pattern: str) -> set[str]:
     # its own id (`arith:train`) or prefix (`arith:`) names
     return {s.id for s in stages if s.id == pattern or (s.kind == pattern and not s.prefix)
             or s.id.startswith(pattern.rstrip("/") + "/") or (pattern.endswith(":") and s.id.startswith(pattern))}
-
 
 
 def dependents(stages: list[Stage], roots: set[str]) -> set[str]:
