@@ -366,10 +366,10 @@ def test_winrate_stage_with_the_real_generator_and_judge(tmp_path, tiny_llama_di
     model on tiny random models: one outcome per held-out prompt (meta.answer not needed), in
     {0, 1/2, 1}, whose mean is the score; the target against itself ties everywhere."""
     import profuser.stages.evaluate as stage
+    from profuser.pipeline import Stage
     from profuser.plugins import Engine
     from profuser.runtime import Runtime
     from profuser.stages import StageContext
-    from profuser.pipeline import Stage
 
     engine = Engine(entrypoints=False)
     data = tmp_path / "data"

@@ -8,12 +8,12 @@ import os
 import string
 
 import pytest
+from profuser_plugins.datasets.testbed_tasks import FAMILIES, WEEKDAYS, FusionTestbedTasks, _code_word
 
 from profuser.advantages import ALL, advantage_table, markdown, wilson_ci
 from profuser.components import Record
 from profuser.data import split_marked
 from profuser.errors import DataError
-from profuser_plugins.datasets.testbed_tasks import FAMILIES, WEEKDAYS, FusionTestbedTasks, _code_word
 
 
 def records(**params) -> list[Record]:

@@ -67,8 +67,8 @@ def _letter_shift(rng: random.Random) -> Task:
     i = rng.randrange(0, 26 - k) if after else rng.randrange(k, 26)
     letter = string.ascii_lowercase[i]
     where = "after" if after else "before"
-    return ((letter, k, after), f"Which letter comes {k} place{'s' if k > 1 else ''} {where} '{letter}' in the "
-            "alphabet?", string.ascii_lowercase[i + k if after else i - k])
+    question = f"Which letter comes {k} place{'s' if k > 1 else ''} {where} '{letter}' in the alphabet?"
+    return (letter, k, after), question, string.ascii_lowercase[i + k if after else i - k]
 
 
 def _weekday_shift(rng: random.Random) -> Task:
