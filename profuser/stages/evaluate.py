@@ -84,18 +84,17 @@ def run(ctx) -> dict:
         spec = ModelSpec(**cfg.model, label=cfg.label)
     device = ctx.runtime.torch_device()
     model = tokenizer = None
-    if all(task == HELDOUT_WINRATE_TASK for task in ev.tasks):
-        pass  # the win rate's generator loads the model itself
-    elif ev.backend == "vllm":  # vLLM loads the model directory itself
+    lm_tasks = [task for task in ev.tasks if task != HELDOUT_WINRATE_TASK]  # the win rate is not lm-eval's
+    # only lm-eval's tasks need the model here: the win rate's generator loads each model itself
+    if lm_tasks and ev.backend == "vllm":  # vLLM loads the model directory itself
         from ..models import load_tokenizer, resolve_model
 
         model = resolve_model(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
         tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
-    else:
+    elif lm_tasks:
         model, tokenizer = load_model(spec, device=device, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
     heldout = Path(ctx.inputs[DATA]) / "heldout.parquet" if DATA in ctx.inputs else None
 
-    lm_tasks = [task for task in ev.tasks if task != HELDOUT_WINRATE_TASK]  # the win rate is not lm-eval's
     out: dict[str, Any] = {"_primary": {}, "_config": {}}
     if lm_tasks:
         out = evaluate_model(
