@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from pathlib import Path
 
 import pytest
 from profuser_plugins.datasets.testbed_tasks import FAMILIES, WEEKDAYS, FusionTestbedTasks, _code_word
@@ -182,3 +183,25 @@ def test_advantages_command_runs_only_the_baselines(tmp_path):
     assert json.loads(out.read_text()) == table and out.with_suffix(".md").is_file()
     ran = set(os.listdir(runs / "store"))
     assert ran == {"data", "evaluate"} | ({".locks"} & ran)  # nothing is trained or generated for it
+
+
+def test_every_testbed_variant_plans_the_same_optimizer_steps(tmp_path):
+    """The testbed's comparison is compute matched: every variant (recipes/testbed/, but the
+    specialists it fuses) trains 36 steps of 8 instructions (3 epochs of 96; issue 25's
+    steps-matched control)."""
+    from profuser.estimate import estimate_plan
+    from profuser.pipeline import Runner, Runtime
+    from profuser.plugins import get_engine
+    from profuser.recipe import load_recipe
+
+    testbed = Path(__file__).resolve().parent.parent / "recipes" / "testbed"
+    engine = get_engine()
+    paths = sorted(p for p in testbed.rglob("*.yaml") if "specialists" not in p.parts)
+    assert len(paths) >= 11
+    steps = {}
+    for path in paths:
+        recipe = load_recipe(path, registry=engine.registry)
+        plan = estimate_plan(Runner(recipe, engine, Runtime(runs_dir=tmp_path, progress=False)))
+        [train] = [s for s in plan["stages"] if s["kind"] == "train" and ":" not in s["id"]]
+        steps[path.relative_to(testbed).as_posix()] = train["optimizer_steps"]
+    assert steps == dict.fromkeys(steps, 36), steps
