@@ -387,9 +387,10 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
 
 
 def _primary_name(task: str) -> str:
-    from .evaluation.tasks import KNOWN_TASKS
+    from .evaluation.tasks import KNOWN_TASKS, is_family_task
 
-    return KNOWN_TASKS[task].primary if task in KNOWN_TASKS else "lm-eval's first metric"
+    parent = task.split("/", 1)[0] if is_family_task(task) else task  # a family's column: its task's metric
+    return KNOWN_TASKS[parent].primary if parent in KNOWN_TASKS else "lm-eval's first metric"
 
 
 def _write_csv(path: Path, variants: list[dict], tasks: list[str]) -> Path:

@@ -142,7 +142,7 @@ def test_compare_tables_split_the_heldout_task_by_family(tmp_path):
 
     from profuser.data import write_records
     from profuser.evaluation.tasks import is_family_task, task_title
-    from profuser.report import summarise_variants
+    from profuser.report import _primary_name, summarise_variants
 
     rows = [Record(f"r{i}", "", f"q{i}", "a", {"task": "a" if i < 4 else "b", "answer": "x"}) for i in range(8)]
     write_records(tmp_path / "heldout.parquet", rows)
@@ -160,6 +160,7 @@ def test_compare_tables_split_the_heldout_task_by_family(tmp_path):
     assert other["tasks"]["profuser_heldout/a"]["delta"]["mean"] == -1.0
     assert other["tasks"]["profuser_heldout/b"]["delta"]["mean"] == 1.0
     assert is_family_task("profuser_heldout/a") and task_title("profuser_heldout/a") == "Held-out: a"
+    assert _primary_name("profuser_heldout/a") == _primary_name("profuser_heldout") == "exact_match,answer"
     assert not is_family_task("mmlu")
 
 
