@@ -82,7 +82,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def averages_columns(tasks: list[str]) -> bool:
     """Whether an Average column says anything: it averages at least two columns (those where
     higher is better); over one it would repeat that column."""
-    return sum(not lower_is_better(t) for t in tasks) >= 2
+    return sum(not lower_is_better(t) and not is_family_task(t) for t in tasks) >= 2
 
 
 def _entry_average(entry: dict, tasks: list[str]) -> float | None:
@@ -359,7 +359,7 @@ def write_comparison(entries: list[dict], out_dir: str | Path, *, tasks: list[st
                       for t in tasks)
     md = [f"# {title}", "", comparison_table(entries, tasks, reference=ref, variants=variants), "",
           f"Primary metric of each task ({units}). "
-          + ("Average: mean over the columns where higher is better (only for rows with every one of them). "
+          + ("Average: mean over the tasks where higher is better, per-family columns not counted again (only for rows with every one of them). "
              if averages_columns(tasks) else "")
           + "Mean ± sample std over seeds where a variant ran more than once. "
           + (f"Δ: the variant minus {ref} over the same held-out examples (each example's seeds pooled), with a paired "

@@ -340,6 +340,8 @@ def test_no_average_column_over_fewer_than_two_columns(tmp_path):
     assert "Average" not in written["md"].read_text() and "average" not in written["csv"].read_text().splitlines()[0]
     two = [{"variant": "a", "scores": {"profuser_heldout": 0.5, "gsm8k": 0.25}}]
     assert comparison_table(two).splitlines()[0] == "| Model | GSM8K | Held-out | Average |"
+    families = [{"variant": "a", "scores": {"profuser_heldout": 0.5, "profuser_heldout/x": 1.0, "profuser_heldout/y": 0.0}}]
+    assert "Average" not in comparison_table(families)  # a task's families are not more columns to average
 
 
 def _metrics(seed: int, phases: list[tuple[str, int]], kl: bool = True) -> list[dict]:
