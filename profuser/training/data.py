@@ -308,13 +308,15 @@ class ExampleSet:
                 order.extend(j for j, _ in picked)
         return pa.concat_tables(parts).take(np.argsort(order))
 
-    def collate(self, rows: np.ndarray, weights: np.ndarray, pad_id: int) -> dict:
+    def collate(self, rows: np.ndarray, weights: np.ndarray, pad_id: int, *, packed: bool = False) -> dict:
         """Micro-batch of ``rows`` right-padded to its longest example (at most ``max_length``).
 
         Tensors (b examples, T positions, k teacher slots), indexed like ``input_ids`` (unshifted):
         input_ids, attention_mask, labels [b, T] int64; teacher_ids [b, T, k] int64; teacher_logits
         [b, T, k] float32 (-inf unused); teacher_mask [b, T] bool; weight [b] float32. Also ``ids``
-        and ``modes`` (lists) for logging, and what the loss needs (``LOSS_NEEDS``)."""
+        and ``modes`` (lists) for logging, and what the loss needs (``LOSS_NEEDS``).
+
+        ``packed`` (``train.packing``): the same examples laid end to end in R <= b rows (``pack``)."""
         located = [self.locate(int(r)) for r in rows]
         table = self._take(located)
 
@@ -341,7 +343,7 @@ class ExampleSet:
             extra["teacher_logz"] = torch.from_numpy(_pad2(table.column("teacher_logz"), t, np.nan, np.float32, position))
         if "all_teachers" in self.needs:
             extra.update(_all_teachers(table, t, position, [self.files[m].path for m, _ in located]))
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
@@ -353,6 +355,83 @@ class ExampleSet:
             "modes": [m for m, _ in located],
             **extra,
         }
+        return pack(batch, pad_id) if packed else batch
+
+
+# --- packing (train.packing) -------------------------------------------------------------------
+
+# a packed row's tail (after its last example): what each per-position entry holds there, as on
+# an unpacked batch's padding; ``input_ids`` takes the batch's own pad id
+PACK_FILL = {"attention_mask": 0, "labels": IGNORE, "teacher_ids": 0, "teacher_logits": -math.inf,
+             "teacher_mask": False, "category": NO_CATEGORY, "teacher_logz": math.nan, "all_teacher_ids": 0,
+             "all_teacher_logits": -math.inf, "all_teacher_mask": False}
+
+
+def pack_rows(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(row, offset)`` of each example laid end to end: first-fit decreasing into rows as long as
+    the longest example, so a packed batch never holds more positions (nor a row longer) than the
+    padded one; ties keep their order, so the layout depends on the lengths only."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    capacity = int(lengths.max()) if len(lengths) else 0
+    row = np.zeros(len(lengths), np.int64)
+    offset = np.zeros(len(lengths), np.int64)
+    fill: list[int] = []
+    for e in np.argsort(-lengths, kind="stable").tolist():
+        r = next((r for r, used in enumerate(fill) if used + lengths[e] <= capacity), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row[e], offset[e] = r, fill[r]
+        fill[r] += int(lengths[e])
+    return row, offset
+
+
+def pack(batch: dict, pad_id: int) -> dict:
+    """A padded micro-batch (``collate``) with its examples laid end to end in R rows of T positions.
+
+    Per-position entries ([b, T, ...]: ``input_ids``, ``labels``, the teacher's, ``category``,
+    ``teacher_logz``, the ``all_teachers`` tensors) move to their example's place; per-example
+    entries (``weight`` [b], ``all_teacher_scores`` [b, S], the lists) stay as they are. Added:
+    ``position_ids`` [R, T], 0.. within each example (and again over a row's tail), from which
+    transformers' masking keeps attention within each example when the model gets no
+    ``attention_mask``; ``example`` [R, T] int64, the example at each position (-1 on the tail).
+    ``attention_mask`` [R, T] marks the examples' tokens (for counting; the model is not given it).
+    Each example's first label is dropped (IGNORE): position 0 of a padded row predicts nothing
+    either, and here the previous example would predict it."""
+    lengths = batch["attention_mask"].sum(1)  # [b]
+    b = len(lengths)
+    row, offset = pack_rows(lengths.numpy())
+    rows = int(row.max()) + 1 if b else 0
+    used = np.bincount(row, weights=lengths.numpy(), minlength=rows).astype(np.int64)  # [R] positions taken
+    t = int(used.max()) if b else 0
+    src_example = torch.from_numpy(np.repeat(np.arange(b), lengths.numpy()))  # every example's positions
+    src_pos = torch.from_numpy(_within(lengths.numpy()))
+    dst_row = torch.from_numpy(row)[src_example]
+    dst_pos = torch.from_numpy(offset)[src_example] + src_pos
+    out = dict(batch)
+    for name, value in batch.items():
+        if name != "input_ids" and name not in PACK_FILL:
+            continue
+        fill = pad_id if name == "input_ids" else PACK_FILL[name]
+        packed = torch.full((rows, t, *value.shape[2:]), fill, dtype=value.dtype)
+        packed[dst_row, dst_pos] = value[src_example, src_pos]
+        out[name] = packed
+    out["labels"][torch.from_numpy(row), torch.from_numpy(offset)] = IGNORE
+    example = torch.full((rows, t), -1, dtype=torch.int64)
+    example[dst_row, dst_pos] = src_example
+    tail = torch.arange(t)[None, :] - torch.from_numpy(used)[:, None]  # 0.. from each row's end of examples
+    position_ids = tail.clamp_min(0)
+    position_ids[dst_row, dst_pos] = src_pos
+    out["position_ids"], out["example"] = position_ids, example
+    return out
+
+
+def labelled_per_example(batch: dict) -> torch.Tensor:
+    """[examples] the labels each example of a micro-batch trains on (its position 0 predicts
+    nothing), padded or packed."""
+    labelled = batch["labels"] != IGNORE
+    if "example" in batch:
+        return torch.bincount(batch["example"][labelled], minlength=len(batch["modes"]))
+    return labelled[:, 1:].sum(1)
 
 
 def _json_dict(text: str | None, column: str, path: Path) -> dict:

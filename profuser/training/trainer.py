@@ -54,7 +54,7 @@ from ..errors import ProfuserError
 from ..recipe import TRACKER_PACKAGES, ModelSpec, TrainSpec, missing_trackers
 from ..store import atomic_write_json, atomic_write_text
 from .card import model_card
-from .data import IGNORE, ExampleSet, plan_phases
+from .data import IGNORE, ExampleSet, labelled_per_example, plan_phases
 from .parallel import make_backend
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ def train(
 
     # --- 2. data and phases ----------------------------------------------------------------------
     needs = frozenset(getattr(loss, "needs", ()))  # the extra batch entries the loss reads
+    if spec.packing:
+        check_packing(loss, needs)
     data = ExampleSet.load(examples, spec.max_length, needs)
     batching = {"batch_size": spec.batch_size, "micro_batch_size": spec.micro_batch_size, "world_size": world}
     phases = curriculum.phases(data.curriculum_input(target_reward, **batching))
@@ -218,12 +220,15 @@ def train(
                 on_batch(step + 1, [data.example_id(r) for r in my_rows])
             # the backend accumulates a fixed per_rank // micro micro-batches: split the rows evenly
             # (up to 2 * micro rows each when every instruction brings both modes)
-            batches = [data.collate(my_rows[part], my_weights[part], pad_id)
+            batches = [data.collate(my_rows[part], my_weights[part], pad_id, packed=spec.packing)
                        for part in np.array_split(np.arange(len(my_rows)), per_rank // micro)]
             # Eq. 5 over the global batch, not a mean of micro-batch means: each mode's token mean
             # (example weights scaled by N / N_mode), each micro-batch counted by its share of N
             labelled = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
             global_labelled = _mode_weights(batches, data.modes, backend.device)
+            for batch in batches:
+                if "example" in batch:  # packed: each position gets its example's weight
+                    batch["weight"] = batch["weight"][batch["example"].clamp_min(0)] * (batch["example"] >= 0)
             sums: dict[str, float] = defaultdict(float)
             tokens = 0
             for batch, count in zip(batches, labelled):
@@ -231,7 +236,12 @@ def train(
                            if torch.is_tensor(v) or k in needs}  # lists (ids, modes, sources) only when needed
 
                 def forward_loss(m, tensors=tensors, beta=plan.phase.beta):
-                    logits = m(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits  # [b, T, V]
+                    if "position_ids" in tensors:  # packed: without a mask or cache transformers keeps attention
+                        # within each example (masking_utils.find_packed_sequence_indices reads the position ids)
+                        logits = m(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"],
+                                   use_cache=False).logits
+                    else:
+                        logits = m(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits  # [b, T, V]
                     return loss(logits, tensors, beta=beta)
 
                 share = count / global_labelled
@@ -438,6 +448,24 @@ def set_trainable(backend, trainable: Trainable | None) -> None:
         del old
 
 
+PER_EXAMPLE_NEEDS = frozenset({"example_id", "mode", "source", "all_teachers"})  # [B] entries in LOSS_NEEDS
+
+
+def check_packing(loss: Loss, needs: frozenset[str]) -> None:
+    """``train.packing`` lays several examples in a row, so a loss must find an example's entries
+    through ``profuser.losses.example_rows``: the ``SparseDivergenceLoss`` kernel and ``flat_batch``
+    do, as does a loss that says so (``supports_packing = True``). Refused: a loss with its own
+    ``__call__`` that reads per-example entries and does not say so."""
+    from ..losses import SparseDivergenceLoss
+
+    own_call = not (isinstance(loss, SparseDivergenceLoss) and type(loss).__call__ is SparseDivergenceLoss.__call__)
+    if needs & PER_EXAMPLE_NEEDS and own_call and not getattr(loss, "supports_packing", False):
+        name = getattr(loss, "name", "") or type(loss).__name__
+        raise ProfuserError(f"loss {name!r} reads per-example entries ({', '.join(sorted(needs & PER_EXAMPLE_NEEDS))}) "
+                            "in its own __call__ and does not declare supports_packing; set train.packing: false, "
+                            "or index them with profuser.losses.example_rows (docs/training.md)", where="train.packing")
+
+
 def _fp32_master(net: torch.nn.Module) -> bool:
     """Weights loaded in bf16/fp16 become fp32 for training (True if any did): AdamW updates fp32
     master weights and accelerate's mixed precision autocasts the compute, as docs/training.md
@@ -581,7 +609,7 @@ def _mode_weights(batches: list[dict], modes: list[str], device) -> float:
     the token mean over the step, sum(weight * loss) / N, is sum_mode w_mode * (token mean over the
     mode). Returns N (at least 1)."""
     local = np.zeros(len(modes))
-    per_example = [(b["labels"][:, 1:] != IGNORE).sum(1).tolist() for b in batches]
+    per_example = [labelled_per_example(b).tolist() for b in batches]
     for batch, counts in zip(batches, per_example):
         for mode, count in zip(batch["modes"], counts):
             local[modes.index(mode)] += count
