@@ -39,7 +39,7 @@ from profuser.errors import ProfuserError
 from profuser.teacher import teacher_logprobs
 
 __all__ = [
-    "IGNORE", "LOG2", "SparseDivergenceLoss", "TokenContext", "flat_batch", "js_divergence", "kl_divergence",
+    "IGNORE", "LOG2", "SparseDivergenceLoss", "TokenContext", "example_rows", "flat_batch", "js_divergence", "kl_divergence",
     "reverse_kl_divergence", "sft_loss", "sparse_logits", "xlogy_sum",
 ]
 
@@ -147,13 +147,15 @@ def flat_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, teacher:
 
     Returns z [N, V], target [N] (IGNORE where no label), weight [N] (the example's weight), and
     with ``teacher`` also ids [N, k] and logits [N, k] of the teacher that row predicts, and
-    teacher_mask [N] (a teacher and a label)."""
+    teacher_mask [N] (a teacher and a label). A ``weight`` of shape [B, T] (a packed batch, see
+    ``example_rows``) gives each row the weight at the position it predicts."""
     b, t, v = logits.shape
     z = logits.reshape(b * t, v)
     target = _shift(batch["labels"].long(), IGNORE).reshape(-1)
     weight = batch.get("weight")
     weight = torch.ones(b, device=logits.device) if weight is None else weight.to(logits.device, torch.float32)
-    out = {"z": z, "target": target, "weight": weight[:, None].expand(b, t).reshape(-1)}
+    weight = _shift(weight, 0.0) if weight.dim() == 2 else weight[:, None].expand(b, t)
+    out = {"z": z, "target": target, "weight": weight.reshape(-1)}
     if teacher:
         k = batch["teacher_ids"].shape[-1]
         out["teacher_ids"] = _shift(batch["teacher_ids"], 0).reshape(-1, k)
@@ -163,18 +165,32 @@ def flat_batch(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, teacher:
     return out
 
 
+def example_rows(batch: dict[str, Any], b: int, t: int, device=None) -> torch.Tensor:
+    """[N] int64: the example of each row of ``logits.view(-1, V)``, an index into the batch's
+    per-example entries (``weight``, ``all_teacher_scores``, the lists). Row (b, t) is example b;
+    in a packed batch (``train.packing``: several examples per row) ``batch["example"]`` [B, T]
+    says (-1 on a row's tail after its examples, given here as 0: those rows have no label)."""
+    packed = batch.get("example")
+    if packed is None:
+        return torch.arange(b, device=device).repeat_interleave(t)
+    return packed.to(device).reshape(-1).clamp_min(0)
+
+
 def _row_columns(batch: dict[str, Any], names: list[str], b: int, t: int) -> dict[str, Any]:
     """Batch entries as rows like ``flat_batch``'s: [B, T, ...] tensors shifted (the entry of
-    position t + 1 at row (b, t); NaN / -1 / False past the end) and flattened to [N, ...]; [B, ...]
-    tensors repeated over each example's T rows; anything else (lists [B]) as given."""
+    position t + 1 at row (b, t); NaN / -1 / False past the end) and flattened to [N, ...]; per-example
+    tensors repeated over each example's rows (``example_rows``); anything else (lists) as given."""
     out = {}
+    packed = "example" in batch
     for name in names:
         value = batch[name]
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (b, t):
+        if name == "all_teacher_scores" and isinstance(value, torch.Tensor):  # [examples, S], whatever its shape
+            out[name] = value[example_rows(batch, b, t, value.device)]
+        elif isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (b, t):
             fill = float("nan") if value.is_floating_point() else (False if value.dtype == torch.bool else -1)
             out[name] = _shift(value, fill).reshape(b * t, *value.shape[2:])
-        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == b:
-            out[name] = value.repeat_interleave(t, dim=0)
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and (packed or value.shape[0] == b):
+            out[name] = value[example_rows(batch, b, t, value.device)]
         else:
             out[name] = value
     return out
@@ -192,7 +208,7 @@ class TokenContext:
     has_teacher: torch.Tensor  # [N] bool: a label and a teacher with a kept slot
     labelled: torch.Tensor  # [N] bool: a label (the rows the loss averages over)
     weight: torch.Tensor  # [N] the example's weight (batch["weight"])
-    example: torch.Tensor  # [N] int64, b: the example of each row (index lists such as batch["source"])
+    example: torch.Tensor  # [N] int64: the example of each row (index lists such as batch["source"]; example_rows)
     columns: dict[str, Any] = field(default_factory=dict)  # the loss's needs, as rows (see _row_columns)
 
 
@@ -241,7 +257,7 @@ class SparseDivergenceLoss(Loss):
         names = [n for n in batch if n in self.needs or (n.startswith("all_teacher_") and "all_teachers" in self.needs)]
         return TokenContext(logp=logp, teacher_ids=f["teacher_ids"], teacher_logits=f["teacher_logits"],
                             has_teacher=has_teacher, labelled=labelled, weight=f["weight"],
-                            example=torch.arange(b, device=logp.device).repeat_interleave(t),
+                            example=example_rows(batch, b, t, logp.device),
                             columns=_row_columns(batch, names, b, t))
 
     def __call__(self, logits, batch, *, beta=None):

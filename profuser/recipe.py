@@ -122,7 +122,11 @@ class ModelSpec(StrictModel):
     label: str | None = None  # how tables and artifacts name it; defaults to the ref's last part
     gguf_file: str | None = None
     revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # unset in a recipe: default_dtype(the run's device), filled in when the run is planned (with_device_dtype)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="float32", json_schema_extra=lambda schema: schema.pop("default", None),
+        description="the weights' dtype; auto: the checkpoint's own. Unset in a recipe: bfloat16 on a CUDA GPU "
+                    "with native bf16 (compute capability >= 8.0), float32 on a CPU (set when the run is planned)")
     trust_remote_code: bool = False
     max_length: int | None = Field(default=None, gt=0)
     chat_template: str | None = None  # jinja text, or a path to a .jinja file
@@ -157,6 +161,43 @@ class ModelSpec(StrictModel):
         return self.model_dump(exclude={"label"})
 
 
+def default_dtype(device: str = "auto") -> str:
+    """The dtype of a recipe's model whose spec names none, on ``device`` (the runtime's: auto, cpu,
+    cuda, cuda:1, ...): bfloat16 on a CUDA GPU with native bf16 (Ampere or newer: emulated bf16 is
+    slower than float32), float32 on the CPU and on anything else. A CUDA device named where none is
+    visible (a GPU run planned from a login node) is taken to have bf16."""
+    if device != "auto" and not device.startswith("cuda"):
+        return "float32"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "float32" if device == "auto" else "bfloat16"
+    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+
+
+def with_device_dtype(recipe: Recipe, device: str = "auto") -> Recipe:
+    """``recipe`` with ``default_dtype(device)`` in each model spec that sets no dtype (target,
+    sources, the judge's reference), so that stage configs and keys hold the dtype that runs. On a
+    CPU that is float32, the field's default: keys are those of the recipe as written. Merges' input
+    models are left alone (mergekit reads them; ``merges[].dtype`` is what the merge computes in)."""
+    specs = [recipe.target, *recipe.sources]
+    judge = recipe.evaluate.judge
+    if judge is not None and judge.reference is not None:
+        specs.append(judge.reference)
+    if all("dtype" in spec.model_fields_set for spec in specs):
+        return recipe  # nothing unset (or resolved already): no device query
+    dtype = default_dtype(device)
+
+    def fill(spec: ModelSpec) -> ModelSpec:
+        return spec if "dtype" in spec.model_fields_set else spec.model_copy(update={"dtype": dtype})
+
+    update: dict[str, Any] = {"target": fill(recipe.target), "sources": [fill(s) for s in recipe.sources]}
+    if judge is not None and judge.reference is not None:
+        update["evaluate"] = recipe.evaluate.model_copy(
+            update={"judge": judge.model_copy(update={"reference": fill(judge.reference)})})
+    return recipe.model_copy(update=update)
+
+
 class DataSpec(StrictModel):
     source: Annotated[ComponentRef, Slot("datasets")]
     sample: int | None = Field(default=None, gt=0, description="keep N examples, drawn with `seed`")
@@ -166,6 +207,16 @@ class DataSpec(StrictModel):
                                  "is `heldout` (or `test`), as the dataset source marks them")
     on_bad_row: Literal["fail", "skip"] = "fail"
     seed: int = 0
+    turns: Literal["all", "last"] = Field(
+        default="all", description="multi-turn conversations: train, teacher-force and score every assistant turn "
+                                   "(all) or the last only, earlier ones as context (last)")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.turns == "all":  # the default dumps (and hashes) as before the field
+            data.pop("turns", None)
+        return data
 
 
 class DistillSpec(StrictModel):
@@ -286,6 +337,8 @@ class TrainSpec(StrictModel):
         description="experiment trackers (accelerate's) that get metrics.jsonl's scalars; [] for metrics.jsonl only")
     push_to_hub: PushSpec | None = Field(default=None, description="push the model to the Hub when `profuser run` ends")
     peft: PeftSpec | None = Field(default=None, description="train a LoRA adapter instead of every weight")
+    packing: bool = Field(default=False, description="lay a micro-batch's examples end to end, attention kept within "
+                          "each example, instead of padding each to the longest (docs/training.md)")
 
     # where a run reports and publishes, not what it trains: no cache key or model card holds these
     NOT_HASHED: ClassVar[frozenset[str]] = frozenset({"report_to", "push_to_hub"})
@@ -295,6 +348,8 @@ class TrainSpec(StrictModel):
         data = handler(self)
         if self.peft is None:  # full fine-tuning dumps (and hashes) as before the field
             data.pop("peft", None)
+        if not self.packing:  # padded batches dump (and hash) as before the field
+            data.pop("packing", None)
         return data
 
     @field_validator("report_to")

@@ -5,6 +5,7 @@ padded computation's, Eq. 5 included (tests/test_eq5.py's hand reference)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def test_rows_are_filled_first_fit_decreasing_and_never_exceed_the_padding():
         for r in range(rows):  # the examples of a row tile it from 0 without overlap
             mine = np.flatnonzero(row == r)
             spans = sorted(zip(offset[mine], ends[mine]))
-            assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_every_entry_moves_to_its_example_and_the_tail_holds_padding(rich):

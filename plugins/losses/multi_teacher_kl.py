@@ -21,7 +21,15 @@ from pydantic import Field, model_validator
 
 from profuser import hookimpl
 from profuser.errors import ProfuserError
-from profuser.losses import IGNORE, SparseDivergenceLoss, _shift, flat_batch, kl_divergence, sparse_logits
+from profuser.losses import (
+    IGNORE,
+    SparseDivergenceLoss,
+    _shift,
+    example_rows,
+    flat_batch,
+    kl_divergence,
+    sparse_logits,
+)
 from profuser.teacher import teacher_logprobs
 
 ENTRIES = ("all_teacher_ids", "all_teacher_logits", "all_teacher_mask", "all_teacher_scores")
@@ -50,6 +58,7 @@ class MultiTeacherKL(SparseDivergenceLoss):
     aliases = ("consistency_kl",)
     part = "kl"
     needs = frozenset({"all_teachers"})
+    supports_packing = True  # per-example entries through example_rows (train.packing)
 
     class Params(SparseDivergenceLoss.Params):
         weights: Literal["uniform", "fixed", "scores"] = Field(default="uniform", description="how w_s is set")
@@ -87,10 +96,13 @@ class MultiTeacherKL(SparseDivergenceLoss):
             logp = logp.masked_fill(~mask[..., None], float("-inf"))
             kept = torch.isfinite(logp)
             mask = mask & kept.any(-1)
-            present = batch["all_teacher_mask"].bool().any(1).to(logits.device)  # [B, S]: a teacher somewhere
-            w_bs = source_weights(batch["all_teacher_scores"].to(logits.device), present, p.weights,
-                                  p.source_weights, -1.0 if p.scores_lower_better else 1.0, p.score_temperature)
-            w_row = w_bs[:, None, :].expand(b, t, s).reshape(-1, s)  # [N, S]
+            scores = batch["all_teacher_scores"].to(logits.device)  # [examples, S]
+            example = example_rows(batch, b, t, logits.device)  # [N] (a packed batch holds several per row)
+            present = torch.zeros(scores.shape, dtype=torch.int32, device=logits.device).index_add_(
+                0, example, batch["all_teacher_mask"].to(logits.device).reshape(-1, s).int()) > 0  # a teacher somewhere
+            w_bs = source_weights(scores, present, p.weights, p.source_weights, -1.0 if p.scores_lower_better else 1.0,
+                                  p.score_temperature)
+            w_row = w_bs[example]  # [N, S]
             flat_ids = ids.long().masked_fill(~kept, 0).reshape(-1, s * k)
             all_ids = torch.cat([target.clamp_min(0)[:, None], flat_ids], dim=1)  # [N, 1 + S k]
         lse, z_at = sparse_logits(f["z"], all_ids, labelled)
