@@ -30,8 +30,9 @@ from jinja2 import TemplateError
 from .errors import DataError, ModelError
 
 __all__ = [
-    "CHAT_FORMATS", "FALLBACK_CHAT_TEMPLATE", "SCORING_TEMPLATES", "ChatEncoding", "ChatFormat", "encode_chat",
-    "format_prompt", "messages", "prompt_ids", "resolve_chat_template", "template_for",
+    "CHAT_FORMATS", "FALLBACK_CHAT_TEMPLATE", "SCORING_TEMPLATES", "ChatEncoding", "ChatFormat", "conversation_history",
+    "encode_chat", "format_prompt", "labelled_text", "messages", "prompt_ids", "resolve_chat_template", "response_of",
+    "template_for",
 ]
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -155,23 +156,102 @@ class ChatEncoding:
     """One conversation in one tokenizer.
 
     ``input_ids`` [L]: prompt + response + end-of-turn tokens, at most ``max_length``;
-    ``response_start``: index of the first response token (labels are ``input_ids[response_start:]``);
-    ``response_offsets`` [L - response_start, 2] int32: character span of each of those tokens in
-    the ``response`` string; tokens after the response text (end-of-turn, EOS) get
-    ``(len(response), len(response))``; ``truncated``: tokens cut from the end.
+    ``response_start``: index of the first token of the last assistant turn (the response);
+    ``positions`` [n] int64: the labelled token indices, ascending (None: ``response_start``..L-1,
+    a single-turn conversation or one whose earlier assistant turns are context only);
+    ``response_offsets`` [n, 2] int32: character span of each labelled token in the labelled
+    text (``labelled_text``: the ``response`` string of a single-turn conversation); tokens
+    after a turn's text (end-of-turn, EOS) get the span ``(end, end)`` of that turn's end;
+    ``truncated``: tokens cut from the end.
     """
 
     input_ids: list[int]
     response_start: int
     response_offsets: np.ndarray
     truncated: int = 0
+    positions: np.ndarray | None = None
+
+    @property
+    def label_positions(self) -> np.ndarray:
+        """[n] int64: the labelled token indices."""
+        if self.positions is None:
+            return np.arange(self.response_start, len(self.input_ids), dtype=np.int64)
+        return self.positions
+
+    @property
+    def label_ids(self) -> list[int]:
+        """The labelled tokens, in order (what the teacher rows are for)."""
+        if self.positions is None:
+            return self.input_ids[self.response_start:]
+        return [self.input_ids[i] for i in self.positions]
 
     @property
     def labels(self) -> list[int]:
-        """``input_ids`` with -100 on prompt tokens (the trainer shifts)."""
+        """``input_ids`` with -100 on every token not labelled (the trainer shifts)."""
         from .artifacts import IGNORE_INDEX
 
-        return [IGNORE_INDEX] * self.response_start + self.input_ids[self.response_start:]
+        if self.positions is None:
+            return [IGNORE_INDEX] * self.response_start + self.input_ids[self.response_start:]
+        labels = [IGNORE_INDEX] * len(self.input_ids)
+        for i in self.positions:
+            labels[i] = self.input_ids[i]
+        return labels
+
+
+# --- whole conversations ----------------------------------------------------------------------------
+#
+# A record keeps its last assistant turn as ``response`` and the user turn before it as
+# ``instruction``; the turns before that user turn (users' and assistants') are ``meta["history"]``,
+# ``[{"role", "content"}]``. An assistant turn there is labelled (trained on, teacher-forced,
+# scored) unless it carries ``"train": false`` (``data.turns: last`` marks them so).
+
+TURN_SEPARATOR = "\n"  # between turns in the labelled text: keeps one turn's end apart from the next's start
+
+
+def conversation_history(meta) -> list[dict]:
+    """The earlier turns of a record (its ``meta``, a dict or the JSON text the data stage
+    writes): a list of ``{role, content[, train]}`` dicts, or [] when there is none. A ``history``
+    field of another shape (a user's own column) is not a conversation and is left alone."""
+    if isinstance(meta, str):
+        import json
+
+        try:
+            meta = json.loads(meta) if meta.strip() else {}
+        except json.JSONDecodeError:
+            return []
+    history = meta.get("history") if isinstance(meta, dict) else None
+    if not isinstance(history, list) or not history:
+        return []
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in history):
+        return []
+    return history
+
+
+def _trained(history: list[dict] | None) -> list[int]:
+    """Indices (in ``history``) of the earlier assistant turns that are labelled."""
+    return [i for i, m in enumerate(history or ()) if m["role"] == "assistant" and m.get("train", True) is not False]
+
+
+def labelled_text(response: str, history: list[dict] | None = None) -> str:
+    """The text the labelled tokens' offsets index: the labelled assistant turns' contents in
+    order, joined by ``TURN_SEPARATOR``; just ``response`` when only the last turn is labelled.
+    Every tokenizer's offsets of one conversation index the same text, which is what the
+    aligners compare."""
+    earlier = [history[i]["content"] for i in _trained(history)]
+    return TURN_SEPARATOR.join([*earlier, response])
+
+
+def response_of(text: str, history: list[dict] | None = None) -> str:
+    """The last assistant turn in ``labelled_text(response, history)``."""
+    earlier = [history[i]["content"] for i in _trained(history)]
+    if not earlier:
+        return text
+    prefix = TURN_SEPARATOR.join(earlier) + TURN_SEPARATOR
+    if not text.startswith(prefix):
+        raise DataError("the stored labelled text does not start with the conversation's earlier assistant turns",
+                        where="chat")
+    return text[len(prefix):]
 
 
 def template_for(tokenizer, chat_template: str | None = None) -> str:
@@ -180,23 +260,31 @@ def template_for(tokenizer, chat_template: str | None = None) -> str:
     return resolve_chat_template(chat_template) or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
 
 
-def messages(system: str, instruction: str, response: str | None = None, *, fold_system: bool = False) -> list[dict]:
-    """The conversation as chat messages (no system message when ``system`` is empty)."""
-    if system and fold_system:
-        turns = [{"role": "user", "content": f"{system}\n\n{instruction}"}]
-    else:
-        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": instruction}]
+def messages(system: str, instruction: str, response: str | None = None, *, fold_system: bool = False,
+             history: list[dict] | None = None) -> list[dict]:
+    """The conversation as chat messages (no system message when ``system`` is empty): the
+    ``history`` turns (``conversation_history``'s form) come before the last user turn.
+    ``fold_system`` opens the first user turn with the system text instead."""
+    turns = [*(history or ()), {"role": "user", "content": instruction}]
     if response is not None:
         turns.append({"role": "assistant", "content": response})
-    return turns
+    return _with_system(system, turns, fold_system)
 
 
-def _render(tokenizer, template: str, system: str, instruction: str, response: str | None) -> str:
+def _with_system(system: str, turns: list[dict], fold: bool) -> list[dict]:
+    turns = [{"role": m["role"], "content": m["content"]} for m in turns]  # no extra keys (train) to the template
+    if system and fold:
+        first = next((m for m in turns if m["role"] == "user"), None)
+        if first is not None:
+            first["content"] = f"{system}\n\n{first['content']}"
+            return turns
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+def _render_turns(tokenizer, template: str, system: str, turns: list[dict], generation_prompt: bool) -> str:
     def apply(fold: bool) -> str:
-        text = tokenizer.apply_chat_template(
-            messages(system, instruction, response, fold_system=fold), chat_template=template, tokenize=False,
-            add_generation_prompt=response is None,
-        )
+        text = tokenizer.apply_chat_template(_with_system(system, turns, fold), chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
         return text if isinstance(text, str) else text[0]
 
     try:
@@ -210,16 +298,26 @@ def _render(tokenizer, template: str, system: str, instruction: str, response: s
             raise ModelError(f"chat template failed: {exc2}", where=_name(tokenizer)) from None
 
 
+def _render(tokenizer, template: str, system: str, instruction: str, response: str | None,
+            history: list[dict] | None = None) -> str:
+    turns = [*(history or ()), {"role": "user", "content": instruction}]
+    if response is not None:
+        turns.append({"role": "assistant", "content": response})
+    return _render_turns(tokenizer, template, system, turns, response is None)
+
+
 def _name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
-def format_prompt(tokenizer, system: str, instruction: str, *, chat_template: str | None = None) -> str:
-    """The prompt text up to where the model starts answering (generation prompt included).
+def format_prompt(tokenizer, system: str, instruction: str, *, chat_template: str | None = None,
+                  history: list[dict] | None = None) -> str:
+    """The prompt text up to where the model starts answering (generation prompt included): the
+    whole conversation (``history``) continued at its last user turn.
 
     BOS is not in the text unless the template writes it: ``prompt_ids`` tokenises it with the
     BOS token exactly once."""
-    return _render(tokenizer, template_for(tokenizer, chat_template), system, instruction, None)
+    return _render(tokenizer, template_for(tokenizer, chat_template), system, instruction, None, history)
 
 
 def _with_bos(tokenizer, text: str, ids: list[int]) -> bool:
@@ -229,31 +327,92 @@ def _with_bos(tokenizer, text: str, ids: list[int]) -> bool:
     return bool(bos) and not text.startswith(bos) and _adds_bos(tokenizer)
 
 
-def prompt_ids(tokenizer, system: str, instruction: str, *, chat_template: str | None = None) -> list[int]:
+def prompt_ids(tokenizer, system: str, instruction: str, *, chat_template: str | None = None,
+               history: list[dict] | None = None) -> list[int]:
     """``format_prompt``'s text as token ids, BOS exactly once: what generation feeds the model.
     For templates whose generation prompt is a prefix of the conversation (ChatML, the fallback)
     these are ``encode_chat(...).input_ids[:response_start]``."""
-    text = format_prompt(tokenizer, system, instruction, chat_template=chat_template)
+    text = format_prompt(tokenizer, system, instruction, chat_template=chat_template, history=history)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return [tokenizer.bos_token_id, *ids] if _with_bos(tokenizer, text, ids) else ids
 
 
-def _response_span(tokenizer, template: str, system: str, instruction: str, response: str) -> tuple[str, int, int, int]:
+def _shown(text: str, at: int, content: str, following: str) -> tuple[int, int] | None:
+    """``(shown length, lead)`` of the form of ``content`` the template wrote at ``text[at:]``
+    (templates that trim it: Llama-3, Gemma), followed by ``following``; None when no form is there."""
+    n_lead = len(content) - len(content.lstrip())
+    for shown, lead in ((content, 0), (content.strip(), n_lead), (content.lstrip(), n_lead), (content.rstrip(), 0)):
+        if text.startswith(shown, at) and text.startswith(following, at + len(shown)):
+            return len(shown), lead
+    return None
+
+
+def _response_span(tokenizer, template: str, system: str, instruction: str, response: str,
+                   history: list[dict] | None = None) -> tuple[str, int, int, int]:
     """The full conversation text and where the response sits in it: ``(text, start, end, lead)``
     where ``text[start:end] == response[lead:lead + end - start]`` (``lead`` > 0 when the
     template strips leading whitespace)."""
-    marked = _render(tokenizer, template, system, instruction, _SENTINEL)
+    marked = _render(tokenizer, template, system, instruction, _SENTINEL, history)
     at = marked.find(_SENTINEL)
     if at < 0:
         raise ModelError("the chat template drops the assistant message", where=_name(tokenizer))
     before, after = marked[:at], marked[at + len(_SENTINEL):]
-    text = _render(tokenizer, template, system, instruction, response)
+    text = _render(tokenizer, template, system, instruction, response, history)
     # templates that trim the content (Llama-3, Gemma): find which form of the response is there
-    n_lead = len(response) - len(response.lstrip())
-    for shown, lead in ((response, 0), (response.strip(), n_lead), (response.lstrip(), n_lead), (response.rstrip(), 0)):
-        if text == before + shown + after:
-            return text, len(before), len(before) + len(shown), lead
-    raise ModelError("the chat template changes the response text; cannot locate response tokens", where=_name(tokenizer))
+    found = _shown(text, len(before), response, after) if text.startswith(before) else None
+    if found is None or len(before) + found[0] + len(after) != len(text):
+        raise ModelError("the chat template changes the response text; cannot locate response tokens", where=_name(tokenizer))
+    return text, len(before), len(before) + found[0], found[1]
+
+
+def _turn_spans(tokenizer, template: str, system: str, instruction: str, response: str,
+                history: list[dict]) -> tuple[str, list[tuple[int, int, int, int]]]:
+    """The full conversation text and, for each labelled assistant turn in order (the response
+    last), ``(start, end, lead, stop)``: its content is ``text[start:end]`` (less ``lead``
+    trimmed characters, as ``_response_span``) and its end of turn runs to ``stop`` (the
+    response's: to the end of the text). The end of an earlier turn is what the template writes
+    after it when it ends the conversation (``<|im_end|>\n``, EOS) and writes there too."""
+    trained = _trained(history)
+    marks = [f"\x00PROFUSER_TURN_{j}\x00" for j in range(len(trained))] + [_SENTINEL]
+    marked_history = [dict(m) for m in history]
+    for j, i in enumerate(trained):
+        marked_history[i]["content"] = marks[j]
+    marked = _render(tokenizer, template, system, instruction, _SENTINEL, marked_history)
+    cuts, pos = [], 0
+    for mark in marks:
+        at = marked.find(mark, pos)
+        if at < 0:
+            raise ModelError("the chat template drops an assistant message", where=_name(tokenizer))
+        cuts.append((pos, at))
+        pos = at + len(mark)
+    fixed = [marked[a:b] for a, b in cuts] + [marked[pos:]]  # the template's text around the turns
+    text = _render(tokenizer, template, system, instruction, response, history)
+    contents = [history[i]["content"] for i in trained] + [response]
+    spans, at = [], 0
+    for j, content in enumerate(contents):
+        found = _shown(text, at + len(fixed[j]), content, fixed[j + 1]) if text.startswith(fixed[j], at) else None
+        if found is None:
+            raise ModelError("the chat template changes an assistant turn's text; cannot locate its tokens",
+                             where=_name(tokenizer))
+        start = at + len(fixed[j])
+        end = start + found[0]
+        spans.append([start, end, found[1], len(text)])
+        at = end
+    if at + len(fixed[-1]) != len(text):
+        raise ModelError("the chat template changes the response text; cannot locate response tokens", where=_name(tokenizer))
+    for j, i in enumerate(trained):  # how much of the text after an earlier turn is its end of turn
+        upto = [*marked_history[: i + 1]]
+        try:
+            closing = _render_turns(tokenizer, template, system, upto, False)
+        except ModelError:  # a template that wants a user turn last: the turn's text alone is labelled
+            closing = ""
+        tail = closing[closing.find(marks[j]) + len(marks[j]):] if marks[j] in closing else ""
+        between = fixed[j + 1]
+        n = 0
+        while n < min(len(tail), len(between)) and tail[n] == between[n]:
+            n += 1
+        spans[j][3] = spans[j][1] + n
+    return text, [tuple(span) for span in spans]
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -265,10 +424,13 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def encode_chat(
-    tokenizer, system: str, instruction: str, response: str, *, max_length: int, chat_template: str | None = None
+    tokenizer, system: str, instruction: str, response: str, *, max_length: int, chat_template: str | None = None,
+    history: list[dict] | None = None,
 ) -> ChatEncoding:
     """Tokenise prompt + response + end-of-turn as the model sees it in a chat, and locate the
-    response tokens. Needs a fast tokenizer (offsets).
+    response tokens. Needs a fast tokenizer (offsets). ``history``: the earlier turns
+    (``conversation_history``); their labelled assistant turns are labelled too, each with its
+    end of turn (``positions``, offsets into ``labelled_text``).
 
     Truncation cuts tokens from the end (the response, then nothing else); a prompt that leaves
     no room for a single response token raises ``DataError``. BOS is added once: by the template
@@ -276,7 +438,12 @@ def encode_chat(
     if max_length <= 0:
         raise ValueError("max_length must be positive")
     template = template_for(tokenizer, chat_template)
-    text, start, end, lead = _response_span(tokenizer, template, system, instruction, response)
+    earlier = _trained(history)
+    if earlier:
+        text, spans = _turn_spans(tokenizer, template, system, instruction, response, history)
+        start, end, lead, _ = spans[-1]
+    else:  # the single-turn path, unchanged: earlier turns (if any) are context only
+        text, start, end, lead = _response_span(tokenizer, template, system, instruction, response, history)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
@@ -298,18 +465,42 @@ def encode_chat(
         raise ModelError("the tokenizer's offsets cover no response character", where=_name(tokenizer))
 
     # [n_resp, 2] spans in `response`: clipped to the response, shifted by what the template trimmed
-    spans = offsets[response_start:]
-    rel = np.clip(spans, start, end) - start + lead
-    rel[spans[:, 0] >= end] = len(response)  # end-of-turn and anything after the response text
+    spans_resp = offsets[response_start:]
+    rel = np.clip(spans_resp, start, end) - start + lead
+    rel[spans_resp[:, 0] >= end] = len(response)  # end-of-turn and anything after the response text
     truncated = max(0, len(ids) - max_length)
     if response_start >= max_length:
         raise DataError(
             f"the prompt is {response_start} tokens; max_length {max_length} leaves no room for the response",
             where=_name(tokenizer),
         )
-    ids = ids[:max_length]
-    rel = rel[: len(ids) - response_start]
-    return ChatEncoding(ids, response_start, rel.astype(np.int32), truncated)
+    if not earlier:
+        ids = ids[:max_length]
+        rel = rel[: len(ids) - response_start]
+        return ChatEncoding(ids, response_start, rel.astype(np.int32), truncated)
+
+    # earlier labelled turns: the tokens that cover a character of the turn or of its end of turn
+    # (zero-width ones inside its end of turn too), offsets into the labelled text
+    positions, relative, base, last = [], [], 0, -1
+    nonzero = offsets[:, 1] > offsets[:, 0]
+    for (t_start, t_end, t_lead, t_stop), i in zip(spans[:-1], earlier):
+        content = history[i]["content"]
+        inside = np.where(nonzero, (offsets[:, 1] > t_start) & (offsets[:, 0] < t_stop),
+                          (offsets[:, 0] >= t_end) & (offsets[:, 0] < t_stop))
+        idx = np.flatnonzero(inside[:response_start])
+        idx = idx[idx > last]  # a token across two turns' boundary counts once, for the first
+        last = int(idx[-1]) if len(idx) else last
+        turn_rel = np.clip(offsets[idx], t_start, t_end) - t_start + t_lead
+        turn_rel[offsets[idx, 0] >= t_end] = len(content)
+        positions.append(idx)
+        relative.append(turn_rel + base)
+        base += len(content) + len(TURN_SEPARATOR)
+    positions.append(np.arange(response_start, len(ids), dtype=np.int64))
+    relative.append(rel + base)
+    pos = np.concatenate(positions).astype(np.int64)
+    offs = np.concatenate(relative).reshape(-1, 2)
+    keep = pos < max_length
+    return ChatEncoding(ids[:max_length], response_start, offs[keep].astype(np.int32), truncated, pos[keep])
 
 
 def target_max_length(tokenizer, max_length: int) -> int:

@@ -119,6 +119,9 @@ class Prompt:
     id: str
     system: str
     instruction: str
+    # the conversation's earlier turns ([{role, content}], profuser.chat.conversation_history): a
+    # generator continues the conversation at its last user turn (format_prompt's history=)
+    history: list[dict] = field(default_factory=list)
 
 
 class Generator(Component):

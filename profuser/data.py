@@ -40,13 +40,26 @@ class ColumnMap(StrictModel):
     """Which field of a row holds what (``format: columns``). A value is a field name or a dotted
     path into nested rows (``cluster.samples.0.output``: integers index lists). ``input`` is
     appended to the instruction after a blank line, as in Alpaca; a row without ``id`` gets a
-    content hash."""
+    content hash. ``messages`` names a field holding a whole conversation instead of
+    ``instruction`` and ``response``: a list of ``{role, content}`` (OpenAI) or ``{from, value}``
+    (ShareGPT) turns, read as ``format: messages`` / ``sharegpt`` read theirs."""
 
-    instruction: str
-    response: str
+    instruction: str | None = None
+    response: str | None = None
     id: str | None = None
     system: str | None = None
     input: str | None = None
+    messages: str | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self):
+        if self.messages is not None:
+            both = [name for name in ("instruction", "response", "input") if getattr(self, name) is not None]
+            if both:
+                raise ValueError(f"`messages` holds the whole conversation: drop {', '.join(both)}")
+        elif self.instruction is None or self.response is None:
+            raise ValueError("name `instruction` and `response` (or `messages`, a field holding the turns)")
+        return self
 
 
 class RowFormatParams(StrictModel):
@@ -138,9 +151,13 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict[str, s
     return out
 
 
-def _from_turns(row: dict, turns: list[tuple[str, str]], consumed: set[str]) -> tuple[str, str, str, dict]:
+def _from_turns(row: dict, turns: list[tuple[str, str]], consumed: set[str],
+                system: str | None = None) -> tuple[str, str, str, dict]:
     """(system, instruction, response, extra meta) of a conversation: the last assistant turn is the
-    response, the user turn before it the instruction; earlier turns are kept as ``history``."""
+    response, the user turn before it the instruction; earlier turns are kept as ``history``
+    (``[{role, content}]``, every stage reads them as the conversation's context and labels its
+    assistant turns). ``system``: the system text when the row has no system turn (default: its
+    ``system`` field)."""
     last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
     if last is None:
         raise _Bad("no assistant turn")
@@ -148,10 +165,27 @@ def _from_turns(row: dict, turns: list[tuple[str, str]], consumed: set[str]) -> 
     if user is None:
         raise _Bad("no user turn before the last assistant turn")
     systems = [text for role, text in turns if role == "system"]
-    system = systems[0] if systems else _text(row, "system", required=False)
+    if systems:
+        system = systems[0]
+    elif system is None:
+        system = _text(row, "system", required=False)
     consumed.add("system")
     history = [{"role": role, "content": text} for role, text in turns[:user] if role != "system"]
     return system, turns[user][1], turns[last][1], ({"history": history} if history else {})
+
+
+def _column_turns(row: dict, path: str) -> list[tuple[str, str]]:
+    """The turns of a ``columns: {messages: PATH}`` field: OpenAI (``role``/``content``) or
+    ShareGPT (``from``/``value``) turns, told apart by the first turn's keys."""
+    value = _lookup(row, path)
+    if value is _MISSING or value is None:
+        raise _Bad(f"missing field {path!r}")
+    first = value[0] if isinstance(value, list) and value else None
+    sharegpt = isinstance(first, dict) and "from" in first and "role" not in first
+    holder = {path: value}
+    if sharegpt:
+        return _turns(holder, path, "from", "value", _SHAREGPT_ROLES)
+    return _turns(holder, path, "role", "content", None)
 
 
 _MISSING = object()
@@ -249,9 +283,16 @@ def _convert(row: dict, fmt: str, columns: ColumnMap | None) -> tuple[str | None
         system, instruction, response, extra = _from_turns(row, turns, consumed)
     elif fmt == "columns":
         assert columns is not None
-        paths = [c for c in (columns.instruction, columns.response, columns.id, columns.system, columns.input) if c]
+        paths = [c for c in (columns.instruction, columns.response, columns.id, columns.system, columns.input,
+                             columns.messages) if c]
         # a nested path consumes its whole top-level field: meta would otherwise repeat the text
         consumed = {p if p in row else p.split(".", 1)[0] for p in paths}
+        if columns.messages:
+            system, instruction, response, extra = _from_turns(
+                row, _column_turns(row, columns.messages), set(),
+                _path_text(row, columns.system, required=False) if columns.system else "")
+            row_id = _lookup(row, columns.id) if columns.id else None
+            return (None if row_id in (None, _MISSING) else str(row_id)), system, instruction, response, extra, consumed
         instruction = _path_text(row, columns.instruction)
         if columns.input:
             instruction = _join_input(instruction, _path_text(row, columns.input, required=False))

@@ -12,6 +12,10 @@ longest prefix all of them covered (each source's tokens that end within it; the
 fills their per-token NLLs), whatever the reduction, and ``detail`` names the truncated sources
 (``truncated``) and the prefix (``prefix_chars``); the select stage counts such examples.
 Without per-token NLLs, a source is scored per byte over what it covered itself.
+
+A multi-turn conversation is scored on every labelled assistant turn: the logits stage
+teacher-forced each source on all of them, and the text compared (bytes, the common prefix) is
+``profuser.chat.labelled_text`` of the example (just the response for a single turn).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 from typing import Literal
 
 from profuser import hookimpl
+from profuser.chat import conversation_history, labelled_text
 from profuser.components import AdvantageEvaluator, Candidates, Choice, SourceNLL, StrictModel
 from profuser.errors import DataError
 
@@ -46,9 +51,10 @@ class MinCE(AdvantageEvaluator):
         return [self._choose(example) for example in examples]
 
     def _choose(self, example: Candidates) -> Choice:
-        full = len(example.reference.encode("utf-8"))
+        reference = labelled_text(example.reference, conversation_history(example.meta))
+        full = len(reference.encode("utf-8"))
         truncated = [s for s, nll in example.nll.items() if 0 < nll.n_tokens and nll.n_bytes < full]
-        prefix = self._common_prefix(example) if truncated else None
+        prefix = self._common_prefix(example, reference) if truncated else None
         reduction = "per_byte" if truncated else self.params.reduction
         scores: dict[str, float] = {}
         empty = []
@@ -57,7 +63,7 @@ class MinCE(AdvantageEvaluator):
             if nll.n_tokens <= 0 or (reduction == "per_byte" and nll.n_bytes <= 0):
                 empty.append(source)
                 continue
-            value = self._prefix_per_byte(example.reference, nll, prefix) if truncated else self.reduce(nll)
+            value = self._prefix_per_byte(reference, nll, prefix) if truncated else self.reduce(nll)
             if value is None:  # none of its tokens ends within the common prefix
                 empty.append(source)
                 continue
@@ -81,17 +87,17 @@ class MinCE(AdvantageEvaluator):
         return Choice(chosen=chosen, scores=scores, detail=detail)
 
     @staticmethod
-    def _common_prefix(example: Candidates) -> int:
+    def _common_prefix(example: Candidates, reference: str) -> int:
         """Characters of the response every source's tokens cover (the whole response for a source
         that covers all of its bytes)."""
-        whole = len(example.reference)
+        whole = len(reference)
         covered = []
         for nll in example.nll.values():
             if nll.n_tokens <= 0:
                 continue
             if nll.token_ends is not None:
                 covered.append(max(nll.token_ends, default=0))
-            elif nll.n_bytes >= len(example.reference.encode("utf-8")):
+            elif nll.n_bytes >= len(reference.encode("utf-8")):
                 covered.append(whole)
         return min(covered, default=whole)
 

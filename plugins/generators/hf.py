@@ -101,7 +101,8 @@ class HFGenerator(Generator):
         if config.pad_token_id is None:
             raise ModelError("has neither a pad nor an EOS token to pad batches with", where=model_label(spec))
 
-        encoded = [encode_prompt(tokenizer, format_prompt(tokenizer, q.system, q.instruction, chat_template=spec.chat_template))
+        encoded = [encode_prompt(tokenizer, format_prompt(tokenizer, q.system, q.instruction, chat_template=spec.chat_template,
+                                                                 history=q.history))
                    for q in prompts]
         limit = context_limit(tokenizer)
         truncated = 0

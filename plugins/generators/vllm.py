@@ -331,7 +331,8 @@ class VLLMGenerator(Generator):
                              "(or use the hf generator)", where=model_label(spec))
         tokenizer = self._start(spec)
         p = self.params
-        encoded = [encode_prompt(tokenizer, format_prompt(tokenizer, q.system, q.instruction, chat_template=spec.chat_template))
+        encoded = [encode_prompt(tokenizer, format_prompt(tokenizer, q.system, q.instruction, chat_template=spec.chat_template,
+                                                                 history=q.history))
                    for q in prompts]
         limit = context_limit(tokenizer) or spec.max_length
         room = limit - p.max_new_tokens if limit else 1 << 62

@@ -141,7 +141,9 @@ def heldout_config(path: Path, *, mode: PromptMode, max_gen_toks: int) -> dict[s
 # trainer uses (profuser.chat: the tokenizer's template, else the fallback; BOS once): the
 # log-likelihood of the response and everything the template puts after it (end of turn), as
 # lm-eval's ``loglikelihood`` of a continuation, divided by the response's bytes and ln 2. Bytes,
-# not tokens, so models with different tokenizers are comparable. Lower is better.
+# not tokens, so models with different tokenizers are comparable. Lower is better. A multi-turn
+# conversation is scored on every labelled assistant turn, each given the whole conversation
+# before it: one doc per turn (id ``<id>/turn<j>`` for the j-th earlier one, ``<id>`` for the last).
 
 BPB_FILE = "heldout_bpb.parquet"
 
@@ -153,7 +155,8 @@ def bpb_docs(path: Path, tokenizer, template: str, out_dir: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..chat import _response_span  # the trainer's own split of a conversation into prompt / response
+    # the trainer's own split of a conversation into prompt / labelled turns
+    from ..chat import _response_span, _trained, _turn_spans, conversation_history
 
     table = pq.read_table(path)
     missing = {"id", "instruction", "response"} - set(table.column_names)
@@ -161,21 +164,53 @@ def bpb_docs(path: Path, tokenizer, template: str, out_dir: Path) -> Path:
         raise DataError(f"held-out table lacks column(s) {', '.join(sorted(missing))}", where=str(path))
     rows = {"id": [], "context": [], "continuation": [], "n_bytes": []}
     systems = table.column("system").to_pylist() if "system" in table.column_names else [""] * table.num_rows
-    for rid, system, instruction, response in zip(table.column("id").to_pylist(), systems,
-                                                  table.column("instruction").to_pylist(), table.column("response").to_pylist()):
+    metas = table.column("meta").to_pylist() if "meta" in table.column_names else [None] * table.num_rows
+    for rid, system, instruction, response, meta in zip(table.column("id").to_pylist(), systems,
+                                                        table.column("instruction").to_pylist(),
+                                                        table.column("response").to_pylist(), metas):
         if not response:
             continue
-        text, start, _, _ = _response_span(tokenizer, template, system or "", instruction, response)
-        rows["id"].append(str(rid))
-        rows["context"].append(text[:start])
-        rows["continuation"].append(text[start:])
-        rows["n_bytes"].append(len(response.encode("utf-8")))
+        history = conversation_history(meta)
+        earlier = _trained(history)
+        if not earlier:  # a single turn (or earlier turns as context only)
+            text, start, _, _ = _response_span(tokenizer, template, system or "", instruction, response, history)
+            rows["id"].append(str(rid))
+            rows["context"].append(text[:start])
+            rows["continuation"].append(text[start:])
+            rows["n_bytes"].append(len(response.encode("utf-8")))
+            continue
+        text, spans = _turn_spans(tokenizer, template, system or "", instruction, response, history)
+        contents = [history[i]["content"] for i in earlier] + [response]
+        for j, ((start, _, _, stop), content) in enumerate(zip(spans, contents)):
+            if not content:
+                continue
+            rows["id"].append(_turn_id(rid, j, len(spans)))
+            rows["context"].append(text[:start])
+            rows["continuation"].append(text[start:stop])
+            rows["n_bytes"].append(len(content.encode("utf-8")))
     if not rows["id"]:
         raise DataError(f"none of the {table.num_rows} held-out rows has a response, so {HELDOUT_BPB_TASK} "
                         "cannot score them", where=str(path))
     out = Path(out_dir) / BPB_FILE
     pq.write_table(pa.table(rows), out)
     return out
+
+
+def _turn_id(rid, j: int, n: int) -> str:
+    """The bpb doc id of a conversation's j-th labelled assistant turn of n (the last: the id)."""
+    return str(rid) if j == n - 1 else f"{rid}/turn{j + 1}"
+
+
+def _bpb_ids(rid, response, meta) -> list[str]:
+    """The bpb doc ids of one held-out row, in ``bpb_docs``' order."""
+    if not response:
+        return []
+    from ..chat import _trained, conversation_history
+
+    history = conversation_history(meta)
+    earlier = _trained(history)
+    n = len(earlier) + 1
+    return [_turn_id(rid, j, n) for j, i in enumerate(earlier) if history[i]["content"]] + [str(rid)]
 
 
 def bpb_results(doc: dict, results: list) -> dict[str, float]:
@@ -215,5 +250,6 @@ def heldout_ids(path: Path, task: str) -> list[str]:
     if task == HELDOUT_TASK:
         return [i for i, m in zip(ids, table.column("meta").to_pylist()) if _answer_of(m) is not None]
     if task == HELDOUT_BPB_TASK:
-        return [i for i, r in zip(ids, table.column("response").to_pylist()) if r]
+        metas = table.column("meta").to_pylist() if "meta" in table.column_names else [None] * table.num_rows
+        return [d for i, r, m in zip(ids, table.column("response").to_pylist(), metas) for d in _bpb_ids(i, r, m)]
     raise ValueError(f"{task} is not a held-out task")

@@ -14,7 +14,8 @@ in data order, in row groups of ``ROWS_PER_GROUP``.
 
 Writes ``aligned.parquet``, one row per example in data order (what lets ``build`` merge the
 sources' files in one sequential pass): ``id``, ``response``, ``target_ids`` [n] (the
-target's response tokens), ``teacher_ids`` [n][k], ``teacher_logits`` [n][k] (raw, -inf unused),
+target's labelled tokens: the response's, and those of a conversation's labelled earlier
+assistant turns before them), ``teacher_ids`` [n][k], ``teacher_logits`` [n][k] (raw, -inf unused),
 ``teacher_mask`` [n], ``category`` [n] (int8 codes of ``alignment.CATEGORIES``), and
 ``report.json``: the category shares and the aligner's speed (target tokens per second). With
 ``columns: [teacher_logz]`` in its config (a loss that needs it) also ``teacher_logz`` [n], the
@@ -33,7 +34,7 @@ from pydantic import Field
 
 from ..alignment import AlignmentCounts, ProjectionParams, project, vocab_map
 from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, list_column, read_selection
-from ..chat import target_max_length
+from ..chat import conversation_history, response_of, target_max_length
 from ..components import Mode, Tokenized
 from ..errors import ArtifactError, DataError, ProfuserError
 from . import ModelIdentity, Ref, StageConfig
@@ -112,12 +113,15 @@ def run(ctx) -> dict:
         nonlocal align_seconds, source_tokens
         example_id = record["id"]
         ex = reader.get(example_id)
+        # a conversation: the store holds its labelled turns' text (chat.labelled_text), the response last
+        history = conversation_history(record["meta"])
         try:
-            enc = encode_chat(target_tok, record["system"] or "", record["instruction"], ex.response,
-                              max_length=max_length)
+            response = response_of(ex.response, history)
+            enc = encode_chat(target_tok, record["system"] or "", record["instruction"], response,
+                              max_length=max_length, history=history)
         except ProfuserError as exc:
             raise type(exc)(f"example {example_id!r}: {exc.message}", where=f"{where} (target)") from None
-        target_ids = np.asarray(enc.input_ids[enc.response_start:], dtype=np.int32)  # [n]
+        target_ids = np.asarray(enc.label_ids, dtype=np.int32)  # [n]
         target = Tokenized(ex.response, target_ids, enc.response_offsets,
                            target_tok.convert_ids_to_tokens(target_ids.tolist()))
         source = Tokenized(ex.response, ex.token_ids, ex.offsets, source_tok.convert_ids_to_tokens(ex.token_ids.tolist()))
@@ -132,7 +136,7 @@ def run(ctx) -> dict:
                           vmap, params)
         counts.add(teacher.category)
         source_tokens += ex.n_tokens
-        return {"id": example_id, "response": ex.response, "target_ids": target_ids, "teacher": teacher}
+        return {"id": example_id, "response": response, "target_ids": target_ids, "teacher": teacher}
 
     with_logz = "teacher_logz" in cfg.columns  # only for a loss that needs it: else as before
     schema = ALIGNED_SCHEMA.append(pa.field("teacher_logz", pa.list_(pa.float32()))) if with_logz else ALIGNED_SCHEMA
@@ -158,7 +162,7 @@ def run(ctx) -> dict:
         won = set(ids)
         # on stderr, and only on a terminal (disable=None): stdout and every --json stay clean
         bar = tqdm(total=len(ids), unit="ex", desc=where, disable=(not ctx.runtime.progress) or None, mininterval=1.0)
-        for chunk in iter_chunks(iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction"]),
+        for chunk in iter_chunks(iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction", "meta"]),
                                  CHUNK_RECORDS):
             todo = []
             for record in chunk:

@@ -44,7 +44,7 @@ from pyarrow import ipc
 from pydantic import Field
 
 from ..artifacts import IGNORE_INDEX, Selected, iter_records, list_column, read_selection
-from ..chat import target_max_length
+from ..chat import conversation_history, target_max_length
 from ..components import Mode
 from ..errors import ArtifactError, DataError, ProfuserError
 from ..training.data import ALL_TEACHERS_SCHEMA, EXTRA_SCHEMA, STATS_SCHEMA
@@ -235,7 +235,7 @@ def run(ctx) -> dict:
     with ipc.new_file(str(ctx.out / EXAMPLES_FILE), schema, options=options) as sink:
         from tqdm.auto import tqdm  # progress on stderr, only on a terminal: --json stays clean
 
-        records = iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction", "response"])
+        records = iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction", "response", "meta"])
         for record in tqdm(records, unit="ex", desc=ctx.stage.id, disable=(not ctx.runtime.progress) or None,
                            mininterval=1.0):
             example_id = record["id"]
@@ -251,24 +251,31 @@ def run(ctx) -> dict:
                 raise ArtifactError(f"example {example_id!r}: align/{mode}/{chosen} holds another response than the "
                                     "ground truth in the data", where=where)
             response = record["response"] if mode == "training" else row["response"]
+            history = conversation_history(record["meta"])  # a conversation's earlier turns: context, and labelled
             try:
-                enc = encode_chat(tokenizer, record["system"] or "", record["instruction"], response, max_length=max_length)
+                enc = encode_chat(tokenizer, record["system"] or "", record["instruction"], response, max_length=max_length,
+                                  history=history)
             except ProfuserError as exc:
                 raise type(exc)(f"example {example_id!r}: {exc.message}", where=where) from None
             input_ids = np.asarray(enc.input_ids, dtype=np.int32)  # [L]
             start = enc.response_start
-            if not np.array_equal(input_ids[start:], row["target_ids"]):
+            labelled = np.asarray(enc.label_ids, dtype=np.int32)  # [n]
+            if not np.array_equal(labelled, row["target_ids"]):
                 raise ArtifactError(
-                    f"example {example_id!r}: the target tokenises the response into {len(input_ids) - start} tokens here "
+                    f"example {example_id!r}: the target tokenises the response into {len(labelled)} tokens here "
                     f"but align/{mode}/{chosen} aligned {len(row['target_ids'])} different ones (same target, template and "
                     "max_length needed)", where=where)
-            L, k = len(input_ids), row["teacher_ids"].shape[1]
+            k = row["teacher_ids"].shape[1]
             k_seen.add(k)
             if len(k_seen) > 1:
                 raise ArtifactError(f"example {example_id!r}: teachers of different top-k ({sorted(k_seen)}) in one build",
                                     where=where)
             labels = input_ids.copy()
-            labels[:start] = IGNORE_INDEX  # the labelled positions are start..L-1, where the teacher rows go
+            if enc.positions is None:
+                labels[:start] = IGNORE_INDEX  # the labelled positions are start..L-1, where the teacher rows go
+            else:  # a conversation's labelled assistant turns, where the teacher rows go
+                labels[:] = IGNORE_INDEX
+                labels[enc.positions] = input_ids[enc.positions]
             gt_length = len(tokenizer(record["response"], add_special_tokens=False)["input_ids"])
             columns = {"category": list_column([row["category"]], pa.int8())}
             if "teacher_logz" in extra:
@@ -289,7 +296,7 @@ def run(ctx) -> dict:
                 list_column([row["teacher_mask"]], pa.bool_()),
                 pa.array([gt_length], pa.int32()),
                 pa.array([chosen], pa.string()),  # the statistics (STATS_SCHEMA)
-                pa.array([L - start], pa.int32()),
+                pa.array([len(labelled)], pa.int32()),
                 pa.array([entropy], pa.float32()),
                 pa.array([top1], pa.float32()),
                 pa.array([scores_text], pa.string()),
@@ -298,7 +305,7 @@ def run(ctx) -> dict:
                 *teachers,
             ], schema=schema))
             examples += 1
-            response_tokens += L - start
+            response_tokens += len(labelled)
             teacher_tokens += int(row["teacher_mask"].sum())
     if chosen_by_id:
         raise DataError(f"example {next(iter(chosen_by_id))!r} is selected but not in the data", where=where)

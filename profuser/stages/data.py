@@ -7,6 +7,7 @@ from collections import Counter
 
 from pydantic import Field
 
+from ..chat import conversation_history
 from ..components import BadRow, Record
 from ..data import SOURCE_SPLIT, dedup, sample, split, split_marked, unique_ids, write_records
 from ..errors import DataError
@@ -55,6 +56,11 @@ def run(ctx) -> dict:
     if not records:
         raise DataError(f"no usable records ({rows_read} rows read, {len(bad)} bad, {duplicates} duplicates)",
                         where=f"data source {cfg.source.name}")
+    if cfg.turns == "last":  # earlier assistant turns stay context: no stage labels them
+        for record in records:
+            for turn in conversation_history(record.meta):
+                if turn["role"] == "assistant":
+                    turn["train"] = False
     if cfg.heldout == SOURCE_SPLIT:  # the source's own split; data.sample draws from its training side
         train, heldout = split_marked(records)
         train = sample(train, cfg.sample, cfg.seed)
@@ -82,5 +88,14 @@ def run(ctx) -> dict:
                   for name, part in (("train", train), ("heldout", heldout))},
         "system_messages": len({r.system for r in kept}),
     }
+    histories = [conversation_history(r.meta) for r in kept]
+    if any(histories):  # single-turn data: stats.json as before
+        stats["conversations"] = {
+            "multi_turn": sum(bool(h) for h in histories),
+            "turns": sum(len(h) + 2 for h in histories),  # history + the instruction + the response
+            "assistant_turns": sum(1 + sum(t["role"] == "assistant" for t in h) for h in histories),
+            "labelled_assistant_turns": sum(1 + sum(t["role"] == "assistant" and t.get("train", True) is not False
+                                                    for t in h) for h in histories),
+        }
     atomic_write_json(ctx.out / "stats.json", stats)
     return metrics

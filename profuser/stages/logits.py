@@ -28,12 +28,13 @@ import inspect
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from ..artifacts import CHUNK_RECORDS, iter_chunks, iter_records, read_selection
+from ..chat import conversation_history
 from ..components import Mode
 from ..errors import DataError, ModelError, ProfuserError
 from ..logits_store import LogitsWriter
@@ -79,6 +80,11 @@ class Item:
     system: str
     instruction: str
     response: str
+    history: list[dict] = field(default_factory=list)  # a conversation's earlier turns (profuser.chat)
+
+
+def _item(r: dict, response: str) -> Item:
+    return Item(r["id"], r["system"] or "", r["instruction"], response, conversation_history(r["meta"]))
 
 
 @dataclass
@@ -87,8 +93,9 @@ class Encoded:
     response: str
     input_ids: np.ndarray  # [L] int64
     response_start: int
-    offsets: np.ndarray  # [L - response_start, 2] int32
+    offsets: np.ndarray  # [n, 2] int32, in the labelled text (the response of a single turn)
     truncated: int
+    positions: np.ndarray | None = None  # [n] labelled positions; None: response_start..L-1
 
 
 def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
@@ -97,10 +104,10 @@ def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
     where = f"stage logits/{mode}/{source}"
     if mode not in ("training", "inference"):
         raise ProfuserError(f"unknown mode {mode!r} (inference or training)", where=where)
-    records = iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction", "response"])
+    records = iter_records(ctx.inputs[DATA] / "train.parquet", ["id", "system", "instruction", "response", "meta"])
     if mode == "training":
         for chunk in iter_chunks(records, PROMPT_CHUNK):
-            yield [Item(r["id"], r["system"] or "", r["instruction"], r["response"]) for r in chunk]
+            yield [_item(r, r["response"]) for r in chunk]
         return
     if ctx.config.all_examples:  # a loss that reads every source's teacher on the same response
         yield from _chosen_items(ctx, records)
@@ -124,7 +131,7 @@ def items(ctx, mode: str, source: str) -> Iterator[list[Item]]:
             if generated is None:
                 raise DataError(f"example {r['id']!r} was won by {source!r} but its generation is missing (rows follow "
                                 f"the data's order; the next one is {pending['id'] if pending else None!r})", where=str(path))
-            out.append(Item(r["id"], r["system"] or "", r["instruction"], generated))
+            out.append(_item(r, generated))
         yield out
 
 
@@ -159,22 +166,32 @@ def _chosen_items(ctx, records: Iterator[dict]) -> Iterator[list[Item]]:
             if source not in generated or not 0 <= sample < len(generated[source]):
                 raise DataError(f"example {r['id']!r} was won by {source!r} (sample {sample}) but that generation is "
                                 "missing (rows follow the data's order)", where=str(ctx.inputs[generations_role(source)]))
-            out.append(Item(r["id"], r["system"] or "", r["instruction"], generated[source][sample]))
+            out.append(_item(r, generated[source][sample]))
         yield out
 
 
 def encode(tokenizer, item: Item, *, max_length: int, source: str) -> Encoded:
-    """``item`` in the source's chat format (``load_tokenizer`` applied any recipe template override)."""
-    from ..chat import encode_chat
+    """``item`` in the source's chat format (``load_tokenizer`` applied any recipe template override).
+    A conversation's labelled earlier assistant turns are teacher-forced too: the store's
+    ``response`` is then ``chat.labelled_text`` (those turns and the response), which the offsets index."""
+    from ..chat import encode_chat, labelled_text
 
     try:
-        enc = encode_chat(tokenizer, item.system, item.instruction, item.response, max_length=max_length)
+        enc = encode_chat(tokenizer, item.system, item.instruction, item.response, max_length=max_length,
+                          history=item.history)
     except DataError as exc:
         raise DataError(f"example {item.id!r}: {exc.message} (raise distill.max_length?)", where=f"model {source}") from None
-    if enc.response_start < 1:  # the first response token needs a position before it to be predicted
+    first = enc.response_start if enc.positions is None or not len(enc.positions) else int(enc.positions[0])
+    if first < 1:  # the first response token needs a position before it to be predicted
         raise ModelError(f"example {item.id!r}: the chat format puts no token before the response", where=f"model {source}")
-    return Encoded(item.id, item.response, np.asarray(enc.input_ids, dtype=np.int64), enc.response_start,
-                   np.asarray(enc.response_offsets, dtype=np.int32), enc.truncated)
+    return Encoded(item.id, labelled_text(item.response, item.history), np.asarray(enc.input_ids, dtype=np.int64),
+                   enc.response_start, np.asarray(enc.response_offsets, dtype=np.int32), enc.truncated,
+                   enc.positions)
+
+
+def _labelled(e: Encoded) -> np.ndarray:
+    """[n] the labelled tokens of an encoded example, in order."""
+    return e.input_ids[e.response_start :] if e.positions is None else e.input_ids[e.positions]
 
 
 def _keeps_masked_positions(model) -> bool:
@@ -199,9 +216,12 @@ def score_batch(model, batch: list[Encoded], *, top_k: int, pad_id: int, device:
     for b, e in enumerate(batch):
         input_ids[b, : lengths[b]] = torch.from_numpy(e.input_ids)
         attention[b, : lengths[b]] = 1
-        keep[b, e.response_start - 1 : lengths[b] - 1] = True
+        if e.positions is None:
+            keep[b, e.response_start - 1 : lengths[b] - 1] = True
+        else:  # a conversation's labelled turns
+            keep[b, torch.from_numpy(e.positions - 1)] = True
     # the token each kept position predicts, in the same (row-major) order as the kept logits
-    targets = torch.cat([torch.from_numpy(e.input_ids[e.response_start :]) for e in batch]).to(device)  # [N]
+    targets = torch.cat([torch.from_numpy(_labelled(e)) for e in batch]).to(device)  # [N]
     input_ids, attention, keep = input_ids.to(device), attention.to(device), keep.to(device)
     if masked:
         logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
@@ -227,10 +247,11 @@ def score_batch(model, batch: list[Encoded], *, top_k: int, pad_id: int, device:
 
     out, at = [], 0
     for e in batch:
-        n = len(e.input_ids) - e.response_start
+        token_ids = _labelled(e)
+        n = len(token_ids)
         span = slice(at, at + n)
         out.append({
-            "example_id": e.id, "response": e.response, "token_ids": e.input_ids[e.response_start :], "offsets": e.offsets,
+            "example_id": e.id, "response": e.response, "token_ids": token_ids, "offsets": e.offsets,
             "nll": nll_all[span], "topk_ids": ids_all[span], "topk_logits": logits_all[span], "logz": logz_all[span],
             "truncated": e.truncated,
         })
