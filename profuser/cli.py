@@ -152,6 +152,10 @@ def _print_plan(plan: dict) -> None:
     console.print(Text(f"sizes ({sizes['from']}): {sizes['examples']:,} training examples, {sizes['heldout']:,} held out; "
                        f"mean tokens: prompt {sizes['prompt_tokens']:g}, response {sizes['response_tokens']:g}, "
                        f"generated {sizes['generated_tokens']:g}"), soft_wrap=True)
+    if "dtypes" in plan:  # a spec without a dtype: the device's default, resolved before the keys
+        sources = ", ".join(f"{k} {v}" for k, v in plan["dtypes"]["sources"].items())
+        console.print(Text(f"dtypes: target {plan['dtypes']['target']}; sources {sources} (unset: bfloat16 on a "
+                           "CUDA GPU with bf16, float32 on a CPU)"), soft_wrap=True)
     if not hw.get("declared"):
         console.print(Text(f"GPU figures at the rates of one {hw['gpu']} per process, {hw['gpus']} for wall-clock "
                            "(estimate's defaults): declare your machine as estimate: {gpu: ..., gpus: ...}"), soft_wrap=True)
@@ -179,8 +183,11 @@ def _print_total(label: str, total: dict) -> None:
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.")],
     override: Annotated[list[str], typer.Option("-o", "--override")] = [],
+    runs_dir: RunsDir = Path("runs"),
 ):
-    """Check recipes (fields, component names and params, files) without running anything."""
+    """Check recipes (fields, component names and params, files) without running anything; where
+    --runs-dir holds a recipe's data stage, also that no training prompt is longer than a local
+    model's context (its tokenizer, chat-formatted, against its max_position_embeddings)."""
     from .pipeline import plan
     from .plugins import get_engine
     from .recipe import load_recipe
@@ -206,9 +213,56 @@ def validate(
             failed += 1
             print_error(exc)
             continue
-        console.print(f"ok {path}", highlight=False)
+        too_long = _overlong_prompts(path, recipe, engine, runs_dir)
+        for line in too_long:
+            err_console.print(Text("error ", style="red") + Text(line), soft_wrap=True)
+        failed += bool(too_long)
+        if not too_long:
+            console.print(f"ok {path}", highlight=False)
     if failed:
         raise typer.Exit(2)
+
+
+def _overlong_prompts(path: Path, recipe, engine, runs_dir: Path) -> list[str]:
+    """A line for each local model (folder or builtin:) whose context some of the recipe's cached
+    training prompts exceed; none when the data stage is not in the store (the generate stage
+    counts them when it runs). Hub models and GGUF files are left to the run (no download here)."""
+    if not (runs_dir / "store" / "data").is_dir():
+        return []
+    from .chat import conversation_history
+    from .components import Prompt
+    from .data import read_records
+    from .model_files import looks_local
+    from .models import as_spec, load_tokenizer
+    from .pipeline import Runner
+    from .prompt_limits import overlong_prompts
+
+    runtime = _runtime(runs_dir, "cpu", path)
+    runner = Runner(recipe, engine, runtime, echo=lambda _: None)
+    by_id = {s.id: s for s in runner.stages}
+    lines, seen, prompts = [], set(), {}
+    for stage in runner.stages:
+        data = by_id.get(stage.deps.get("data", f"{stage.prefix}data"))
+        if stage.kind not in ("generate", "logits") or data is None:
+            continue
+        spec = as_spec(stage.config.model)
+        local = spec.ref.startswith("builtin:") or (looks_local(spec.ref) and not spec.ref.endswith(".gguf"))
+        if not local or spec.gguf_file or (spec.key, data.id) in seen:
+            continue
+        seen.add((spec.key, data.id))
+        if data.id not in prompts:
+            artifact = runner.store.get("data", runner.keys[data.id], quarantine=False)
+            prompts[data.id] = None if artifact is None else [
+                Prompt(r.id, r.system, r.instruction, conversation_history(r.meta))
+                for r in read_records(artifact.path / "train.parquet")]
+        if prompts[data.id] is None:
+            continue
+        tokenizer = load_tokenizer(spec, cache_dir=runtime.cache_dir, engine=engine)
+        found = overlong_prompts(tokenizer, spec, prompts[data.id])
+        if found is not None and found.count:
+            lines.append(f"{path}: {found.line()}: {stage.id} would truncate them; shorten or drop them, "
+                         "or use a model with a longer context")
+    return lines
 
 
 def _not_a_recipe(path: Path) -> str | None:
@@ -392,13 +446,16 @@ def compare(
         raise ProfuserError(f"seeds must be comma-separated integers, got {seeds!r}", where="--seeds") from None
     if len(set(seed_list)) != len(seed_list):
         raise ProfuserError(f"a seed is listed twice: {seeds}", where="--seeds")
-    result = run_comparison(recipes, get_engine(), _runtime(runs_dir, device), overrides=override, seeds=seed_list,
-                            echo=lambda line: console.print(line, highlight=False, markup=False))
-    fused = [e for e in result["entries"] if not e.get("baseline")]
-    written = write_comparison(result["entries"], out, reference=reference or (fused[0]["variant"] if fused else None))
+    import contextlib
+
     from .store import record_comparison
 
-    record_comparison(runs_dir, written["json"], result["stages"])  # `runs --gc --all` keeps what it points at
+    with contextlib.ExitStack() as leases:  # every recipe's stages leased until the comparison is recorded
+        result = run_comparison(recipes, get_engine(), _runtime(runs_dir, device), overrides=override, seeds=seed_list,
+                                echo=lambda line: console.print(line, highlight=False, markup=False), held=leases)
+        fused = [e for e in result["entries"] if not e.get("baseline")]
+        written = write_comparison(result["entries"], out, reference=reference or (fused[0]["variant"] if fused else None))
+        record_comparison(runs_dir, written["json"], result["stages"])  # `runs --gc --all` keeps what it points at
     timing = {k: round(v, 1) for k, v in result.items() if k not in ("entries", "stages")}
     (out / "suite.json").write_text(json.dumps(timing, indent=2))
     console.print((out / "comparison.md").read_text().split("## ")[0])

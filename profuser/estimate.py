@@ -500,6 +500,8 @@ def estimate_plan(runner) -> dict:
         "sizes": {"examples": sizes.examples, "heldout": sizes.heldout, "prompt_tokens": round(sizes.prompt_tokens, 1),
                   "response_tokens": round(sizes.response_tokens, 1), "generated_tokens": round(sizes.generated_tokens, 1),
                   "from": sizes.origin},
+        # what each model computes in, a dtype left unset resolved for the run's device (recipe.default_dtype)
+        "dtypes": {"target": recipe.target.dtype, "sources": {s.key: s.dtype for s in recipe.sources}},
         "throughputs": {k: round(v) for k, v in throughputs(recipe, _size(runner, recipe.target.ref)[0]).items()},
         "throughput_sources": THROUGHPUT_SOURCES,
         "stages": [{**row, "key": key, **({"why": why[stage.id]} if stage.id in why else {})}

@@ -28,7 +28,7 @@ from .components import MODES
 from .errors import ProfuserError, RecipeError
 from .fingerprint import FingerprintCache, change_reasons, content_fingerprints, hashed_content, source_hash
 from .plugins import Engine
-from .recipe import Recipe, TrainSpec
+from .recipe import Recipe, TrainSpec, with_device_dtype
 from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until  # noqa: F401  (re-exported)
 from .stages import StageConfig, StageContext
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, disk_errors, stable_hash
@@ -70,14 +70,16 @@ class Stage:
 # --- planning -----------------------------------------------------------------------------------
 
 
-def plan(recipe: Recipe, engine: Engine, *, _chain: tuple[Path, ...] = ()) -> list[Stage]:
+def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[Path, ...] = ()) -> list[Stage]:
     """The stages of a recipe, upstream first. Each stage's config is its module's ``Config``;
     each input role is named by the consuming module (``build.align_role(k)``). A model named
-    ``recipe:<path>`` is made by that recipe's own stages, planned first (``plan_recipe_refs``)."""
+    ``recipe:<path>`` is made by that recipe's own stages, planned first (``plan_recipe_refs``).
+    A model spec without a dtype gets the default of ``device``, the runtime's (``with_device_dtype``)."""
     # here, not at the top: importing the pipeline stays light (build imports the trainer, torch)
     from .stages import Ref, align, build, data, evaluate, generate, logits, merge, score, select, train
 
-    upstream_stages, recipe, recipe_models = plan_recipe_refs(recipe, engine, _chain)
+    recipe = with_device_dtype(recipe, device)
+    upstream_stages, recipe, recipe_models = plan_recipe_refs(recipe, engine, _chain, device=device)
     registry = engine.registry
     # an instance: a curriculum that composes another (layerwise) takes that one's modes
     curriculum = registry.build("curricula", recipe.curriculum.name, recipe.curriculum.params)
@@ -194,7 +196,7 @@ def plan(recipe: Recipe, engine: Engine, *, _chain: tuple[Path, ...] = ()) -> li
 # artifact's model/ folder in place of the role (``with_recipe_models``).
 
 
-def plan_recipe_refs(recipe: Recipe, engine: Engine, chain: tuple[Path, ...] = (),
+def plan_recipe_refs(recipe: Recipe, engine: Engine, chain: tuple[Path, ...] = (), *, device: str = "auto",
                      ) -> tuple[list[Stage], Recipe, dict[str, str]]:
     """(the stages that make the models ``recipe`` names by ``recipe:`` refs, the recipe with those
     refs replaced by their roles, role -> the stage that makes its model). Each named recipe is
@@ -221,7 +223,7 @@ def plan_recipe_refs(recipe: Recipe, engine: Engine, chain: tuple[Path, ...] = (
         if names.setdefault(made.name, file) != file:
             raise RecipeError([(field_path, (f"two recipes named {made.name!r} ({names[made.name]} and {file}): "
                                              "give them distinct names"))])
-        theirs = plan(made, engine, _chain=(*chain, file))
+        theirs = plan(made, engine, device=device, _chain=(*chain, file))
         model_stage = f"merge/{label}" if label else "train"
         if model_stage not in {s.id for s in theirs}:
             raise RecipeError([(field_path, f"{file.name} makes no model {label!r}")])
@@ -380,14 +382,15 @@ class StageResult:
 class Runner:
     def __init__(self, recipe: Recipe, engine: Engine, runtime: Runtime, *, force: list[str] = (),
                  until: str | None = None, echo: Callable[[str], None] = print, stages: list[Stage] | None = None):
-        self.recipe = recipe
+        # unset model dtypes: the device's default (bf16 on a GPU that has it), as the stages get them
+        self.recipe = recipe = with_device_dtype(recipe, runtime.device)
         self.engine = engine
         if runtime.isolate_stages == "auto" and recipe.runtime.isolate_stages != "auto":
             runtime = replace(runtime, isolate_stages=recipe.runtime.isolate_stages)  # the recipe asks
         self.runtime = replace(runtime, engine=engine)  # components resolve builtin: models with it
         self.store = ArtifactStore(runtime.runs_dir, on_corrupt=lambda path, why: echo(
             f"[corrupt] {path}: {why}; moved aside, it will be recomputed"))
-        self.stages = stages if stages is not None else plan(recipe, engine)
+        self.stages = stages if stages is not None else plan(recipe, engine, device=runtime.device)
         self.keys, self.key_inputs = stage_key_inputs(self.stages, engine)
         self.echo = echo
         self.forced: set[str] = set()
