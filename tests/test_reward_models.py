@@ -133,12 +133,12 @@ def test_starling_value_head_at_last_token(tmp_path, prefixes):
     assert build(StarlingRM, {"model": str(tmp_path / "starling"), "batch_size": 5}).score(ITEMS) == pytest.approx(scores, abs=1e-5)
 
 
-def test_starling_refuses_pickled_weights(tmp_path):
+def test_starling_refuses_a_bin_that_is_not_tensors(tmp_path):
     ckpt = tmp_path / "starling-bin"
     ckpt.mkdir()
     (ckpt / "pytorch_model.bin").write_bytes(b"not loaded")
     rm = build(StarlingRM, {"model": str(ckpt), "backbone": str(ckpt)})
-    with pytest.raises(ModelError, match=r"pytorch_model.bin \(pickled\)") as err:
+    with pytest.raises(ModelError, match=r"cannot read pytorch_model.bin as tensors only") as err:
         rm._load()
     assert "starling" in err.value.where
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -15,13 +17,15 @@ from profuser.pipeline import runtime_of  # (also re-exported for the plugins)
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class RMParams(StrictModel):
     model: str = Field(description="hub id, local directory or builtin:NAME")
     revision: str | None = None
-    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU that has it, else float32
+    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU with native bf16, else float32 (recipe.default_dtype)
     batch_size: int = Field(default=8, gt=0)
     max_length: int = Field(default=2048, gt=0, description="tokens per (prompt + response); longer ones are cut")
 
@@ -31,21 +35,47 @@ class RMParams(StrictModel):
 def torch_dtype(name: str, device: str) -> torch.dtype:
     import torch
 
-    if name == "auto":
+    from profuser.recipe import default_dtype
+
+    if name == "auto":  # the recipe's rule for a model without a dtype: emulated bf16 is not bf16
         cuda = device.startswith("cuda") and torch.cuda.is_available()
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        return getattr(torch, default_dtype(device)) if cuda else torch.float32
     return getattr(torch, name)
 
 
 def resolve(params: RMParams, component, *, trust_remote_code: bool = False):
     """A local directory for ``params.model`` (builtins, GGUF and hub snapshots resolved and cached
-    by ``profuser.models``; safetensors only, never pickled weights)."""
+    by ``profuser.models``; a hub repository's pickled .bin weights only when it has no safetensors)."""
     from profuser.models import resolve_model
     from profuser.recipe import ModelSpec
 
     spec = ModelSpec(ref=params.model, revision=params.revision, trust_remote_code=trust_remote_code)
     runtime = runtime_of(component)
     return resolve_model(spec, cache_dir=runtime.cache_dir, engine=runtime.engine)
+
+
+def pickled_only(path: str | Path, component) -> bool:
+    """Whether the directory's weights are pickled ``pytorch_model*.bin`` files only (no safetensors):
+    then the loader reads them with ``torch.load(weights_only=True)``, tensors only, as
+    ``profuser.models`` does, and says so in one line."""
+    from profuser.models.loading import pickled_weights
+
+    pickled = pickled_weights(Path(path))
+    if pickled:
+        log.warning("%s ships pickled .bin weights: read with torch.load(weights_only=True), tensors only",
+                    where(component))
+    return pickled
+
+
+def load_failure(exc: Exception) -> str:
+    """One line for a loader's exception: torch's weights_only refusal (pages long) said plainly."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("its pickled weights hold objects other than tensors (torch.load weights_only refused them; "
+                "nothing was unpickled): convert them to safetensors on a machine you trust")
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 def where(component) -> str:

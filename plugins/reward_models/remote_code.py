@@ -26,7 +26,9 @@ from ._common import (
     RMParams,
     chat_ids,
     fill_template,
+    load_failure,
     pad_batch,
+    pickled_only,
     resolve,
     runtime_of,
     score_batches,
@@ -67,9 +69,10 @@ class RemoteCodeRM(RewardModel):
                 tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
                 auto = getattr(transformers, p.auto_class)
                 model = auto.from_pretrained(path, dtype=torch_dtype(p.dtype, device), trust_remote_code=True,
-                                             use_safetensors=True).to(device).eval()
+                                             use_safetensors=not pickled_only(path, self),
+                                             weights_only=True).to(device).eval()  # .bin: tensors only
             except Exception as exc:  # noqa: BLE001 - remote code can fail in any way; name the model
-                raise ModelError(f"cannot load it: {type(exc).__name__}: {exc}", where=where(self)) from None
+                raise ModelError(f"cannot load it: {load_failure(exc)}", where=where(self)) from None
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
             self._loaded = (model, tokenizer)

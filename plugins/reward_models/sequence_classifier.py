@@ -19,7 +19,18 @@ from profuser import hookimpl
 from profuser.components import Judged, RewardModel
 from profuser.errors import ModelError
 
-from ._common import RMParams, chat_ids, pad_batch, resolve, runtime_of, score_batches, torch_dtype, where
+from ._common import (
+    RMParams,
+    chat_ids,
+    load_failure,
+    pad_batch,
+    pickled_only,
+    resolve,
+    runtime_of,
+    score_batches,
+    torch_dtype,
+    where,
+)
 
 
 class SequenceClassifierRM(RewardModel):
@@ -49,10 +60,11 @@ class SequenceClassifierRM(RewardModel):
                                                  chat_template=p.chat_template))
             try:
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    path, dtype=torch_dtype(p.dtype, device), trust_remote_code=p.trust_remote_code, use_safetensors=True,
+                    path, dtype=torch_dtype(p.dtype, device), trust_remote_code=p.trust_remote_code,
+                    use_safetensors=not pickled_only(path, self), weights_only=True,  # .bin: tensors only
                 ).to(device).eval()
             except Exception as exc:  # noqa: BLE001 - any loading failure names the reward model
-                raise ModelError(f"cannot load it as a sequence classifier: {type(exc).__name__}: {exc}",
+                raise ModelError(f"cannot load it as a sequence classifier: {load_failure(exc)}",
                                  where=where(self)) from None
             if p.label_index >= model.config.num_labels:
                 raise ModelError(f"label_index {p.label_index} but the head has {model.config.num_labels} labels",

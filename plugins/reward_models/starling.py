@@ -3,10 +3,10 @@ value head ``v_head: hidden -> 1``; the reward is the head's value at the last t
 
 The published checkpoint is the state dict of the authors' ``GPTRewardModel`` wrapper, so its
 keys carry ``transformer.`` and/or ``model.model.`` prefixes (the wrapper registers the backbone
-twice) plus ``v_head.weight``. Here the head is a small ``nn.Module`` around the backbone, and the
-weights are read from ``*.safetensors`` files only: nothing is unpickled. (The hub repository
-ships pickled ``.bin`` files; convert them once on a machine you trust — see
-docs/inference-mode.md.)
+twice) plus ``v_head.weight``. Here the head is a small ``nn.Module`` around the backbone. The
+weights are read from ``*.safetensors`` files, or, in a directory without any (the hub repository
+ships a pickled ``.bin``), from its ``*.bin`` / ``*.pt`` files with ``torch.load(weights_only=True)``:
+tensors only, no object is unpickled.
 
 Input format, as on the model card: ``<s>[INST] {prompt} </s> [/INST] {response}</s>``,
 tokenised with the tokenizer's own special tokens, i.e. exactly the ids the card's ``get_reward``
@@ -15,6 +15,10 @@ feeds the model (its BOS then appears twice; that is what the model was used wit
 
 from __future__ import annotations
 
+import functools
+import logging
+import pickle
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,8 @@ from ._common import (
     torch_dtype,
     where,
 )
+
+log = logging.getLogger(__name__)
 
 STARLING_TEMPLATE = "<s>[INST] {instruction} </s> [/INST] {response}</s>"
 
@@ -63,28 +69,59 @@ def _value_head_module():
     return ValueHeadRM
 
 
-def read_value_head_checkpoint(directory: Path, where_: str) -> tuple[dict[str, Any], Any]:
-    """(backbone state dict with bare keys, v_head weight [1, H]) from ``directory/*.safetensors``."""
+# pickled files that hold no weights (a Trainer's arguments)
+_NOT_WEIGHTS = frozenset({"training_args.bin"})
+
+
+def _tensors(directory: Path, where_: str) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(key, a reader of its tensor) of every weight in the directory: its ``*.safetensors`` files,
+    else its pickled ``*.bin`` / ``*.pt`` files read with ``torch.load(weights_only=True)``."""
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in directory.glob("*.bin"))
-        hint = (f"; it has {', '.join(pickled)} (pickled): convert them to safetensors once, on a trusted machine "
-                "(docs/inference-mode.md)") if pickled else ""
-        raise ModelError(f"no *.safetensors weights in {directory}{hint}", where=where_)
-    backbone: dict[str, Any] = {}
-    head = None
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - a safetensors file handle, not a dict
-                if key == "v_head.weight":
-                    head = fh.get_tensor(key)
-                    continue
-                if key.startswith(_IGNORED_PREFIXES):
-                    continue
-                bare = next((key[len(pre):] for pre in _BACKBONE_PREFIXES if key.startswith(pre)), key)
-                backbone.setdefault(bare, fh.get_tensor(key))  # the wrapper's two copies are the same tensor
+                yield key, functools.partial(fh.get_tensor, key)
+    if files:
+        return
+    pickled = sorted(p for p in [*directory.glob("*.bin"), *directory.glob("*.pt")] if p.name not in _NOT_WEIGHTS)
+    if not pickled:
+        raise ModelError(f"no weights in {directory} (*.safetensors, or pickled *.bin / *.pt)", where=where_)
+    import torch
+
+    log.warning("%s ships pickled weights (%s): read with torch.load(weights_only=True), tensors only",
+                where_, ", ".join(p.name for p in pickled))
+    for file in pickled:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refused it: nothing of it ran
+            raise ModelError(f"cannot read {file.name} as tensors only (torch.load weights_only): not a torch file, "
+                             "or it holds other objects, which are never unpickled; convert it to safetensors on a "
+                             "machine you trust", where=where_) from None
+        except Exception as exc:  # noqa: BLE001 - not a torch file at all
+            raise ModelError(f"cannot read {file.name}: {type(exc).__name__}: {exc}", where=where_) from None
+        if not isinstance(state, dict):
+            raise ModelError(f"{file.name} holds a {type(state).__name__}, not a state dict", where=where_)
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                yield key, (lambda v=value: v)
+
+
+def read_value_head_checkpoint(directory: Path, where_: str) -> tuple[dict[str, Any], Any]:
+    """(backbone state dict with bare keys, v_head weight [1, H]) from the directory's weights
+    (``_tensors``: safetensors, else pickled files read as tensors only)."""
+    backbone: dict[str, Any] = {}
+    head = None
+    for key, tensor in _tensors(directory, where_):
+        if key == "v_head.weight":
+            head = tensor()
+            continue
+        if key.startswith(_IGNORED_PREFIXES):
+            continue
+        bare = next((key[len(pre):] for pre in _BACKBONE_PREFIXES if key.startswith(pre)), key)
+        if bare not in backbone:  # the wrapper's two copies are the same tensor
+            backbone[bare] = tensor()
     if head is None:
         raise ModelError(f"no v_head.weight in {directory}: not a value-head reward model checkpoint", where=where_)
     return backbone, head
@@ -94,7 +131,8 @@ class StarlingRM(RewardModel):
     name = "starling"
 
     class Params(RMParams):
-        model: str = Field(description="local directory with the checkpoint's *.safetensors")
+        model: str = Field(description="local directory with the checkpoint's weights (*.safetensors, or its pickled "
+                                       "*.bin read as tensors only)")
         # config and tokenizer of the backbone: the checkpoint directory when it has them
         backbone: str = "meta-llama/Llama-2-7b-chat-hf"
         template: str = STARLING_TEMPLATE
