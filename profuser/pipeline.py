@@ -173,19 +173,23 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
                         train_deps, [("losses", recipe.loss.name), ("curricula", recipe.curriculum.name)]))
 
     if recipe.evaluate.tasks:
+        # the win rate's judge, keyed by its code like any third-party component; a built-in's code is
+        # profuser's version, keyed already (listing it would change the keys evaluations have)
+        judge = [(kind, name) for kind, name in evaluate.judge_components(recipe.evaluate)
+                 if not engine.plugins[registry.get(kind, name).plugin].builtin]
         stages.append(Stage("evaluate/fused", "evaluate",
                             evaluate.Config(model=None, label="fused", evaluate=recipe.evaluate),
-                            {evaluate.MODEL: "train", evaluate.DATA: "data"}))
+                            {evaluate.MODEL: "train", evaluate.DATA: "data"}, list(judge)))
         if recipe.evaluate.baselines:
             baselines = {recipe.target.key: recipe.target, **{s.key: s for s in recipe.sources}}
             for key, spec in baselines.items():
                 stages.append(Stage(f"evaluate/{key}", "evaluate",
                                     evaluate.Config(model=spec.identity(), label=key, evaluate=recipe.evaluate),
-                                    {evaluate.DATA: "data"}))
+                                    {evaluate.DATA: "data"}, list(judge)))
         for m in recipe.merges:  # evaluated whatever evaluate.baselines says: the recipe asks for them
             stages.append(Stage(f"evaluate/merge/{m.key}", "evaluate",
                                 evaluate.Config(model=None, label=f"{m.key} (merge)", evaluate=recipe.evaluate),
-                                {evaluate.MODEL: f"merge/{m.key}", evaluate.DATA: "data"}))
+                                {evaluate.MODEL: f"merge/{m.key}", evaluate.DATA: "data"}, list(judge)))
     return _with_recipe_models(upstream_stages, stages, recipe_models)
 
 

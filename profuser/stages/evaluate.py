@@ -42,6 +42,14 @@ class Config(StageConfig):
     NOT_HASHED: ClassVar[dict[str, Any]] = {"evaluate": {"baselines"}}
 
 
+def judge_components(ev: EvaluateSpec) -> list[tuple[str, str]]:
+    """(kind, name) of what the win rate builds, its reward model and generator: none when the
+    recipe's tasks have no win rate."""
+    if ev.judge is None or HELDOUT_WINRATE_TASK not in ev.tasks:
+        return []
+    return [("reward_models", ev.judge.reward_model.name), ("generators", ev.judge.generator.name)]
+
+
 def average(primary: dict[str, float | None]) -> float | None:
     values = [v for t, v in primary.items() if v is not None and not lower_is_better(t)]
     return sum(values) / len(values) if values else None
