@@ -935,4 +935,14 @@ def resolve_path(value: str, recipe_file: str | Path | None) -> Path:
 
 
 def recipe_schema() -> dict[str, Any]:
-    return Recipe.model_json_schema()
+    """The recipe's JSON schema (``profuser schema``). A model ref may be a plain string
+    (``ModelSpec._from_string``): each model spec's definition says so."""
+    schema = Recipe.model_json_schema()
+    for name, definition in schema.get("$defs", {}).items():
+        cls = globals().get(name)
+        if isinstance(cls, type) and issubclass(cls, ModelSpec):
+            title, description = definition.pop("title", name), definition.pop("description", None)
+            schema["$defs"][name] = {
+                "title": title, **({"description": description} if description else {}),
+                "anyOf": [{"type": "string", "description": "the ref alone: short for {ref: ...}"}, definition]}
+    return schema
