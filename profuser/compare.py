@@ -17,6 +17,7 @@ A recipe's ``merges:`` (mergekit baselines, the paper's Table 3) are rows like t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -60,55 +61,70 @@ def seed_overrides(seed: int | None) -> list[str]:
 
 
 def run_comparison(recipes: list[Path], engine: Engine, runtime: Runtime, *, overrides: list[str] = (),
-                   seeds: list[int] = (), echo=print) -> dict:
+                   seeds: list[int] = (), echo=print, held: contextlib.ExitStack | None = None) -> dict:
     """Run every recipe (each seed) with ``engine``'s plugins, then return the comparison entries and
-    the suite timing."""
+    the suite timing.
+
+    Every recipe is planned, and every stage of every plan leased, before the first runs: `runs --gc`
+    cannot collect a later recipe's cached inputs while an earlier one runs, nor an earlier one's
+    artifacts before the comparison is recorded. The leases are released on return, or, given
+    ``held``, when the caller closes it (after recording the comparison)."""
+    started = time.time()
+    planned = [(path, seed, Runner(load_recipe(path, [*overrides, *seed_overrides(seed)], registry=engine.registry),
+                                   engine, runtime, echo=echo))
+               for path in recipes for seed in seeds or [None]]
+    with contextlib.ExitStack() as own:
+        stack = own if held is None else held
+        for _, _, runner in planned:
+            leases = runner.store.lease((s.kind, runner.keys[s.id]) for s in runner.stages if s.id in runner.selected)
+            stack.callback(leases.release)
+        return _run_planned(planned, echo, started)
+
+
+def _run_planned(planned: list[tuple[Path, int | None, Runner]], echo, started: float) -> dict:
     entries: list[dict] = []
     baselines: dict[str, dict] = {}
     ran_once: dict[str, float] = {}  # stage key -> seconds, over the whole suite
     used: set[tuple[str, str]] = set()  # (kind, key) of every stage the comparison reads
-    started = time.time()
-    for path in recipes:
-        for seed in seeds or [None]:
-            recipe = load_recipe(path, [*overrides, *seed_overrides(seed)], registry=engine.registry)
-            t0 = time.time()
-            echo(f"== {recipe.name}" + (f" (seed {seed})" if seed is not None else ""))
-            runner = Runner(recipe, engine, runtime, echo=echo)
-            results = runner.run()
-            if seed is not None and (runner.run_dir / "run.json").is_file():
-                # every seed keeps its own record (run.json is the last seed's), so `runs --gc --all`
-                # keeps every seed's trained model and evaluation
-                record = runner.run_dir / "seeds" / str(seed) / "run.json"
-                record.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(record, (runner.run_dir / "run.json").read_text())
-            used.update((r.kind, r.key) for r in results)
-            by_id = {r.id: r for r in results}
-            for r in results:
-                if not r.cached:
-                    ran_once[r.key] = r.seconds
-            entry = {
-                "variant": recipe.name,
-                "cold_seconds": sum(r.build_seconds for r in results),  # this recipe alone, nothing cached
-                "recipe": str(path),
-                "seed": seed,
-                "wall_seconds": time.time() - t0,
-                "stages_ran": [r.id for r in results if not r.cached],
-                "stages_reused": [r.id for r in results if r.cached],
-                "scores": _scores(Path(by_id["evaluate/fused"].path)) if "evaluate/fused" in by_id else {},
-                "per_example_path": _per_example(Path(by_id["evaluate/fused"].path)) if "evaluate/fused" in by_id else None,
-                "metrics_path": str(Path(by_id["train"].path) / "metrics.jsonl") if "train" in by_id else None,
-                "selections": {mode: str(Path(by_id[f"select/{mode}"].path) / "selection.parquet")
-                               for mode in ("inference", "training") if f"select/{mode}" in by_id},
-            }
-            entries.append(_with_families(entry, by_id))
-            for r in results:
-                label = r.id.removeprefix("evaluate/")
-                if r.kind == "evaluate" and label != "fused" and label not in baselines:
-                    merged = label.startswith("merge/")  # evaluate/merge/<label>: a merge baseline
-                    variant = f"{label.removeprefix('merge/')} (merge)" if merged else f"{label} (source)"
-                    baselines[label] = _with_families({"variant": variant, "recipe": None, "seed": None,
-                                                       "scores": _scores(Path(r.path)), "baseline": True,
-                                                       "per_example_path": _per_example(Path(r.path))}, by_id)
+    for path, seed, runner in planned:
+        recipe = runner.recipe
+        t0 = time.time()
+        echo(f"== {recipe.name}" + (f" (seed {seed})" if seed is not None else ""))
+        results = runner.run()
+        if seed is not None and (runner.run_dir / "run.json").is_file():
+            # every seed keeps its own record (run.json is the last seed's), so `runs --gc --all`
+            # keeps every seed's trained model and evaluation
+            record = runner.run_dir / "seeds" / str(seed) / "run.json"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(record, (runner.run_dir / "run.json").read_text())
+        used.update((r.kind, r.key) for r in results)
+        by_id = {r.id: r for r in results}
+        for r in results:
+            if not r.cached:
+                ran_once[r.key] = r.seconds
+        entry = {
+            "variant": recipe.name,
+            "cold_seconds": sum(r.build_seconds for r in results),  # this recipe alone, nothing cached
+            "recipe": str(path),
+            "seed": seed,
+            "wall_seconds": time.time() - t0,
+            "stages_ran": [r.id for r in results if not r.cached],
+            "stages_reused": [r.id for r in results if r.cached],
+            "scores": _scores(Path(by_id["evaluate/fused"].path)) if "evaluate/fused" in by_id else {},
+            "per_example_path": _per_example(Path(by_id["evaluate/fused"].path)) if "evaluate/fused" in by_id else None,
+            "metrics_path": str(Path(by_id["train"].path) / "metrics.jsonl") if "train" in by_id else None,
+            "selections": {mode: str(Path(by_id[f"select/{mode}"].path) / "selection.parquet")
+                           for mode in ("inference", "training") if f"select/{mode}" in by_id},
+        }
+        entries.append(_with_families(entry, by_id))
+        for r in results:
+            label = r.id.removeprefix("evaluate/")
+            if r.kind == "evaluate" and label != "fused" and label not in baselines:
+                merged = label.startswith("merge/")  # evaluate/merge/<label>: a merge baseline
+                variant = f"{label.removeprefix('merge/')} (merge)" if merged else f"{label} (source)"
+                baselines[label] = _with_families({"variant": variant, "recipe": None, "seed": None,
+                                                   "scores": _scores(Path(r.path)), "baseline": True,
+                                                   "per_example_path": _per_example(Path(r.path))}, by_id)
     return {
         "entries": list(baselines.values()) + entries,
         "suite_seconds": time.time() - started,

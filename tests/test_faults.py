@@ -220,6 +220,72 @@ def test_compare_seeds_keeps_every_seeds_artifacts_from_gc(tmp_path):
     assert any(i["what"] == "stale comparison record" for i in listed["items"])
 
 
+GATED_COMPARE = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import profuser.compare as compare
+from profuser.pipeline import Runner, Runtime
+from profuser.plugins import Engine
+from test_pipeline import toy_stages
+tmp = Path({tmp!r})
+
+class ToyRunner(Runner):  # each recipe's toy plan: a is shared, b and c carry the recipe's name
+    def __init__(self, recipe, engine, runtime, **kwargs):
+        super().__init__(recipe, engine, runtime, stages=toy_stages(tmp / "counter", b_value=recipe.name), **kwargs)
+
+def echo(line):
+    print(line, flush=True)
+    if line == "[cached] a":  # the first recipe runs; the second's stages are not read yet
+        while not (tmp / "go").exists():
+            time.sleep(0.05)
+
+compare.Runner = ToyRunner
+result = compare.run_comparison([Path(p) for p in {recipes!r}], Engine(entrypoints=False),
+                                Runtime(runs_dir=tmp / "runs", progress=False), echo=echo)
+print("RAN", json.dumps({{e["variant"]: e["stages_ran"] for e in result["entries"]}}), flush=True)
+"""
+
+
+def test_compare_leases_every_recipes_stages_before_the_first_runs(tmp_path):
+    from test_pipeline import REPO, TESTS, toy_stages
+    from test_store import gc_json
+
+    from profuser.pipeline import Runner, Runtime
+    from profuser.plugins import Engine
+    from profuser.recipe import load_recipe
+
+    runs = tmp_path / "runs"
+    paths = []
+    for name in ("first", "second"):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(f"extends: {REPO / 'recipes' / 'profuser.yaml'}\nname: {name}\n")
+    # the second recipe's stages are in the store, referenced by no record: gc --all may take them
+    engine = Engine(entrypoints=False)
+    Runner(load_recipe(paths[1], registry=engine.registry), engine, Runtime(runs_dir=runs, progress=False),
+           stages=toy_stages(tmp_path / "counter", b_value="second"), echo=lambda _: None).run()
+    shutil.rmtree(runs / "runs" / "second")
+    script = tmp_path / "compare.py"
+    script.write_text(GATED_COMPARE.format(tests=str(TESTS), tmp=str(tmp_path), recipes=[str(p) for p in paths]))
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        while line and line.strip() != "[cached] a":
+            line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-2000:]
+        collected = gc_json(runs, "--all")  # while the first recipe runs
+    finally:
+        (tmp_path / "go").touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    unreferenced = [i for i in collected["items"] if i["what"] == "unreferenced"]
+    assert len(unreferenced) == 3 and all(i["kept"] == "a live run reads it (leased)" for i in unreferenced)
+    ran = json.loads(out.split("RAN ", 1)[1])
+    assert ran == {"first": ["b", "c"], "second": []}  # nothing of the second recomputed
+    assert not list((runs / "store" / ".locks").glob("*.lease"))  # released when the comparison ends
+
+
 # --- issue 24: one computation per key: a stage worker dies with its runner ---------------------------
 
 WORKER_RUN = """
@@ -403,6 +469,40 @@ def test_a_lone_surrogate_is_a_bad_row_with_its_file_and_line_and_skip_skips_it(
             [stats] = (runs / "store" / "data").glob("*/stats.json")
             stats = json.loads(stats.read_text())
             assert stats["bad_rows_skipped"] == 1 and stats["bad_rows"][0]["where"] == f"{data}:3"
+
+
+def test_over_long_prompts_are_refused_at_validate_and_counted_by_generate_against_the_real_limit(tmp_path):
+    long = " ".join(["sea"] * 400)  # about 800 tokens: past the tiny models' 512 positions
+    rows = [{"instruction": long if i % 3 == 0 else f"question {i}", "output": f"answer {i}", "answer": str(i)}
+            for i in range(12)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny_recipe(tmp_path, **{"data.source.name": "file", "data.source.params.path": str(data),
+                                      "sources": [{"ref": str(tmp_path / "models" / "tiny-llama"), "label": "llama"}]})
+    # the tokenizer overstates the context (4096); the model has 512 positions
+    config = tmp_path / "models" / "tiny-llama" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 4096}))
+    runs = tmp_path / "runs"
+    result = cli("validate", str(recipe), "--runs-dir", str(runs))
+    assert result.exit_code == 0, result.output  # nothing cached yet: the run counts them
+    assert cli("run", str(recipe), "--until", "data", "--runs-dir", str(runs)).exit_code == 0
+    [train] = (runs / "store" / "data").glob("*/train.parquet")
+    import pyarrow.parquet as pq
+
+    longs = sorted(r["id"] for r in pq.read_table(train).to_pylist() if r["instruction"] == long)
+    assert longs, "the split left no long prompt to train on"
+    result = cli("validate", str(recipe), "--runs-dir", str(runs))
+    assert result.exit_code == 2, result.output
+    [line] = error_lines(result)  # one model (target and source), one line
+    assert f"{len(longs)} of 8 prompts are longer than model tiny-llama's 512 tokens (max_position_embeddings; longest" in line
+    assert line.startswith(f"error {recipe}: ") and longs[0] in line and "4096" not in line
+    # the run: counted in generate's stats and said in one line, not cut silently
+    result = cli("run", str(recipe), "--until", "generate", "--runs-dir", str(runs))
+    assert result.exit_code == 0, result.output
+    [stats] = (runs / "store" / "generate").glob("*/stats.json")
+    stats = json.loads(stats.read_text())
+    assert stats["overlong_prompts"] == len(longs) and stats["context_limit"] == 512
+    assert stats["longest_prompt_tokens"] > 512
 
 
 def test_a_full_disk_and_a_read_only_runs_dir_are_one_line_and_a_cached_run_needs_no_write(tmp_path, monkeypatch):

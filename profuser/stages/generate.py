@@ -10,13 +10,16 @@ response) and removed. With n > 1 samples per prompt it also has ``responses`` l
 (``response`` stays sample 0, so every reader of one response per source reads that).
 
 Metrics: examples, new tokens (the responses counted with the source's tokenizer, so every
-backend is measured the same way), generation seconds and tokens per second, and prompts whose
-responses are empty.
+backend is measured the same way), generation seconds and tokens per second, prompts whose
+responses are empty, and prompts longer than the model's context (``profuser.prompt_limits``:
+counted chat-formatted against its real limit and said in one line; ``truncated_prompts``: those
+the generator reports it cut to leave room for the new tokens).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 
 import pyarrow as pa
@@ -27,8 +30,10 @@ from ..chat import conversation_history
 from ..components import Prompt
 from ..data import read_records
 from ..errors import ProfuserError
+from ..prompt_limits import overlong_prompts
 from . import ModelIdentity, Ref, StageConfig
 
+log = logging.getLogger(__name__)
 VERSION = "1"  # n > 1 (the responses column) comes only from a params n, which is in the key
 DISTRIBUTED = True  # under a multi-process launch the ranks split the shards (``run_shards``)
 SHARD_SIZE = 32  # prompts per shard, unless the generator says otherwise (``shard_size``)
@@ -69,6 +74,10 @@ def run(ctx) -> dict:
     generator = ctx.build("generators", cfg.generator)
     tokenizer = load_tokenizer(spec, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
     prompts = [Prompt(r.id, r.system, r.instruction, conversation_history(r.meta)) for r in records]
+    # prompts past the model's context: counted in the stats and said in one line, never cut silently
+    overlong = overlong_prompts(tokenizer, spec, prompts)
+    if overlong is not None and overlong.count:
+        log.warning("%s: %s; the generator truncates them (hf and vllm keep their last tokens)", ctx.stage.id, overlong.line())
     shard_size = int(getattr(generator, "shard_size", SHARD_SIZE))
 
     n = samples_per_prompt(generator)
@@ -88,7 +97,8 @@ def run(ctx) -> dict:
         texts = [x for r in responses for x in r] if n > 1 else responses
         tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in texts]
         stats = {"examples": len(chunk), "new_tokens": sum(tokens), "seconds": seconds,
-                 "empty": sum(not r.strip() for r in texts)}
+                 "empty": sum(not r.strip() for r in texts),
+                 "truncated": int(getattr(generator, "last_stats", {}).get("truncated_prompts", 0))}  # room for new tokens
         ctx.log_metrics(index, {**stats, "tokens_per_s": stats["new_tokens"] / max(seconds, 1e-9)})
         columns = {"id": [q.id for q in chunk], "response": [r[0] for r in responses] if n > 1 else responses}
         if n > 1:
@@ -102,7 +112,7 @@ def run(ctx) -> dict:
             close()
     if results is None:  # another rank than 0: rank 0 joins the shards
         return {}
-    totals = {k: sum(s.get(k, 0) for _, s in results) for k in ("examples", "new_tokens", "seconds", "empty")}
+    totals = {k: sum(s.get(k, 0) for _, s in results) for k in ("examples", "new_tokens", "seconds", "empty", "truncated")}
     metrics = {
         "model": spec.key,
         "examples": len(ids),
@@ -111,6 +121,8 @@ def run(ctx) -> dict:
         "tokens_per_s": round(totals["new_tokens"] / totals["seconds"], 2) if totals["seconds"] else 0.0,
         "mean_new_tokens": round(totals["new_tokens"] / (totals["examples"] * n), 2) if totals["examples"] else 0.0,
         "empty_responses": totals["empty"],
+        "truncated_prompts": totals["truncated"],  # as the generator reports it (hf, vllm)
+        **(overlong.stats() if overlong is not None else {}),
     }
     if n > 1:
         metrics["samples_per_prompt"] = n
