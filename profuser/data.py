@@ -696,12 +696,17 @@ def normalise_text(text: str) -> str:
 
 
 def dedup_key(record: Record) -> str:
-    return hashlib.sha256(f"{normalise_text(record.instruction)}\x00{normalise_text(record.response)}".encode()).hexdigest()
+    text = f"{normalise_text(record.instruction)}\x00{normalise_text(record.response)}"
+    history = record.meta.get("history") if isinstance(record.meta, dict) else None
+    if isinstance(history, list) and history:  # a conversation repeats another only with the same earlier turns
+        text += "\x00" + json.dumps([normalise_text(m.get("content", "")) if isinstance(m, dict) else str(m)
+                                     for m in history], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def dedup(records: Iterable[Record]) -> tuple[list[Record], int]:
-    """Drop records whose normalised instruction and response repeat an earlier one's; returns
-    (kept records in order, number removed)."""
+    """Drop records whose normalised instruction and response (and a conversation's earlier
+    turns) repeat an earlier one's; returns (kept records in order, number removed)."""
     seen: set[str] = set()
     kept, removed = [], 0
     for record in records:

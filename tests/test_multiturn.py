@@ -56,6 +56,20 @@ def test_sharegpt_messages_and_columns_read_the_same_conversation():
         assert record.id == "a" and "chat" not in record.meta
 
 
+def test_dedup_compares_a_conversations_earlier_turns():
+    from profuser.data import dedup
+
+    def conv(first_answer):
+        turns = [("user", "Hi"), ("assistant", first_answer), ("user", "Thanks!"), ("assistant", "You are welcome.")]
+        return row_to_record({"messages": [{"role": r, "content": t} for r, t in turns]}, "messages", "f:1")
+
+    single = row_to_record({"messages": [{"role": "user", "content": "Thanks!"},
+                                         {"role": "assistant", "content": "You are welcome."}]}, "messages", "f:2")
+    kept, removed = dedup([conv("Hello."), conv("Hey there."), conv("hello. "), single])
+    assert removed == 1 and [conversation_history(r.meta)[1]["content"] for r in kept[:2]] == ["Hello.", "Hey there."]
+    assert kept[2] is single  # same last turn, no earlier turns: another example
+
+
 def test_columns_messages_excludes_instruction_and_response():
     with pytest.raises(ValueError, match="drop instruction"):
         ColumnMap(messages="chat", instruction="q")
