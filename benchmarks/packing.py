@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
         batches = [order[i:i + args.micro] for i in range(0, len(order), args.micro)]
         layout = {"padded": [0, 0], "packed": [0, 0]}  # [tokens, positions] over every micro-batch
         for rows in batches:
-            for name in layout:
+            for name, counts in layout.items():
                 batch = data.collate(rows, np.ones(len(rows), np.float32), pad_id=0, packed=name == "packed")
-                layout[name][0] += int(batch["attention_mask"].sum())
-                layout[name][1] += batch["input_ids"].numel()
+                counts[0] += int(batch["attention_mask"].sum())
+                counts[1] += batch["input_ids"].numel()
         order = order[: args.timed or None]
         batches = [order[i:i + args.micro] for i in range(0, len(order), args.micro)]
         stats = {name: {"seconds": 0.0, "tokens": 0, "positions": 0} for name in ("padded", "packed")}
