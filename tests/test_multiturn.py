@@ -129,6 +129,28 @@ def test_truncation_keeps_the_labelled_positions_in_range():
     assert list(cut.positions) == [p for p in full.positions if p < len(cut.input_ids)]
 
 
+def test_min_ce_compares_every_labelled_turn():
+    from profuser_plugins.evaluators.min_ce import MinCE
+
+    from profuser.components import Candidates, SourceNLL
+
+    text = labelled_text("You are welcome.", HISTORY)
+    n = len(text.encode("utf-8"))
+    whole = Candidates(id="c", reference="You are welcome.", meta={"history": HISTORY},
+                       nll={"a": SourceNLL(30.0, 20, n), "b": SourceNLL(20.0, 25, n)})
+    choice = MinCE().select([whole])[0]
+    assert choice.chosen == "b" and "truncated" not in choice.detail  # both cover every turn: summed NLL
+    # b's context cut the last turn short: both are compared per byte on the prefix both cover
+    ends_a = [len(text) * (i + 1) // 20 for i in range(20)]
+    ends_b = [e for e in ends_a if e <= len(text) - 8]
+    cut = Candidates(id="c", reference="You are welcome.", meta={"history": HISTORY}, nll={
+        "a": SourceNLL(30.0, 20, n, [1.5] * 20, ends_a),
+        "b": SourceNLL(20.0, len(ends_b), len(text[:ends_b[-1]].encode()), [2.0] * len(ends_b), ends_b)})
+    choice = MinCE().select([cut])[0]
+    assert choice.detail["truncated"] == ["b"] and choice.detail["prefix_chars"] == ends_b[-1]
+    assert choice.chosen == "a"  # 1.5 vs 2.0 nats per token over the same prefix
+
+
 def test_heldout_bpb_scores_every_assistant_turn_in_context(tmp_path):
     from profuser.chat import template_for
     from profuser.evaluation.heldout import bpb_docs, heldout_ids

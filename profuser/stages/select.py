@@ -188,10 +188,13 @@ class _Generations:
 def _add_token_nll(ctx, sources: list[str], candidates: dict[str, Candidates], readers: dict) -> None:
     """Per-token NLLs and token ends of every source, for the examples some source's tokens cover
     only partly (few: only those are read from the stores)."""
+    from ..chat import conversation_history, labelled_text
     from ..logits_store import LogitsReader
 
+    # a conversation's stored NLLs cover every labelled assistant turn (chat.labelled_text)
     partial = [e for e in candidates.values()
-               if any(n.n_bytes < len(e.reference.encode("utf-8")) for n in e.nll.values())]
+               if any(n.n_bytes < len(labelled_text(e.reference, conversation_history(e.meta)).encode("utf-8"))
+                      for n in e.nll.values())]
     if not partial:
         return
     for source in sources:
