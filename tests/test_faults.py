@@ -499,10 +499,10 @@ def test_over_long_prompts_are_refused_at_validate_and_counted_by_generate_again
     # the run: counted in generate's stats and said in one line, not cut silently
     result = cli("run", str(recipe), "--until", "generate", "--runs-dir", str(runs))
     assert result.exit_code == 0, result.output
-    [stats] = (runs / "store" / "generate").glob("*/stats.json")
-    stats = json.loads(stats.read_text())
+    [manifest] = (runs / "store" / "generate").glob("*/manifest.json")
+    stats = json.loads(manifest.read_text())["metrics"]
     assert stats["overlong_prompts"] == len(longs) and stats["context_limit"] == 512
-    assert stats["longest_prompt_tokens"] > 512
+    assert stats["longest_prompt_tokens"] > 512 and "truncated_prompts" in stats
 
 
 def test_a_full_disk_and_a_read_only_runs_dir_are_one_line_and_a_cached_run_needs_no_write(tmp_path, monkeypatch):

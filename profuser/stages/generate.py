@@ -77,7 +77,8 @@ def run(ctx) -> dict:
     # prompts past the model's context: counted in the stats and said in one line, never cut silently
     overlong = overlong_prompts(tokenizer, spec, prompts)
     if overlong is not None and overlong.count:
-        log.warning("%s: %s; the generator truncates them (hf and vllm keep their last tokens)", ctx.stage.id, overlong.line())
+        log.warning("%s: %s; counted in its stats (overlong_prompts; truncated_prompts: those the generator cut)",
+                    ctx.stage.id, overlong.line())
     shard_size = int(getattr(generator, "shard_size", SHARD_SIZE))
 
     n = samples_per_prompt(generator)
