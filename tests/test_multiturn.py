@@ -172,6 +172,17 @@ def test_heldout_bpb_scores_every_assistant_turn_in_context(tmp_path):
     assert single["context"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_win_rate_answers_continue_the_conversation(tmp_path):
+    from profuser.evaluation.judged import heldout_prompts
+
+    path = tmp_path / "heldout.parquet"
+    pq.write_table(pa.table({"id": ["c", "s"], "system": ["", ""], "instruction": ["Thanks!", "Hi"],
+                             "response": ["You are welcome.", "Hello."],
+                             "meta": [json.dumps({"history": HISTORY}), "{}"]}), path)
+    conversation, single = heldout_prompts(path)
+    assert conversation.history == HISTORY and single.history == []
+
+
 # --- the pipeline on a ShareGPT file --------------------------------------------------------------
 
 

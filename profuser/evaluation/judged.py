@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..chat import conversation_history
 from ..components import Judged, Prompt
 from ..errors import DataError
 from .tasks import HELDOUT_WINRATE_TASK
@@ -31,8 +32,11 @@ def heldout_prompts(path: Path, limit: int | None = None) -> list[Prompt]:
     if missing:
         raise DataError(f"held-out table lacks column(s) {', '.join(sorted(missing))}", where=str(path))
     systems = table.column("system").to_pylist() if "system" in table.column_names else [""] * table.num_rows
-    prompts = [Prompt(str(i), s or "", q) for i, s, q in zip(table.column("id").to_pylist(), systems,
-                                                           table.column("instruction").to_pylist()) if q]
+    metas = table.column("meta").to_pylist() if "meta" in table.column_names else [None] * table.num_rows
+    # a conversation's answers continue it at its last user turn (its earlier turns: chat.conversation_history)
+    prompts = [Prompt(str(i), s or "", q, conversation_history(m))
+               for i, s, q, m in zip(table.column("id").to_pylist(), systems, table.column("instruction").to_pylist(), metas)
+               if q]
     if not prompts:
         raise DataError(f"no held-out row has an instruction, so {HELDOUT_WINRATE_TASK} has nothing to judge",
                         where=str(path))
