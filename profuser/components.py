@@ -424,6 +424,9 @@ class Curriculum(Component):
     # params that set each phase's β: with any, the loss's own ``beta`` is never used (and a
     # recipe that sets ``loss.params.beta`` is refused at validation)
     beta_params: ClassVar[tuple[str, ...]] = ()
+    # reads ``CurriculumInput.target_reward``: the recipe must list the target among the sources
+    # (same label) so that the inference mode scores its own answers (checked at validation)
+    needs_target_reward: ClassVar[bool] = False
 
     @abstractmethod
     def phases(self, data: CurriculumInput) -> list[Phase]:

@@ -755,6 +755,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, registry, _chain
         problems = _pydantic_problems(exc) + validate_components(_raw_refs(data), registry)
         raise RecipeError(sorted(set(problems), key=problems.index), file=file) from None
     problems = validate_components(recipe.component_refs(), registry) + _unused_loss_beta(recipe, registry)
+    problems += _target_reward_problems(recipe, registry)
     base = Path(path).resolve().parent
     problems += _missing_files(recipe, base, registry)
     problems += _missing_models(recipe)
@@ -841,6 +842,20 @@ def _unused_loss_beta(recipe: Recipe, registry) -> list[tuple[str, str]]:
     names = ", ".join(f"curriculum.params.{f}" for f in fields)
     return [("loss.params.beta", (f"unused: curriculum {recipe.curriculum.name!r} sets β per phase ({names}); "
                                   "remove loss.params.beta and set those instead"))]
+
+
+def _target_reward_problems(recipe: Recipe, registry) -> list[tuple[str, str]]:
+    """A curriculum that ranks by the target's own reward (``rm_split``) needs the target among the
+    sources, so that the inference mode generates and scores its answers; refused before any run."""
+    try:
+        needs = registry.get("curricula", recipe.curriculum.name).cls.needs_target_reward
+    except PluginError:
+        return []  # an unknown curriculum is reported by validate_components
+    if not needs or recipe.target.key in {s.key for s in recipe.sources}:
+        return []
+    return [("curriculum.name", (f"{recipe.curriculum.name!r} ranks examples by the target's own reward scores: list "
+                                f"the target among the sources with its label ({recipe.target.key!r}) so the "
+                                "inference mode scores its answers"))]
 
 
 def _missing_files(recipe: Recipe, base: Path, registry=None) -> list[tuple[str, str]]:

@@ -222,6 +222,22 @@ def test_a_loss_beta_that_the_curriculum_overrides_is_refused(tmp_path, curricul
     assert load_recipe(path, ["loss.params={temperature: 2.0}"], registry=registry).loss.params == {"temperature": 2.0}
 
 
+def test_rm_split_without_the_target_among_the_sources_is_refused_at_validation(tmp_path, registry):
+    """rm_split ranks by the target's own reward scores, which exist only when the target answers
+    as a source: refused in one line before anything runs, not at the train stage."""
+    from profuser.errors import RecipeError
+    from profuser.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ntarget: {ref: builtin:x}\nsources: [{ref: builtin:y}]\n"
+                    "data: {source: builtin_tasks}\ncurriculum: rm_split\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, registry=registry)
+    lines = err.value.lines()
+    assert len(lines) == 1 and "curriculum.name" in lines[0] and "among the sources" in lines[0], lines
+    assert load_recipe(path, ["sources=[{ref: builtin:y}, {ref: builtin:x}]"], registry=registry).curriculum.name == "rm_split"
+
+
 def test_the_five_study_recipes_plan_the_same_optimizer_steps(tmp_path):
     """Table 1's variants (recipes/study/) at 3 epochs: co-fusion steps over instructions, so the
     step count no longer depends on how many modes a phase mixes (issue 25); the per-mode

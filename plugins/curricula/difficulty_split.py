@@ -66,6 +66,7 @@ class LengthSplit(_DifficultySplit):
 
 class RMSplit(_DifficultySplit):
     name = "rm_split"
+    needs_target_reward = True
 
     class Params(_DifficultySplit.Params):
         score: Literal["strongest", "mean_z"] = Field(
