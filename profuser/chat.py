@@ -379,10 +379,12 @@ def _turn_spans(tokenizer, template: str, system: str, instruction: str, respons
         marked_history[i]["content"] = marks[j]
     marked = _render(tokenizer, template, system, instruction, _SENTINEL, marked_history)
     cuts, pos = [], 0
-    for mark in marks:
+    hint = " (data.turns: last keeps earlier turns as context only)"
+    for j, mark in enumerate(marks):
         at = marked.find(mark, pos)
         if at < 0:
-            raise ModelError("the chat template drops an assistant message", where=_name(tokenizer))
+            which = "an earlier assistant message" + hint if j < len(trained) else "the assistant message"
+            raise ModelError(f"the chat template drops {which}", where=_name(tokenizer))
         cuts.append((pos, at))
         pos = at + len(mark)
     fixed = [marked[a:b] for a, b in cuts] + [marked[pos:]]  # the template's text around the turns
@@ -392,8 +394,9 @@ def _turn_spans(tokenizer, template: str, system: str, instruction: str, respons
     for j, content in enumerate(contents):
         found = _shown(text, at + len(fixed[j]), content, fixed[j + 1]) if text.startswith(fixed[j], at) else None
         if found is None:
-            raise ModelError("the chat template changes an assistant turn's text; cannot locate its tokens",
-                             where=_name(tokenizer))
+            which = "an earlier assistant turn's text; cannot locate its tokens" + hint if j < len(trained) else \
+                "the response text; cannot locate response tokens"
+            raise ModelError(f"the chat template changes {which}", where=_name(tokenizer))
         start = at + len(fixed[j])
         end = start + found[0]
         spans.append([start, end, found[1], len(text)])

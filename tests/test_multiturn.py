@@ -120,6 +120,21 @@ def test_context_only_turns_and_single_turn_records():
     assert _decoded(tok, one.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nThanks!")
 
 
+def test_a_template_that_rewrites_earlier_answers_is_named_with_the_way_out():
+    from profuser.errors import ModelError
+
+    tok = tiny_tokenizer("llama")
+    # like reasoning models' templates, which drop what earlier answers thought
+    drops = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+             "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'][:4] }}{% else %}{{ m['content'] }}{% endif %}"
+             "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    with pytest.raises(ModelError, match="earlier assistant.*data.turns: last"):
+        encode_chat(tok, "", "Thanks!", "You are welcome.", max_length=4096, chat_template=drops, history=HISTORY)
+    context_only = [{**m, "train": False} for m in HISTORY]
+    enc = encode_chat(tok, "", "Thanks!", "You are welcome.", max_length=4096, chat_template=drops, history=context_only)
+    assert _decoded(tok, enc.label_ids) == "You are welcome.<|im_end|>\n"
+
+
 def test_truncation_keeps_the_labelled_positions_in_range():
     tok = tiny_tokenizer("llama")
     full = encode_chat(tok, "", "Thanks!", "You are welcome.", max_length=4096, history=HISTORY)
