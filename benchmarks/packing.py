@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-length", type=int, default=2048, help="train.max_length")
     ap.add_argument("--timed", type=int, default=48, help="time the micro-batches of the first N examples (0: all)")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spin-waits on a loaded machine)")
     ap.add_argument("--lengths-from-orca", type=Path, default=None, metavar="FILE",
                     help=f"recompute {LENGTHS.name} from an OpenOrca-style JSONL file (e.g. {ORCA})")
     ap.add_argument("--json", action="store_true")
