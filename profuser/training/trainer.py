@@ -8,6 +8,8 @@
    instructions, each with both modes' examples in a co-fusion phase (``Phase.draws``), or
    single examples. Rank r takes a contiguous 1/world share of each global batch's units, its rows
    split evenly into the backend's micro-batches; gradient accumulation fills the global batch.
+   ``train.packing`` lays each micro-batch's examples end to end (``data.pack``; the model then gets
+   position ids and no mask, and each position its example's weight).
 3. Model, AdamW (= Adam at the default weight decay 0), one warm-up + decay schedule spanning the
    steps of all phases.
 4. Resume: the newest complete checkpoint under ``out_dir/checkpoints`` restores model, optimizer,
