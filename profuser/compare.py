@@ -73,11 +73,13 @@ def run_comparison(recipes: list[Path], engine: Engine, runtime: Runtime, *, ove
     planned = [(path, seed, Runner(load_recipe(path, [*overrides, *seed_overrides(seed)], registry=engine.registry),
                                    engine, runtime, echo=echo))
                for path in recipes for seed in seeds or [None]]
+    # each distinct stage once (seeds and variants share most): one descriptor per key, not per plan
+    stages = {(s.kind, runner.keys[s.id]): runner.store for _, _, runner in planned
+              for s in runner.stages if s.id in runner.selected}
     with contextlib.ExitStack() as own:
         stack = own if held is None else held
-        for _, _, runner in planned:
-            leases = runner.store.lease((s.kind, runner.keys[s.id]) for s in runner.stages if s.id in runner.selected)
-            stack.callback(leases.release)
+        for (kind, key), store in stages.items():
+            stack.callback(store.lease([(kind, key)]).release)
         return _run_planned(planned, echo, started)
 
 
