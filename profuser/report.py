@@ -466,6 +466,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+SCORE_PANELS_PER_LINE = 4
+
+
 def plot_scores(variants: list[dict], tasks: list[str], out_png: str | Path, *, reference: str | None = None) -> Path:
     """One panel per task: each variant's mean with its 95% bootstrap interval as error bars (the
     std over seeds where there are no per-example values); with ``reference``, a second row of
@@ -475,12 +478,20 @@ def plot_scores(variants: list[dict], tasks: list[str], out_png: str | Path, *, 
     Figure = import_extra("matplotlib.figure", "plots", what="plotting").Figure
 
     n = max(len(variants), 1)
-    fig = Figure(figsize=(max(4.0, 0.45 * n + 1.5) * len(columns), 3.4 * rows))
-    axes = fig.subplots(rows, len(columns), squeeze=False)
+    per_line = min(len(columns), SCORE_PANELS_PER_LINE)  # wrap: a one-line strip of many tasks is unreadable
+    lines = -(-len(columns) // per_line)
+    fig = Figure(figsize=(max(4.0, 0.45 * n + 1.5) * per_line, 3.4 * rows * lines))
+    grid = fig.subplots(rows * lines, per_line, squeeze=False)
+    for j in range(len(columns), lines * per_line):  # the last line's empty places
+        line, col = divmod(j, per_line)
+        for r in range(rows):
+            grid[line * rows + r][col].set_visible(False)
     names = [v["variant"] for v in variants]
     for j, task in enumerate(columns):
         scale = _scale(task, True)
-        ax = axes[0][j]
+        line, col = divmod(j, per_line)
+        axes = [grid[line * rows + r][col:col + 1] for r in range(rows)]  # this task's panels, as axes[r][0]
+        ax = axes[0][0]
         for i, v in enumerate(variants):
             stats = (v.get("tasks") or {}).get(task) or {}
             mean = v[AVERAGE] if task == AVERAGE else v["scores"].get(task)
@@ -498,7 +509,7 @@ def plot_scores(variants: list[dict], tasks: list[str], out_png: str | Path, *, 
         ax.set_ylabel(f"{unit}, 95% CI")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         if reference:
-            ax = axes[1][j]
+            ax = axes[1][0]
             for i, v in enumerate(variants):
                 delta = ((v.get("tasks") or {}).get(task) or {}).get("delta")
                 if not delta:

@@ -398,3 +398,17 @@ def test_run_closing_table_gives_the_interval_and_n(tmp_path):
     source = next(line for line in lines if line.strip().startswith("smollm2"))
     assert "6.25 [0.00, 18.75] n=16" in fused and "0.00 [0.00, 0.00] n=16" in source
     assert any("95% interval" in line for line in lines)
+
+
+def test_score_panels_wrap_after_four_tasks(tmp_path):
+    """Seven tasks (a testbed's: three, plus four families) are two lines of four places, not a
+    strip seven panels wide; the unused place is left blank."""
+    from PIL import Image
+
+    from profuser.report import plot_scores, summarise_variants
+
+    tasks = [f"t{i}" for i in range(7)]
+    entries = [{"variant": v, "scores": {t: 0.1 * (i + 1) for t in tasks}} for i, v in enumerate(("a", "b"))]
+    png = plot_scores(summarise_variants(entries, tasks, reference="a"), tasks, tmp_path / "s.png", reference="a")
+    width, height = Image.open(png).size
+    assert width / height < 2.5, (width, height)
