@@ -453,6 +453,11 @@ class Runner:
         return found
 
     def run(self) -> list[StageResult]:
+        # --force deletes an artifact: never one that another live run is reading
+        for stage in self.stages:
+            if stage.id in self.forced and stage.id in self.selected and self.store.leased(stage.kind, self.keys[stage.id]):
+                raise ProfuserError(f"{stage.id} is read by a live run (leased): forcing it would delete it under that run; "
+                                    "wait for that run to end or stop it", where="--force")
         # a shared lease on every stage it will read or write, before it reads any: `runs --gc`
         # removes none of them until the run ends (or dies: the kernel frees its leases)
         leases = self.store.lease((s.kind, self.keys[s.id]) for s in self.stages if s.id in self.selected)
