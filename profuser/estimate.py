@@ -313,6 +313,8 @@ def stage_rows(runner, sizes: Sizes) -> list[dict]:
             rows.append(_row(stage, cached, note="CPU"))
         elif stage.kind == "train":
             rows.append(_train_row(runner, stage, cached, sizes))
+        elif stage.kind == "judge":
+            rows.append(_judge_row(runner, stage, cached, sizes))
         elif stage.kind == "evaluate":
             rows.append(_evaluate_row(runner, stage, cached, sizes))
         else:
@@ -366,6 +368,22 @@ def _train_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
                 throughput_source=THROUGHPUT_SOURCES["train"], gpus=world, gpu_memory_gb=_gb(states + activations),
                 disk_gb=_gb(n * 2), scratch_gb=_gb(scratch), note=note + ("" if params else "; model size unknown"),
                 optimizer_steps=steps or None)  # None: unknown before scoring
+
+
+def _judge_row(runner, stage, cached: bool, sizes: Sizes) -> dict:
+    """The win rate's reference answers: generated, then scored by the judge (on one GPU, as evaluate)."""
+    cfg = stage.config
+    prompts = min(cfg.limit or sizes.heldout, sizes.heldout)
+    new_tokens = int(cfg.generator.params.get("max_new_tokens", 256))
+    params, _ = _size(runner, cfg.model["ref"])
+    judge_params, _ = _size(runner, cfg.reward_model.params.get("model"))
+    generated, judged = prompts * new_tokens, prompts * (sizes.prompt_tokens + new_tokens)
+    seconds = generated / throughputs(runner.recipe, params)["generate_hf"] \
+        + judged / throughputs(runner.recipe, judge_params)["forward"]
+    return _row(stage, cached, tokens=round(generated + judged), throughput=(generated + judged) / seconds,
+                throughput_source="generate_hf for the answers, forward for the judge", gpus=1,
+                gpu_memory_gb=_gb(max(params or 0, judge_params or 0) * _bytes_per_param(cfg.model.get("dtype", "bfloat16"))),
+                note=f"{prompts:,} answers of the reference x {new_tokens} new tokens at most, judged once for every evaluation")
 
 
 def _evaluate_row(runner, stage, cached: bool, sizes: Sizes) -> dict:

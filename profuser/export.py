@@ -4,7 +4,10 @@ axolotl or another run (``datasets.load_from_disk(DIR)``).
 ``--stage select``: one row per selected example and mode: ``id``, ``mode`` (inference /
 training), ``source`` (the advantaged source), ``system``, ``instruction``, ``response`` (the
 chosen response: the source's own generation in the inference mode, the ground truth in the
-training mode) and ``scores`` (the evaluator's scores per source, JSON).
+training mode), ``scores`` (the evaluator's scores per source, JSON) and ``messages``: the whole
+conversation in TRL's conversational format (``[{role, content}]``: the system prompt if any, a
+conversation's earlier turns, the instruction, the chosen response), so ``SFTTrainer`` takes it
+as it is.
 
 ``--stage build``: the same rows for the examples the trainer reads, plus the target-token view
 of each: ``input_ids`` and ``labels`` (-100 on the prompt) in the target's tokenizer, and per
@@ -60,7 +63,9 @@ def _texts(dirs: dict[str, Path], mode: str) -> dict[str, dict[str, Any]]:
     from .artifacts import read_samples, read_selection
 
     selection = read_selection(dirs[f"select/{mode}"], scores=True)
-    data = pq.read_table(dirs["data"] / "train.parquet", columns=["id", "system", "instruction", "response"]).to_pylist()
+    from .chat import conversation_history
+
+    data = pq.read_table(dirs["data"] / "train.parquet", columns=["id", "system", "instruction", "response", "meta"]).to_pylist()
     samples: dict[str, dict[str, list[str]]] = {}
     rows = {}
     for record in data:
@@ -76,9 +81,13 @@ def _texts(dirs: dict[str, Path], mode: str) -> dict[str, dict[str, Any]]:
                                         "responses from", where="export")
                 samples[chosen.chosen] = read_samples(folder / "generations.parquet")
             response = samples[chosen.chosen][record["id"]][chosen.sample]
-        rows[record["id"]] = {"id": record["id"], "mode": mode, "source": chosen.chosen, "system": record["system"] or "",
+        system = record["system"] or ""
+        messages = ([{"role": "system", "content": system}] if system else []) \
+            + [{"role": m["role"], "content": m["content"]} for m in conversation_history(record["meta"])] \
+            + [{"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": response}]
+        rows[record["id"]] = {"id": record["id"], "mode": mode, "source": chosen.chosen, "system": system,
                               "instruction": record["instruction"], "response": response,
-                              "scores": json.dumps(chosen.scores or {}, sort_keys=True)}
+                              "scores": json.dumps(chosen.scores or {}, sort_keys=True), "messages": messages}
     return rows
 
 
@@ -115,10 +124,11 @@ def _build_rows(dirs: dict[str, Path], mode: str) -> Iterator[dict[str, Any]]:
 
 
 def _features(stage: str):
-    from datasets import Features, Sequence, Value
+    from datasets import Features, List, Sequence, Value
 
     text = {"id": Value("string"), "mode": Value("string"), "source": Value("string"), "system": Value("string"),
-            "instruction": Value("string"), "response": Value("string"), "scores": Value("string")}
+            "instruction": Value("string"), "response": Value("string"), "scores": Value("string"),
+            "messages": List({"role": Value("string"), "content": Value("string")})}
     if stage == "select":
         return Features(text)
     return Features({**text, "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),

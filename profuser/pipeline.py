@@ -33,10 +33,10 @@ from .runtime import Runtime, local_rank, rank_and_world, runtime_of, wait_until
 from .stages import StageConfig, StageContext
 from .store import Artifact, ArtifactStore, atomic_write_json, atomic_write_text, disk_errors, stable_hash
 
-STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "evaluate", "merge")
+STAGE_KINDS = ("data", "generate", "score", "logits", "select", "align", "build", "train", "judge", "evaluate", "merge")
 # the stages that load a model: run in a worker process when the runtime isolates stages (a stage
 # module may say otherwise with LOADS_MODEL = True / False)
-MODEL_STAGE_KINDS = frozenset({"generate", "score", "logits", "train", "evaluate"})
+MODEL_STAGE_KINDS = frozenset({"generate", "score", "logits", "train", "judge", "evaluate"})
 KEY_INPUTS = "key_inputs.json"  # runs/<name>/: what each stage's key hashed at its last run
 
 
@@ -76,7 +76,7 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
     ``recipe:<path>`` is made by that recipe's own stages, planned first (``plan_recipe_refs``).
     A model spec without a dtype gets the default of ``device``, the runtime's (``with_device_dtype``)."""
     # here, not at the top: importing the pipeline stays light (build imports the trainer, torch)
-    from .stages import Ref, align, build, data, evaluate, generate, logits, merge, score, select, train
+    from .stages import Ref, align, build, data, evaluate, generate, judge, logits, merge, score, select, train
 
     recipe = with_device_dtype(recipe, device)
     upstream_stages, recipe, recipe_models = plan_recipe_refs(recipe, engine, _chain, device=device)
@@ -172,24 +172,34 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
                                      sources=source_keys, card_recipe=card_recipe(recipe)),
                         train_deps, [("losses", recipe.loss.name), ("curricula", recipe.curriculum.name)]))
 
-    if recipe.evaluate.tasks:
+    ev = recipe.evaluate
+    if ev.tasks:
         # the win rate's judge, keyed by its code like any third-party component; a built-in's code is
         # profuser's version, keyed already (listing it would change the keys evaluations have)
-        judge = [(kind, name) for kind, name in evaluate.judge_components(recipe.evaluate)
-                 if not engine.plugins[registry.get(kind, name).plugin].builtin]
+        judge_parts = [(kind, name) for kind, name in evaluate.judge_components(ev)
+                       if not engine.plugins[registry.get(kind, name).plugin].builtin]
+        eval_deps = {evaluate.DATA: "data"}
+        if evaluate.judge_components(ev):  # the win rate: the reference's answers, judged once for every evaluation
+            reference = ev.judge.reference
+            stages.append(Stage(f"judge/{reference.key}", "judge",
+                                judge.Config(model=reference.identity(), generator=Ref.of(ev.judge.generator),
+                                             reward_model=Ref.of(ev.judge.reward_model),
+                                             limit=evaluate.task_limit(ev, evaluate.HELDOUT_WINRATE_TASK)),
+                                {judge.DATA: "data"}, list(judge_parts)))
+            eval_deps[evaluate.JUDGE] = f"judge/{reference.key}"
         stages.append(Stage("evaluate/fused", "evaluate",
-                            evaluate.Config(model=None, label="fused", evaluate=recipe.evaluate),
-                            {evaluate.MODEL: "train", evaluate.DATA: "data"}, list(judge)))
-        if recipe.evaluate.baselines:
+                            evaluate.Config(model=None, label="fused", evaluate=ev),
+                            {evaluate.MODEL: "train", **eval_deps}, list(judge_parts)))
+        if ev.baselines:
             baselines = {recipe.target.key: recipe.target, **{s.key: s for s in recipe.sources}}
             for key, spec in baselines.items():
                 stages.append(Stage(f"evaluate/{key}", "evaluate",
-                                    evaluate.Config(model=spec.identity(), label=key, evaluate=recipe.evaluate),
-                                    {evaluate.DATA: "data"}, list(judge)))
+                                    evaluate.Config(model=spec.identity(), label=key, evaluate=ev),
+                                    dict(eval_deps), list(judge_parts)))
         for m in recipe.merges:  # evaluated whatever evaluate.baselines says: the recipe asks for them
             stages.append(Stage(f"evaluate/merge/{m.key}", "evaluate",
-                                evaluate.Config(model=None, label=f"{m.key} (merge)", evaluate=recipe.evaluate),
-                                {evaluate.MODEL: f"merge/{m.key}", evaluate.DATA: "data"}, list(judge)))
+                                evaluate.Config(model=None, label=f"{m.key} (merge)", evaluate=ev),
+                                {evaluate.MODEL: f"merge/{m.key}", **eval_deps}, list(judge_parts)))
     return _with_recipe_models(upstream_stages, stages, recipe_models)
 
 
@@ -443,6 +453,11 @@ class Runner:
         return found
 
     def run(self) -> list[StageResult]:
+        # --force deletes an artifact: never one that another live run is reading
+        for stage in self.stages:
+            if stage.id in self.forced and stage.id in self.selected and self.store.leased(stage.kind, self.keys[stage.id]):
+                raise ProfuserError(f"{stage.id} is read by a live run (leased): forcing it would delete it under that run; "
+                                    "wait for that run to end or stop it", where="--force")
         # a shared lease on every stage it will read or write, before it reads any: `runs --gc`
         # removes none of them until the run ends (or dies: the kernel frees its leases)
         leases = self.store.lease((s.kind, self.keys[s.id]) for s in self.stages if s.id in self.selected)

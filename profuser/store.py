@@ -164,6 +164,17 @@ class ArtifactStore:
     def lease_path(self, kind: str, key: str) -> Path:
         return self.root / "store" / ".locks" / f"{kind}-{key}.lease"
 
+    def leased(self, kind: str, key: str) -> bool:
+        """Whether a live run (another open lease than any of this call's) reads the key."""
+        path = self.lease_path(kind, key)
+        if not path.is_file():
+            return False
+        fd = _try_lock(path)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
     def lease(self, keys: Iterable[tuple[str, str]]) -> Leases:
         """Shared leases on ``(kind, key)`` pairs, held until released (or the process dies):
         ``collect_garbage`` removes no leased artifact or partial. Taken before a run reads the

@@ -19,8 +19,10 @@ def test_seed_changes_the_training_seed_only():
 def test_tiny_compare_two_seeds(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    base = tiny_recipe(tmp_path, **{"evaluate.tasks": ["profuser_heldout", "profuser_heldout_bpb"],
-                                    "evaluate.baselines": True})
+    judge = {"reward_model": {"name": "judge", "params": {"model": str(tmp_path / "models" / "tiny-llama")}},
+             "generator": {"name": "hf", "params": {"do_sample": False, "max_new_tokens": 4}}}
+    base = tiny_recipe(tmp_path, **{"evaluate.tasks": ["profuser_heldout", "profuser_heldout_bpb", "profuser_heldout_winrate"],
+                                    "evaluate.baselines": True, "evaluate.judge": judge})
     csft = tmp_path / "csft.yaml"
     csft.write_text(f"extends: {base.name}\nname: csft\ncurriculum: csft\n", encoding="utf-8")
     out, runs = tmp_path / "cmp", tmp_path / "runs"
@@ -37,9 +39,12 @@ def test_tiny_compare_two_seeds(tmp_path, monkeypatch):
     lo, hi = bpb["delta"]["ci95"]
     assert lo <= bpb["delta"]["mean"] <= hi
     assert "delta" not in by_name["csft"]["tasks"]["profuser_heldout_bpb"]
-    # a seed reruns train and the fused evaluation only
+    # a seed reruns train and the fused evaluation only; the win rate's reference is answered once
     second = [e for e in data["entries"] if e.get("seed") == 1]
     assert second and all(sorted(e["stages_ran"]) == ["evaluate/fused", "train"] for e in second)
+    ran = [stage for e in data["entries"] for stage in e.get("stages_ran", [])]
+    assert ran.count("judge/llama") == 1
+    assert by_name[tiny]["tasks"]["profuser_heldout_winrate"]["seeds"] == [0, 1]
     assert "Δ Held-out bpb ↓ vs csft [95% CI]" in (out / "comparison.md").read_text()
     assert (out / "scores.png").stat().st_size > 0
 

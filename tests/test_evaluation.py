@@ -362,10 +362,12 @@ def test_a_limit_per_task(tmp_path, tiny_llama_dir):
 
 
 def test_winrate_stage_with_the_real_generator_and_judge(tmp_path, tiny_llama_dir, tiny_gemma_dir):
-    """The evaluate stage's profuser_heldout_winrate with the hf generator and the judge reward
-    model on tiny random models: one outcome per held-out prompt (meta.answer not needed), in
-    {0, 1/2, 1}, whose mean is the score; the target against itself ties everywhere."""
+    """The judge/<reference> stage answers and judges once; each evaluate stage's
+    profuser_heldout_winrate reads it, with the hf generator and the judge reward model on tiny
+    random models: one outcome per held-out prompt (meta.answer not needed), in {0, 1/2, 1},
+    whose mean is the score; the reference against itself ties everywhere, generating nothing."""
     import profuser.stages.evaluate as stage
+    import profuser.stages.judge as judge_stage
     from profuser.pipeline import Stage
     from profuser.plugins import Engine
     from profuser.runtime import Runtime
@@ -380,13 +382,21 @@ def test_winrate_stage_with_the_real_generator_and_judge(tmp_path, tiny_llama_di
              "reference": {"ref": str(tiny_llama_dir), "label": "target"}}
     evaluation = {"tasks": ["profuser_heldout_winrate"], "judge": judge}
     runtime = Runtime(progress=False, device="cpu", cache_dir=tmp_path / "cache", engine=engine)
+    answers = tmp_path / "judge"
+    answers.mkdir()
+    config = judge_stage.Config.model_validate({"model": {"ref": str(tiny_llama_dir)}, "generator": judge["generator"],
+                                                "reward_model": judge["reward_model"], "limit": None})
+    judge_stage.run(StageContext(stage=Stage("judge/target", "judge", config, {"data": "data"}),
+                                 inputs={"data": data}, out=answers, runtime=runtime, engine=engine))
+    reference = pq.read_table(answers / "answers.parquet").to_pylist()
+    assert [r["id"] for r in reference] == ["a", "b", "c"]
     results = {}
     for label, model in (("gemma", tiny_gemma_dir), ("target", tiny_llama_dir)):
         out = tmp_path / label
         out.mkdir()
         config = stage.Config.model_validate({"model": {"ref": str(model)}, "label": label, "evaluate": evaluation})
-        ctx = StageContext(stage=Stage(f"evaluate/{label}", "evaluate", config, {"data": "data"}),
-                           inputs={"data": data}, out=out, runtime=runtime, engine=engine)
+        ctx = StageContext(stage=Stage(f"evaluate/{label}", "evaluate", config, {"data": "data", "judge": "judge/target"}),
+                           inputs={"data": data, "judge": answers}, out=out, runtime=runtime, engine=engine)
         metrics = stage.run(ctx)
         rows = pq.read_table(out / "per_example.parquet").to_pylist()
         assert sorted(r["id"] for r in rows) == ["a", "b", "c"]  # "c" has no meta.answer and counts
@@ -395,32 +405,38 @@ def test_winrate_stage_with_the_real_generator_and_judge(tmp_path, tiny_llama_di
         assert metrics["profuser_heldout_winrate"] == pytest.approx(sum(values) / 3)
         saved = json.loads((out / "results.json").read_text())
         assert saved["config"]["profuser_heldout_winrate"]["judge"] == "judge"
-        samples = (out / "samples" / "profuser_heldout_winrate.jsonl").read_text().splitlines()
-        assert len(samples) == 3 and "reference_response" in json.loads(samples[0])
+        samples = [json.loads(line) for line in (out / "samples" / "profuser_heldout_winrate.jsonl").read_text().splitlines()]
+        assert [s["reference_response"] for s in samples] == [r["response"] for r in reference]
+        assert [s["reference_score"] for s in samples] == [r["score"] for r in reference]
         results[label] = values
     assert results["target"] == [0.5, 0.5, 0.5]
 
 
 def test_winrate_outcomes_are_wins_ties_and_losses():
     from profuser.components import Prompt
-    from profuser.evaluation.judged import judged_winrate
+    from profuser.evaluation.judged import answer_and_score, judged_winrate
     from profuser.recipe import ModelSpec
 
-    prompts = [Prompt(str(i), "", f"q{i}") for i in range(4)]
-    answers = {"mine": ["long answer", "x", "same", "long answer"], "ref": ["x", "long answer", "same", "yy"]}
+    prompts = [Prompt(str(i), "", f"q{i}") for i in range(5)]
+    answers = {"mine": ["long answer", "x", "same", "long answer", "twin"],
+               "ref": ["x", "long answer", "same", "yy", "twin"]}
 
     class Generator:
         def generate(self, model, prompts, *, seed):
             return answers[model.ref]
 
-    class Judge:  # longer is better
+    class Judge:  # longer is better, and the reference's "twin" is scored a little off, as a padded batch may
         def score(self, items):
-            return [len(item.response) for item in items]
+            return [len(item.response) + (0.001 if item.response == "twin" and Judge.calls else 0) for item in items]
+        calls = 0
 
-    result = judged_winrate(ModelSpec(ref="mine"), ModelSpec(ref="ref"), prompts, generator=Generator(), judge=Judge())
-    assert result["values"] == [1.0, 0.0, 0.5, 1.0]
-    assert result["metrics"]["winrate,none"] == 0.625
-    assert (result["metrics"]["wins,none"], result["metrics"]["ties,none"], result["metrics"]["losses,none"]) == (2, 1, 1)
+    mine = answer_and_score(ModelSpec(ref="mine"), prompts, generator=Generator(), judge=Judge())
+    Judge.calls = 1
+    theirs = answer_and_score(ModelSpec(ref="ref"), prompts, generator=Generator(), judge=Judge())
+    result = judged_winrate(prompts, mine, theirs)
+    assert result["values"] == [1.0, 0.0, 0.5, 1.0, 0.5]  # the same answer ties whatever its two scores
+    assert result["metrics"]["winrate,none"] == pytest.approx(3 / 5)
+    assert (result["metrics"]["wins,none"], result["metrics"]["ties,none"], result["metrics"]["losses,none"]) == (2, 2, 1)
 
 
 def test_validate_says_which_task_needs_which_field(tmp_path, registry):

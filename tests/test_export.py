@@ -61,6 +61,9 @@ def test_export_select_and_refusals(run, tmp_path):
     assert result.exit_code == 0, result.output
     ds = load_from_disk(str(out))
     assert set(ds["mode"]) == {"inference"} and "teacher_ids" not in ds.column_names
+    for row in ds:  # TRL's conversational format: the instruction, then the chosen response
+        assert row["messages"][-2:] == [{"role": "user", "content": row["instruction"]},
+                                        {"role": "assistant", "content": row["response"]}]
     stages = json.loads((run / "runs" / "tiny" / "run.json").read_text())["stages"]
     folder = next(s["path"] for s in stages if s["id"] == "select/inference")
     assert len(ds) == pq.read_table(f"{folder}/selection.parquet").num_rows > 0  # one row per selected example

@@ -65,8 +65,8 @@ def test_editing_a_third_party_judge_recomputes_the_evaluations_only(package, tm
     engine = Engine(entrypoints=False, extra_plugins=[("myjudges", module)])
     recipe = judged(tiny_root, {"name": "length_judge"})
     before, inputs = _keys(recipe, engine, tmp_path)
-    evaluations = {s for s in inputs if s.startswith("evaluate/")}
-    assert evaluations == {"evaluate/fused", "evaluate/llama", "evaluate/gemma"}
+    evaluations = {s for s in inputs if s.startswith(("evaluate/", "judge/"))}
+    assert evaluations == {"judge/llama", "evaluate/fused", "evaluate/llama", "evaluate/gemma"}
     for stage in evaluations:
         assert set(inputs[stage]["code"]) == {"reward_models:length_judge"}
         assert "generators:hf" not in inputs[stage]["versions"]  # built-in: profuser's version keys it
@@ -80,8 +80,31 @@ def test_a_builtin_judge_keeps_the_keys_evaluations_had(tmp_path, tiny_root):
     engine = Engine(entrypoints=False)
     recipe = judged(tiny_root, {"name": "judge", "params": {"model": str(tiny_root / "models" / "tiny-llama")}})
     stages = plan(load_recipe(recipe, registry=engine.registry), engine, device="cpu")
-    evaluations = [s for s in stages if s.kind == "evaluate"]
+    evaluations = [s for s in stages if s.kind in ("evaluate", "judge")]
     assert evaluations and all(s.components == [] for s in evaluations)
     _, inputs = stage_key_inputs(stages, engine, FingerprintCache(tmp_path / "fp.json"))
     for stage in evaluations:  # what an evaluation hashed before judges were listed: profuser's version, the stage's
         assert set(inputs[stage.id]["versions"]) == {"profuser", "stage"} and "code" not in inputs[stage.id]
+
+
+def test_the_reference_is_answered_once_for_every_evaluation(tmp_path, tiny_root):
+    """One judge/<reference> stage per recipe, read by every evaluation; recipes that differ in
+    what they train share its key, so a store answers and judges the reference once."""
+    engine = Engine(entrypoints=False)
+    judge = {"name": "judge", "params": {"model": str(tiny_root / "models" / "tiny-llama")}}
+    base = judged(tiny_root, judge)
+    other = tiny_root / "other.yaml"
+    other.write_text("extends: tiny.yaml\nname: other\ncurriculum: csft\n")
+    keys = {}
+    for name, recipe in (("a", base), ("b", other)):
+        stages = plan(load_recipe(recipe, registry=engine.registry), engine, device="cpu")
+        [answers] = [s for s in stages if s.kind == "judge"]
+        assert answers.id == "judge/llama" and answers.config.limit is None
+        assert {s.id for s in stages if s.deps.get("judge") == answers.id} == {"evaluate/fused", "evaluate/llama", "evaluate/gemma"}
+        keys[name] = stage_key_inputs(stages, engine, FingerprintCache(tmp_path / "fp.json"))[0]
+    assert keys["a"]["judge/llama"] == keys["b"]["judge/llama"] and keys["a"]["train"] != keys["b"]["train"]
+    # without the win rate: no judge stage, and the evaluations read nothing more than they did
+    plain = plan(load_recipe(tiny_recipe(tiny_root, **{"evaluate.tasks": ["profuser_heldout"], "evaluate.baselines": True}),
+                             registry=engine.registry), engine, device="cpu")
+    assert not [s for s in plain if s.kind == "judge"]
+    assert all(set(s.deps) <= {"model", "data"} for s in plain if s.kind == "evaluate")

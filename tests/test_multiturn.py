@@ -298,3 +298,22 @@ def test_tiny_full_run_scores_every_heldout_assistant_turn(multiturn_run):
         expected += [f"{row['id']}/turn{j}" for j in range(1, n + 1)] + [row["id"]]
     assert sorted(r["id"] for r in per_example) == sorted(expected) and len(expected) > len(heldout)
     assert all(np.isfinite(r["value"]) and r["value"] > 0 for r in per_example)
+
+
+def test_export_gives_the_whole_conversation_as_messages(multiturn_run, tmp_path):
+    from datasets import load_from_disk
+
+    _, runs = multiturn_run
+    out = tmp_path / "select-ds"
+    result = cli("export", "tiny", "--stage", "select", "--to", out, "--mode", "training", "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    records = {r["id"]: r for r in pq.read_table(_data(runs) / "train.parquet").to_pylist()}
+    multi = 0
+    for row in load_from_disk(str(out)):
+        record = records[row["id"]]
+        history = [{"role": m["role"], "content": m["content"]} for m in conversation_history(record["meta"])]
+        system = [{"role": "system", "content": record["system"]}] if record["system"] else []
+        assert row["messages"] == system + history + [{"role": "user", "content": record["instruction"]},
+                                                      {"role": "assistant", "content": record["response"]}]
+        multi += bool(history)
+    assert multi >= 7

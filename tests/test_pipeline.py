@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from toy_stages import starts
 
+from profuser.errors import ProfuserError
 from profuser.pipeline import Runner, Runtime, Stage, plan, stage_keys
 from profuser.plugins import Engine
 from profuser.recipe import Recipe, load_raw, load_recipe
@@ -68,6 +69,23 @@ def test_force_and_until(tmp_path, engine, default_recipe):
     assert [r.id for r in results] == ["a", "b"]
     _, results = toy_run(tmp_path, engine, default_recipe, force=["b"])
     assert {r.id: r.cached for r in results} == {"a": True, "b": False, "c": False}
+
+
+def test_force_refuses_a_stage_another_live_run_reads(tmp_path, engine, default_recipe):
+    from profuser.store import ArtifactStore
+
+    _, first = toy_run(tmp_path, engine, default_recipe)
+    store = ArtifactStore(tmp_path / "runs")
+    leases = store.lease([("toy", first[1].key)])  # another run reading b (an open lease is a live run's)
+    try:
+        with pytest.raises(ProfuserError) as err:
+            toy_run(tmp_path, engine, default_recipe, force=["b"])
+        assert err.value.where == "--force" and "b is read by a live run" in str(err.value)
+        assert (Path(first[1].path) / "result.txt").read_text() == "ab"  # nothing deleted
+    finally:
+        leases.release()
+    _, again = toy_run(tmp_path, engine, default_recipe, force=["b"])  # once that run ended: forced
+    assert {r.id: r.cached for r in again} == {"a": True, "b": False, "c": False}
 
 
 def test_corrupt_artifact_is_detected_and_recomputed(tmp_path, engine, default_recipe):

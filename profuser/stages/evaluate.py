@@ -31,6 +31,7 @@ from . import ModelIdentity, StageConfig
 
 VERSION = "2"  # 2: per_example.parquet; average leaves out lower-is-better tasks
 MODEL, DATA = "model", "data"  # input roles: the artifact with model/ (train, merge), the data stage
+JUDGE = "judge"  # input role of the win rate: the judge/<reference> stage (the reference's judged answers)
 
 
 class Config(StageConfig):
@@ -48,6 +49,11 @@ def judge_components(ev: EvaluateSpec) -> list[tuple[str, str]]:
     if ev.judge is None or HELDOUT_WINRATE_TASK not in ev.tasks:
         return []
     return [("reward_models", ev.judge.reward_model.name), ("generators", ev.judge.generator.name)]
+
+
+def task_limit(ev: EvaluateSpec, task: str) -> int | None:
+    """``evaluate.limit`` for one task: the number, the task's entry of a mapping, or None."""
+    return ev.limit.get(task) if isinstance(ev.limit, dict) else ev.limit
 
 
 def average(primary: dict[str, float | None]) -> float | None:
@@ -156,20 +162,26 @@ def run(ctx) -> dict:
 
 
 def _winrate(ctx, spec: ModelSpec, heldout: Path | None) -> dict[str, Any]:
-    """``profuser_heldout_winrate`` of ``spec`` against the judge's reference (profuser.evaluation.judged)."""
-    from ..evaluation.judged import heldout_prompts, judged_winrate
+    """``profuser_heldout_winrate`` of ``spec`` against the reference's answers, which the
+    ``judge/<reference>`` stage answered and judged once (profuser.evaluation.judged)."""
+    from ..evaluation.judged import answer_and_score, heldout_prompts, judged_winrate, read_reference_answers
 
     ev = ctx.config.evaluate
-    if heldout is None:
-        raise ArtifactError(f"{HELDOUT_WINRATE_TASK} needs the data stage's held-out split", where=ctx.stage.id)
-    limit = ev.limit.get(HELDOUT_WINRATE_TASK) if isinstance(ev.limit, dict) else ev.limit
+    if heldout is None or JUDGE not in ctx.inputs:
+        raise ArtifactError(f"{HELDOUT_WINRATE_TASK} needs the data stage's held-out split and the reference's "
+                            f"answers (input {JUDGE!r})", where=ctx.stage.id)
+    limit = task_limit(ev, HELDOUT_WINRATE_TASK)
     prompts = heldout_prompts(heldout, limit)
     judge = ev.judge
-    reference = judge.reference
-    result = judged_winrate(spec, reference, prompts, generator=ctx.build("generators", judge.generator),
-                            judge=ctx.build("reward_models", judge.reward_model), seed=0)
+    theirs = read_reference_answers(ctx.inputs[JUDGE], [p.id for p in prompts])
+    if spec.identity() == judge.reference.identity():
+        mine = theirs  # the reference against itself: a tie on every prompt, nothing to generate
+    else:
+        mine = answer_and_score(spec, prompts, generator=ctx.build("generators", judge.generator),
+                                judge=ctx.build("reward_models", judge.reward_model))
+    result = judged_winrate(prompts, mine, theirs)
     result["config"] = {"primary_metric": "winrate,none", "title": "Win rate vs target", "samples": len(prompts),
                         "num_fewshot": 0, "chat_template": True, "data": str(heldout), "limit": limit,
                         "judge": judge.reward_model.name, "generator": judge.generator.name,
-                        "reference": reference.ref}
+                        "reference": judge.reference.ref}
     return result
