@@ -317,6 +317,9 @@ class Loss(Component):
 
     kind = "losses"
     needs: ClassVar[frozenset[str]] = frozenset()
+    # False: the loss never reads the teacher_* entries (sft). With a curriculum of the training
+    # mode only, the recipe then plans no teacher stages: no logits, selection or alignment (CSFT)
+    teacher: ClassVar[bool] = True
 
     @abstractmethod
     def __call__(

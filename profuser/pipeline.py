@@ -94,6 +94,9 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
     # a loss that reads every source's teacher on each example: every source is aligned (and, in
     # inference mode, teacher-forced) on every example's chosen response; other recipes' keys stay
     all_teachers = "all_teachers" in loss.needs
+    # a loss that reads no teacher on the training mode alone (CSFT): the ground truth is all it
+    # trains on, so no source is teacher-forced, selected or aligned; build reads the data alone
+    teacherless = not loss.teacher and modes == ["training"]
     if recipe.merges:  # merge baselines need nothing upstream: first, so bad models stop the run early
         stages += [Stage(f"merge/{m.key}", "merge", merge.stage_config(m, recipe.seed)) for m in recipe.merges]
 
@@ -133,7 +136,7 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
                                               all_examples=all_teachers),
                                 logits_deps))
 
-    if "training" in modes:
+    if "training" in modes and not teacherless:
         tm = recipe.training_mode
         evaluator = registry.get("evaluators", tm.evaluator.name).cls
         if evaluator.mode != "training":
@@ -148,6 +151,11 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
                             [("evaluators", tm.evaluator.name)]))
 
     for mode in modes:
+        if teacherless:
+            stages.append(Stage(f"build/{mode}", "build",
+                                build.Config(mode=mode, target=target, max_length=recipe.train.max_length, sources=[],
+                                             teacherless=True), {build.DATA: "data"}))
+            continue
         for src in recipe.sources:
             stages.append(Stage(f"align/{mode}/{src.key}", "align",
                                 align.Config(mode=mode, aligner=Ref.of(recipe.aligner), target=target, source=src.identity(),

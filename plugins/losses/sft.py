@@ -13,6 +13,7 @@ class SFT(Loss):
     like for like; ``beta`` is accepted and ignored."""
 
     name = "sft"
+    teacher = False  # a training-mode-only recipe with it computes no teacher logits (CSFT)
 
     def __call__(self, logits, batch, *, beta=None):
         return sft_loss(logits, batch)

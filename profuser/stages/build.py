@@ -17,7 +17,9 @@ write); ``source`` (the chosen source's key) is always written, with the statist
 source on every selected example's response) it also writes every source's teacher at the same
 rows, sources in recipe order: ``all_teacher_ids`` / ``all_teacher_logits`` [n][S][k],
 ``all_teacher_mask`` [n][S], and ``all_teacher_scores`` [S] (the evaluator's score of each source
-in the selection, NaN where none).
+in the selection, NaN where none). With ``teacherless: true`` (a loss that reads no teacher on the
+training mode alone: CSFT) it reads the data alone: every training example, the ground truth as
+the response, no teacher at any position (one unused slot, ``teacher_mask`` False), no source.
 
 Every example also carries its statistics (``STATS_SCHEMA``, what a curriculum sees as
 ``components.ExampleStats``), computed here once: ``source`` (the chosen source), ``response_length``
@@ -47,7 +49,7 @@ from ..artifacts import IGNORE_INDEX, Selected, iter_records, list_column, read_
 from ..chat import conversation_history, target_max_length
 from ..components import Mode
 from ..errors import ArtifactError, DataError, ProfuserError
-from ..training.data import ALL_TEACHERS_SCHEMA, EXTRA_SCHEMA, STATS_SCHEMA
+from ..training.data import ALL_TEACHERS_SCHEMA, EXTRA_SCHEMA, NO_CATEGORY, STATS_SCHEMA
 from ..training.data import SCHEMA as TRAINER_SCHEMA
 from . import ModelIdentity, StageConfig
 
@@ -76,8 +78,9 @@ class Config(StageConfig):
     columns: list[str] = Field(default_factory=list)  # extra columns (EXTRA_SCHEMA's) the loss needs; hashed only when any
     # every source's teacher too (ALL_TEACHERS_SCHEMA: a loss that needs all_teachers); hashed only when set
     all_teachers: bool = False
+    teacherless: bool = False  # no selection, no teacher: every example of the data (CSFT); hashed only when set
 
-    OMITTED_WHEN_UNSET = ("columns", "all_teachers")
+    OMITTED_WHEN_UNSET = ("columns", "all_teachers", "teacherless")
 
 
 class _Aligned:
@@ -198,6 +201,14 @@ def _all_teachers(example_id: str, chosen: str, row: dict, rows: dict[str, dict]
             list_column([np.ascontiguousarray(mask, dtype=bool)], pa.bool_()), list_column([scores], pa.float32())]
 
 
+def _no_teacher(labelled: np.ndarray) -> dict:
+    """An aligned row without a teacher (teacherless builds): at each labelled position one unused
+    top-k slot (id 0, logit -inf, as a position the aligner could not map) and no teacher."""
+    n = len(labelled)
+    return {"target_ids": labelled, "teacher_ids": np.zeros((n, 1), np.int32), "teacher_logits": np.full((n, 1), -np.inf, np.float32),
+            "teacher_mask": np.zeros(n, dtype=bool), "category": np.full(n, NO_CATEGORY, np.int8), "teacher_logz": None}
+
+
 def run(ctx) -> dict:
     from ..chat import encode_chat
     from ..models import load_tokenizer
@@ -208,12 +219,16 @@ def run(ctx) -> dict:
     tokenizer = load_tokenizer(cfg.target, cache_dir=ctx.runtime.cache_dir, engine=ctx.engine)
     max_length = target_max_length(tokenizer, cfg.max_length)
     every = cfg.all_teachers  # a loss that reads every source's teacher: else as before
-    try:  # the scores (JSON) are decoded only for all_teachers
-        selection = read_selection(ctx.inputs[SELECTION], scores=every)
-    except ValueError as exc:
-        raise ArtifactError(f"unreadable selection scores ({exc})", where=where) from None
+    if cfg.teacherless:  # every example, no source chosen
+        selection = {}
+        texts_by_id: dict[str, tuple[str | None, str | None]] = {}
+    else:
+        try:  # the scores (JSON) are decoded only for all_teachers
+            selection = read_selection(ctx.inputs[SELECTION], scores=every)
+        except ValueError as exc:
+            raise ArtifactError(f"unreadable selection scores ({exc})", where=where) from None
+        texts_by_id = _selection_texts(ctx.inputs[SELECTION], where)  # the statistics' scores, as stored
     chosen_by_id = {i: s.chosen for i, s in selection.items()}
-    texts_by_id = _selection_texts(ctx.inputs[SELECTION], where)  # the statistics' scores, as stored
     scores_by_id = _source_scores(selection, cfg.sources, where) if every else {}
     del selection
     for example_id, chosen in chosen_by_id.items():
@@ -239,18 +254,20 @@ def run(ctx) -> dict:
         for record in tqdm(records, unit="ex", desc=ctx.stage.id, disable=(not ctx.runtime.progress) or None,
                            mininterval=1.0):
             example_id = record["id"]
-            chosen = chosen_by_id.pop(example_id, None)
+            chosen = "" if cfg.teacherless else chosen_by_id.pop(example_id, None)
             if chosen is None:
                 continue
-            if every:  # every source aligned every example: read them all, in step
+            if cfg.teacherless:
+                row = None  # no teacher: its empty rows are made below, once the response is tokenised
+            elif every:  # every source aligned every example: read them all, in step
                 rows = {s: a.next(example_id) for s, a in aligned.items()}
                 row = rows[chosen]
             else:
                 row = aligned[chosen].next(example_id)
-            if mode == "training" and row["response"] != record["response"]:
+            if row is not None and mode == "training" and row["response"] != record["response"]:
                 raise ArtifactError(f"example {example_id!r}: align/{mode}/{chosen} holds another response than the "
                                     "ground truth in the data", where=where)
-            response = record["response"] if mode == "training" else row["response"]
+            response = record["response"] if mode == "training" or row is None else row["response"]
             history = conversation_history(record["meta"])  # a conversation's earlier turns: context, and labelled
             try:
                 enc = encode_chat(tokenizer, record["system"] or "", record["instruction"], response, max_length=max_length,
@@ -260,6 +277,8 @@ def run(ctx) -> dict:
             input_ids = np.asarray(enc.input_ids, dtype=np.int32)  # [L]
             start = enc.response_start
             labelled = np.asarray(enc.label_ids, dtype=np.int32)  # [n]
+            if row is None:
+                row = _no_teacher(labelled)
             if not np.array_equal(labelled, row["target_ids"]):
                 raise ArtifactError(
                     f"example {example_id!r}: the target tokenises the response into {len(labelled)} tokens here "
