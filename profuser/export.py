@@ -62,15 +62,16 @@ def _texts(dirs: dict[str, Path], mode: str) -> dict[str, dict[str, Any]]:
 
     from .artifacts import read_samples, read_selection
 
-    selection = read_selection(dirs[f"select/{mode}"], scores=True)
+    # a CSFT build (teacherless) has no selection: every example, the ground truth, no source
+    selection = read_selection(dirs[f"select/{mode}"], scores=True) if f"select/{mode}" in dirs else None
     from .chat import conversation_history
 
     data = pq.read_table(dirs["data"] / "train.parquet", columns=["id", "system", "instruction", "response", "meta"]).to_pylist()
     samples: dict[str, dict[str, list[str]]] = {}
     rows = {}
     for record in data:
-        chosen = selection.get(record["id"])
-        if chosen is None:
+        chosen = selection.get(record["id"]) if selection is not None else None
+        if chosen is None and selection is not None:
             continue
         response = record["response"]
         if mode == "inference":  # the source's own answer, the one that won
@@ -85,9 +86,10 @@ def _texts(dirs: dict[str, Path], mode: str) -> dict[str, dict[str, Any]]:
         messages = ([{"role": "system", "content": system}] if system else []) \
             + [{"role": m["role"], "content": m["content"]} for m in conversation_history(record["meta"])] \
             + [{"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": response}]
-        rows[record["id"]] = {"id": record["id"], "mode": mode, "source": chosen.chosen, "system": system,
+        rows[record["id"]] = {"id": record["id"], "mode": mode, "source": chosen.chosen if chosen else "", "system": system,
                               "instruction": record["instruction"], "response": response,
-                              "scores": json.dumps(chosen.scores or {}, sort_keys=True), "messages": messages}
+                              "scores": json.dumps((chosen.scores if chosen else None) or {}, sort_keys=True),
+                              "messages": messages}
     return rows
 
 
@@ -153,7 +155,7 @@ def export_run(run: str | Path, *, stage: str, to: Path, runs_dir: Path = Path("
         raise ProfuserError(f"unknown stage {stage!r}; export takes {' or '.join(STAGES)}", where="--stage")
     run_dir = find_run(run, runs_dir)
     dirs = _stage_dirs(run_dir)
-    present = [m for m in MODES if f"{stage}/{m}" in dirs and f"select/{m}" in dirs]
+    present = [m for m in MODES if f"{stage}/{m}" in dirs and (f"select/{m}" in dirs or stage == "build")]
     if modes:
         bad = [m for m in modes if m not in present]
         if bad:

@@ -73,3 +73,10 @@ def test_csft_builds_the_teacher_recipes_examples_without_a_teacher_and_trains(r
     summary = json.loads((runs / "runs" / "csft" / "run.json").read_text())
     [train] = [s for s in summary["stages"] if s["id"] == "train"]
     assert train["metrics"]["steps"] > 0 and train["metrics"]["final_loss"] > 0
+    # its build exports like any other: every example, the ground truth, no source
+    from datasets import load_from_disk
+
+    result = cli("export", "csft", "--stage", "build", "--to", tmp_path / "ds", "--runs-dir", runs)
+    assert result.exit_code == 0, result.output
+    ds = load_from_disk(str(tmp_path / "ds"))
+    assert sorted(ds["id"]) == sorted(built["csft"]) and set(ds["source"]) == {""} and set(ds["mode"]) == {"training"}
