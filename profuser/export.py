@@ -61,11 +61,10 @@ def _texts(dirs: dict[str, Path], mode: str) -> dict[str, dict[str, Any]]:
     import pyarrow.parquet as pq
 
     from .artifacts import read_samples, read_selection
+    from .chat import conversation_history
 
     # a CSFT build (teacherless) has no selection: every example, the ground truth, no source
     selection = read_selection(dirs[f"select/{mode}"], scores=True) if f"select/{mode}" in dirs else None
-    from .chat import conversation_history
-
     data = pq.read_table(dirs["data"] / "train.parquet", columns=["id", "system", "instruction", "response", "meta"]).to_pylist()
     samples: dict[str, dict[str, list[str]]] = {}
     rows = {}
