@@ -184,10 +184,11 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
     if ev.tasks:
         # the win rate's judge, keyed by its code like any third-party component; a built-in's code is
         # profuser's version, keyed already (listing it would change the keys evaluations have)
-        judge_parts = [(kind, name) for kind, name in evaluate.judge_components(ev)
+        judge_components = evaluate.judge_components(ev)  # none without the win rate
+        judge_parts = [(kind, name) for kind, name in judge_components
                        if not engine.plugins[registry.get(kind, name).plugin].builtin]
         eval_deps = {evaluate.DATA: "data"}
-        if evaluate.judge_components(ev):  # the win rate: the reference's answers, judged once for every evaluation
+        if judge_components:  # the win rate: the reference's answers, judged once for every evaluation
             reference = ev.judge.reference
             stages.append(Stage(f"judge/{reference.key}", "judge",
                                 judge.Config(model=reference.identity(), generator=Ref.of(ev.judge.generator),

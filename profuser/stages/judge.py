@@ -7,12 +7,11 @@ judge and the prompt limit (the fused model of every seed and variant, the basel
 stage computes them once per store and every evaluate stage reads them (input ``judge``).
 
 Writes ``answers.parquet``: id, response, score (float64), in the held-out file's order, at most
-``limit`` prompts. Metrics: prompts, the mean score, seconds.
+``limit`` prompts. Metrics: prompts and the mean score.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,12 +38,10 @@ def run(ctx) -> dict:
     if final.is_file():
         return table_stats(final)  # finished before a kill that came ahead of the commit
     prompts = heldout_prompts(Path(ctx.inputs[DATA]) / "heldout.parquet", cfg.limit)
-    started = time.perf_counter()
     answers, scores = answer_and_score(ModelSpec(**cfg.model), prompts,
                                        generator=ctx.build("generators", cfg.generator),
                                        judge=ctx.build("reward_models", cfg.reward_model))
-    stats = {"prompts": len(prompts), "mean_score": sum(scores) / len(scores),
-             "seconds": round(time.perf_counter() - started, 3)}
+    stats = {"prompts": len(prompts), "mean_score": sum(scores) / len(scores)}  # the manifest has the seconds
     write_table_atomic(pa.table({"id": [p.id for p in prompts], "response": answers, "score": scores},
                                 schema=pa.schema([("id", pa.string()), ("response", pa.string()), ("score", pa.float64())])),
                        final, stats)
