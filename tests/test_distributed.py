@@ -29,6 +29,10 @@ from profuser.training.parallel import _autos, fill_deepspeed_config, fill_sched
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
 BIN = Path(sys.executable).parent
+# DeepSpeed's JIT-built CPU ops, in the test environment's own folder: ~/.cache/torch_extensions is
+# shared with everything else on the machine, and a build killed there (a timeout, a stopped run)
+# leaves a lock on which every later build waits forever
+EXTENSIONS = BIN.parent / "torch_extensions"
 TRAIN = {"batch_size": 4, "micro_batch_size": 1, "lr": 1e-2, "warmup_ratio": 0.1, "checkpoint_every": 4}
 RTOL = 1e-5  # measured: ~1e-7
 
@@ -51,6 +55,21 @@ def single(tmp_path_factory, tiny_llama_dir, examples):
     return read_metrics(out), seen
 
 
+@pytest.fixture(scope="module")
+def deepspeed_ops():
+    """CPU Adam (the offloaded optimizer) and the shm comm op, built once in one process (~80 s on 2
+    cores the first time, then cached) before two ranks would build them side by side."""
+    from profuser.workers import stale_extension_locks
+
+    for lock in stale_extension_locks(EXTENSIONS):  # this folder is the suite's own: a killed build's lock goes
+        lock.unlink()
+    build = ("from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); "
+             "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
+    done = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +82,7 @@ def launch(launcher: list[str], out: Path, model: Path, examples: dict, *train_f
     cmd = [*launcher, "-m", "profuser.training", "--model", str(model), "--out", str(out), "--device", "cpu",
            "--log-batches", *[f"--examples={m}={p}" for m, p in examples.items()], *[a for f in fields for a in ("-t", f)]]
     full_env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                **(env or {})}
+                "TORCH_EXTENSIONS_DIR": str(EXTENSIONS), **(env or {})}
     done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
@@ -96,8 +115,7 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, tiny_llama_dir, examp
 
 
 @pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
-def test_deepspeed_two_cpu_processes_match_one_process(tmp_path, tiny_llama_dir, examples, single, config):
-    # the first DeepSpeed run on a machine compiles its CPU comm op (~40 s), cached in TORCH_EXTENSIONS_DIR
+def test_deepspeed_two_cpu_processes_match_one_process(tmp_path, tiny_llama_dir, examples, single, config, deepspeed_ops):
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     summary = launch(launcher, tmp_path, tiny_llama_dir, examples, "distributed=deepspeed",
                      f"deepspeed_config={CONFIGS / config}")
@@ -183,8 +201,7 @@ def test_hf_stock_configs_are_filled_from_the_recipe(name):
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
-def test_hf_stock_configs_train_on_two_cpu_processes(tmp_path, tiny_llama_dir, examples, name):
-    # DeepSpeed's CPU Adam (the offloaded optimizer) is compiled on its first use (~1 min), then cached
+def test_hf_stock_configs_train_on_two_cpu_processes(tmp_path, tiny_llama_dir, examples, name, deepspeed_ops):
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps(HF_CONFIGS[name]))
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
@@ -231,7 +248,8 @@ def test_fsdp_on_cpu_is_refused_not_silently_replaced_by_ddp():
         make_backend(TrainSpec(distributed="fsdp", batch_size=4, micro_batch_size=1), cpu=True)
 
 
-def test_lora_under_zero3_on_two_cpu_processes_saves_adapter_and_merged_model(tmp_path, tiny_llama_dir, examples):
+def test_lora_under_zero3_on_two_cpu_processes_saves_adapter_and_merged_model(tmp_path, tiny_llama_dir, examples,
+                                                                             deepspeed_ops):
     from peft import PeftModel
     from safetensors.torch import load_file
 

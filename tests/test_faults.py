@@ -447,6 +447,21 @@ def test_a_stale_torch_extension_build_lock_is_one_line_before_a_deepspeed_train
         os.close(held)
 
 
+
+def test_a_stale_torch_extension_build_lock_is_one_line_before_a_launched_deepspeed_train(tmp_path, monkeypatch, capsys):
+    from profuser.training.__main__ import main
+
+    lock = tmp_path / "torch_extensions" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    argv = ["--model", str(tmp_path / "no-model"), "--examples", f"training={tmp_path / 'no.parquet'}",
+            "--out", str(tmp_path / "out"), "-t", "distributed=deepspeed"]
+    assert main(argv) != 0
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"{lock.resolve()}: a torch extension build was killed and left its lock")
+    assert not (tmp_path / "out").exists()
+
 # --- issue 24: bad bytes and full disks: one line each ------------------------------------------------
 
 

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         model = json.loads(args.model) if args.model.lstrip().startswith("{") else args.model
         examples = dict(item.split("=", 1) for item in args.examples)
         train_fields = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.train)}
+        if train_fields.get("distributed") == "deepspeed":  # its JIT build would wait forever on a killed build's lock
+            from ..workers import check_extension_locks
+
+            check_extension_locks()
         loss = registry.build("losses", args.loss, json.loads(args.loss_params))
         curriculum = registry.build("curricula", args.curriculum, json.loads(args.curriculum_params))
         target_reward = json.loads(args.target_reward.read_text()) if args.target_reward else None
