@@ -11,6 +11,7 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's save_pretrained
 BASE_MODEL_FILE = "base_model.json"  # the base ModelSpec an adapter directory was trained on (profuser's)
 # what a save_pretrained directory must hold; pickled .bin weights are read as tensors only (weights_only)
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_LFS_POINTER = b"version https://git-lfs"
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "tokenizer.tiktoken")
 
 
@@ -34,9 +35,10 @@ def local_model_problem(spec: Any, need: tuple[str, ...] = ("config", "weights",
     if spec.gguf_file:
         if not path.is_dir():
             return f"directory not found: {path}"
-        return None if (path / spec.gguf_file).is_file() else f"gguf_file not found: {path / spec.gguf_file}"
+        gguf = path / spec.gguf_file
+        return gguf_problem(gguf) if gguf.is_file() else f"gguf_file not found: {gguf}"
     if ref.endswith(".gguf"):
-        return None if path.is_file() else f"file not found: {path}"
+        return gguf_problem(path) if path.is_file() else f"file not found: {path}"
     if path.is_file():
         return (f"{path} is a file, not a model directory (a local model is a save_pretrained directory or a "
                 ".gguf file)")
@@ -46,6 +48,18 @@ def local_model_problem(spec: Any, need: tuple[str, ...] = ("config", "weights",
         return incomplete(path, tuple(n for n in need if n == "tokenizer")) or (
             None if (path / BASE_MODEL_FILE).is_file() else f"{path} is a LoRA adapter without {BASE_MODEL_FILE}")
     return incomplete(path, need)
+
+
+def gguf_problem(path: Path) -> str | None:
+    """A .gguf file that is not one, by its first bytes (reading the whole header would parse the
+    vocabulary: seconds per model): an HTML error page saved under the name, a Git LFS pointer."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(_LFS_POINTER))
+    if head.startswith(b"GGUF"):
+        return None
+    if head == _LFS_POINTER:
+        return f"{path} is a Git LFS pointer, not the model file (fetch it: git lfs pull)"
+    return f"{path} is not a GGUF file (it does not start with GGUF's magic bytes)"
 
 
 def incomplete(path: Path, need: tuple[str, ...]) -> str | None:

@@ -876,7 +876,8 @@ def _missing_files(recipe: Recipe, base: Path, registry=None) -> list[tuple[str,
 
 
 def _missing_models(recipe: Recipe) -> list[tuple[str, str]]:
-    """Local model refs must exist and hold a config, weights and a tokenizer (nothing is loaded)."""
+    """Local model refs must exist and hold a config, weights and a tokenizer (nothing is loaded; a
+    GGUF file's first bytes are read)."""
     from .model_files import local_model_problem
 
     specs = [("target", recipe.target)] + [(f"sources.{i}", s) for i, s in enumerate(recipe.sources)]

@@ -175,6 +175,10 @@ def test_a_zero3_partitioned_model_is_not_moved(tiny_llama_dir, monkeypatch):
 def test_gguf_dir_without_the_file_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="GGUF file not found"):
         resolve_model({"ref": str(tmp_path), "gguf_file": "model.gguf"})
+    (tmp_path / "model.gguf").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(ModelError, match="is a Git LFS pointer, not the model file") as err:
+        resolve_model({"ref": str(tmp_path), "gguf_file": "model.gguf"})
+    assert err.value.where == str(tmp_path)
 
 
 def test_invalid_spec_dict():

@@ -113,6 +113,27 @@ def test_missing_data_file_is_named(tmp_path, base, registry):
     assert dict(err.value.problems)["data.source.params.path"] == "file not found: nowhere.jsonl"
 
 
+
+def test_a_gguf_that_is_not_one_is_named_at_validation(tmp_path, base, registry):
+    from profuser.testing import tiny_gguf_file
+
+    # the run would find it only when it dequantises the model, after the stages before it
+    tiny_gguf = tiny_gguf_file(tmp_path / "tiny")
+    (tmp_path / "page.gguf").write_bytes(b"<!DOCTYPE html><html>404</html>")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "model.gguf").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    bad = write(tmp_path / "bad.yaml", f"""
+        extends: base.yaml
+        target: {{ref: {tmp_path / 'page.gguf'}}}
+        sources: [{{ref: {tmp_path / 'dir'}, gguf_file: model.gguf}}, {{ref: {tiny_gguf}}}]
+    """)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(bad, registry=registry)
+    problems = dict(err.value.problems)
+    assert problems["target.ref"].endswith("page.gguf is not a GGUF file (it does not start with GGUF's magic bytes)")
+    assert problems["sources.0.ref"].endswith("model.gguf is a Git LFS pointer, not the model file (fetch it: git lfs pull)")
+    assert not any(key.startswith("sources.1") for key in problems)  # a real one
+
 def test_relative_data_path_resolves_against_the_recipe(tmp_path, base, registry):
     (tmp_path / "rows.jsonl").write_text('{"question": "q", "response": "r"}\n')
     recipe = load_recipe(write(tmp_path / "rel.yaml", """

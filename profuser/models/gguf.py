@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ModelError
+from ..model_files import gguf_problem
 from .cache import cached_build, file_key
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def gguf_dir(gguf_path: Path, cache_dir: Path | None = None, *, ref: str | None 
     ref = ref or str(gguf_path)
     if not gguf_path.is_file():
         raise ModelError(f"GGUF file not found: {gguf_path}", where=ref)
+    if problem := gguf_problem(gguf_path):
+        raise ModelError(problem, where=ref)
     name = gguf_path.name.removesuffix(".gguf")
     return cached_build(
         cache_dir, "gguf", name, file_key(gguf_path), lambda out: dequantise_gguf(gguf_path, out, ref=ref), ref=ref
