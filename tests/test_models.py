@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -45,6 +46,16 @@ def test_spec_dict_dtype_and_max_length(tiny_llama_dir):
     model, tokenizer = load_model(spec.identity())  # what stage configs carry
     assert model.dtype == torch.bfloat16
     assert tokenizer.model_max_length == 64
+
+
+def test_a_tokenizer_that_overstates_the_context_is_capped_at_the_models_positions(tiny_llama_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "overstated")
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 4096}))
+    assert load_tokenizer(str(folder)).model_max_length == 512  # max_position_embeddings: truncation stops there
+    assert load_tokenizer({"ref": str(folder), "max_length": 128}).model_max_length == 128  # the recipe's wins
 
 
 def test_families_differ_in_template_and_bos(tiny_llama_dir, tiny_gemma_dir):

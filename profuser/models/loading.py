@@ -28,15 +28,13 @@ from ..model_files import ADAPTER_CONFIG, BASE_MODEL_FILE, is_adapter_dir  # noq
 from ..model_files import incomplete as _incomplete
 from ..model_files import local_model_problem as _local_model_problem
 from ..model_files import looks_local as _looks_local
+from ..prompt_limits import max_positions
 from ..recipe import ModelSpec
 from .gguf import gguf_dir
 
 log = logging.getLogger(__name__)
 
 SpecLike = ModelSpec | dict[str, Any] | str
-
-# tokenizers without a known limit report this sentinel (int(1e30)) as model_max_length
-_NO_LIMIT = 10**20
 
 
 def as_spec(spec: SpecLike) -> ModelSpec:
@@ -187,10 +185,10 @@ def _read_chat_template(value: str, ref: str) -> str:
 
 def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, engine: Any = None, _path: Path | None = None):
     """The model's fast tokenizer, with the spec's ``chat_template`` override applied and its
-    ``max_length`` as ``model_max_length`` (else the model's context length when the tokenizer
-    knows none). A missing pad token becomes the EOS token (batching needs one). ``engine``
+    ``max_length`` as ``model_max_length`` (else the model's context length where the tokenizer
+    knows none or states more). A missing pad token becomes the EOS token (batching needs one). ``engine``
     resolves ``builtin:`` refs (``resolve_model``)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     spec = as_spec(spec)
     path = _path or resolve_model(spec, cache_dir=cache_dir, engine=engine)
@@ -207,11 +205,8 @@ def load_tokenizer(spec: SpecLike, *, cache_dir: Path | None = None, engine: Any
         tokenizer.chat_template = _read_chat_template(spec.chat_template, spec.ref)
     if spec.max_length:
         tokenizer.model_max_length = spec.max_length
-    elif tokenizer.model_max_length >= _NO_LIMIT and (path / "config.json").is_file():  # an adapter has none
-        config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        context = getattr(config.get_text_config(), "max_position_embeddings", None)
-        if context:
-            tokenizer.model_max_length = int(context)
+    elif (context := max_positions(path)) and context < tokenizer.model_max_length:  # unset (1e30) or overstated
+        tokenizer.model_max_length = context  # past it, positions the model never learned (an adapter: no config)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
