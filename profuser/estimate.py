@@ -30,6 +30,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from .chat import conversation_history
 from .components import BadRow, CurriculumInput, Record
 from .data import SOURCE_SPLIT, read_records, split_marked
 from .errors import RecipeError
@@ -130,7 +131,9 @@ def _declared(recipe) -> Sizes | None:
 
 def _from_records(recipe, train: list[Record], heldout: int, origin: str) -> Sizes:
     n = max(len(train), 1)
-    prompt = sum(len(r.system) + len(r.instruction) for r in train) / n / CHARS_PER_TOKEN
+    # a conversation's earlier turns are in every forward pass of its last one: they count as prompt
+    prompt = sum(len(r.system) + len(r.instruction) + sum(len(m["content"]) for m in conversation_history(r.meta))
+                 for r in train) / n / CHARS_PER_TOKEN
     response = sum(len(r.response) for r in train) / n / CHARS_PER_TOKEN
     est = recipe.estimate
     generated = est.generated_tokens or min(response, _max_new_tokens(recipe))

@@ -93,3 +93,16 @@ def test_the_generators_n_multiplies_generation_and_scoring(tmp_path):
             assert rows["four"][stage_id]["tokens"] == pytest.approx(4 * rows["one"][stage_id]["tokens"], rel=1e-3), stage_id
     generate = next(s for s in rows["four"] if s.startswith("generate/"))
     assert "4 samples" in rows["four"][generate]["note"]
+
+
+def test_a_conversations_earlier_turns_count_as_prompt_tokens():
+    from profuser.components import Record
+    from profuser.estimate import _from_records
+
+    recipe = load_recipe(ROOT / "recipes" / "profuser.yaml", registry=get_engine().registry)
+    single = Record("a", "", "x" * 40, "y" * 80)
+    turns = [{"role": "user", "content": "u" * 200}, {"role": "assistant", "content": "v" * 200}]
+    multi = Record("b", "", "x" * 40, "y" * 80, {"history": turns})
+    one, two = _from_records(recipe, [single], 0, "test"), _from_records(recipe, [multi], 0, "test")
+    assert one.prompt_tokens == pytest.approx(10) and two.prompt_tokens == pytest.approx(110)  # 4 characters a token
+    assert one.response_tokens == two.response_tokens == pytest.approx(20)
