@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402  (plugins write `from profuser import hookimpl`)
+from .hookspecs import hookimpl  # plugins write `from profuser import hookimpl`
 
-__all__ = ["hookimpl", "__version__"]
+__all__ = ["__version__", "hookimpl"]

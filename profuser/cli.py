@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -94,7 +94,7 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     override: Annotated[list[str], typer.Option("-o", "--override", help="Override a field: -o train.lr=1e-5")] = [],
     runs_dir: RunsDir = Path("runs"),
-    until: Annotated[Optional[str], typer.Option(help="Stop after this stage (id, kind or id prefix).")] = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage (id, kind or id prefix).")] = None,
     force: Annotated[list[str], typer.Option(help="Recompute this stage and what depends on it.")] = [],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimates; run nothing.")] = False,
@@ -424,8 +424,8 @@ def compare(
     recipes: Annotated[list[Path], typer.Argument(help="Recipes to run and compare (ablations of one another).")],
     out: Annotated[Path, typer.Option("--out", help="Where the table and plots go.")] = Path("comparison"),
     override: Annotated[list[str], typer.Option("-o", "--override", help="Applied to every recipe.")] = [],
-    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated training seeds (train.seed): each variant trains once per seed; the stages before train are shared (mean ± std).")] = None,
-    reference: Annotated[Optional[str], typer.Option(help="Variant to compare every other with (paired bootstrap 95% CI); default: the first recipe's.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated training seeds (train.seed): each variant trains once per seed; the stages before train are shared (mean ± std).")] = None,
+    reference: Annotated[str | None, typer.Option(help="Variant to compare every other with (paired bootstrap 95% CI); default: the first recipe's.")] = None,
     runs_dir: RunsDir = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print each recipe's plan and the suite's cost "
@@ -490,7 +490,7 @@ def _compare_dry_run(recipes: list[Path], override: list[str], runs_dir: Path, d
 def advantages(
     recipe: Annotated[Path, typer.Argument(help="A fusion recipe (evaluate.baselines: true, profuser_heldout among its tasks).")],
     override: Annotated[list[str], typer.Option("-o", "--override", help="Override a field: -o data.heldout=0.2")] = [],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the map as JSON to this file (and .md beside it).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the map as JSON to this file (and .md beside it).")] = None,
     runs_dir: RunsDir = Path("runs"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON.")] = False,
@@ -528,7 +528,7 @@ def advantages(
 def report(
     run: Annotated[Path, typer.Argument(help="A run directory (RUNS/runs/NAME) or a recipe name.")],
     runs_dir: RunsDir = Path("runs"),
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN/report).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/report).")] = None,
 ):
     """A single run's summary: stage timings and cache hits, advantage shares, alignment, curves, scores.
     Written as markdown to report.md; printed for the terminal's width (COLUMNS), tables too wide
@@ -600,11 +600,11 @@ def export(
 def eval_(
     model: Annotated[str, typer.Argument(help="A model reference: hub id, local dir, .gguf file or builtin:NAME.")],
     tasks: Annotated[str, typer.Option(help="Comma-separated lm-eval task names (or profuser_heldout).")],
-    data_dir: Annotated[Optional[Path], typer.Option(help="Local copies of the tasks' data in the hub's row format.")] = None,
-    heldout: Annotated[Optional[Path], typer.Option(help="heldout.parquet for profuser_heldout.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="At most N examples per task.")] = None,
-    num_fewshot: Annotated[Optional[int], typer.Option(help="Shots for every task (default: the Open LLM Leaderboard's).")] = None,
-    max_gen_toks: Annotated[Optional[int], typer.Option(help="Cap on generated tokens for generation tasks.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Local copies of the tasks' data in the hub's row format.")] = None,
+    heldout: Annotated[Path | None, typer.Option(help="heldout.parquet for profuser_heldout.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N examples per task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Shots for every task (default: the Open LLM Leaderboard's).")] = None,
+    max_gen_toks: Annotated[int | None, typer.Option(help="Cap on generated tokens for generation tasks.")] = None,
     batch_size: Annotated[int, typer.Option()] = 8,
     device: Annotated[str, typer.Option()] = "auto",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own code (off by default).")] = False,
@@ -642,9 +642,9 @@ def eval_(
 def align(
     source: Annotated[str, typer.Option(help="Source model reference (its tokenizer is used).")],
     target: Annotated[str, typer.Option(help="Target model reference.")],
-    data: Annotated[Optional[Path], typer.Option(help="Texts: the responses of a dataset file (any supported format).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Texts: the responses of a dataset file (any supported format).")] = None,
     aligner: Annotated[str, typer.Option(help="Aligner component.")] = "offsets",
-    limit: Annotated[Optional[int], typer.Option(help="At most N texts.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N texts.")] = None,
     as_json: JsonFlag = False,
 ):
     """Alignment quality and throughput for a tokenizer pair on real texts."""

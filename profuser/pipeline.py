@@ -76,7 +76,20 @@ def plan(recipe: Recipe, engine: Engine, *, device: str = "auto", _chain: tuple[
     ``recipe:<path>`` is made by that recipe's own stages, planned first (``plan_recipe_refs``).
     A model spec without a dtype gets the default of ``device``, the runtime's (``with_device_dtype``)."""
     # here, not at the top: importing the pipeline stays light (build imports the trainer, torch)
-    from .stages import Ref, align, build, data, evaluate, generate, judge, logits, merge, score, select, train
+    from .stages import (
+        Ref,
+        align,
+        build,
+        data,
+        evaluate,
+        generate,
+        judge,
+        logits,
+        merge,
+        score,
+        select,
+        train,
+    )
 
     recipe = with_device_dtype(recipe, device)
     upstream_stages, recipe, recipe_models = plan_recipe_refs(recipe, engine, _chain, device=device)

@@ -110,7 +110,8 @@ def test_a_two_process_launch_splits_preparation_and_training(tiny_recipe, tmp_p
     runs = tmp_path / "runs"
     env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "profuser", "run", str(tiny_recipe / "tiny.yaml"),
-                           "--runs-dir", str(runs)], env=env, capture_output=True, text=True, timeout=900)
+                           "--runs-dir", str(runs)], env=env, capture_output=True, text=True, timeout=900,
+                          check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((runs / "runs" / "tiny" / "run.json").read_text())
     by_id = {s["id"]: s for s in summary["stages"]}

@@ -456,8 +456,8 @@ def test_validate_says_which_task_needs_which_field(tmp_path, registry):
     recipe.write_text(base + "evaluate: {tasks: [profuser_heldout_winrate]}\n")
     with pytest.raises(RecipeError) as err:
         load_recipe(recipe, registry=registry)
-    assert err.value.problems == [("evaluate.judge", "profuser_heldout_winrate needs evaluate.judge.reward_model "
-                                                     "(the reward model that compares the answers)")]
+    assert err.value.problems == [("evaluate.judge", ("profuser_heldout_winrate needs evaluate.judge.reward_model "
+                                                      "(the reward model that compares the answers)"))]
     # with a judge: fine, and its reference is the target unless it names one
     recipe.write_text(base + "evaluate: {tasks: [profuser_heldout_bpb, profuser_heldout_winrate], "
                              "judge: {reward_model: {name: judge, params: {model: some/judge}}}}\n")

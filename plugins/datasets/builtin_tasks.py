@@ -28,20 +28,20 @@ FAMILIES: tuple[str, ...] = ("arithmetic", "units", "lists", "strings", "facts")
 # Orca's system messages (the empty one included): they ask for step-by-step, detailed or simple answers.
 SYSTEM_MESSAGES = (
     "",
-    "You are an AI assistant. User will you give you a task. Your goal is to complete the task as faithfully as "
-    "you can. While performing the task think step-by-step and justify your steps.",
+    ("You are an AI assistant. User will you give you a task. Your goal is to complete the task as faithfully as "
+     "you can. While performing the task think step-by-step and justify your steps."),
     "You are a helpful assistant, who always provide explanation. Think like you are answering to a five year old.",
     "You are an AI assistant. You will be given a task. You must generate a detailed and long answer.",
-    "You are an AI assistant that helps people find information. Provide a detailed answer so user don't need to "
-    "search outside to understand the answer.",
+    ("You are an AI assistant that helps people find information. Provide a detailed answer so user don't need to "
+     "search outside to understand the answer."),
     "You are an AI assistant that follows instruction extremely well. Help as much as you can.",
     "You are an AI assistant. Provide a detailed answer so user don't need to search outside to understand the answer.",
-    "User will you give you a task with some instruction. Your job is follow the instructions as faithfully as you "
-    "can. While answering think step-by-step and justify your answer.",
-    "You are a teacher. Given a task, you explain in simple steps what the task is asking, any guidelines it "
-    "provides and how to use those guidelines to find an answer.",
-    "You are an AI assistant that helps people find information. User will you give you a question. Your task is "
-    "to answer as faithfully as you can. While answering think step-by-step and justify your answer.",
+    ("User will you give you a task with some instruction. Your job is follow the instructions as faithfully as you "
+     "can. While answering think step-by-step and justify your answer."),
+    ("You are a teacher. Given a task, you explain in simple steps what the task is asking, any guidelines it "
+     "provides and how to use those guidelines to find an answer."),
+    ("You are an AI assistant that helps people find information. User will you give you a question. Your task is "
+     "to answer as faithfully as you can. While answering think step-by-step and justify your answer."),
 )
 
 # A task: (key that must not repeat, instruction, explanation, short answer).

@@ -135,9 +135,9 @@ def task_field_problems(recipe, registry) -> list[tuple[str, str]]:
         if rows and not any((r.meta or {}).get("answer") not in (None, "") for r in rows):
             source = recipe.data.source
             problems.append((f"evaluate.tasks.{ev.tasks.index(HELDOUT_TASK)}",
-                             f"{HELDOUT_TASK} needs {TASK_NEEDS[HELDOUT_TASK]}; none of the first {len(rows)} rows of "
-                             f"{source.params.get('path', source.name)} has one: use {HELDOUT_BPB_TASK} (bits per byte "
-                             f"of the responses) or {HELDOUT_WINRATE_TASK} (a judged win rate), which need none"))
+                             (f"{HELDOUT_TASK} needs {TASK_NEEDS[HELDOUT_TASK]}; none of the first {len(rows)} rows of "
+                              f"{source.params.get('path', source.name)} has one: use {HELDOUT_BPB_TASK} (bits per byte "
+                              f"of the responses) or {HELDOUT_WINRATE_TASK} (a judged win rate), which need none")))
     return problems
 
 
