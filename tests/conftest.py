@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +35,27 @@ def tiny_llama_dir(tmp_path_factory):
 def tiny_gemma_dir(tmp_path_factory):
     """A Gemma3ForCausalLM with a SentencePiece-style tokenizer and no chat template (like Gemma-3 base)."""
     return tiny_model_dir("gemma", tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def deepspeed_env():
+    """What a launched DeepSpeed rank on the CPU needs: its accelerator, and DeepSpeed's JIT-built
+    CPU ops (CPU Adam for an offloaded optimizer, the shm comm op) built once, in one process (~80 s
+    on 2 cores the first time, then cached), before two ranks would build them side by side. They
+    live in the test environment's own folder: ~/.cache/torch_extensions is shared with everything
+    else on the machine, and a build killed there (a timeout, a stopped run) leaves a lock on which
+    every later build waits forever."""
+    from profuser.workers import stale_extension_locks
+
+    env = {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(Path(sys.executable).parent.parent / "torch_extensions")}
+    for lock in stale_extension_locks(env["TORCH_EXTENSIONS_DIR"]):  # the suite's own folder: a killed build's lock goes
+        lock.unlink()
+    build = ("from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); "
+             "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()")
+    done = subprocess.run([sys.executable, "-c", build], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,6 @@ from profuser.training.parallel import _autos, fill_deepspeed_config, fill_sched
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "configs"
 BIN = Path(sys.executable).parent
-# DeepSpeed's JIT-built CPU ops, in the test environment's own folder: ~/.cache/torch_extensions is
-# shared with everything else on the machine, and a build killed there (a timeout, a stopped run)
-# leaves a lock on which every later build waits forever
-EXTENSIONS = BIN.parent / "torch_extensions"
 TRAIN = {"batch_size": 4, "micro_batch_size": 1, "lr": 1e-2, "warmup_ratio": 0.1, "checkpoint_every": 4}
 RTOL = 1e-5  # measured: ~1e-7
 
@@ -55,21 +51,6 @@ def single(tmp_path_factory, tiny_llama_dir, examples):
     return read_metrics(out), seen
 
 
-@pytest.fixture(scope="module")
-def deepspeed_ops():
-    """CPU Adam (the offloaded optimizer) and the shm comm op, built once in one process (~80 s on 2
-    cores the first time, then cached) before two ranks would build them side by side."""
-    from profuser.workers import stale_extension_locks
-
-    for lock in stale_extension_locks(EXTENSIONS):  # this folder is the suite's own: a killed build's lock goes
-        lock.unlink()
-    build = ("from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load(); "
-             "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(EXTENSIONS)}
-    done = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,8 +62,7 @@ def launch(launcher: list[str], out: Path, model: Path, examples: dict, *train_f
     fields = [f"{k}={v}" for k, v in TRAIN.items()] + list(train_fields)
     cmd = [*launcher, "-m", "profuser.training", "--model", str(model), "--out", str(out), "--device", "cpu",
            "--log-batches", *[f"--examples={m}={p}" for m, p in examples.items()], *[a for f in fields for a in ("-t", f)]]
-    full_env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                "TORCH_EXTENSIONS_DIR": str(EXTENSIONS), **(env or {})}
+    full_env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
@@ -115,10 +95,10 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, tiny_llama_dir, examp
 
 
 @pytest.mark.parametrize("config", ["zero2.json", "zero3.json"])
-def test_deepspeed_two_cpu_processes_match_one_process(tmp_path, tiny_llama_dir, examples, single, config, deepspeed_ops):
+def test_deepspeed_two_cpu_processes_match_one_process(tmp_path, tiny_llama_dir, examples, single, config, deepspeed_env):
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     summary = launch(launcher, tmp_path, tiny_llama_dir, examples, "distributed=deepspeed",
-                     f"deepspeed_config={CONFIGS / config}")
+                     f"deepspeed_config={CONFIGS / config}", env=deepspeed_env)
     assert summary["backend"] == f"deepspeed-zero{config[4]}" and summary["world_size"] == 2
     assert_matches_single(tmp_path, single)
     from safetensors.torch import load_file
@@ -201,12 +181,12 @@ def test_hf_stock_configs_are_filled_from_the_recipe(name):
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
-def test_hf_stock_configs_train_on_two_cpu_processes(tmp_path, tiny_llama_dir, examples, name, deepspeed_ops):
+def test_hf_stock_configs_train_on_two_cpu_processes(tmp_path, tiny_llama_dir, examples, name, deepspeed_env):
     config = tmp_path / f"{name}.json"
     config.write_text(json.dumps(HF_CONFIGS[name]))
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     summary = launch(launcher, tmp_path / "out", tiny_llama_dir, examples, "distributed=deepspeed",
-                     f"deepspeed_config={config}", "scheduler=constant", "report_to=[]")
+                     f"deepspeed_config={config}", "scheduler=constant", "report_to=[]", env=deepspeed_env)
     assert summary["backend"] == f"deepspeed-{name}" and summary["world_size"] == 2
     metrics = read_metrics(tmp_path / "out")
     # DeepSpeed's WarmupLR: from 0 up to train.lr over the warm-up steps (ceil(0.1 x 10) = 1, which
@@ -249,7 +229,7 @@ def test_fsdp_on_cpu_is_refused_not_silently_replaced_by_ddp():
 
 
 def test_lora_under_zero3_on_two_cpu_processes_saves_adapter_and_merged_model(tmp_path, tiny_llama_dir, examples,
-                                                                             deepspeed_ops):
+                                                                             deepspeed_env):
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -258,7 +238,7 @@ def test_lora_under_zero3_on_two_cpu_processes_saves_adapter_and_merged_model(tm
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     summary = launch(launcher, tmp_path, tiny_llama_dir, examples, "distributed=deepspeed",
                      f"deepspeed_config={CONFIGS / 'zero3.json'}", "report_to=[]",
-                     "peft={r: 4, alpha: 8, target_modules: [q_proj, v_proj], merge: true}")
+                     "peft={r: 4, alpha: 8, target_modules: [q_proj, v_proj], merge: true}", env=deepspeed_env)
     assert summary["backend"] == "deepspeed-zero3" and summary["world_size"] == 2
     adapter = load_file(tmp_path / "model" / "adapter" / "adapter_model.safetensors")  # gathered from the shards
     assert adapter and all("lora_" in k for k in adapter)

@@ -256,7 +256,7 @@ except ProfuserError as exc:
 
 
 @pytest.mark.slow
-def test_deepspeed_resume_verifies_signatures_and_matches_a_straight_run(tmp_path, tiny_llama_dir, examples):
+def test_deepspeed_resume_verifies_signatures_and_matches_a_straight_run(tmp_path, tiny_llama_dir, examples, deepspeed_env):
     import shutil
     import subprocess
 
@@ -264,7 +264,7 @@ def test_deepspeed_resume_verifies_signatures_and_matches_a_straight_run(tmp_pat
 
     script = tmp_path / "ds.py"
     script.write_text(DS_SCRIPT)
-    env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+    env = {**os.environ, "PROFUSER_DISABLE_ENTRYPOINTS": "1", "OMP_NUM_THREADS": "1", **deepspeed_env,
            "PYTHONPATH": str(Path(__file__).parent), "PROFUSER_CACHE": str(tmp_path / "cache")}
 
     def launch(mode, out):
