@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random models of two architectures (built once per session), the GPU
-skip, and a thread cap (the test machines are shared)."""
+"""Shared fixtures: tiny random models of two architectures (built once per session), DeepSpeed's
+CPU ops for launched DeepSpeed tests (built once, in the test venv), the GPU skip, and a thread cap
+(the test machines are shared)."""
 
 from __future__ import annotations
 
